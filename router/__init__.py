@@ -1,0 +1,3 @@
+"""llama-router: one OpenAI-compatible endpoint in front of many llama-server processes."""
+
+__version__ = "0.1.0"

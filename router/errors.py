@@ -1,0 +1,71 @@
+"""OpenAI-shaped errors: every failure a client sees is `{"error": {"message", "type", "code"}}`."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+class RouterError(Exception):
+    """An error to answer a client with; carries the HTTP status and OpenAI error fields."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str | None = None,
+        type: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.type = type or error_type(status)
+        self.retry_after = retry_after
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.status, self.message, code=self.code, type=self.type)
+
+    def response(self) -> web.Response:
+        headers = {"Retry-After": str(max(1, round(self.retry_after)))} if self.retry_after else None
+        return error_response(self.status, self.message, code=self.code, type=self.type, headers=headers)
+
+
+def error_type(status: int) -> str:
+    return _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+
+def error_body(
+    status: int, message: str, *, code: str | None = None, type: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type or error_type(status), "code": code}}
+
+
+def error_response(
+    status: int,
+    message: str,
+    *,
+    code: str | None = None,
+    type: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    return web.Response(
+        status=status,
+        body=json.dumps(error_body(status, message, code=code, type=type)).encode(),
+        content_type="application/json",
+        headers=headers,
+    )

@@ -1,0 +1,205 @@
+#!/usr/bin/env python3
+"""Measure what the router adds on top of llama-server: on a cold start, a swap, and a loaded model.
+
+All figures come from one run on this machine, each beside its own baseline:
+- cold: request for a model nothing has loaded -> answer, through the router, against the same
+  llama-server spawned by hand and polled until healthy (spawn -> healthy, and spawn -> answer);
+- swap: the same with the other model loaded (so the router must stop it first);
+- loaded: latency of a small chat request to a loaded model, through the router versus direct,
+  concurrency 1, interleaved so both see the same machine state.
+Prints one JSON object. Loopback only, bounded in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from router.config import load_config  # noqa: E402
+from scripts.make_tiny_models import make_model  # noqa: E402
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "temperature": 0}
+ARGS = ["--ctx-size", "512", "--parallel", "1", "--threads", "1"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def wait_healthy(session: aiohttp.ClientSession, url: str, interval: float, timeout: float = 30) -> None:
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        try:
+            async with session.get(url + "/health") as response:
+                if response.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(interval)
+    raise TimeoutError(f"{url} not healthy within {timeout}s")
+
+
+async def chat(session: aiohttp.ClientSession, url: str, model: str) -> None:
+    async with session.post(url + "/v1/chat/completions", json={"model": model, **CHAT}) as response:
+        body = await response.read()
+        if response.status != 200:
+            raise RuntimeError(f"{url}: {response.status} {body[:300]!r}")
+
+
+async def bare_start(session: aiohttp.ClientSession, command: list[str], port: int) -> tuple[float, float]:
+    """Spawn llama-server by hand: seconds to healthy (polled every 1 ms) and to a first answer."""
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        await wait_healthy(session, url, interval=0.001)
+        healthy = time.perf_counter() - started
+        await chat(session, url, "x")
+        answered = time.perf_counter() - started
+    finally:
+        process.terminate()
+        process.wait()
+    return healthy, answered
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    workdir = Path(tempfile.mkdtemp(prefix="bench-swap-"))
+    models = [make_model(workdir / "a.gguf", seed=1), make_model(workdir / "b.gguf", seed=2)]
+    profiles = {
+        "a": {"model": str(models[0]), "args": ARGS},
+        "b": {"model": str(models[1]), "args": ARGS},
+    }
+    if args.binary:
+        for profile in profiles.values():
+            profile["binary"] = args.binary
+    config_path = workdir / "profiles.yaml"
+    router_port = free_port()
+    config_path.write_text(yaml.safe_dump({"server": {"port": router_port}, "profiles": profiles}))
+    config = load_config(config_path)
+    router_url = f"http://127.0.0.1:{router_port}"
+    router = subprocess.Popen(
+        [sys.executable, "-m", "router", "--log-level", "WARNING", "serve", "-c", str(config_path)],
+        cwd=ROOT,
+    )
+    results: dict[str, Any] = {}
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
+        try:
+            await wait_healthy(session, router_url, interval=0.01)
+            bare_healthy, bare_answer, cold, swap = [], [], [], []
+            for _ in range(args.rounds):
+                port = free_port()
+                healthy, answered = await bare_start(session, config.profiles["a"].command("127.0.0.1", port), port)
+                bare_healthy.append(healthy)
+                bare_answer.append(answered)
+                # cold: nothing loaded
+                async with session.post(router_url + "/unload") as response:
+                    await response.read()
+                await until_nothing_runs(session, router_url)
+                started = time.perf_counter()
+                await chat(session, router_url, "a")
+                cold.append(time.perf_counter() - started)
+                # swap: 'a' loaded and idle, ask for 'b'
+                started = time.perf_counter()
+                await chat(session, router_url, "b")
+                swap.append(time.perf_counter() - started)
+                await chat(session, router_url, "a")
+            results["cold_start"] = summary(cold, bare_healthy, bare_answer)
+            results["swap"] = summary(swap, bare_healthy, bare_answer)
+
+            # loaded: interleaved direct/router requests to the same running upstream
+            await chat(session, router_url, "a")
+            async with session.get(router_url + "/running") as response:
+                upstream_port = (await response.json())["running"][0]["port"]
+            direct_url = f"http://127.0.0.1:{upstream_port}"
+            for _ in range(20):  # warm both paths' connections
+                await chat(session, direct_url, "a")
+                await chat(session, router_url, "a")
+            direct, routed = [], []
+            for _ in range(args.requests):
+                started = time.perf_counter()
+                await chat(session, direct_url, "a")
+                direct.append(time.perf_counter() - started)
+                started = time.perf_counter()
+                await chat(session, router_url, "a")
+                routed.append(time.perf_counter() - started)
+            results["loaded_request"] = {
+                "requests": args.requests,
+                "direct_median_ms": ms(statistics.median(direct)),
+                "router_median_ms": ms(statistics.median(routed)),
+                "added_median_ms": ms(statistics.median(routed) - statistics.median(direct)),
+                "direct_p99_ms": ms(percentile(direct, 99)),
+                "router_p99_ms": ms(percentile(routed, 99)),
+            }
+        finally:
+            router.terminate()
+            router.wait(timeout=30)
+    results["machine"] = {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "binary": str(config.profiles["a"].binary),
+    }
+    return results
+
+
+async def until_nothing_runs(session: aiohttp.ClientSession, url: str) -> None:
+    for _ in range(3000):
+        async with session.get(url + "/running") as response:
+            if not (await response.json())["running"]:
+                return
+        await asyncio.sleep(0.01)
+    raise TimeoutError("models did not unload")
+
+
+def percentile(values: list[float], pct: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(pct / 100 * (len(ordered) - 1))))]
+
+
+def ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)
+
+
+def summary(router: list[float], bare_healthy: list[float], bare_answer: list[float]) -> dict[str, Any]:
+    return {
+        "rounds": len(router),
+        "router_request_to_answer_median_ms": ms(statistics.median(router)),
+        "bare_spawn_to_healthy_median_ms": ms(statistics.median(bare_healthy)),
+        "bare_spawn_to_answer_median_ms": ms(statistics.median(bare_answer)),
+        "overhead_vs_healthy_ms": ms(statistics.median(router) - statistics.median(bare_healthy)),
+        "overhead_vs_answer_ms": ms(statistics.median(router) - statistics.median(bare_answer)),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--rounds", type=int, default=15, help="cold starts and swaps to time")
+    parser.add_argument("--requests", type=int, default=300, help="requests per path for the loaded figure")
+    parser.add_argument("--binary", help="llama-server to use (default: found as the router finds it)")
+    args = parser.parse_args()
+    print(json.dumps(asyncio.run(run(args)), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Shared fixtures: tiny real models, the real llama-server, the fake upstream, an in-process router."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+import pytest
+import yaml
+from aiohttp import web
+
+from router.app import CONTROLLER, build_app
+from router.config import RouterConfig, _find_binary, load_config
+from router.controller import Controller
+from scripts.make_tiny_models import make_model
+
+ROOT = Path(__file__).resolve().parent.parent
+FAKE_UPSTREAM = ROOT / "tests" / "fake_upstream.py"
+
+
+def upstream_processes() -> list[psutil.Process]:
+    """Live llama-server or fake upstream processes that this test process started."""
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.status() == psutil.STATUS_ZOMBIE:
+                continue
+            cmdline = " ".join(child.cmdline())
+        except psutil.NoSuchProcess:
+            continue
+        if "llama-server" in cmdline or "fake_upstream" in cmdline:
+            found.append(child)
+    return found
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Two different tiny random-weight llama models that the real llama-server loads."""
+    folder = tmp_path_factory.mktemp("models")
+    return make_model(folder / "tiny-a.gguf", seed=1), make_model(folder / "tiny-b.gguf", seed=2)
+
+
+@pytest.fixture(scope="session")
+def llama_server() -> Path:
+    """The real llama-server binary, found as the router finds it."""
+    binary = _find_binary(None, ROOT)
+    if binary is None:
+        pytest.fail("no llama-server found: run `python scripts/install_llama_server.py` (see README)")
+    return binary
+
+
+@pytest.fixture
+def dummy_model(tmp_path: Path) -> Path:
+    """A file for fake-upstream profiles to name as their model (the fake only reads its name)."""
+    path = tmp_path / "fake-model.gguf"
+    path.write_bytes(b"GGUF")
+    return path
+
+
+def fake_profile(model: Path, *flags: str, **extra: Any) -> dict[str, Any]:
+    """A profile that runs the fake upstream with the given fault flags."""
+    return {"model": str(model), "binary": sys.executable, "args": [str(FAKE_UPSTREAM), *flags], **extra}
+
+
+class RunningRouter:
+    """A router listening on a free loopback port inside the test's event loop."""
+
+    def __init__(self, runner: web.AppRunner, url: str, config: RouterConfig) -> None:
+        self.runner = runner
+        self.url = url
+        self.config = config
+        self.session = aiohttp.ClientSession(base_url=url)
+
+    @property
+    def controller(self) -> Controller:
+        return self.runner.app[CONTROLLER]
+
+    async def chat(self, model: str, **body: Any) -> tuple[int, Any]:
+        payload = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, **body}
+        async with self.session.post("/v1/chat/completions", json=payload) as response:
+            return response.status, await response.json()
+
+    async def close(self) -> None:
+        await self.session.close()
+        await self.runner.cleanup()
+
+
+RouterFactory = Callable[..., Awaitable[RunningRouter]]
+
+
+@pytest.fixture
+async def start_router(tmp_path: Path) -> AsyncIterator[RouterFactory]:
+    """Start routers from config dicts; on teardown stop them and check no upstream is left."""
+    routers: list[RunningRouter] = []
+
+    async def start(profiles: dict[str, Any], **server: Any) -> RunningRouter:
+        config_path = tmp_path / f"profiles-{len(routers)}.yaml"
+        config_path.write_text(yaml.safe_dump({"server": server, "profiles": profiles}))
+        config = load_config(config_path)
+        runner = web.AppRunner(build_app(config), handler_cancellation=True, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        router = RunningRouter(runner, f"http://127.0.0.1:{port}", config)
+        routers.append(router)
+        return router
+
+    before = os.getpid()
+    yield start
+    for router in routers:
+        await router.close()
+    assert os.getpid() == before
+    leftovers = upstream_processes()
+    for process in leftovers:
+        process.kill()
+    assert not leftovers, f"upstream processes left running: {[p.cmdline() for p in leftovers]}"

@@ -1,0 +1,637 @@
+#!/usr/bin/env python3
+"""Fake ``llama-server`` for llama-router fault tests.
+
+Why this exists: the router has to cope with upstream failures that a real
+llama.cpp ``llama-server`` cannot be made to show on demand: crashing while
+the model loads, dying in the middle of a stream, hanging on ``/health``,
+ignoring SIGTERM, crashing while idle, flooding its log. This program speaks
+enough of llama-server's HTTP API (same JSON shapes, same ``/health``
+semantics: 503 while loading, 200 once loaded, 503 for every other endpoint
+while loading) and takes the same command line, so the router can spawn it in
+place of the real binary::
+
+    python tests/fake_upstream.py [fault flags...] --host 127.0.0.1 \\
+        --port PORT --model PATH [other llama-server flags, ignored]
+
+Known options: ``-m/--model``, ``--host``, ``--port`` (0 = pick a free port;
+the real one is printed), ``-c/--ctx-size`` and ``-np/--parallel`` (only
+reported by ``/props``). Every other llama-server flag is accepted and ignored.
+
+Behaviour / fault flags:
+
+``--name NAME``            name put into every answer (default: model file stem)
+``--load-delay S``         seconds of "loading" after listening (default 0)
+``--chunks N``             content chunks per streamed answer (default 5)
+``--chunk-delay S``        seconds between streamed content chunks (default 0)
+``--crash-during-load``    log an error and exit 1 after the load delay
+``--crash-mid-stream N``   streamed: send N content chunks, then ``os._exit(3)``;
+                           non-streamed: sleep 0.2 s, then ``os._exit(3)``
+``--hang-health``          ``/health`` never answers
+``--ignore-sigterm``       SIGTERM is ignored (only SIGKILL stops it)
+``--exit-after S``         exit with code 2 S seconds after becoming healthy
+``--log-lines N``          print N numbered log lines at start
+``--memory-mib N``         print a llama.cpp ``load_tensors`` buffer-size line
+
+Per-request overrides (JSON body fields of any POST request):
+``fake_delay`` (seconds to sleep before answering), ``fake_chunks`` and
+``fake_chunk_delay`` (override ``--chunks`` / ``--chunk-delay``).
+
+``GET /fake/last`` returns the last proxied request (method, path, query,
+headers, body) plus a request count and the number of requests in flight.
+
+All log output goes to stderr (as llama-server's does), one flushed line at a
+time. SIGTERM/SIGINT exit immediately with code 0 unless ``--ignore-sigterm``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+
+def log(message: str) -> None:
+    """Write one flushed line to stderr; a closed pipe is not an error."""
+    try:
+        sys.stderr.write(message + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+
+
+def _on_terminate(signum: int, frame: object) -> None:
+    log(f"main: received signal {signum}, exiting")
+    os._exit(0)
+
+
+def install_signal_handlers(ignore_sigterm: bool) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN if ignore_sigterm else _on_terminate)
+    signal.signal(signal.SIGINT, _on_terminate)
+
+
+if __name__ == "__main__":
+    # Before the comparatively slow asyncio/aiohttp imports (~0.2 s), so that a
+    # SIGTERM sent right after spawning already gets the documented behaviour.
+    install_signal_handlers("--ignore-sigterm" in sys.argv[1:])
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+from typing import Any  # noqa: E402
+
+from aiohttp import web  # noqa: E402
+
+EXIT_LOAD_FAILED = 1
+EXIT_IDLE_CRASH = 2
+EXIT_MID_STREAM_CRASH = 3
+FINGERPRINT = "fake_upstream"
+
+# llama-server short options we understand; mapped to long ones before parsing
+# so that argparse never treats other short llama-server flags (-mg, -md, -ctk,
+# -hf, ...) as "-m g", "-c tk", "-h f".
+SHORT_ALIASES = {"-m": "--model", "-c": "--ctx-size", "-np": "--parallel"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fake_upstream",
+        description="Fake llama-server for llama-router fault tests.",
+        add_help=False,
+        allow_abbrev=False,
+    )
+    p.add_argument("--help", action="help", help="show this help and exit")
+    p.add_argument("--model", default="", help="model path (-m); only its stem is used")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080, help="0 picks a free port")
+    p.add_argument("--ctx-size", type=int, default=4096, help="-c; reported by /props")
+    p.add_argument("--parallel", type=int, default=1, help="-np; reported by /props")
+    p.add_argument("--name", default=None, help="upstream name (default: model stem)")
+    p.add_argument("--load-delay", type=float, default=0.0, metavar="S")
+    p.add_argument("--chunks", type=int, default=5, metavar="N")
+    p.add_argument("--chunk-delay", type=float, default=0.0, metavar="S")
+    p.add_argument("--crash-during-load", action="store_true")
+    p.add_argument("--crash-mid-stream", type=int, default=None, metavar="N")
+    p.add_argument("--hang-health", action="store_true")
+    p.add_argument("--ignore-sigterm", action="store_true")
+    p.add_argument("--exit-after", type=float, default=None, metavar="S")
+    p.add_argument("--log-lines", type=int, default=0, metavar="N")
+    p.add_argument("--memory-mib", type=int, default=None, metavar="N")
+    return p
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    return build_parser().parse_known_args([SHORT_ALIASES.get(a, a) for a in argv])
+
+
+def model_stem(path: str) -> str:
+    base = os.path.basename(path.rstrip("/"))
+    return os.path.splitext(base)[0] or "fake-upstream"
+
+
+def count_words(value: Any) -> int:
+    """Deterministic stand-in for a token count."""
+    if isinstance(value, str):
+        return len(value.split())
+    if isinstance(value, list):
+        return sum(count_words(v) for v in value)
+    if isinstance(value, dict):
+        keys = ("content", "text", "prompt", "input", "messages", "system")
+        return sum(count_words(v) for k, v in value.items() if k in keys)
+    return 0
+
+
+def error_response(status: int, message: str, kind: str) -> web.Response:
+    body = {"error": {"code": status, "message": message, "type": kind}}
+    return web.json_response(body, status=status)
+
+
+def _number(body: dict[str, Any], key: str, default: float) -> float:
+    value = body.get(key)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return default
+
+
+class FakeUpstream:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.name: str = args.name or model_stem(args.model)
+        self.loaded = False
+        self.count = 0
+        self.in_flight = 0
+        self.last: dict[str, Any] = {}
+
+    # ----------------------------------------------------------------- helpers
+
+    def model_of(self, body: dict[str, Any]) -> str:
+        model = body.get("model")
+        return model if isinstance(model, str) and model else self.name
+
+    def pieces(self, body: dict[str, Any]) -> list[str]:
+        n = int(_number(body, "fake_chunks", self.args.chunks))
+        return [f"Hello from {self.name}." if i == 0 else f" ({i})" for i in range(n)]
+
+    def chunk_delay(self, body: dict[str, Any]) -> float:
+        return _number(body, "fake_chunk_delay", self.args.chunk_delay)
+
+    def usage(self, prompt: int, completion: int) -> dict[str, int]:
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+
+    async def crash_if_non_streamed(self) -> None:
+        if self.args.crash_mid_stream is not None:
+            await asyncio.sleep(0.2)
+            log("fake_upstream: crashing during a non-streamed request (--crash-mid-stream)")
+            os._exit(EXIT_MID_STREAM_CRASH)
+
+    async def sse(
+        self,
+        request: web.Request,
+        head: list[Any],
+        content: list[Any],
+        tail: list[Any],
+        chunk_delay: float,
+        done: bool,
+    ) -> web.StreamResponse:
+        """Stream ``data:`` events; --crash-mid-stream counts ``content`` events."""
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        crash_at = self.args.crash_mid_stream
+        try:
+            for event in head:
+                await resp.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+            for i, event in enumerate([*content, None]):
+                if i and chunk_delay > 0 and event is not None:
+                    await asyncio.sleep(chunk_delay)
+                if crash_at is not None and (i >= crash_at or event is None):
+                    await asyncio.sleep(0.05)  # let the sent chunks leave
+                    log(f"fake_upstream: crashing after {i} chunks (--crash-mid-stream)")
+                    os._exit(EXIT_MID_STREAM_CRASH)
+                if event is not None:
+                    await resp.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+            for event in tail:
+                await resp.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+            if done:
+                await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+        except ConnectionResetError:
+            log("fake_upstream: client disconnected mid-stream")
+        return resp
+
+    # ---------------------------------------------------------------- handlers
+
+    async def health(self, request: web.Request) -> web.Response:
+        if self.args.hang_health:
+            await asyncio.Event().wait()  # never set: the request hangs forever
+        if not self.loaded:
+            return error_response(503, "Loading model", "unavailable_error")
+        return web.json_response({"status": "ok"})
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body: dict[str, Any] = request["fake_body"]
+        model = self.model_of(body)
+        pieces = self.pieces(body)
+        prompt = max(1, count_words(body.get("messages")))
+        rid = f"chatcmpl-fake-{self.count}"
+        created = int(time.time())
+        if body.get("stream"):
+
+            def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+                return {
+                    "id": rid,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": model,
+                    "system_fingerprint": FINGERPRINT,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                }
+
+            tail = [chunk({}, "stop")]
+            opts = body.get("stream_options")
+            if isinstance(opts, dict) and opts.get("include_usage"):
+                usage_chunk = chunk({}, None)
+                usage_chunk["choices"] = []
+                usage_chunk["usage"] = self.usage(prompt, len(pieces))
+                tail.append(usage_chunk)
+            return await self.sse(
+                request,
+                [chunk({"role": "assistant", "content": None}, None)],
+                [chunk({"content": p}, None) for p in pieces],
+                tail,
+                self.chunk_delay(body),
+                done=True,
+            )
+        await self.crash_if_non_streamed()
+        return web.json_response(
+            {
+                "id": rid,
+                "object": "chat.completion",
+                "created": created,
+                "model": model,
+                "system_fingerprint": FINGERPRINT,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "".join(pieces)},
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": self.usage(prompt, len(pieces)),
+            }
+        )
+
+    async def oai_completion(self, request: web.Request) -> web.StreamResponse:
+        body: dict[str, Any] = request["fake_body"]
+        model = self.model_of(body)
+        pieces = self.pieces(body)
+        prompt = max(1, count_words(body.get("prompt")))
+        rid = f"cmpl-fake-{self.count}"
+        created = int(time.time())
+
+        def obj(text: str, finish: str | None) -> dict[str, Any]:
+            return {
+                "id": rid,
+                "object": "text_completion",
+                "created": created,
+                "model": model,
+                "system_fingerprint": FINGERPRINT,
+                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+            }
+
+        if body.get("stream"):
+            tail = [obj("", "stop")]
+            opts = body.get("stream_options")
+            if isinstance(opts, dict) and opts.get("include_usage"):
+                usage_obj = obj("", None)
+                usage_obj["choices"] = []
+                usage_obj["usage"] = self.usage(prompt, len(pieces))
+                tail.append(usage_obj)
+            return await self.sse(
+                request, [], [obj(p, None) for p in pieces], tail, self.chunk_delay(body), True
+            )
+        await self.crash_if_non_streamed()
+        result = obj("".join(pieces), "stop")
+        result["usage"] = self.usage(prompt, len(pieces))
+        return web.json_response(result)
+
+    async def native_completion(self, request: web.Request) -> web.StreamResponse:
+        """``/completion`` and ``/infill``: llama.cpp's own format, no ``[DONE]``."""
+        body: dict[str, Any] = request["fake_body"]
+        pieces = self.pieces(body)
+        final = {
+            "index": 0,
+            "content": "",
+            "stop": True,
+            "model": self.model_of(body),
+            "upstream": self.name,
+            "tokens_predicted": len(pieces),
+            "tokens_evaluated": max(1, count_words(body.get("prompt"))),
+            "stop_type": "eos",
+        }
+        if body.get("stream"):
+            content = [{"index": 0, "content": p, "stop": False} for p in pieces]
+            return await self.sse(request, [], content, [final], self.chunk_delay(body), False)
+        await self.crash_if_non_streamed()
+        final["content"] = "".join(pieces)
+        return web.json_response(final)
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        body: dict[str, Any] = request["fake_body"]
+        raw = body.get("input", body.get("content", ""))
+        if isinstance(raw, list) and all(isinstance(x, str) for x in raw):
+            texts = [str(x) for x in raw]
+        else:
+            texts = [raw if isinstance(raw, str) else json.dumps(raw)]
+        data = [
+            {
+                "object": "embedding",
+                "index": i,
+                "embedding": [((len(t) + 7 * k) % 13) / 13 for k in range(8)],
+            }
+            for i, t in enumerate(texts)
+        ]
+        words = max(1, count_words(texts))
+        return web.json_response(
+            {
+                "object": "list",
+                "model": self.model_of(body),
+                "upstream": self.name,
+                "data": data,
+                "usage": {"prompt_tokens": words, "total_tokens": words},
+            }
+        )
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        body: dict[str, Any] = request["fake_body"]
+        content = body.get("content", "")
+        text = content if isinstance(content, str) else json.dumps(content)
+        return web.json_response(
+            {
+                "tokens": [ord(c) for c in text],
+                "model": self.model_of(body),
+                "upstream": self.name,
+            }
+        )
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        body: dict[str, Any] = request["fake_body"]
+        tokens = body.get("tokens", [])
+        text = "".join(
+            chr(t)
+            for t in (tokens if isinstance(tokens, list) else [])
+            if isinstance(t, int) and 0 <= t < 0x110000
+        )
+        return web.json_response({"content": text, "model": self.model_of(body), "upstream": self.name})
+
+    async def apply_template(self, request: web.Request) -> web.Response:
+        body: dict[str, Any] = request["fake_body"]
+        parts: list[str] = []
+        messages = body.get("messages")
+        for m in messages if isinstance(messages, list) else []:
+            if isinstance(m, dict):
+                parts.append(f"<|{m.get('role', 'user')}|>{m.get('content', '')}\n")
+        parts.append("<|assistant|>")
+        return web.json_response(
+            {"prompt": "".join(parts), "model": self.model_of(body), "upstream": self.name}
+        )
+
+    async def rerank(self, request: web.Request) -> web.Response:
+        body: dict[str, Any] = request["fake_body"]
+        query = body.get("query", "")
+        qwords = set(query.lower().split()) if isinstance(query, str) else set()
+        docs = body.get("documents", [])
+        results = []
+        for i, doc in enumerate(docs if isinstance(docs, list) else []):
+            dwords = str(doc).lower().split()
+            score = len(qwords.intersection(dwords)) / (len(dwords) or 1)
+            results.append({"index": i, "relevance_score": score})
+        results.sort(key=lambda r: -float(r["relevance_score"]))
+        top_n = body.get("top_n")
+        if isinstance(top_n, int) and top_n >= 0:
+            results = results[:top_n]
+        words = max(1, count_words(query) + count_words(docs))
+        return web.json_response(
+            {
+                "object": "list",
+                "model": self.model_of(body),
+                "upstream": self.name,
+                "results": results,
+                "usage": {"prompt_tokens": words, "total_tokens": words},
+            }
+        )
+
+    async def responses(self, request: web.Request) -> web.Response:
+        body: dict[str, Any] = request["fake_body"]
+        await self.crash_if_non_streamed()
+        pieces = self.pieces(body)
+        prompt = max(1, count_words(body.get("input")) + count_words(body.get("instructions")))
+        return web.json_response(
+            {
+                "id": f"resp_fake_{self.count}",
+                "object": "response",
+                "created_at": int(time.time()),
+                "model": self.model_of(body),
+                "upstream": self.name,
+                "status": "completed",
+                "output": [
+                    {
+                        "type": "message",
+                        "id": f"msg_fake_{self.count}",
+                        "status": "completed",
+                        "role": "assistant",
+                        "content": [{"type": "output_text", "text": "".join(pieces), "annotations": []}],
+                    }
+                ],
+                "usage": {
+                    "input_tokens": prompt,
+                    "output_tokens": len(pieces),
+                    "total_tokens": prompt + len(pieces),
+                },
+            }
+        )
+
+    async def messages(self, request: web.Request) -> web.Response:
+        body: dict[str, Any] = request["fake_body"]
+        await self.crash_if_non_streamed()
+        pieces = self.pieces(body)
+        prompt = max(1, count_words(body.get("messages")) + count_words(body.get("system")))
+        return web.json_response(
+            {
+                "id": f"msg_fake_{self.count}",
+                "type": "message",
+                "role": "assistant",
+                "model": self.model_of(body),
+                "upstream": self.name,
+                "content": [{"type": "text", "text": "".join(pieces)}],
+                "stop_reason": "end_turn",
+                "stop_sequence": None,
+                "usage": {"input_tokens": prompt, "output_tokens": len(pieces)},
+            }
+        )
+
+    async def count_tokens(self, request: web.Request) -> web.Response:
+        body: dict[str, Any] = request["fake_body"]
+        prompt = max(1, count_words(body.get("messages")) + count_words(body.get("system")))
+        return web.json_response({"input_tokens": prompt})
+
+    async def props(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "model_alias": self.name,
+                "model_path": self.args.model,
+                "total_slots": self.args.parallel,
+                "default_generation_settings": {
+                    "n_ctx": self.args.ctx_size,
+                    "params": {"temperature": 0.8, "n_predict": -1},
+                },
+                "modalities": {"vision": False, "audio": False},
+                "build_info": FINGERPRINT,
+                "upstream": self.name,
+            }
+        )
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "object": "list",
+                "models": [{"name": self.name, "model": self.name, "type": "model"}],
+                "data": [
+                    {
+                        "id": self.name,
+                        "object": "model",
+                        "created": int(time.time()),
+                        "owned_by": "llamacpp",
+                        "meta": {"n_ctx_train": self.args.ctx_size},
+                    }
+                ],
+            }
+        )
+
+    async def fake_last(self, request: web.Request) -> web.Response:
+        info: dict[str, Any] = {"method": None, "path": None, "query": None}
+        info.update({"headers": {}, "body": None}, **self.last)
+        info.update(
+            count=self.count,
+            in_flight=self.in_flight,
+            name=self.name,
+            pid=os.getpid(),
+            loaded=self.loaded,
+        )
+        return web.json_response(info)
+
+    # -------------------------------------------------------------------- app
+
+    def make_app(self) -> web.Application:
+        @web.middleware
+        async def gate(request: web.Request, handler: Any) -> web.StreamResponse:
+            path = request.path
+            if path in ("/health", "/v1/health") or path.startswith("/fake/"):
+                response: web.StreamResponse = await handler(request)
+                return response
+            self.count += 1
+            log(f"srv  log_server_r: request: {request.method} {path} {request.remote}")
+            if not self.loaded:
+                return error_response(503, "Loading model", "unavailable_error")
+            raw = await request.read() if request.can_read_body else b""
+            body: Any = None
+            if raw:
+                try:
+                    body = json.loads(raw)
+                except ValueError:
+                    body = raw.decode("utf-8", "replace")
+            self.last = {
+                "method": request.method,
+                "path": path,
+                "query": request.query_string,
+                "headers": dict(request.headers),
+                "body": body,
+            }
+            if request.method == "POST" and body is not None and not isinstance(body, dict):
+                return error_response(400, "invalid JSON body", "invalid_request_error")
+            request["fake_body"] = body if isinstance(body, dict) else {}
+            self.in_flight += 1
+            try:
+                await asyncio.sleep(max(0.0, _number(request["fake_body"], "fake_delay", 0.0)))
+                response = await handler(request)
+                return response
+            finally:
+                self.in_flight -= 1
+
+        app = web.Application(middlewares=[gate])
+        r = app.router
+        r.add_get("/health", self.health)
+        r.add_get("/v1/health", self.health)
+        posts = {
+            self.chat: ("/v1/chat/completions", "/chat/completions"),
+            self.oai_completion: ("/v1/completions", "/completions"),
+            self.native_completion: ("/completion", "/infill"),
+            self.embeddings: ("/v1/embeddings", "/embeddings", "/embedding"),
+            self.tokenize: ("/tokenize",),
+            self.detokenize: ("/detokenize",),
+            self.apply_template: ("/apply-template",),
+            self.rerank: ("/v1/rerank", "/rerank", "/v1/reranking", "/reranking"),
+            self.responses: ("/v1/responses",),
+            self.messages: ("/v1/messages",),
+            self.count_tokens: ("/v1/messages/count_tokens",),
+        }
+        for handler, paths in posts.items():
+            for path in paths:
+                r.add_post(path, handler)
+        r.add_get("/props", self.props)
+        r.add_get("/v1/models", self.models)
+        r.add_get("/models", self.models)
+        r.add_get("/fake/last", self.fake_last)
+        return app
+
+
+async def serve(args: argparse.Namespace) -> None:
+    fake = FakeUpstream(args)
+    runner = web.AppRunner(fake.make_app(), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, args.host, args.port)
+    try:
+        await site.start()
+    except OSError as exc:
+        log(f"main: couldn't bind HTTP server socket, hostname: {args.host}, port: {args.port}")
+        log(f"main: error: {exc}")
+        os._exit(EXIT_LOAD_FAILED)
+    port = runner.addresses[0][1] if runner.addresses else args.port
+    log(f"main: server is listening on http://{args.host}:{port}")
+    log("main: loading model")
+    log(f"srv    load_model: loading model '{args.model}'")
+    if args.memory_mib is not None:
+        log(f"load_tensors: {'CPU_Mapped':>12} model buffer size = {args.memory_mib:8.2f} MiB")
+    if args.load_delay > 0:
+        await asyncio.sleep(args.load_delay)
+    if args.crash_during_load:
+        log(f"llama_model_load: error loading model: fake failure for '{args.model}'")
+        log(f"llama_model_load_from_file_impl: failed to load model '{args.model}'")
+        log("srv    load_model: failed to load model")
+        log("main: exiting due to model loading error")
+        os._exit(EXIT_LOAD_FAILED)
+    fake.loaded = True
+    log("main: model loaded")
+    log("srv  update_slots: all slots are idle")
+    if args.exit_after is not None:
+        await asyncio.sleep(args.exit_after)
+        log("fake_upstream: exiting while idle (--exit-after)")
+        os._exit(EXIT_IDLE_CRASH)
+    await asyncio.Event().wait()  # serve until a signal ends the process
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, ignored = parse_args(sys.argv[1:] if argv is None else argv)
+    install_signal_handlers(args.ignore_sigterm)
+    name = args.name or model_stem(args.model)
+    log(f"main: fake_upstream pid {os.getpid()} name {name} (ignored args: {ignored})")
+    for i in range(1, args.log_lines + 1):
+        log(f"fake_upstream: log line {i}/{args.log_lines}")
+    asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    main()

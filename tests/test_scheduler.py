@@ -1,0 +1,386 @@
+"""The decision core, driven by plain function calls: no processes, sockets or sleeps."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import pytest
+
+from router.scheduler import Decision, Dispatch, Fail, ProfileSpec, Scheduler, Start, State, Stop
+
+WAIT = 100.0
+
+
+def make(
+    names: Sequence[str] = ("a", "b", "c"),
+    *,
+    slots: int = 1,
+    drain_timeout: float = 30.0,
+    swap_delay: float = 0.0,
+    load_timeout: float = 10.0,
+    footprints: dict[str, dict[str, int]] | None = None,
+    budget: dict[str, int] | None = None,
+) -> Scheduler:
+    specs = [ProfileSpec(name, (footprints or {}).get(name, {"slots": 1}), load_timeout) for name in names]
+    return Scheduler(specs, budget or {"slots": slots}, drain_timeout=drain_timeout, swap_delay=swap_delay)
+
+
+class Driver:
+    """Feeds events and plays the supervisor's part: remembers what was started and stopped."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.s = scheduler
+        self.now = 0.0
+        self.next_id = 0
+        self.log: list[Decision] = []
+
+    def _take(self, decisions: list[Decision]) -> list[Decision]:
+        self.log.extend(decisions)
+        return decisions
+
+    def arrive(self, profile: str, *, wait: float = WAIT) -> tuple[int, list[Decision]]:
+        self.next_id += 1
+        return self.next_id, self._take(
+            self.s.request_arrived(self.next_id, profile, self.now, self.now + wait)
+        )
+
+    def finish(self, request_id: int) -> list[Decision]:
+        return self._take(self.s.request_finished(request_id, self.now))
+
+    def ready(self, profile: str) -> list[Decision]:
+        return self._take(self.s.process_ready(profile, self.now))
+
+    def exited(self, profile: str, reason: str = "exited") -> list[Decision]:
+        return self._take(self.s.process_exited(profile, self.now, reason))
+
+    def tick(self, at: float) -> list[Decision]:
+        self.now = at
+        return self._take(self.s.tick(at))
+
+    def state(self, profile: str) -> State:
+        return self.s.view(profile).state
+
+
+def test_request_to_a_loaded_model_is_dispatched_at_once() -> None:
+    d = Driver(make())
+    first, decisions = d.arrive("a")
+    assert decisions == [Start("a")]
+    assert d.ready("a") == [Dispatch(first, "a")]
+    second, decisions = d.arrive("a")
+    assert decisions == [Dispatch(second, "a")]
+
+
+def test_concurrent_requests_for_a_cold_model_cause_exactly_one_start() -> None:
+    d = Driver(make())
+    ids = [d.arrive("a")[0] for _ in range(5)]
+    assert [x for x in d.log if isinstance(x, Start)] == [Start("a")]
+    assert d.ready("a") == [Dispatch(i, "a") for i in ids]
+    assert d.s.view("a").in_flight == 5
+
+
+def test_swap_stops_the_idle_model_and_starts_the_new_one_once_memory_is_free() -> None:
+    d = Driver(make())
+    first, _ = d.arrive("a")
+    d.ready("a")
+    d.finish(first)
+    second, decisions = d.arrive("b")
+    assert decisions == [Stop("a", "making room for 'b'")]
+    assert d.state("b") is State.COLD  # not started while 'a' still holds the slot
+    assert d.exited("a") == [Start("b")]
+    assert d.ready("b") == [Dispatch(second, "b")]
+
+
+def test_a_swap_never_cuts_a_request_in_flight() -> None:
+    d = Driver(make())
+    running, _ = d.arrive("a")
+    d.ready("a")
+    waiting, decisions = d.arrive("b")
+    assert decisions == []  # 'a' is busy: it drains first
+    assert d.s.view("a").draining
+    assert d.tick(10.0) == []
+    late, decisions = d.arrive("a")
+    assert decisions == []  # a draining model takes no new work; it queues
+    assert d.finish(running) == [Stop("a", "drained for a swap")]
+    assert d.exited("a") == [Start("b")]
+    assert d.ready("b") == [Dispatch(waiting, "b")]
+    # 'a' waits its turn behind 'b' and comes back once 'b' is idle.
+    assert d.s.view("b").draining
+    assert d.finish(waiting) == [Stop("b", "drained for a swap")]
+    assert d.exited("b") == [Start("a")]
+    assert d.ready("a") == [Dispatch(late, "a")]
+
+
+def test_drain_timeout_bounds_the_wait_for_requests_in_flight() -> None:
+    d = Driver(make(drain_timeout=5.0))
+    d.arrive("a")
+    d.ready("a")
+    d.arrive("b")
+    assert d.s.next_wakeup() == pytest.approx(5.0)
+    assert d.tick(4.9) == []
+    assert d.tick(5.0) == [Stop("a", "drain timeout (5s) with requests in flight")]
+
+
+def test_requests_waiting_for_a_load_are_batched_into_one_swap() -> None:
+    d = Driver(make())
+    busy, _ = d.arrive("a")
+    d.ready("a")
+    waiting = [d.arrive("b")[0] for _ in range(4)]
+    d.finish(busy)
+    d.exited("a")
+    assert d.ready("b") == [Dispatch(i, "b") for i in waiting]
+    assert [x for x in d.log if isinstance(x, Start)] == [Start("a"), Start("b")]
+
+
+def test_a_waiting_request_fails_with_a_reason_when_its_deadline_passes() -> None:
+    d = Driver(make(load_timeout=1000.0))
+    request, _ = d.arrive("a", wait=3.0)
+    assert d.s.next_wakeup() == pytest.approx(3.0)
+    (fail,) = d.tick(3.0)
+    assert isinstance(fail, Fail)
+    assert (fail.request_id, fail.status, fail.code) == (request, 503, "model_wait_timeout")
+    assert "'a'" in fail.message and "starting" in fail.message
+
+
+def test_a_load_that_times_out_fails_its_waiters_and_stops_the_process() -> None:
+    d = Driver(make(load_timeout=2.0))
+    request, _ = d.arrive("a")
+    decisions = d.tick(2.0)
+    assert decisions[0] == Fail(
+        request, 503, "model_load_timeout", "model 'a' did not become ready within 2s"
+    )
+    assert isinstance(decisions[1], Stop)
+    assert d.state("a") is State.STOPPING
+    d.exited("a")
+    assert d.state("a") is State.FAILED
+    assert "did not become ready" in d.s.view("a").last_error
+
+
+def test_an_exit_during_load_fails_waiters_with_the_reason_and_a_later_request_retries() -> None:
+    d = Driver(make())
+    ids = [d.arrive("a")[0] for _ in range(2)]
+    decisions = d.exited("a", "llama-server exited with code 1 during load; last output:\nboom")
+    assert [x.request_id for x in decisions if isinstance(x, Fail)] == ids
+    assert all(isinstance(x, Fail) and x.status == 503 and "boom" in x.message for x in decisions)
+    assert d.state("a") is State.FAILED
+    _, decisions = d.arrive("a")
+    assert decisions == [Start("a")]
+
+
+def test_a_failed_load_frees_the_slot_for_the_next_waiter() -> None:
+    d = Driver(make())
+    d.arrive("a")
+    other, _ = d.arrive("b")
+    assert d.exited("a", "crash")[-1] == Start("b")
+    assert d.ready("b") == [Dispatch(other, "b")]
+
+
+def test_a_crash_while_serving_makes_the_model_cold_and_the_next_request_restarts_it() -> None:
+    d = Driver(make())
+    request, _ = d.arrive("a")
+    d.ready("a")
+    d.exited("a", "killed by signal SIGSEGV while serving")
+    assert d.state("a") is State.COLD
+    assert d.s.used() == {"slots": 0}
+    d.finish(request)  # the proxy reports the broken request as finished
+    _, decisions = d.arrive("a")
+    assert decisions == [Start("a")]
+
+
+def test_oldest_waiter_is_served_first() -> None:
+    d = Driver(make())
+    first, _ = d.arrive("a")
+    d.ready("a")
+    c_request, _ = d.arrive("c")
+    _b_request, _ = d.arrive("b")
+    d.finish(first)
+    assert d.exited("a") == [Start("c")]
+    assert d.ready("c") == [Dispatch(c_request, "c")]
+    d.finish(c_request)
+    assert d.exited("c") == [Start("b")]
+
+
+def test_no_starvation_a_busy_model_drains_at_once_without_swap_delay() -> None:
+    d = Driver(make())
+    busy, _ = d.arrive("a")
+    d.ready("a")
+    other, _ = d.arrive("b")
+    # More work for 'a' keeps coming, but it queues: 'b' is next.
+    more = [d.arrive("a")[0] for _ in range(3)]
+    d.finish(busy)
+    d.exited("a")
+    assert d.ready("b") == [Dispatch(other, "b")]
+    assert all(d.s.view("a").waiting == len(more) for _ in more)
+
+
+def test_swap_delay_lets_a_busy_model_batch_its_own_requests_for_a_bounded_time() -> None:
+    d = Driver(make(swap_delay=2.0))
+    busy, _ = d.arrive("a")
+    d.ready("a")
+    d.arrive("b")
+    assert not d.s.view("a").draining
+    extra, decisions = d.arrive("a")
+    assert decisions == [Dispatch(extra, "a")]  # still within the swap delay: batched
+    assert d.s.next_wakeup() == pytest.approx(2.0)
+    d.tick(2.0)
+    assert d.s.view("a").draining
+    _late, decisions = d.arrive("a")
+    assert decisions == []
+    d.finish(busy)
+    assert d.finish(extra) == [Stop("a", "drained for a swap")]
+
+
+def test_a_cancelled_waiter_ends_the_drain_it_caused() -> None:
+    d = Driver(make())
+    busy, _ = d.arrive("a")
+    d.ready("a")
+    waiting, _ = d.arrive("b")
+    queued, _ = d.arrive("a")
+    assert d.s.view("a").draining
+    # The only request for 'b' goes away: 'a' takes its queued work again.
+    assert d.finish(waiting) == [Dispatch(queued, "a")]
+    assert not d.s.view("a").draining
+    assert d.finish(busy) == []
+
+
+def test_several_models_stay_resident_when_the_budget_allows() -> None:
+    d = Driver(make(slots=2))
+    a, _ = d.arrive("a")
+    b, _ = d.arrive("b")
+    assert d.log == [Start("a"), Start("b")]
+    d.ready("a")
+    d.ready("b")
+    d.finish(a)
+    d.finish(b)
+    _c, decisions = d.arrive("c")
+    assert decisions == [Stop("a", "making room for 'c'")]  # least recently used goes first
+
+
+def test_a_model_larger_than_the_budget_fails_at_once() -> None:
+    d = Driver(make(footprints={"a": {"gpu0": 90}}, budget={"gpu0": 80}))
+    request, decisions = d.arrive("a")
+    assert len(decisions) == 1 and isinstance(decisions[0], Fail)
+    assert decisions[0].code == "model_too_large" and decisions[0].request_id == request
+
+
+def test_shutdown_fails_waiters_stops_everything_and_refuses_new_work() -> None:
+    d = Driver(make(slots=2))
+    _a, _ = d.arrive("a")
+    d.ready("a")
+    b, _ = d.arrive("b")
+    decisions = d.s.shutdown(d.now)
+    assert Fail(b, 503, "shutting_down", "the router is shutting down") in decisions
+    assert {x.profile for x in decisions if isinstance(x, Stop)} == {"a", "b"}
+    _, decisions = d.arrive("c")
+    assert isinstance(decisions[0], Fail) and decisions[0].status == 503
+
+
+def test_unload_waits_for_requests_in_flight_unless_forced() -> None:
+    d = Driver(make())
+    request, _ = d.arrive("a")
+    d.ready("a")
+    assert d.s.unload("a", d.now) == []
+    assert d.finish(request) == [Stop("a", "drained for a swap")]
+    d.exited("a")
+    request, _ = d.arrive("a")
+    d.ready("a")
+    assert d.s.unload("a", d.now, force=True) == [Stop("a", "unloaded")]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_invariants_hold_under_random_event_sequences(seed: int) -> None:
+    """Budget never exceeded, busy models never stopped, every request ends, one start per load."""
+    rng = random.Random(seed)
+    names = ["a", "b", "c", "d"]
+    footprints = {"a": {"gpu": 40}, "b": {"gpu": 30}, "c": {"gpu": 50}, "d": {"gpu": 20}}
+    s = make(
+        names, footprints=footprints, budget={"gpu": 80}, drain_timeout=50.0, swap_delay=rng.choice([0, 3])
+    )
+    d = Driver(s)
+    dispatched: dict[int, str] = {}
+    open_requests: set[int] = set()
+    ended: set[int] = set()
+    running: set[str] = set()  # processes alive (started, not yet exited)
+    stopping: set[str] = set()
+
+    def apply(decisions: list[Decision]) -> None:
+        for x in decisions:
+            if isinstance(x, Dispatch):
+                assert x.request_id in open_requests and x.request_id not in dispatched
+                assert x.profile in running and x.profile not in stopping
+                dispatched[x.request_id] = x.profile
+            elif isinstance(x, Fail):
+                assert x.request_id in open_requests and x.request_id not in dispatched
+                open_requests.discard(x.request_id)
+                ended.add(x.request_id)
+            elif isinstance(x, Start):
+                assert x.profile not in running, "a second start for a model already starting or running"
+                running.add(x.profile)
+            elif isinstance(x, Stop):
+                assert x.profile in running
+                in_flight = [r for r, p in dispatched.items() if p == x.profile and r in open_requests]
+                if in_flight:
+                    assert "drain timeout" in x.reason, "a busy model was stopped without a timeout"
+                stopping.add(x.profile)
+        assert s.used()["gpu"] <= 80
+
+    for step in range(400):
+        d.now += rng.choice([0.0, 0.1, 0.5, 2.0])
+        apply(d.s.tick(d.now))
+        roll = rng.random()
+        if roll < 0.35:
+            rid, decisions = d.arrive(rng.choice(names), wait=rng.choice([5.0, 60.0]))
+            open_requests.add(rid)
+            apply(decisions)
+        elif roll < 0.6 and dispatched:
+            candidates = [r for r in dispatched if r in open_requests]
+            if candidates:
+                rid = rng.choice(candidates)
+                open_requests.discard(rid)
+                ended.add(rid)
+                apply(d.finish(rid))
+        elif roll < 0.8:
+            starting = [p for p in running if p not in stopping and s.view(p).state is State.STARTING]
+            if starting:
+                apply(d.ready(rng.choice(starting)))
+        elif roll < 0.95:
+            if stopping:
+                profile = rng.choice(sorted(stopping))
+                stopping.discard(profile)
+                running.discard(profile)
+                apply(d.exited(profile))
+        else:
+            starting = [p for p in running if p not in stopping and s.view(p).state is State.STARTING]
+            if starting:
+                profile = rng.choice(starting)
+                running.discard(profile)
+                apply(d.exited(profile, "crashed during load"))
+        if step % 50 == 0:
+            for p in list(running):  # a crash of something running now and then
+                if p not in stopping and rng.random() < 0.1 and s.view(p).state is State.READY:
+                    running.discard(p)
+                    apply(d.exited(p, "crashed"))
+                    for rid, prof in dispatched.items():
+                        if prof == p and rid in open_requests:
+                            open_requests.discard(rid)
+                            ended.add(rid)
+                            apply(d.finish(rid))
+
+    # Let everything finish: no request may be left waiting forever.
+    for _ in range(200):
+        d.now += 5.0
+        apply(d.s.tick(d.now))
+        for rid in [r for r in dispatched if r in open_requests]:
+            open_requests.discard(rid)
+            ended.add(rid)
+            apply(d.finish(rid))
+        for p in [p for p in running if s.view(p).state is State.STARTING and p not in stopping]:
+            apply(d.ready(p))
+        for p in sorted(stopping):
+            stopping.discard(p)
+            running.discard(p)
+            apply(d.exited(p))
+        if not open_requests:
+            break
+    assert not open_requests, f"requests never answered: {sorted(open_requests)}"
+    assert s.queue_depth == 0
