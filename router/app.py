@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import signal
 import time
@@ -11,15 +12,25 @@ from typing import Any
 
 from aiohttp import web
 
+from .access_log import IN_FLIGHT, InFlight, access_log
+from .api import Api
+from .auth import auth_middleware, resolve_keys
 from .config import RouterConfig
 from .controller import Controller
 from .errors import RouterError, error_response
+from .metrics import CONTENT_TYPE_LATEST as METRICS_CONTENT_TYPE
+from .metrics import Metrics
 from .proxy import MODEL_GET_PATHS, MODEL_POST_PATHS, Proxy
+from .reload import RELOADER, ConfigReloader, reload_status, watching
+from .sdnotify import Notifier
+from .stale import remove_stale
 
 log = logging.getLogger("llama_router")
 
 CONTROLLER: web.AppKey[Controller] = web.AppKey("controller", Controller)
 PROXY: web.AppKey[Proxy] = web.AppKey("proxy", Proxy)
+API: web.AppKey[Api] = web.AppKey("api", Api)
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -44,100 +55,189 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
         return error_response(500, "internal router error; see the router's log", code="internal_error")
 
 
-def _models_list(controller: Controller) -> dict[str, Any]:
-    created = int(controller.started_at)
-    states = {view.name: view.state.value for view in controller.scheduler.views()}
-    data = []
-    for name, profile in controller.config.profiles.items():
-        data.append(
-            {
-                "id": name,
-                "object": "model",
-                "created": created,
-                "owned_by": "llama-router",
-                "aliases": list(profile.aliases),
-                "description": profile.description,
-                "status": {"value": _status_value(states[name])},
-            }
-        )
-    return {"object": "list", "data": data}
-
-
-def _status_value(state: str) -> str:
-    return {"ready": "loaded", "starting": "loading", "stopping": "unloading", "cold": "unloaded"}.get(
-        state, state
-    )
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def build_app(config: RouterConfig) -> web.Application:
     """The router's aiohttp application for `config` (not yet listening)."""
-    app = web.Application(middlewares=[openai_errors], client_max_size=256 * 1024 * 1024)
+    keys = resolve_keys(config.server)
+    middlewares: list[Any] = [access_log, openai_errors]
+    if keys.enabled:
+        middlewares.append(auth_middleware(keys))
+    elif not _is_loopback(config.server.host):
+        log.warning(
+            "listening on %s without API keys: anyone who can reach it can use and control every model; "
+            "set server.api_keys (or api_keys_env)",
+            config.server.host,
+        )
+    app = web.Application(middlewares=middlewares, client_max_size=256 * 1024 * 1024)
     controller = Controller(config)
-    proxy = Proxy(controller)
+    metrics = Metrics(controller)
+    proxy = Proxy(controller, metrics, strip_auth=keys.enabled)
+    api = Api(controller, proxy)
     app[CONTROLLER] = controller
     app[PROXY] = proxy
+    app[API] = api
+    app[METRICS] = metrics
 
     async def on_startup(_: web.Application) -> None:
         await controller.start()
         await proxy.start()
 
+    async def on_shutdown(_: web.Application) -> None:
+        await api.close_streams()
+
     async def on_cleanup(_: web.Application) -> None:
+        await api.close()
         await controller.close(grace=max(p.stop_timeout for p in config.profiles.values()) + 1)
         await proxy.close()
+        metrics.close()
 
     app.on_startup.append(on_startup)
+    app.on_shutdown.append(on_shutdown)
     app.on_cleanup.append(on_cleanup)
 
-    async def models(_: web.Request) -> web.Response:
-        return web.json_response(_models_list(controller))
+    async def health(request: web.Request) -> web.Response:
+        body: dict[str, Any] = {"status": "ok"}
+        reload = reload_status(request.app)
+        if reload is not None:
+            body["reload"] = reload
+        return web.json_response(body)
 
-    async def health(_: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
+    async def metrics_page(_: web.Request) -> web.Response:
+        return web.Response(body=metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
-    async def running(_: web.Request) -> web.Response:
-        return web.json_response(
-            {"running": [row for row in controller.describe() if row["state"] != "cold"]}
-        )
-
-    async def unload_all(_: web.Request) -> web.Response:
-        names = [row["model"] for row in controller.describe() if row["state"] in ("starting", "ready")]
-        for name in names:
-            controller.unload(name)
-        return web.json_response({"unloading": names})
-
-    async def not_found(request: web.Request) -> web.Response:
-        return error_response(404, f"no such endpoint: {request.method} {request.path}", code="not_found")
-
-    app.router.add_get("/v1/models", models)
     app.router.add_get("/health", health)
-    app.router.add_get("/running", running)
-    app.router.add_post("/unload", unload_all)
+    app.router.add_get("/metrics", metrics_page)
+    api.add_routes(app)
     for path in MODEL_POST_PATHS:
         app.router.add_post(path, proxy.handle_post)
     for path in MODEL_GET_PATHS:
         app.router.add_get(path, proxy.handle_get)
-    app.router.add_route("*", "/{tail:.*}", not_found)
+    app.router.add_route("*", "/{tail:.*}", api.fallback)
     return app
 
 
-async def serve(config: RouterConfig, *, ready: Callable[[], None] | None = None) -> None:
-    """Listen on the configured address until SIGTERM or SIGINT, then shut down cleanly."""
+# Seconds aiohttp gives requests still running after the drain (long-lived streams) before cancelling them.
+_CANCEL_GRACE = 1.0
+
+
+async def _watchdog(notifier: Notifier, interval: float) -> None:
+    """WATCHDOG=1 from the event loop itself: a blocked loop stops the pings and systemd restarts us."""
+    while True:
+        notifier.watchdog()
+        await asyncio.sleep(interval)
+
+
+async def serve(
+    config: RouterConfig,
+    *,
+    ready: Callable[[], None] | None = None,
+    loader: Callable[[], RouterConfig] | None = None,
+) -> None:
+    """Listen until SIGTERM or SIGINT, then drain requests and stop every upstream.
+
+    Before listening, upstreams a dead router left behind are removed. SIGHUP, or a change of the
+    config file, reloads it (`loader` reads it again; default: the same file). Under systemd
+    (`Type=notify`) it sends READY=1 once the port accepts connections, WATCHDOG=1 when asked,
+    RELOADING=1 around reloads and STOPPING=1 when the shutdown starts. A second SIGTERM/SIGINT stops
+    waiting for requests in flight.
+    """
+    notifier = Notifier.from_environment()
     app = build_app(config)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, config.server.host, config.server.port, reuse_address=True)
-    await site.start()
-    log.info("llama-router listening on http://%s:%s", config.server.host, config.server.port)
-    stop = asyncio.Event()
+    in_flight = InFlight()
+    app[IN_FLIGHT] = in_flight
+    reloader = ConfigReloader(app[CONTROLLER], config, loader=loader, notifier=notifier)
+    app[RELOADER] = reloader
     loop = asyncio.get_running_loop()
+    stop, force = asyncio.Event(), asyncio.Event()
+    background: set[asyncio.Task[Any]] = set()
+
+    def on_stop(name: str) -> None:
+        if stop.is_set():
+            log.warning("%s again: not waiting for requests in flight any longer", name)
+            force.set()
+        else:
+            log.info("%s received: shutting down", name)
+            stop.set()
+
+    listening = False
+    hangup_pending = False
+
+    def on_hangup() -> None:
+        nonlocal hangup_pending
+        if not listening:  # the start-up is still under way: reload once it is done
+            hangup_pending = True
+            return
+        task = asyncio.create_task(reloader.reload("SIGHUP"))
+        background.add(task)
+        task.add_done_callback(background.discard)
+
+    # First of all: a signal during start-up must not kill the router with its default action.
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_stop, sig.name)
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    try:
+        removed = await asyncio.to_thread(remove_stale, config.server.stop_timeout)
+    except Exception:  # a failed scan must not keep the router from serving
+        log.exception("looking for stale upstreams failed")
+        removed = []
+    if removed:
+        log.warning("removed %d stale upstream process(es) of an earlier router", len(removed))
+
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=_CANCEL_GRACE)
+    try:
+        await runner.setup()
+        site = web.TCPSite(runner, config.server.host, config.server.port, reuse_address=True)
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        raise
+    urls = ", ".join(f"http://{address[0]}:{address[1]}" for address in runner.addresses)
+    log.info("llama-router listening on %s", urls, extra={"fields": {"event": "listening", "urls": urls}})
+
+    # Pings go on through the shutdown, which may take server.shutdown_timeout seconds.
+    watchdog: asyncio.Task[None] | None = None
+    if notifier.watchdog_interval is not None:
+        watchdog = asyncio.create_task(_watchdog(notifier, notifier.watchdog_interval))
+    notifier.ready(f"serving {len(config.profiles)} profile(s) on {urls}")
+    listening = True
+    if hangup_pending:
+        on_hangup()
     if ready is not None:
         ready()
     try:
-        await stop.wait()
+        async with watching(reloader):
+            await stop.wait()
     finally:
-        log.info("shutting down")
+        loop.remove_signal_handler(signal.SIGHUP)
+        notifier.stopping("draining requests, then stopping upstreams")
         started = time.monotonic()
+        for task in list(background):  # reloads under way
+            task.cancel()
+        # No new connections; keep-alive connections close once their current request is answered.
+        for running_site in list(runner.sites):
+            await running_site.stop()
+        if runner.server is not None:
+            runner.server.pre_shutdown()
+        timeout = reloader.config.server.shutdown_timeout
+        if in_flight.count and not force.is_set():
+            log.info("draining %d request(s) in flight, up to %.0fs", in_flight.count, timeout)
+            waits = [asyncio.ensure_future(in_flight.wait_idle()), asyncio.ensure_future(force.wait())]
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in waits:
+                waiter.cancel()
+        if in_flight.count:
+            log.warning("cancelling %d request(s) still in flight", in_flight.count)
         await runner.cleanup()
+        if watchdog is not None:
+            watchdog.cancel()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
         log.info("stopped in %.2fs", time.monotonic() - started)

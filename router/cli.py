@@ -1,16 +1,35 @@
-"""The `llama-router` command: `serve` and `check`."""
+"""The `llama-router` command: `serve`, `check`, `pull` and `status`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
+import contextlib
+import json
+import os
 import sys
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
 
 from . import __version__
-from .config import ConfigError, RouterConfig, load_config
+from .config import (
+    ConfigError,
+    RouterConfig,
+    ServerConfig,
+    load_config,
+    read_yaml,
+    validate_schema,
+)
+from .logging_setup import FORMATS, setup_logging
 
 DEFAULT_CONFIG = "profiles.yaml"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+API_KEY_ENV = "LLAMA_ROUTER_API_KEY"
 
 
 def _load(path: str, host: str | None = None, port: int | None = None) -> RouterConfig:
@@ -23,6 +42,9 @@ def _load(path: str, host: str | None = None, port: int | None = None) -> Router
     return config
 
 
+# ------------------------------------------------------------------------------------------------ serve
+
+
 def _serve(args: argparse.Namespace) -> int:
     from .app import serve
 
@@ -33,22 +55,209 @@ def _serve(args: argparse.Namespace) -> int:
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(serve(config))
+    try:
+        # A reload reads the same file with the same command-line overrides.
+        asyncio.run(serve(config, loader=lambda: _load(args.config, args.host, args.port)))
+    except OSError as exc:
+        where = f"{config.server.host}:{config.server.port}"
+        print(f"llama-router: cannot listen on {where}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     return 0
+
+
+# ------------------------------------------------------------------------------------------------ check
+
+
+def describe_profile(config: RouterConfig, name: str) -> list[tuple[str, str]]:
+    """The `check` lines of one profile as (label, value) pairs, in display order."""
+    profile = config.profiles[name]
+    lines = [("binary", str(profile.binary)), ("model", str(profile.model_path))]
+    if len(profile.model_files) > 1:
+        lines.append(("shards", f"{len(profile.model_files)} files beside it"))
+    if profile.hf:
+        lines.append(("hf", profile.hf))
+    if profile.mmproj_path is not None:
+        lines.append(("mmproj", str(profile.mmproj_path)))
+    command = " ".join(profile.command("127.0.0.1", 0)).replace(" --port 0", " --port <auto>")
+    lines.append(("command", command))
+    return lines
 
 
 def _check(args: argparse.Namespace) -> int:
+    from .controller import Controller
+    from .footprint import describe
+
     config = _load(args.config)
+    controller = Controller(config)  # no process is started: it only reads budgets and footprints
     print(f"{config.path}: OK, {len(config.profiles)} profile(s)")
     print(f"  listen: http://{config.server.host}:{config.server.port}")
+    budgets = {device.name: device.budget for device in controller.devices}
+    print(f"  memory budget: {describe(budgets)}")
     for name, profile in config.profiles.items():
         print(f"- {name}" + (f" (aliases: {', '.join(profile.aliases)})" if profile.aliases else ""))
-        print(f"    binary:  {profile.binary}")
-        print(f"    model:   {profile.model_path}")
-        print(
-            f"    command: {' '.join(profile.command('127.0.0.1', 0)).replace(' --port 0', ' --port <auto>')}"
-        )
+        footprint, source = controller.footprint_and_source(profile)
+        for label, value in [
+            *describe_profile(config, name),
+            ("memory", f"{describe(footprint)} ({source})"),
+        ]:
+            print(f"    {label + ':':<9}{value}")
     return 0
+
+
+# ------------------------------------------------------------------------------------------------ pull
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from . import hub
+
+    data, path = read_yaml(args.config)
+    schema = validate_schema(data, path)  # structure only: the files may not exist yet
+    unknown = [name for name in args.profiles if name not in schema.profiles]
+    if unknown:
+        known = ", ".join(schema.profiles)
+        raise ConfigError(f"{path}: no profile named {', '.join(map(repr, unknown))}; profiles: {known}")
+    names = args.profiles or [name for name, profile in schema.profiles.items() if profile.hf]
+    if not names:
+        print(f"{path}: no profile names a Hugging Face model (hf:); nothing to pull")
+        return 0
+    failed = 0
+    for name in names:
+        profile = schema.profiles[name]
+        if profile.hf is None:
+            print(f"{name}: local model {profile.model}; nothing to pull")
+            continue
+        ref = hub.HfRef.parse(profile.hf, profile.hf_file, profile.hf_revision, profile.mmproj)
+        print(f"{name}: {ref.describe()}", flush=True)
+        try:
+            found = hub.pull(ref, progress_bars=not args.quiet)
+        except hub.HubError as exc:
+            print(f"llama-router: pull {name}: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        print(f"    model:   {found.model_path}")
+        if len(found.model_paths) > 1:
+            print(f"    shards:  {len(found.model_paths)} files")
+        if found.mmproj_path is not None:
+            print(f"    mmproj:  {found.mmproj_path}")
+    if failed:
+        print(f"llama-router: {failed} of {len(names)} profile(s) could not be pulled", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ status
+
+
+def _router_url(args: argparse.Namespace) -> tuple[str, str | None]:
+    """The router's base URL and a key to present, from --url/--api-key or the config file."""
+    key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    if args.url:
+        return args.url.rstrip("/"), key
+    data, path = read_yaml(args.config)
+    server = _server_section(data, path)
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(server.host, server.host)
+    if ":" in host:
+        host = f"[{host}]"
+    if key is None:
+        keys = [*server.admin_keys, *server.api_keys]
+        for variable in (server.admin_keys_env, server.api_keys_env):
+            if variable:
+                keys += [part.strip() for part in os.environ.get(variable, "").split(",") if part.strip()]
+        key = keys[0] if keys else None
+    return f"http://{host}:{server.port}", key
+
+
+def _server_section(data: Any, path: Path) -> ServerConfig:
+    """Only the `server:` section: `status` needs the address and keys, not loadable profiles."""
+    section = data.get("server") if isinstance(data, dict) else None
+    try:
+        return ServerConfig.model_validate(section or {})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"server.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"{path}: {problems}") from None
+
+
+def _get(url: str, key: str | None, timeout: float) -> Any:
+    request = urllib.request.Request(url, headers={"Accept": "application/json"})
+    if key:
+        request.add_header("Authorization", f"Bearer {key}")
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read() or b"null")
+
+
+def _status(args: argparse.Namespace) -> int:
+    base, key = _router_url(args)
+    try:
+        health = _get(f"{base}/health", None, args.timeout)
+        models = _get(f"{base}/v1/models", key, args.timeout)
+        running = _get(f"{base}/running", key, args.timeout)
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode("utf-8", "replace")
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            detail = json.loads(detail)["error"]["message"]
+        print(f"llama-router: {exc.url} answered {exc.code}: {detail}", file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        print(f"llama-router: no router answering at {base}: {reason}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"url": base, "health": health, "models": models, "running": running}, indent=2))
+        return 0
+    print(f"router {base}: {health.get('status', '?') if isinstance(health, dict) else health}")
+    reload_state = health.get("reload") if isinstance(health, dict) else None
+    if isinstance(reload_state, dict):
+        error = reload_state.get("last_error")
+        if error:
+            print(f"  last config reload FAILED (old config kept): {error.get('message')}")
+    rows = {row.get("model"): row for row in running.get("running", [])} if isinstance(running, dict) else {}
+    table = [("MODEL", "STATE", "PID", "PORT", "IN FLIGHT", "WAITING")]
+    for entry in models.get("data", []) if isinstance(models, dict) else []:
+        row = rows.get(entry.get("id"), {})
+        state = (entry.get("status") or {}).get("value") or row.get("state") or "?"
+        table.append(
+            (
+                str(entry.get("id")),
+                str(state),
+                str(row.get("pid") or "-"),
+                str(row.get("port") or "-"),
+                str(row.get("in_flight", 0)),
+                str(row.get("waiting", 0)),
+            )
+        )
+    widths = [max(len(line[column]) for line in table) for column in range(len(table[0]))]
+    for line in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ parser
+
+
+def _common(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """Options accepted before and after the command (`llama-router serve --log-format json`)."""
+    default: Any = None if top else argparse.SUPPRESS
+    parser.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        default="INFO" if top else default,
+        help="DEBUG, INFO, WARNING or ERROR (default INFO)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=FORMATS,
+        default="text" if top else default,
+        help="text for people, json (one object per line) for machines (default text)",
+    )
+
+
+def _config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-c", "--config", default=DEFAULT_CONFIG, help="profiles file (default: profiles.yaml)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,36 +266,64 @@ def build_parser() -> argparse.ArgumentParser:
         description="One OpenAI-compatible endpoint in front of many llama-server processes.",
     )
     parser.add_argument("--version", action="version", version=f"llama-router {__version__}")
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    _common(parser, top=True)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="run the router", description="Run the router.")
-    serve.add_argument(
-        "-c", "--config", default=DEFAULT_CONFIG, help="profiles file (default: profiles.yaml)"
+    def command(name: str, summary: str, description: str, run: Callable[[argparse.Namespace], int]) -> Any:
+        sub = commands.add_parser(name, help=summary, description=description)
+        _common(sub, top=False)
+        sub.set_defaults(run=run)
+        return sub
+
+    serve = command(
+        "serve",
+        "run the router",
+        "Run the router. SIGHUP (or a change of the config file) reloads the config; SIGTERM drains "
+        "requests in flight (server.shutdown_timeout) and stops every model.",
+        _serve,
     )
+    _config_option(serve)
     serve.add_argument("--host", help="listen address (overrides server.host)")
     serve.add_argument("--port", type=int, help="listen port (overrides server.port)")
-    serve.set_defaults(run=_serve)
 
-    check = commands.add_parser(
+    check = command(
         "check",
-        help="validate the config and show each profile's command",
-        description="Validate the config.",
+        "validate the config and show each profile's command",
+        "Validate the config; print each profile's binary, model file and full command line.",
+        _check,
     )
-    check.add_argument(
-        "-c", "--config", default=DEFAULT_CONFIG, help="profiles file (default: profiles.yaml)"
+    _config_option(check)
+
+    pull = command(
+        "pull",
+        "download the Hugging Face models the profiles name",
+        "Download the files of profiles with 'hf:' into the Hugging Face cache (HF_HUB_CACHE / HF_HOME), "
+        "shards and projector included. Tokens come from HF_TOKEN or `hf auth login`.",
+        _pull,
     )
-    check.set_defaults(run=_check)
+    _config_option(pull)
+    pull.add_argument("profiles", nargs="*", metavar="PROFILE", help="only these profiles (default: all)")
+    pull.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    status = command(
+        "status",
+        "show what a running router has loaded",
+        "Ask a running router for its models and their state.",
+        _status,
+    )
+    _config_option(status)
+    status.add_argument("--url", help="router URL (default: from the config's server.host and port)")
+    status.add_argument(
+        "--api-key", help=f"key to send (default: ${API_KEY_ENV}, else the config's admin or API key)"
+    )
+    status.add_argument("--json", action="store_true", help="print the raw answers as JSON")
+    status.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the router")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(args.log_level, args.log_format)
     try:
         return int(args.run(args))
     except ConfigError as exc:

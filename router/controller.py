@@ -8,25 +8,37 @@ happen on the event loop thread, so the scheduler itself needs no locking.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import os
+import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from .config import RouterConfig
+from .config import ResolvedProfile, RouterConfig
+from .context_cache import ContextKeeper
 from .errors import RouterError
+from .footprint import BufferTally, FootprintStore, estimate
+from .memory import MIB, Device, detect_devices, nvml_usage_by_pid, page_in
 from .scheduler import Decision, Dispatch, Fail, ProfileSpec, Scheduler, Start, State, Stop
 from .supervisor import LoadError, Upstream
 
 log = logging.getLogger("llama_router")
 
 EventListener = Callable[[dict[str, Any]], None]
+# Failures a fallback profile may answer for; a plain queue timeout is not one.
+FALLBACK_CODES = frozenset({"model_load_failed", "model_failed", "model_load_timeout", "model_too_large"})
+# llama.cpp's ways of saying an allocation failed (CUDA, Metal, Vulkan, ggml's allocators).
+OUT_OF_MEMORY = re.compile(
+    r"out of memory|failed to allocate|unable to allocate|ErrorOutOfDeviceMemory|cudaMalloc failed", re.I
+)
 
 
 @dataclass
@@ -38,6 +50,7 @@ class Lease:
     upstream: Upstream
     waited: float
     released: bool = field(default=False)
+    fallback_for: str | None = None  # the profile asked for, when a fallback serves instead
 
 
 class Controller:
@@ -46,15 +59,29 @@ class Controller:
     def __init__(self, config: RouterConfig) -> None:
         self.config = config
         server = config.server
+        memory = server.memory
+        self.devices: list[Device] = detect_devices(
+            gpus_mib=memory.gpus,
+            ram_mib=memory.ram,
+            gpu_headroom_mib=memory.gpu_headroom,
+            ram_headroom_mib=memory.ram_headroom,
+            use_nvml=memory.nvml,
+        )
+        self.footprints = FootprintStore(state_dir(config) / "footprints.json")
         self.scheduler = Scheduler(
-            (
-                ProfileSpec(name, {"slots": 1}, profile.load_timeout)
-                for name, profile in config.profiles.items()
-            ),
-            {"slots": server.max_resident},
+            (self._spec(profile) for profile in config.profiles.values()),
+            self._budget(),
             drain_timeout=server.drain_timeout,
             swap_delay=server.swap_delay,
+            max_failures=server.max_failures,
+            failure_window=server.failure_window,
+            backoff=server.restart_backoff,
+            backoff_max=server.restart_backoff_max,
         )
+        self._tallies: dict[str, BufferTally] = {}
+        self._closed = False
+        self._prober: asyncio.Future[None] | None = None
+        self.contexts = ContextKeeper(config, state_dir(config) / "slots")
         self.logs: dict[str, deque[str]] = {name: deque(maxlen=server.log_lines) for name in config.profiles}
         self.upstreams: dict[str, Upstream] = {}
         self.owner_tag = f"{os.getpid()}"
@@ -67,6 +94,74 @@ class Controller:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._session: aiohttp.ClientSession | None = None
 
+    def _budget(self) -> dict[str, int]:
+        budget = {device.name: device.budget for device in self.devices}
+        if self.config.server.max_resident is not None:
+            budget["slots"] = self.config.server.max_resident
+        return budget
+
+    def _spec(self, profile: ResolvedProfile) -> ProfileSpec:
+        return ProfileSpec(
+            profile.name,
+            self.initial_footprint(profile),
+            profile.load_timeout,
+            pinned=profile.pinned,
+            priority=profile.priority,
+            standby=profile.standby,
+            ttl=profile.ttl,
+        )
+
+    async def reload(self, config: RouterConfig) -> dict[str, list[str]]:
+        """Adopt a new config. Profiles whose process would run the same command keep running and
+        serving; changed ones restart once idle; removed ones drain and stop; new ones are added."""
+        old = self.config
+        summary: dict[str, list[str]] = {"kept": [], "restarted": [], "added": [], "removed": []}
+        for name, profile in config.profiles.items():
+            before = old.profiles.get(name)
+            if before is None:
+                summary["added"].append(name)
+            elif _launch_identity(before) == _launch_identity(profile):
+                summary["kept"].append(name)
+            else:
+                summary["restarted"].append(name)
+        summary["removed"] = [name for name in old.profiles if name not in config.profiles]
+        self.config = config
+        self.contexts.forget_removed(config)
+        for name in config.profiles:
+            if name not in self.logs:
+                self.logs[name] = deque(maxlen=config.server.log_lines)
+        now = self.now()
+        specs = []
+        for profile in config.profiles.values():
+            spec = self._spec(profile)
+            if profile.name in summary["kept"] and profile.footprint_mib is None:
+                # Same process, same use: keep what was learned from it.
+                spec = dataclasses.replace(spec, footprint=self.scheduler.view(profile.name).footprint)
+            specs.append(spec)
+        decisions = self.scheduler.reconfigure(specs, self._budget(), now)
+        for name in summary["restarted"]:
+            decisions.extend(self.scheduler.restart_when_idle(name, now))
+        self._apply(decisions)
+        log.debug("config reloaded: %s", {key: value for key, value in summary.items() if value})
+        self.emit("reloaded", **summary)
+        return summary
+
+    def initial_footprint(self, profile: ResolvedProfile) -> dict[str, int]:
+        return self._with_slot(self.footprint_and_source(profile)[0])
+
+    def footprint_and_source(self, profile: ResolvedProfile) -> tuple[dict[str, int], str]:
+        """A configured footprint, else one learned on an earlier load, else the GGUF estimate."""
+        if profile.footprint_mib is not None:
+            return {device: mib * MIB for device, mib in profile.footprint_mib.items()}, "configured"
+        learned = self.footprints.get(profile)
+        if learned is not None:
+            return learned, "learned"
+        gpus = [device.name for device in self.devices if device.name.startswith("gpu")]
+        return estimate(profile, gpus), "estimated"
+
+    def _with_slot(self, footprint: dict[str, int]) -> dict[str, int]:
+        return {**footprint, "slots": 1} if self.config.server.max_resident is not None else footprint
+
     # ------------------------------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
@@ -74,9 +169,18 @@ class Controller:
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, force_close=True), trust_env=False
         )
+        for profile in self.config.profiles.values():
+            if profile.standby:
+                self._read_ahead(profile)
+        if self.config.server.health_check_interval > 0:
+            self._prober = asyncio.ensure_future(self._probe_idle_upstreams())
+        self._apply(self.scheduler.tick(self.now()))  # preloads for standby profiles
 
     async def close(self, grace: float | None = None) -> None:
         """Fail waiting requests, stop every upstream and wait for them to exit."""
+        self._closed = True
+        if self._prober is not None:
+            self._prober.cancel()
         self._apply(self.scheduler.shutdown(self.now()))
         pending = [task for task in self._tasks if not task.done()]
         if pending:
@@ -94,9 +198,14 @@ class Controller:
     def subscribe(self, listener: EventListener) -> Callable[[], None]:
         """Receive lifecycle events (dicts); returns the function that unsubscribes."""
         self._listeners.append(listener)
-        return lambda: self._listeners.remove(listener)
 
-    def _emit(self, kind: str, **fields: Any) -> None:
+        def unsubscribe() -> None:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+        return unsubscribe
+
+    def emit(self, kind: str, **fields: Any) -> None:
         event = {"event": kind, "time": time.time(), **fields}
         for listener in list(self._listeners):
             try:
@@ -106,8 +215,34 @@ class Controller:
 
     # ------------------------------------------------------------------------------------------ requests
 
-    async def acquire(self, profile: str) -> Lease:
-        """Wait until `profile` runs and may take this request; raises RouterError otherwise."""
+    async def acquire(self, profile: str, *, fallback: bool = True) -> Lease:
+        """Wait until `profile` runs and may take this request; raises RouterError otherwise.
+
+        When the profile's model is failed or cannot be loaded, its `fallback` profiles are tried in
+        order; the lease then says which profile it was asked for."""
+        chain = [profile, *self.config.profiles[profile].fallback] if fallback else [profile]
+        error: RouterError | None = None
+        for index, name in enumerate(chain):
+            last = index == len(chain) - 1
+            if not last and self.scheduler.view(name).failed:
+                continue  # known broken: go straight to the fallback
+            try:
+                lease = await self._acquire(name)
+            except RouterError as exc:
+                if last or exc.code not in FALLBACK_CODES:
+                    raise
+                error = exc
+                continue
+            if name != profile:
+                lease.fallback_for = profile
+                log.warning(
+                    "serving %r with fallback %r: %s", profile, name, error.message if error else "failed"
+                )
+                self.emit("fallback", model=profile, served_by=name)
+            return lease
+        raise AssertionError("unreachable: the last profile in the chain returns or raises")
+
+    async def _acquire(self, profile: str) -> Lease:
         request_id = next(self._ids)
         now = self.now()
         future: asyncio.Future[Upstream] = asyncio.get_running_loop().create_future()
@@ -130,6 +265,10 @@ class Controller:
             lease.released = True
             self._apply(self.scheduler.request_finished(lease.request_id, self.now()))
 
+    async def load(self, profile: str) -> None:
+        """Load `profile` as a request would (making room if needed) and return once it is ready."""
+        self.release(await self.acquire(profile, fallback=False))
+
     def unload(self, profile: str, *, force: bool = False) -> None:
         self._apply(self.scheduler.unload(profile, self.now(), force=force))
 
@@ -148,7 +287,7 @@ class Controller:
             elif isinstance(decision, Start):
                 self._spawn(self._start(decision.profile))
             elif isinstance(decision, Stop):
-                self._spawn(self._stop(decision.profile, decision.reason))
+                self._spawn(self._stop(decision.profile, decision.reason, decision.cause))
         self._arm_timer()
 
     def _resolve(self, decision: Dispatch) -> None:
@@ -195,6 +334,31 @@ class Controller:
 
     def _record_output(self, profile: str, line: str) -> None:
         self.logs[profile].append(line)
+        tally = self._tallies.get(profile)
+        if tally is not None:
+            tally.feed(line)
+
+    def _read_ahead(self, profile: ResolvedProfile) -> None:
+        """Keep a likely-next model's file in the page cache while host RAM is free."""
+        if self.config.server.readahead and self._loop is not None:
+            keep_free = self.config.server.memory.ram_headroom * MIB
+            self._loop.run_in_executor(None, page_in, str(profile.model_path), keep_free)
+
+    def _learn_footprint(self, upstream: Upstream) -> None:
+        """Replace the estimate with what the loaded llama-server reports using."""
+        name = upstream.profile.name
+        tally = self._tallies.pop(name, None)
+        if upstream.profile.footprint_mib is not None or tally is None:
+            return
+        measured = tally.footprint()
+        by_driver = nvml_usage_by_pid().get(upstream.pid or -1, {})
+        if by_driver:
+            measured = {**measured, **by_driver}
+        if not measured:
+            return
+        self.footprints.put(upstream.profile, measured)
+        self.emit("footprint", model=name, bytes=measured)
+        self._apply(self.scheduler.footprint_measured(name, self._with_slot(measured), self.now()))
 
     async def _start(self, name: str) -> None:
         profile = self.config.profiles[name]
@@ -205,9 +369,11 @@ class Controller:
             health_interval=server.health_interval,
             owner_tag=self.owner_tag,
             on_output=self._record_output,
+            extra_args=self.contexts.extra_args(profile),
         )
         self.upstreams[name] = upstream
-        self._emit("loading", model=name)
+        self._tallies[name] = BufferTally()
+        self.emit("loading", model=name)
         self.logs[name].append(f"[llama-router] starting: {' '.join(profile.command('127.0.0.1', 0))}")
         try:
             await upstream.spawn()
@@ -215,7 +381,7 @@ class Controller:
             self.upstreams.pop(name, None)
             reason = f"could not start {profile.binary} for {name!r}: {exc.strerror or exc}"
             self.logs[name].append(f"[llama-router] {reason}")
-            self._emit("failed", model=name, reason=reason)
+            self.emit("failed", model=name, reason=reason)
             self._apply(self.scheduler.process_exited(name, self.now(), reason))
             return
         self._spawn(self._watch_exit(upstream))
@@ -224,11 +390,17 @@ class Controller:
             await upstream.wait_ready(self._session)
         except LoadError:
             return  # the exit watcher reports it
+        if profile.keep_context and not upstream.stopping:
+            restored = await self.contexts.restore(upstream, self._session)
+            if restored:  # a dict with `error` reports a failure; the load goes on without the cache
+                kind = "context_restore_failed" if "error" in restored else "context_restored"
+                self.emit(kind, model=name, **restored)
         if self.upstreams.get(name) is upstream and not upstream.stopping:
             load_seconds = upstream.ready_at - upstream.spawned_at
             log.info("%s ready in %.3fs on port %s", name, load_seconds, upstream.port)
-            self._emit("ready", model=name, load_seconds=round(load_seconds, 4), port=upstream.port)
+            self.emit("ready", model=name, load_seconds=round(load_seconds, 4), port=upstream.port)
             self._apply(self.scheduler.process_ready(name, self.now()))
+            self._learn_footprint(upstream)
 
     async def _watch_exit(self, upstream: Upstream) -> None:
         name = upstream.profile.name
@@ -238,21 +410,77 @@ class Controller:
         reason = upstream.exit_reason(when)
         if self.upstreams.get(name) is upstream:
             del self.upstreams[name]
+        out_of_memory = state is State.STARTING and any(OUT_OF_MEMORY.search(line) for line in upstream.log)
         if state is State.STOPPING:
             log.info("%s stopped", name)
-            self._emit("stopped", model=name)
+            self.emit("stopped", model=name)
+            self._read_ahead(upstream.profile)  # it was just in use: keep its file warm
         else:
             log.warning("%s", reason)
-            self._emit("failed", model=name, reason=reason)
-        self._apply(self.scheduler.process_exited(name, self.now(), reason))
+            self.emit("failed", model=name, reason=reason)
+        self._apply(self.scheduler.process_exited(name, self.now(), reason, out_of_memory=out_of_memory))
+        upstream.gone.set()
 
-    async def _stop(self, name: str, reason: str) -> None:
+    def upstream_unhealthy(self, upstream: Upstream, reason: str) -> None:
+        """Restart an upstream that lives but does not work; its requests in flight end with an error."""
+        name = upstream.profile.name
+        if self.upstreams.get(name) is not upstream:
+            return
+        log.warning("%s is unhealthy: %s", name, reason)
+        self.emit("unhealthy", model=name, reason=reason)
+        self._apply(self.scheduler.upstream_unhealthy(name, self.now(), reason))
+
+    async def _probe_idle_upstreams(self) -> None:
+        """Every `health_check_interval`, ask idle models' `/health`; several failures in a row mean
+        the process is wedged and is restarted."""
+        server = self.config.server
+        misses: dict[Upstream, int] = {}
+        timeout = aiohttp.ClientTimeout(total=min(5.0, server.health_check_interval))
+        while not self._closed:
+            await asyncio.sleep(server.health_check_interval)
+            assert self._session is not None
+            for view in self.scheduler.views():
+                upstream = self.upstreams.get(view.name)
+                if upstream is None or view.state is not State.READY or view.in_flight:
+                    continue
+                try:
+                    async with self._session.get(f"{upstream.base_url}/health", timeout=timeout) as response:
+                        healthy = response.status == 200
+                except (TimeoutError, aiohttp.ClientError):
+                    healthy = False
+                misses[upstream] = 0 if healthy else misses.get(upstream, 0) + 1
+                if misses[upstream] >= server.health_check_failures:
+                    del misses[upstream]
+                    self.upstream_unhealthy(
+                        upstream, f"/health failed {server.health_check_failures} times in a row while idle"
+                    )
+            for gone in [upstream for upstream in misses if upstream.gone.is_set()]:
+                del misses[gone]
+
+    async def upstream_refused(self, upstream: Upstream, patience: float = 2.0) -> bool:
+        """A connection to `upstream` was refused. If its process has died, wait until the router has
+        taken note (so a retry starts a fresh one) and return True; False if it still lives."""
+        if not upstream.gone.is_set() and upstream.is_alive():
+            return False
+        try:
+            await asyncio.wait_for(upstream.gone.wait(), patience)
+        except TimeoutError:
+            return False
+        return True
+
+    async def _stop(self, name: str, reason: str, cause: str) -> None:
         upstream = self.upstreams.get(name)
         log.info("stopping %s: %s", name, reason)
-        self._emit("stopping", model=name, reason=reason)
+        self.emit("stopping", model=name, reason=reason, cause=cause)
         if upstream is None or upstream.process is None:
             return
-        await upstream.stop(self.config.profiles[name].stop_timeout)
+        if upstream.profile.keep_context and upstream.ready_at and upstream.is_alive():
+            assert self._session is not None
+            saved = await self.contexts.save(upstream, self._session)
+            if saved:  # a dict with `error` reports a failure; the stop goes on regardless
+                kind = "context_save_failed" if "error" in saved else "context_saved"
+                self.emit(kind, model=name, **saved)
+        await upstream.stop(upstream.profile.stop_timeout)
 
     # ------------------------------------------------------------------------------------------ views
 
@@ -271,9 +499,32 @@ class Controller:
                     "pid": upstream.pid if upstream else None,
                     "port": upstream.port if upstream else None,
                     "last_error": view.last_error or None,
+                    "standby": view.standby,
+                    "footprint": {k: v for k, v in view.footprint.items() if k != "slots"},
                 }
             )
         return rows
 
+    def budgets(self) -> dict[str, dict[str, int]]:
+        """Each device's budget and what resident models use of it, in bytes."""
+        used = self.scheduler.used()
+        return {
+            device.name: {"total": device.total, "budget": device.budget, "used": used.get(device.name, 0)}
+            for device in self.devices
+        }
+
     def log_tail(self, name: str, lines: int = 20) -> str:
         return "\n".join(list(self.logs[name])[-lines:])
+
+
+def state_dir(config: RouterConfig) -> Path:
+    """Where the router keeps what it learns: `server.state_dir`, else the XDG state directory."""
+    if config.server.state_dir is not None:
+        return config.server.state_dir.expanduser()
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return Path(base) / "llama-router"
+
+
+def _launch_identity(profile: ResolvedProfile) -> tuple[object, ...]:
+    """What decides whether a running process still matches its profile."""
+    return (profile.command("127.0.0.1", 0), sorted(profile.env.items()), profile.keep_context)

@@ -4,9 +4,8 @@ Pure and synchronous on purpose: no asyncio, no I/O and no clock of its own (eve
 `now`), so each rule can be tested with plain function calls. Events go in, decisions come out; the
 controller turns decisions into processes and HTTP.
 
-Resources are generic: each profile has a footprint (units per device) and each device a budget.
-With no memory information the core runs in "slots" mode: every profile takes one slot and the budget
-is `max_resident` slots.
+Resources are generic: each profile has a footprint (bytes per device: "ram", "gpu0", ...) and each
+device a budget; a "slots" device with one unit per profile caps how many models are resident.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ from dataclasses import dataclass, field
 Resources = Mapping[str, int]
 
 
-class State(str, enum.Enum):
+class State(enum.StrEnum):
     COLD = "cold"
     STARTING = "starting"
     READY = "ready"
@@ -47,10 +46,12 @@ class Start:
 
 @dataclass(frozen=True)
 class Stop:
-    """Stop the upstream of `profile`; `reason` is for logs and events."""
+    """Stop the upstream of `profile`; `reason` is for people, `cause` for counting."""
 
     profile: str
     reason: str
+    # swap, unload, ttl, load_timeout, drain_timeout, out_of_memory, budget, unhealthy, shutdown
+    cause: str = field(default="swap", compare=False)
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,10 @@ class ProfileSpec:
     name: str
     footprint: Resources
     load_timeout: float
+    pinned: bool = False  # never evicted to make room (only an explicit unload stops it)
+    priority: int = 0  # among idle models, lower priority is evicted first
+    standby: bool = False  # preloaded whenever memory is free and nobody waits
+    ttl: float | None = None  # unload after this many idle seconds
 
 
 @dataclass
@@ -90,7 +95,10 @@ class _Request:
 @dataclass
 class _Slot:
     spec: ProfileSpec
+    footprint: dict[str, int] = field(default_factory=dict)
     state: State = State.COLD
+    preload: bool = False  # started for standby, not yet asked for by a request
+    preload_held: bool = False  # an operator unloaded it: no preload until it is asked for again
     in_flight: set[int] = field(default_factory=set)
     waiting: deque[int] = field(default_factory=deque)
     last_used: float = float("-inf")
@@ -100,6 +108,12 @@ class _Slot:
     stop_is_failure: bool = False
     last_error: str = ""
     starts: int = 0
+    stop_when_idle: bool = False  # an unload or reload asked for it: drains, then stops
+    removed: bool = False  # gone from the config: drains, stops, then is forgotten
+    failures: deque[float] = field(default_factory=deque)  # times of recent failed loads and crashes
+    retry_at: float | None = None  # backing off after a failure: no restart before this time
+    oom_retried: bool = False  # an out-of-memory load already got its one retry with more room
+    restart_after_stop: bool = False  # its command changed: start the new one once the old one is gone
 
     @property
     def holds_resources(self) -> bool:
@@ -122,6 +136,10 @@ class ProfileView:
     last_used: float
     last_error: str
     starts: int
+    standby: bool  # loaded ahead of demand and not yet used
+    footprint: dict[str, int]
+    failed: bool  # failed too often: only a new request or an explicit load retries it
+    retry_at: float | None  # backing off after a failure until then
 
 
 class Scheduler:
@@ -134,13 +152,22 @@ class Scheduler:
         *,
         drain_timeout: float,
         swap_delay: float = 0.0,
+        max_failures: int = 1,
+        failure_window: float = 60.0,
+        backoff: float = 0.5,
+        backoff_max: float = 30.0,
     ) -> None:
-        self._slots: dict[str, _Slot] = {spec.name: _Slot(spec) for spec in profiles}
+        self._slots: dict[str, _Slot] = {spec.name: _Slot(spec, dict(spec.footprint)) for spec in profiles}
         self._budget = dict(budget)
         self._drain_timeout = drain_timeout
         self._swap_delay = swap_delay
+        self._max_failures = max_failures
+        self._failure_window = failure_window
+        self._backoff = backoff
+        self._backoff_max = backoff_max
         self._requests: dict[int, _Request] = {}
         self._closing = False
+        self._now = float("-inf")
 
     # ------------------------------------------------------------------------------------------ queries
 
@@ -155,17 +182,22 @@ class Scheduler:
             last_used=slot.last_used,
             last_error=slot.last_error,
             starts=slot.starts,
+            standby=slot.preload and slot.state is State.READY,
+            footprint=dict(slot.footprint),
+            failed=slot.state is State.FAILED and slot.retry_at is None,
+            retry_at=slot.retry_at if slot.state is State.FAILED else None,
         )
 
     def views(self) -> list[ProfileView]:
-        return [self.view(name) for name in self._slots]
+        """Every configured profile (profiles removed by a reload and still stopping are left out)."""
+        return [self.view(name) for name, slot in self._slots.items() if not slot.removed]
 
     def used(self) -> dict[str, int]:
         """Resources held by starting, ready and stopping profiles, per device."""
         used = dict.fromkeys(self._budget, 0)
         for slot in self._slots.values():
             if slot.holds_resources:
-                for device, amount in slot.spec.footprint.items():
+                for device, amount in slot.footprint.items():
                     used[device] = used.get(device, 0) + amount
         return used
 
@@ -188,7 +220,25 @@ class Scheduler:
             if slot.wanted_since is not None and slot.draining_since is None and slot.state is State.READY:
                 times.append(slot.wanted_since + self._swap_delay)
             times.extend(self._requests[rid].deadline for rid in slot.waiting)
+            if slot.waiting and slot.retry_at is not None and slot.state is State.FAILED:
+                times.append(slot.retry_at)
+            expiry = self._ttl_expiry(slot)
+            if expiry is not None:
+                times.append(expiry)
         return min(times) if times else None
+
+    def _ttl_expiry(self, slot: _Slot) -> float | None:
+        """When an idle model with a `ttl` is due to be unloaded, or None."""
+        if (
+            slot.spec.ttl is None
+            or slot.spec.standby
+            or slot.spec.pinned
+            or slot.state is not State.READY
+            or slot.in_flight
+            or slot.waiting
+        ):
+            return None
+        return slot.last_used + slot.spec.ttl
 
     # ------------------------------------------------------------------------------------------ events
 
@@ -197,6 +247,8 @@ class Scheduler:
         if self._closing:
             return [Fail(request_id, 503, "shutting_down", "the router is shutting down")]
         slot = self._slots[profile]
+        slot.preload = False
+        slot.preload_held = False
         request = _Request(request_id, profile, now, deadline)
         self._requests[request_id] = request
         if slot.accepting:
@@ -219,7 +271,13 @@ class Scheduler:
         slot.last_used = now
         decisions: list[Decision] = []
         if slot.state is State.READY and slot.draining_since is not None and not slot.in_flight:
-            decisions.append(self._stop(slot, "drained for a swap"))
+            decisions.append(
+                self._stop(
+                    slot,
+                    "drained for a swap" if not slot.stop_when_idle else "unloaded once idle",
+                    "unload" if slot.stop_when_idle else "swap",
+                )
+            )
         decisions.extend(self._place(now))
         return decisions
 
@@ -231,6 +289,8 @@ class Scheduler:
         slot.state = State.READY
         slot.load_deadline = None
         slot.last_error = ""
+        slot.oom_retried = False
+        slot.retry_at = None
         slot.last_used = now
         decisions: list[Decision] = []
         while slot.waiting:
@@ -239,24 +299,139 @@ class Scheduler:
         decisions.extend(self._place(now))
         return decisions
 
-    def process_exited(self, profile: str, now: float, reason: str) -> list[Decision]:
-        """The upstream of `profile` is gone: a failed load, a crash, or the end of a stop."""
+    def process_exited(
+        self, profile: str, now: float, reason: str, *, out_of_memory: bool = False
+    ) -> list[Decision]:
+        """The upstream of `profile` is gone: a failed load, a crash, or the end of a stop.
+
+        Failed loads and crashes back off before the next start; after `max_failures` within the
+        failure window the profile is failed and its waiting requests get the reason. A load that ran
+        out of memory first gets one retry with the idle models evicted."""
         slot = self._slots[profile]
         previous = slot.state
         decisions: list[Decision] = []
         slot.load_deadline = None
         slot.wanted_since = None
         slot.draining_since = None
-        if previous is State.STARTING:
-            slot.state = State.FAILED
-            slot.last_error = reason
-            decisions.extend(self._fail_waiting(slot, 503, "model_load_failed", reason))
-        elif previous is State.STOPPING:
-            slot.state = State.FAILED if slot.stop_is_failure else State.COLD
-        elif previous is State.READY:
+        if previous is State.STARTING and out_of_memory and not slot.oom_retried:
+            slot.oom_retried = True
             slot.state = State.COLD
             slot.last_error = reason
+            decisions.extend(self._evict_idle_beside(slot, f"{profile!r} ran out of memory loading"))
+        elif previous in (State.STARTING, State.READY):
+            slot.state = State.FAILED
+            slot.last_error = reason
+            self._record_failure(slot, now)
+            if slot.retry_at is None:
+                code = "model_load_failed" if previous is State.STARTING else "model_failed"
+                decisions.extend(self._fail_waiting(slot, 503, code, self._failure_message(slot, reason)))
+        elif previous is State.STOPPING:
+            slot.state = State.FAILED if slot.stop_is_failure else State.COLD
         slot.stop_is_failure = False
+        if slot.removed:
+            del self._slots[profile]
+        elif slot.restart_after_stop and slot.state is State.COLD:
+            slot.restart_after_stop = False
+            if self._fits(slot.footprint, self.used()):
+                decisions.append(self._start(slot, now, preload=True))
+        decisions.extend(self._place(now))
+        return decisions
+
+    def _record_failure(self, slot: _Slot, now: float) -> None:
+        """Count a failure; set the back-off before the next start, or none once the profile is failed."""
+        slot.failures.append(now)
+        while slot.failures and slot.failures[0] <= now - self._failure_window:
+            slot.failures.popleft()
+        if len(slot.failures) >= self._max_failures:
+            slot.retry_at = None  # failed: a later request or an explicit load tries once more
+        else:
+            delay = self._backoff * 2 ** (len(slot.failures) - 1)
+            slot.retry_at = now + min(delay, self._backoff_max)
+
+    def _failure_message(self, slot: _Slot, reason: str) -> str:
+        if self._max_failures <= 1:
+            return reason
+        window = self._failure_window
+        return f"model {slot.spec.name!r} failed {len(slot.failures)} times in {window:g}s; last: {reason}"
+
+    def _evict_idle_beside(self, slot: _Slot, reason: str) -> list[Decision]:
+        """Stop idle, unpinned models sharing a device with `slot`, and grow its footprint by what
+        they held, so its retry waits until their memory is really free."""
+        decisions: list[Decision] = []
+        devices = {device for device in slot.footprint if device != "slots"}
+        for other in self._slots.values():
+            if (
+                other is not slot
+                and other.state is State.READY
+                and not other.in_flight
+                and not other.spec.pinned
+                and devices & set(other.footprint)
+            ):
+                for device in devices:
+                    slot.footprint[device] = slot.footprint.get(device, 0) + other.footprint.get(device, 0)
+                decisions.append(self._stop(other, reason, "out_of_memory"))
+        return decisions
+
+    def reconfigure(self, profiles: Iterable[ProfileSpec], budget: Resources, now: float) -> list[Decision]:
+        """A new config: add new profiles, drain and forget removed ones, take new settings."""
+        specs = {spec.name: spec for spec in profiles}
+        self._budget = dict(budget)
+        decisions: list[Decision] = []
+        for name, slot in list(self._slots.items()):
+            spec = specs.get(name)
+            if spec is not None:
+                if slot.spec.footprint != spec.footprint:
+                    slot.footprint = dict(spec.footprint)
+                slot.spec = spec
+                continue
+            slot.removed = True
+            decisions.extend(
+                self._fail_waiting(slot, 503, "model_removed", f"model {name!r} was removed from the config")
+            )
+            if slot.state in (State.STARTING, State.READY):
+                decisions.extend(self.unload(name, now))
+            elif slot.state is not State.STOPPING:
+                del self._slots[name]
+        for name, spec in specs.items():
+            if name not in self._slots:
+                self._slots[name] = _Slot(spec, dict(spec.footprint))
+        decisions.extend(self._place(now))
+        return decisions
+
+    def restart_when_idle(self, profile: str, now: float) -> list[Decision]:
+        """The profile's command changed: replace a running process once its requests are done."""
+        slot = self._slots[profile]
+        if slot.state not in (State.STARTING, State.READY):
+            return []
+        slot.restart_after_stop = True
+        decisions = self.unload(profile, now)
+        slot.preload_held = False
+        return decisions
+
+    def footprint_measured(self, profile: str, footprint: Resources, now: float) -> list[Decision]:
+        """The real use of a loaded model is known: replace the estimate, and if the budget is now
+        exceeded, stop idle models (never pinned, never busy) until it holds again."""
+        slot = self._slots[profile]
+        slot.footprint = dict(footprint)
+        decisions: list[Decision] = []
+        idle = [
+            other
+            for other in self._slots.values()
+            if other is not slot
+            and other.state is State.READY
+            and not other.in_flight
+            and not other.spec.pinned
+        ]
+        idle.sort(key=lambda other: (other.spec.priority, other.last_used))
+        projected = self.used()
+        for slot_ in self._slots.values():
+            if slot_.state is State.STOPPING:
+                self._subtract(projected, slot_)
+        for victim in idle:
+            if all(amount <= self._budget.get(device, 0) for device, amount in projected.items()):
+                break
+            self._subtract(projected, victim)
+            decisions.append(self._stop(victim, f"over budget once {profile!r} measured its use", "budget"))
         decisions.extend(self._place(now))
         return decisions
 
@@ -283,32 +458,52 @@ class Scheduler:
                 reason = f"model {slot.spec.name!r} did not become ready within {slot.spec.load_timeout:g}s"
                 slot.last_error = reason
                 slot.stop_is_failure = True
+                self._record_failure(slot, now)
                 decisions.extend(self._fail_waiting(slot, 503, "model_load_timeout", reason))
-                decisions.append(self._stop(slot, reason))
+                decisions.append(self._stop(slot, reason, "load_timeout"))
             elif (
                 slot.state is State.READY
                 and slot.draining_since is not None
                 and slot.draining_since + self._drain_timeout <= now
             ):
                 decisions.append(
-                    self._stop(slot, f"drain timeout ({self._drain_timeout:g}s) with requests in flight")
+                    self._stop(
+                        slot,
+                        f"drain timeout ({self._drain_timeout:g}s) with requests in flight",
+                        "drain_timeout",
+                    )
                 )
+            elif (expiry := self._ttl_expiry(slot)) is not None and expiry <= now:
+                decisions.append(self._stop(slot, f"idle for its ttl ({slot.spec.ttl:g}s)", "ttl"))
         decisions.extend(self._place(now))
         return decisions
 
     def unload(self, profile: str, now: float, *, force: bool = False) -> list[Decision]:
         """An operator asked to unload `profile`; requests in flight finish first unless `force`."""
         slot = self._slots[profile]
+        slot.preload_held = True
         if slot.state is State.STARTING:
             slot.stop_is_failure = False
             decisions = self._fail_waiting(slot, 503, "model_unloaded", f"model {profile!r} was unloaded")
-            return [*decisions, self._stop(slot, "unloaded while starting")]
+            return [*decisions, self._stop(slot, "unloaded while starting", "unload")]
         if slot.state is not State.READY:
             return []
         if slot.in_flight and not force:
+            slot.stop_when_idle = True
             slot.draining_since = slot.draining_since or now
             return []
-        return [self._stop(slot, "unloaded")]
+        return [self._stop(slot, "unloaded", "unload")]
+
+    def upstream_unhealthy(self, profile: str, now: float, reason: str) -> list[Decision]:
+        """The process lives but is of no use (stalled, not answering): stop it now, count a failure.
+        Requests in flight on it end with an error; the next request starts a fresh one."""
+        slot = self._slots[profile]
+        if slot.state is not State.READY:
+            return []
+        slot.last_error = reason
+        slot.stop_is_failure = True
+        self._record_failure(slot, now)
+        return [self._stop(slot, reason, "unhealthy")]
 
     def shutdown(self, now: float) -> list[Decision]:
         """Stop taking work: fail every waiting request and stop every upstream."""
@@ -317,7 +512,7 @@ class Scheduler:
         for slot in self._slots.values():
             decisions.extend(self._fail_waiting(slot, 503, "shutting_down", "the router is shutting down"))
             if slot.state in (State.STARTING, State.READY):
-                decisions.append(self._stop(slot, "shutdown"))
+                decisions.append(self._stop(slot, "shutdown", "shutdown"))
         return decisions
 
     # ------------------------------------------------------------------------------------------ rules
@@ -328,12 +523,13 @@ class Scheduler:
         slot.last_used = now
         return Dispatch(request.request_id, slot.spec.name)
 
-    def _stop(self, slot: _Slot, reason: str) -> Stop:
+    def _stop(self, slot: _Slot, reason: str, cause: str = "swap") -> Stop:
         slot.state = State.STOPPING
+        slot.stop_when_idle = False
         slot.load_deadline = None
         slot.wanted_since = None
         slot.draining_since = None
-        return Stop(slot.spec.name, reason)
+        return Stop(slot.spec.name, reason, cause)
 
     def _fail_waiting(self, slot: _Slot, status: int, code: str, message: str) -> list[Decision]:
         decisions: list[Decision] = []
@@ -342,6 +538,72 @@ class Scheduler:
             self._requests.pop(request_id, None)
             decisions.append(Fail(request_id, status, code, message))
         return decisions
+
+    def _place(self, now: float) -> list[Decision]:
+        """Start what fits for the oldest waiters; make room for the first that does not; preload."""
+        self._now = now
+        if self._closing:
+            return []
+        decisions: list[Decision] = []
+        for slot in self._slots.values():
+            # A drain that nobody needs any more ends; its queue goes straight to it.
+            while slot.accepting and slot.waiting:
+                decisions.append(self._dispatch(self._requests[slot.waiting.popleft()], slot, now))
+        wanted_victims: set[str] = set()
+        blocked = False
+        for slot in self._candidates():
+            used = self.used()
+            if self._fits(slot.footprint, used):
+                decisions.append(self._start(slot, now, preload=False))
+                continue
+            if not self._fits(slot.footprint, self._pinned_usage(exclude=slot)):
+                message = (
+                    f"model {slot.spec.name!r} needs {dict(slot.footprint)}, more than the budget "
+                    f"{dict(self._budget)} leaves beside pinned models"
+                )
+                decisions.extend(self._fail_waiting(slot, 503, "model_too_large", message))
+                continue
+            decisions.extend(self._make_room(slot, used, now, wanted_victims))
+            blocked = True
+            break  # head of line: later waiters do not take the memory this one is waiting for
+        for slot in self._slots.values():
+            if slot.spec.name not in wanted_victims and slot.state is State.READY and not slot.stop_when_idle:
+                slot.wanted_since = None
+                if slot.draining_since is not None:
+                    slot.draining_since = None
+                    while slot.waiting:
+                        decisions.append(self._dispatch(self._requests[slot.waiting.popleft()], slot, now))
+        if not blocked:
+            decisions.extend(self._preload(now))
+        return decisions
+
+    def _start(self, slot: _Slot, now: float, *, preload: bool) -> Start:
+        slot.state = State.STARTING
+        slot.preload = preload
+        slot.starts += 1
+        slot.load_deadline = now + slot.spec.load_timeout
+        return Start(slot.spec.name)
+
+    def _preload(self, now: float) -> list[Decision]:
+        """Warm standby: start `standby` profiles into memory that nobody is waiting for."""
+        decisions: list[Decision] = []
+        for slot in sorted(self._slots.values(), key=lambda slot: -slot.spec.priority):
+            if (
+                slot.spec.standby
+                and slot.state is State.COLD
+                and not slot.preload_held
+                and self._fits(slot.footprint, self.used())
+            ):
+                decisions.append(self._start(slot, now, preload=True))
+        return decisions
+
+    def _pinned_usage(self, exclude: _Slot) -> dict[str, int]:
+        usage: dict[str, int] = {}
+        for slot in self._slots.values():
+            if slot is not exclude and slot.spec.pinned and slot.state in (State.STARTING, State.READY):
+                for device, amount in slot.footprint.items():
+                    usage[device] = usage.get(device, 0) + amount
+        return usage
 
     def _fits(self, footprint: Resources, used: Mapping[str, int]) -> bool:
         return all(
@@ -352,70 +614,81 @@ class Scheduler:
     def _candidates(self) -> list[_Slot]:
         """Cold or failed profiles with waiting requests, oldest waiter first (fair order)."""
         waiting = [
-            slot for slot in self._slots.values() if slot.waiting and slot.state in (State.COLD, State.FAILED)
+            slot
+            for slot in self._slots.values()
+            if slot.waiting
+            and slot.state in (State.COLD, State.FAILED)
+            and (slot.retry_at is None or slot.retry_at <= self._now)
         ]
         return sorted(waiting, key=lambda slot: (self._requests[slot.waiting[0]].arrived, slot.waiting[0]))
-
-    def _place(self, now: float) -> list[Decision]:
-        """Start what fits for the oldest waiters; make room for the first that does not."""
-        if self._closing:
-            return []
-        decisions: list[Decision] = []
-        for slot in self._slots.values():
-            # A drain that nobody needs any more ends; its queue goes straight to it.
-            while slot.accepting and slot.waiting:
-                decisions.append(self._dispatch(self._requests[slot.waiting.popleft()], slot, now))
-        wanted_victims: set[str] = set()
-        for slot in self._candidates():
-            used = self.used()
-            if self._fits(slot.spec.footprint, used):
-                slot.state = State.STARTING
-                slot.starts += 1
-                slot.load_deadline = now + slot.spec.load_timeout
-                decisions.append(Start(slot.spec.name))
-                continue
-            if not self._fits(slot.spec.footprint, {}):
-                message = f"model {slot.spec.name!r} needs more than the whole budget ({dict(self._budget)})"
-                decisions.extend(self._fail_waiting(slot, 503, "model_too_large", message))
-                continue
-            decisions.extend(self._make_room(slot, used, now, wanted_victims))
-            break  # head of line: later waiters do not take the memory this one is waiting for
-        for slot in self._slots.values():
-            if slot.spec.name not in wanted_victims and slot.state is State.READY:
-                slot.wanted_since = None
-                if slot.draining_since is not None:
-                    slot.draining_since = None
-                    while slot.waiting:
-                        decisions.append(self._dispatch(self._requests[slot.waiting.popleft()], slot, now))
-        return decisions
 
     def _make_room(
         self, wanted: _Slot, used: Mapping[str, int], now: float, victims: set[str]
     ) -> list[Decision]:
-        """Stop idle models (least recently used first), then drain busy ones, until `wanted` fits."""
+        """Free just enough for `wanted`: abort preloads, stop idle models (lowest priority, least
+        recently used first), then drain busy ones. Pinned models are never chosen."""
         projected = dict(used)
         for slot in self._slots.values():
             if slot.state is State.STOPPING:
-                for device, amount in slot.spec.footprint.items():
-                    projected[device] -= amount
-        if self._fits(wanted.spec.footprint, projected):
+                self._subtract(projected, slot)
+        if self._fits(wanted.footprint, projected):
             return []  # what is already stopping will make room
-        ready = [slot for slot in self._slots.values() if slot.state is State.READY and slot is not wanted]
+        preloading = [
+            slot
+            for slot in self._slots.values()
+            if slot.state is State.STARTING and slot.preload and slot is not wanted
+        ]
+        ready = [
+            slot
+            for slot in self._slots.values()
+            if slot.state is State.READY and slot is not wanted and not slot.spec.pinned
+        ]
         # Idle before busy; among busy ones, those already draining first, so choices stay stable.
-        ready.sort(key=lambda slot: (bool(slot.in_flight), slot.draining_since is None, slot.last_used))
+        ready.sort(
+            key=lambda slot: (
+                bool(slot.in_flight),
+                slot.draining_since is None,
+                slot.spec.priority,
+                slot.last_used,
+            )
+        )
         decisions: list[Decision] = []
-        for victim in ready:
-            if self._fits(wanted.spec.footprint, projected):
+        waiting_since = self._requests[wanted.waiting[0]].arrived
+        for victim in [*preloading, *ready]:
+            if self._fits(wanted.footprint, projected):
                 break
-            for device, amount in victim.spec.footprint.items():
-                projected[device] -= amount
-            if not victim.in_flight:
+            if not self._would_help(victim, wanted, projected):
+                continue
+            self._subtract(projected, victim)
+            if victim.state is State.STARTING:
+                decisions.append(self._stop(victim, f"preload gave way to {wanted.spec.name!r}"))
+                continue
+            # A model that served anyone since the waiter arrived is in active use: it keeps taking
+            # its own requests for up to `swap_delay`, so closed-loop clients are batched, not thrashed.
+            in_use = bool(victim.in_flight) or victim.last_used > waiting_since
+            if not in_use:
                 decisions.append(self._stop(victim, f"making room for {wanted.spec.name!r}"))
                 continue
             victims.add(victim.spec.name)
             if victim.draining_since is not None:
                 continue
             victim.wanted_since = victim.wanted_since if victim.wanted_since is not None else now
-            if now - victim.wanted_since >= self._swap_delay:
-                victim.draining_since = now
+            if now >= victim.wanted_since + self._swap_delay:  # same sum as next_wakeup
+                if victim.in_flight:
+                    victim.draining_since = now
+                else:
+                    decisions.append(self._stop(victim, f"making room for {wanted.spec.name!r}"))
         return decisions
+
+    def _would_help(self, victim: _Slot, wanted: _Slot, projected: Mapping[str, int]) -> bool:
+        """Whether stopping `victim` frees memory on a device where `wanted` is short."""
+        return any(
+            victim.footprint.get(device, 0) > 0
+            and projected.get(device, 0) + amount > self._budget.get(device, 0)
+            for device, amount in wanted.footprint.items()
+        )
+
+    @staticmethod
+    def _subtract(projected: dict[str, int], slot: _Slot) -> None:
+        for device, amount in slot.footprint.items():
+            projected[device] = projected.get(device, 0) - amount

@@ -19,12 +19,15 @@ from collections import deque
 from collections.abc import Callable
 
 import aiohttp
+import psutil
 
 from .config import ResolvedProfile
 
 log = logging.getLogger("llama_router.upstream")
 
 _PR_SET_PDEATHSIG = 1
+# Seconds after SIGTERM before the second signal that ends a llama-server still finishing requests.
+SECOND_SIGNAL_AFTER = 1.0
 # Tag put in every upstream's environment so a later router can recognise processes it started.
 OWNER_ENV = "LLAMA_ROUTER_OWNER"
 
@@ -59,8 +62,10 @@ class Upstream:
         host: str = "127.0.0.1",
         owner_tag: str = "",
         on_output: Callable[[str, str], None] | None = None,
+        extra_args: list[str] | None = None,
     ) -> None:
         self.profile = profile
+        self.extra_args = extra_args or []
         self.host = host
         self.port = 0
         self.log: deque[str] = deque(maxlen=log_lines)
@@ -71,6 +76,7 @@ class Upstream:
         self.spawned_at = 0.0
         self.ready_at = 0.0
         self.stopping = False
+        self.gone = asyncio.Event()  # set once the router has processed this process's exit
         self._reader: asyncio.Task[None] | None = None
 
     @property
@@ -85,6 +91,15 @@ class Upstream:
     def returncode(self) -> int | None:
         return self.process.returncode if self.process else None
 
+    def is_alive(self) -> bool:
+        """Whether the process runs (an exited one not yet reaped counts as dead)."""
+        if self.process is None or self.process.returncode is not None:
+            return False
+        try:
+            return psutil.Process(self.process.pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
     def tail(self, lines: int = 20) -> str:
         """The last lines of the upstream's output, for error messages."""
         return "\n".join(list(self.log)[-lines:])
@@ -95,7 +110,7 @@ class Upstream:
         env = {**os.environ, **self.profile.env}
         if self.owner_tag:
             env[OWNER_ENV] = self.owner_tag
-        command = self.profile.command(self.host, self.port)
+        command = [*self.profile.command(self.host, self.port), *self.extra_args]
         self.spawned_at = time.monotonic()
         self.process = await asyncio.create_subprocess_exec(
             *command,
@@ -176,14 +191,25 @@ class Upstream:
             return
         self.stopping = True
         self._signal_group(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(process.wait(), timeout)
-        except asyncio.TimeoutError:
-            log.warning("%s ignored SIGTERM for %.1fs; sending SIGKILL", self.profile.name, timeout)
-            self._signal_group(signal.SIGKILL)
-            await process.wait()
+        # llama-server waits for running requests after a first SIGTERM; a second signal makes it exit
+        # at once. Give it a moment to exit cleanly first.
+        patience = min(SECOND_SIGNAL_AFTER, timeout / 2)
+        if not await self._exits_within(process, patience):
+            self._signal_group(signal.SIGINT)
+            if not await self._exits_within(process, timeout - patience):
+                log.warning("%s ignored SIGTERM for %.1fs; sending SIGKILL", self.profile.name, timeout)
+                self._signal_group(signal.SIGKILL)
+                await process.wait()
         # The group leader is gone; make sure nothing it forked lingers in its group.
         self._signal_group(signal.SIGKILL)
+
+    @staticmethod
+    async def _exits_within(process: asyncio.subprocess.Process, seconds: float) -> bool:
+        try:
+            await asyncio.wait_for(process.wait(), max(seconds, 0))
+        except TimeoutError:
+            return False
+        return True
 
     def kill_now(self) -> None:
         """Last resort at exit: SIGKILL without waiting."""

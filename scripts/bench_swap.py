@@ -17,7 +17,6 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,36 +32,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from router.config import load_config  # noqa: E402
+from scripts.benchlib import chat, free_port, ms, percentile, router_process, wait_healthy  # noqa: E402
 from scripts.make_tiny_models import make_model  # noqa: E402
 
-CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "temperature": 0}
 ARGS = ["--ctx-size", "512", "--parallel", "1", "--threads", "1"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-async def wait_healthy(session: aiohttp.ClientSession, url: str, interval: float, timeout: float = 30) -> None:
-    deadline = time.perf_counter() + timeout
-    while time.perf_counter() < deadline:
-        try:
-            async with session.get(url + "/health") as response:
-                if response.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(interval)
-    raise TimeoutError(f"{url} not healthy within {timeout}s")
-
-
-async def chat(session: aiohttp.ClientSession, url: str, model: str) -> None:
-    async with session.post(url + "/v1/chat/completions", json={"model": model, **CHAT}) as response:
-        body = await response.read()
-        if response.status != 200:
-            raise RuntimeError(f"{url}: {response.status} {body[:300]!r}")
 
 
 async def bare_start(session: aiohttp.ClientSession, command: list[str], port: int) -> tuple[float, float]:
@@ -92,67 +65,61 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         for profile in profiles.values():
             profile["binary"] = args.binary
     config_path = workdir / "profiles.yaml"
-    router_port = free_port()
-    config_path.write_text(yaml.safe_dump({"server": {"port": router_port}, "profiles": profiles}))
+    config_path.write_text(yaml.safe_dump({"profiles": profiles}))
     config = load_config(config_path)
-    router_url = f"http://127.0.0.1:{router_port}"
-    router = subprocess.Popen(
-        [sys.executable, "-m", "router", "--log-level", "WARNING", "serve", "-c", str(config_path)],
-        cwd=ROOT,
-    )
     results: dict[str, Any] = {}
     connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
-        try:
-            await wait_healthy(session, router_url, interval=0.01)
-            bare_healthy, bare_answer, cold, swap = [], [], [], []
-            for _ in range(args.rounds):
-                port = free_port()
-                healthy, answered = await bare_start(session, config.profiles["a"].command("127.0.0.1", port), port)
-                bare_healthy.append(healthy)
-                bare_answer.append(answered)
-                # cold: nothing loaded
-                async with session.post(router_url + "/unload") as response:
-                    await response.read()
-                await until_nothing_runs(session, router_url)
-                started = time.perf_counter()
-                await chat(session, router_url, "a")
-                cold.append(time.perf_counter() - started)
-                # swap: 'a' loaded and idle, ask for 'b'
-                started = time.perf_counter()
-                await chat(session, router_url, "b")
-                swap.append(time.perf_counter() - started)
-                await chat(session, router_url, "a")
-            results["cold_start"] = summary(cold, bare_healthy, bare_answer)
-            results["swap"] = summary(swap, bare_healthy, bare_answer)
-
-            # loaded: interleaved direct/router requests to the same running upstream
+    async with (
+        aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session,
+        router_process(session, workdir, profiles, max_resident=1) as router_url,
+    ):
+        bare_healthy, bare_answer, cold, swap = [], [], [], []
+        for _ in range(args.rounds):
+            port = free_port()
+            healthy, answered = await bare_start(
+                session, config.profiles["a"].command("127.0.0.1", port), port
+            )
+            bare_healthy.append(healthy)
+            bare_answer.append(answered)
+            # cold: nothing loaded
+            async with session.post(router_url + "/unload") as response:
+                await response.read()
+            await until_nothing_runs(session, router_url)
+            started = time.perf_counter()
             await chat(session, router_url, "a")
-            async with session.get(router_url + "/running") as response:
-                upstream_port = (await response.json())["running"][0]["port"]
-            direct_url = f"http://127.0.0.1:{upstream_port}"
-            for _ in range(20):  # warm both paths' connections
-                await chat(session, direct_url, "a")
-                await chat(session, router_url, "a")
-            direct, routed = [], []
-            for _ in range(args.requests):
-                started = time.perf_counter()
-                await chat(session, direct_url, "a")
-                direct.append(time.perf_counter() - started)
-                started = time.perf_counter()
-                await chat(session, router_url, "a")
-                routed.append(time.perf_counter() - started)
-            results["loaded_request"] = {
-                "requests": args.requests,
-                "direct_median_ms": ms(statistics.median(direct)),
-                "router_median_ms": ms(statistics.median(routed)),
-                "added_median_ms": ms(statistics.median(routed) - statistics.median(direct)),
-                "direct_p99_ms": ms(percentile(direct, 99)),
-                "router_p99_ms": ms(percentile(routed, 99)),
-            }
-        finally:
-            router.terminate()
-            router.wait(timeout=30)
+            cold.append(time.perf_counter() - started)
+            # swap: 'a' loaded and idle, ask for 'b'
+            started = time.perf_counter()
+            await chat(session, router_url, "b")
+            swap.append(time.perf_counter() - started)
+            await chat(session, router_url, "a")
+        results["cold_start"] = summary(cold, bare_healthy, bare_answer)
+        results["swap"] = summary(swap, bare_healthy, bare_answer)
+
+        # loaded: interleaved direct/router requests to the same running upstream
+        await chat(session, router_url, "a")
+        async with session.get(router_url + "/running") as response:
+            upstream_port = (await response.json())["running"][0]["port"]
+        direct_url = f"http://127.0.0.1:{upstream_port}"
+        for _ in range(20):  # warm both paths' connections
+            await chat(session, direct_url, "a")
+            await chat(session, router_url, "a")
+        direct, routed = [], []
+        for _ in range(args.requests):
+            started = time.perf_counter()
+            await chat(session, direct_url, "a")
+            direct.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            await chat(session, router_url, "a")
+            routed.append(time.perf_counter() - started)
+        results["loaded_request"] = {
+            "requests": args.requests,
+            "direct_median_ms": ms(statistics.median(direct)),
+            "router_median_ms": ms(statistics.median(routed)),
+            "added_median_ms": ms(statistics.median(routed) - statistics.median(direct)),
+            "direct_p99_ms": ms(percentile(direct, 99)),
+            "router_p99_ms": ms(percentile(routed, 99)),
+        }
     results["machine"] = {
         "cpus": os.cpu_count(),
         "platform": platform.platform(),
@@ -169,15 +136,6 @@ async def until_nothing_runs(session: aiohttp.ClientSession, url: str) -> None:
                 return
         await asyncio.sleep(0.01)
     raise TimeoutError("models did not unload")
-
-
-def percentile(values: list[float], pct: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(pct / 100 * (len(ordered) - 1))))]
-
-
-def ms(seconds: float) -> float:
-    return round(seconds * 1000, 3)
 
 
 def summary(router: list[float], bare_healthy: list[float], bare_answer: list[float]) -> dict[str, Any]:

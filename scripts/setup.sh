@@ -13,6 +13,18 @@ command -v "$PYTHON" >/dev/null || need_apt+=(python3 python3-venv python3-dev)
 "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)
 command -v c++ >/dev/null || need_apt+=(build-essential)
 command -v git >/dev/null || need_apt+=(git)
+# systemd-analyze (and /bin/kill, which the unit's ExecReload names) lets the tests verify the systemd
+# unit: installed where we can (root with apt-get); elsewhere tests/test_systemd.py skips that check.
+optional_apt=()
+command -v systemd-analyze >/dev/null || optional_apt+=(systemd)
+[ -x /bin/kill ] || optional_apt+=(procps)
+if [ ${#optional_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    need_apt+=("${optional_apt[@]}")
+  else
+    echo "setup: not installing ${optional_apt[*]} (needs root and apt-get); the systemd unit check will skip" >&2
+  fi
+fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   if command -v apt-get >/dev/null; then
     echo "setup: installing ${need_apt[*]} with apt-get"

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import os
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -86,8 +89,9 @@ class RunningRouter:
             return response.status, await response.json()
 
     async def close(self) -> None:
-        await self.session.close()
-        await self.runner.cleanup()
+        if not self.session.closed:
+            await self.session.close()
+            await self.runner.cleanup()
 
 
 RouterFactory = Callable[..., Awaitable[RunningRouter]]
@@ -100,6 +104,7 @@ async def start_router(tmp_path: Path) -> AsyncIterator[RouterFactory]:
 
     async def start(profiles: dict[str, Any], **server: Any) -> RunningRouter:
         config_path = tmp_path / f"profiles-{len(routers)}.yaml"
+        server.setdefault("state_dir", str(tmp_path / "state"))
         config_path.write_text(yaml.safe_dump({"server": server, "profiles": profiles}))
         config = load_config(config_path)
         runner = web.AppRunner(build_app(config), handler_cancellation=True, access_log=None)
@@ -120,3 +125,17 @@ async def start_router(tmp_path: Path) -> AsyncIterator[RouterFactory]:
     for process in leftovers:
         process.kill()
     assert not leftovers, f"upstream processes left running: {[p.cmdline() for p in leftovers]}"
+
+
+async def wait_until(condition: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> None:
+    """Poll `condition` (a function, or a coroutine function) until true; fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.01)

@@ -24,6 +24,9 @@ Behaviour / fault flags:
 ``--chunks N``             content chunks per streamed answer (default 5)
 ``--chunk-delay S``        seconds between streamed content chunks (default 0)
 ``--crash-during-load``    log an error and exit 1 after the load delay
+``--stall-mid-stream N``   on a streamed chat, send N chunks, then nothing more (connection open)
+``--health-fail-after S``  once loaded for S seconds, /health answers 500 (a wedged server)
+``--oom-once FILE``         unless FILE exists: create it, log a CUDA out-of-memory error, exit 1
 ``--crash-mid-stream N``   streamed: send N content chunks, then ``os._exit(3)``;
                            non-streamed: sleep 0.2 s, then ``os._exit(3)``
 ``--hang-health``          ``/health`` never answers
@@ -65,8 +68,10 @@ def _on_terminate(signum: int, frame: object) -> None:
 
 
 def install_signal_handlers(ignore_sigterm: bool) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN if ignore_sigterm else _on_terminate)
-    signal.signal(signal.SIGINT, _on_terminate)
+    # A wedged server ignores both polite signals (the router sends SIGINT after SIGTERM).
+    polite = signal.SIG_IGN if ignore_sigterm else _on_terminate
+    signal.signal(signal.SIGTERM, polite)
+    signal.signal(signal.SIGINT, polite)
 
 
 if __name__ == "__main__":
@@ -111,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunks", type=int, default=5, metavar="N")
     p.add_argument("--chunk-delay", type=float, default=0.0, metavar="S")
     p.add_argument("--crash-during-load", action="store_true")
+    p.add_argument("--oom-once", default=None, metavar="FILE")
+    p.add_argument("--health-fail-after", type=float, default=None, metavar="S")
+    p.add_argument("--stall-mid-stream", type=int, default=None, metavar="N")
     p.add_argument("--crash-mid-stream", type=int, default=None, metavar="N")
     p.add_argument("--hang-health", action="store_true")
     p.add_argument("--ignore-sigterm", action="store_true")
@@ -158,6 +166,7 @@ class FakeUpstream:
         self.args = args
         self.name: str = args.name or model_stem(args.model)
         self.loaded = False
+        self.loaded_at = 0.0
         self.count = 0
         self.in_flight = 0
         self.last: dict[str, Any] = {}
@@ -207,6 +216,9 @@ class FakeUpstream:
             for i, event in enumerate([*content, None]):
                 if i and chunk_delay > 0 and event is not None:
                     await asyncio.sleep(chunk_delay)
+                if self.args.stall_mid_stream is not None and i >= self.args.stall_mid_stream:
+                    log(f"fake_upstream: stalling after {i} chunks (--stall-mid-stream)")
+                    await asyncio.Event().wait()  # wedged: the connection stays open, nothing comes
                 if crash_at is not None and (i >= crash_at or event is None):
                     await asyncio.sleep(0.05)  # let the sent chunks leave
                     log(f"fake_upstream: crashing after {i} chunks (--crash-mid-stream)")
@@ -229,6 +241,9 @@ class FakeUpstream:
             await asyncio.Event().wait()  # never set: the request hangs forever
         if not self.loaded:
             return error_response(503, "Loading model", "unavailable_error")
+        wedged_after = self.args.health_fail_after
+        if wedged_after is not None and time.monotonic() - self.loaded_at > wedged_after:
+            return error_response(500, "fake wedge (--health-fail-after)", "server_error")
         return web.json_response({"status": "ok"})
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
@@ -613,7 +628,16 @@ async def serve(args: argparse.Namespace) -> None:
         log("srv    load_model: failed to load model")
         log("main: exiting due to model loading error")
         os._exit(EXIT_LOAD_FAILED)
+    if args.oom_once is not None and not os.path.exists(args.oom_once):
+        open(args.oom_once, "w").close()
+        log(
+            "ggml_backend_cuda_buffer_type_alloc_buffer: allocating 9000.00 MiB on device 0: "
+            "cudaMalloc failed: out of memory"
+        )
+        log("llama_model_load: error loading model: unable to allocate CUDA0 buffer")
+        os._exit(EXIT_LOAD_FAILED)
     fake.loaded = True
+    fake.loaded_at = time.monotonic()
     log("main: model loaded")
     log("srv  update_slots: all slots are idle")
     if args.exit_after is not None:

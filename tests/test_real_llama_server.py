@@ -84,7 +84,7 @@ async def test_native_endpoints_are_forwarded(
 async def test_swap_a_b_a_keeps_one_model_resident(
     start_router: RouterFactory, tiny_models: tuple[Path, Path], llama_server: Path
 ) -> None:
-    router = await start_router(real_profiles(tiny_models, llama_server))
+    router = await start_router(real_profiles(tiny_models, llama_server), max_resident=1)
     pids = []
     for model in ("tiny-a", "tiny-b", "tiny-a"):
         status, body = await router.chat(model)
@@ -100,7 +100,7 @@ async def test_swap_a_b_a_keeps_one_model_resident(
 async def test_concurrent_requests_across_a_swap_are_all_served(
     start_router: RouterFactory, tiny_models: tuple[Path, Path], llama_server: Path
 ) -> None:
-    router = await start_router(real_profiles(tiny_models, llama_server))
+    router = await start_router(real_profiles(tiny_models, llama_server), max_resident=1)
     models = ["tiny-a", "tiny-b"] * 6
     results = await asyncio.gather(*(router.chat(model, max_tokens=16) for model in models))
     for model, (status, body) in zip(models, results, strict=True):

@@ -175,12 +175,12 @@ def test_a_failed_load_frees_the_slot_for_the_next_waiter() -> None:
     assert d.ready("b") == [Dispatch(other, "b")]
 
 
-def test_a_crash_while_serving_makes_the_model_cold_and_the_next_request_restarts_it() -> None:
+def test_a_crash_while_serving_frees_the_model_and_the_next_request_restarts_it() -> None:
     d = Driver(make())
     request, _ = d.arrive("a")
     d.ready("a")
     d.exited("a", "killed by signal SIGSEGV while serving")
-    assert d.state("a") is State.COLD
+    assert d.state("a") is State.FAILED
     assert d.s.used() == {"slots": 0}
     d.finish(request)  # the proxy reports the broken request as finished
     _, decisions = d.arrive("a")
@@ -280,7 +280,7 @@ def test_unload_waits_for_requests_in_flight_unless_forced() -> None:
     request, _ = d.arrive("a")
     d.ready("a")
     assert d.s.unload("a", d.now) == []
-    assert d.finish(request) == [Stop("a", "drained for a swap")]
+    assert d.finish(request) == [Stop("a", "unloaded once idle")]
     d.exited("a")
     request, _ = d.arrive("a")
     d.ready("a")
@@ -384,3 +384,321 @@ def test_invariants_hold_under_random_event_sequences(seed: int) -> None:
             break
     assert not open_requests, f"requests never answered: {sorted(open_requests)}"
     assert s.queue_depth == 0
+
+
+# ---------------------------------------------------------------------------------------------- memory
+
+
+def gib(n: float) -> dict[str, int]:
+    return {"gpu0": int(n * 1024)}
+
+
+def memory_scheduler(sizes: dict[str, float], budget: float, **options: object) -> tuple[Scheduler, Driver]:
+    pinned = set(options.pop("pinned", ()))  # type: ignore[call-overload]
+    standby = set(options.pop("standby", ()))  # type: ignore[call-overload]
+    priority: dict[str, int] = options.pop("priority", {})  # type: ignore[assignment]
+    ttl: dict[str, float] = options.pop("ttl", {})  # type: ignore[assignment]
+    specs = [
+        ProfileSpec(
+            name,
+            gib(size),
+            10.0,
+            pinned=name in pinned,
+            standby=name in standby,
+            priority=priority.get(name, 0),
+            ttl=ttl.get(name),
+        )
+        for name, size in sizes.items()
+    ]
+    scheduler = Scheduler(specs, gib(budget), drain_timeout=30.0, **options)  # type: ignore[arg-type]
+    return scheduler, Driver(scheduler)
+
+
+def load(d: Driver, profile: str) -> None:
+    """Serve one request on `profile` to completion, playing the supervisor for any swap."""
+    request, decisions = d.arrive(profile)
+    for _ in range(10):
+        stops = [x.profile for x in decisions if isinstance(x, Stop)]
+        starts = [x.profile for x in decisions if isinstance(x, Start)]
+        if any(isinstance(x, Dispatch) and x.request_id == request for x in decisions):
+            break
+        decisions = []
+        for name in stops:
+            decisions += d.exited(name)
+        for name in starts:
+            decisions += d.ready(name)
+        if not stops and not starts:
+            decisions += d.ready(profile) if d.state(profile) is State.STARTING else []
+    d.finish(request)
+
+
+def resident(s: Scheduler) -> set[str]:
+    return {v.name for v in s.views() if v.state in (State.STARTING, State.READY)}
+
+
+def test_every_model_that_fits_stays_resident() -> None:
+    s, d = memory_scheduler({"a": 30, "b": 30, "c": 30}, budget=100)
+    for name in ("a", "b", "c", "a", "b"):
+        load(d, name)
+    assert resident(s) == {"a", "b", "c"}
+    assert [x for x in d.log if isinstance(x, Stop)] == []
+    assert sum(v.starts for v in s.views()) == 3
+
+
+def test_only_as_many_idle_models_as_needed_are_evicted_least_recently_used_first() -> None:
+    s, d = memory_scheduler({"a": 40, "b": 30, "c": 20, "big": 35}, budget=100)
+    for name in ("a", "b", "c", "b", "c"):
+        load(d, name)
+    # 90 used; 'big' needs 35: evicting 'a' (least recently used) alone is enough.
+    _, decisions = d.arrive("big")
+    assert decisions == [Stop("a", "making room for 'big'")]
+    assert d.exited("a") == [Start("big")]
+    assert resident(s) == {"b", "c", "big"}
+
+
+def test_the_new_model_starts_as_soon_as_its_memory_is_free() -> None:
+    _s, d = memory_scheduler({"a": 40, "b": 40, "big": 70}, budget=100)
+    load(d, "a")
+    load(d, "b")
+    _, decisions = d.arrive("big")
+    assert {x.profile for x in decisions if isinstance(x, Stop)} == {"a", "b"}
+    assert d.exited("a") == []  # 60 free: not enough yet
+    assert d.exited("b") == [Start("big")]
+
+
+def test_pinned_models_are_never_evicted_and_priority_orders_eviction() -> None:
+    _s, d = memory_scheduler(
+        {"pin": 30, "low": 30, "high": 30, "new": 30}, budget=100, pinned={"pin"}, priority={"high": 5}
+    )
+    for name in ("high", "low", "pin"):  # 'high' is least recently used
+        load(d, name)
+    _, decisions = d.arrive("new")
+    assert decisions == [Stop("low", "making room for 'new'")]
+
+
+def test_a_model_that_cannot_fit_beside_pinned_models_fails_with_a_reason() -> None:
+    s, d = memory_scheduler({"pin": 60, "big": 50}, budget=100, pinned={"pin"})
+    load(d, "pin")
+    _request, decisions = d.arrive("big")
+    assert len(decisions) == 1 and isinstance(decisions[0], Fail)
+    assert decisions[0].code == "model_too_large" and "pinned" in decisions[0].message
+    assert resident(s) == {"pin"}
+
+
+def test_the_previous_model_stays_warm_after_a_swap_when_it_still_fits() -> None:
+    s, d = memory_scheduler({"a": 40, "b": 40, "c": 40}, budget=100)
+    load(d, "a")
+    load(d, "b")
+    load(d, "c")  # evicts 'a' (least recently used); 'b' stays warm
+    assert resident(s) == {"b", "c"}
+    load(d, "b")
+    assert sum(1 for x in d.log if isinstance(x, Start) and x.profile == "b") == 1
+
+
+def test_standby_profiles_are_preloaded_into_free_memory() -> None:
+    s, d = memory_scheduler({"a": 40, "warm": 40}, budget=100, standby={"warm"})
+    _, decisions = d.arrive("a")
+    assert decisions == [Start("a"), Start("warm")]
+    d.ready("warm")
+    assert s.view("warm").standby
+
+
+def test_a_preload_gives_way_at_once_to_real_demand() -> None:
+    s, d = memory_scheduler({"a": 60, "warm": 60}, budget=100, standby={"warm"})
+    assert s.tick(0.0) == [Start("warm")]
+    _, decisions = d.arrive("a")
+    assert decisions == [Stop("warm", "preload gave way to 'a'")]
+    assert d.exited("warm") == [Start("a")]  # and it is not preloaded again while 'a' needs the room
+    assert resident(s) == {"a"}
+
+
+def test_preloads_never_take_memory_someone_is_waiting_for() -> None:
+    _s, d = memory_scheduler({"a": 50, "b": 60, "warm": 30}, budget=100, standby={"warm"})
+    busy, decisions = d.arrive("a")
+    assert decisions == [Start("a"), Start("warm")]
+    d.ready("a")
+    d.ready("warm")
+    _, decisions = d.arrive("b")  # needs 60: the idle standby goes, busy 'a' drains
+    assert decisions == [Stop("warm", "making room for 'b'")]
+    assert d.exited("warm") == []  # 'b' still waits for 'a': no preload takes the room meanwhile
+    assert d.finish(busy) == [Stop("a", "drained for a swap")]
+    # Once 'b' has its memory, what is left over goes to the standby again.
+    assert d.exited("a") == [Start("b"), Start("warm")]
+
+
+def test_ttl_unloads_an_idle_model_but_never_a_busy_one() -> None:
+    s, d = memory_scheduler({"a": 10}, budget=100, ttl={"a": 60.0})
+    request, _ = d.arrive("a")
+    d.ready("a")
+    assert d.tick(100.0) == []  # busy: no ttl
+    d.finish(request)
+    assert s.next_wakeup() == pytest.approx(160.0)
+    assert d.tick(159.0) == []
+    assert d.tick(160.0) == [Stop("a", "idle for its ttl (60s)")]
+
+
+def test_a_measured_footprint_replaces_the_estimate_and_restores_the_budget() -> None:
+    s, d = memory_scheduler({"a": 30, "b": 30, "c": 30}, budget=100)
+    for name in ("a", "b", "c"):
+        load(d, name)
+    decisions = s.footprint_measured("c", gib(60), d.now)
+    assert decisions == [Stop("a", "over budget once 'c' measured its use")]
+    assert s.view("c").footprint == gib(60)
+
+
+def closed_loop_swaps(budget: float, swap_delay: float, duration: float = 10.0) -> tuple[int, int]:
+    """Two clients, one per model, each sending its next request when the last one ends; each request
+    takes 0.05 s and each load 0.05 s. Returns (starts, requests served)."""
+    s, _ = memory_scheduler({"a": 60, "b": 60}, budget=budget, swap_delay=swap_delay)
+    now, next_id, served = 0.0, 0, 0
+    events: list[tuple[float, str, str, int]] = []  # (time, kind, profile, request)
+
+    def act(decisions: list[Decision]) -> None:
+        for x in decisions:
+            if isinstance(x, Dispatch):
+                events.append((now + 0.05, "finish", x.profile, x.request_id))
+            elif isinstance(x, Start):
+                events.append((now + 0.05, "ready", x.profile, 0))
+            elif isinstance(x, Stop):
+                events.append((now + 0.01, "exit", x.profile, 0))
+
+    def send(profile: str) -> None:
+        nonlocal next_id
+        next_id += 1
+        act(s.request_arrived(next_id, profile, now, now + 600))
+
+    send("a")
+    send("b")
+    while events:
+        events.sort()
+        wake = s.next_wakeup()
+        if wake is not None and wake < events[0][0]:
+            now = wake
+            act(s.tick(now))
+            continue
+        now, kind, profile, request = events.pop(0)
+        if now > duration:
+            break
+        if kind == "finish":
+            served += 1
+            act(s.request_finished(request, now))
+            send(profile)
+        elif kind == "ready":
+            act(s.process_ready(profile, now))
+        else:
+            act(s.process_exited(profile, now, "stopped"))
+    return sum(v.starts for v in s.views()), served
+
+
+def test_no_swaps_after_warm_up_when_both_models_fit() -> None:
+    starts, served = closed_loop_swaps(budget=130, swap_delay=0.0)
+    assert starts == 2
+    assert served > 300
+
+
+def test_swap_delay_batches_requests_instead_of_swapping_on_each_one() -> None:
+    eager_starts, eager_served = closed_loop_swaps(budget=100, swap_delay=0.0)
+    batched_starts, batched_served = closed_loop_swaps(budget=100, swap_delay=2.0)
+    assert eager_starts > 50  # one swap per request
+    assert batched_starts <= 7  # about one swap per swap_delay
+    assert batched_served > 2 * eager_served
+
+
+# ---------------------------------------------------------------------------------------------- reload
+
+
+def test_reload_keeps_unchanged_models_adds_new_ones_and_drains_removed_ones() -> None:
+    s, d = memory_scheduler({"keep": 10, "gone": 10}, budget=100)
+    load(d, "keep")
+    busy, _ = d.arrive("gone")
+    d.ready("gone")
+    specs = [ProfileSpec("keep", gib(10), 10.0), ProfileSpec("new", gib(10), 10.0)]
+    assert s.reconfigure(specs, gib(100), d.now) == []  # 'gone' is busy: it drains first
+    assert [v.name for v in s.views()] == ["keep", "new"]
+    assert s.view("keep").state is State.READY
+    assert d.finish(busy) == [Stop("gone", "unloaded once idle")]
+    d.exited("gone")
+    with pytest.raises(KeyError):
+        s.view("gone")
+
+
+def test_reload_fails_requests_waiting_for_a_removed_model() -> None:
+    s, d = memory_scheduler({"a": 10}, budget=100)
+    request, _ = d.arrive("a")
+    decisions = s.reconfigure([], gib(100), d.now)
+    assert Fail(request, 503, "model_removed", "model 'a' was removed from the config") in decisions
+
+
+def test_a_changed_model_restarts_once_its_requests_are_done() -> None:
+    s, d = memory_scheduler({"a": 10}, budget=100)
+    busy, _ = d.arrive("a")
+    d.ready("a")
+    assert s.restart_when_idle("a", d.now) == []
+    queued, _ = d.arrive("a")  # waits for the new process
+    assert d.finish(busy) == [Stop("a", "unloaded once idle")]
+    assert d.exited("a") == [Start("a")]
+    assert d.ready("a") == [Dispatch(queued, "a")]
+
+
+# ---------------------------------------------------------------------------------------------- failures
+
+
+def failing(max_failures: int = 3) -> Driver:
+    return Driver(
+        Scheduler(
+            [ProfileSpec("a", {"slots": 1}, 10.0), ProfileSpec("b", {"slots": 1}, 10.0)],
+            {"slots": 2},
+            drain_timeout=30.0,
+            max_failures=max_failures,
+            failure_window=60.0,
+            backoff=1.0,
+        )
+    )
+
+
+def test_a_crash_loop_backs_off_then_fails_with_the_reason() -> None:
+    d = failing(max_failures=3)
+    request, _ = d.arrive("a")
+    assert d.exited("a", "exit 1: bad magic") == []  # the request keeps waiting: back off, retry
+    assert d.s.view("a").retry_at == pytest.approx(1.0)
+    assert d.tick(0.9) == []
+    assert d.tick(1.0) == [Start("a")]
+    assert d.exited("a", "exit 1: bad magic") == []
+    assert d.s.view("a").retry_at == pytest.approx(3.0)  # doubled
+    assert d.tick(3.0) == [Start("a")]
+    (fail,) = d.exited("a", "exit 1: bad magic")
+    assert isinstance(fail, Fail) and fail.request_id == request and fail.status == 503
+    assert "3 times" in fail.message and "bad magic" in fail.message
+    assert d.s.view("a").failed
+    # A later request tries once more, at once.
+    _, decisions = d.arrive("a")
+    assert decisions == [Start("a")]
+    (fail,) = d.exited("a", "exit 1: bad magic")
+    assert isinstance(fail, Fail)
+
+
+def test_failures_outside_the_window_are_forgotten() -> None:
+    d = failing(max_failures=2)
+    d.arrive("a")
+    d.exited("a", "crash")
+    d.tick(1.0)
+    d.ready("a")
+    d.now = 100.0  # long after: the first failure no longer counts
+    d.exited("a", "crash")
+    assert not d.s.view("a").failed
+    assert d.s.view("a").retry_at == pytest.approx(101.0)
+
+
+def test_an_out_of_memory_load_evicts_idle_models_and_retries_once() -> None:
+    s, d = memory_scheduler({"a": 40, "b": 30, "c": 30}, budget=100)
+    load(d, "a")
+    load(d, "b")
+    request, decisions = d.arrive("c")
+    assert decisions == [Start("c")]
+    decisions = d._take(s.process_exited("c", d.now, "cudaMalloc failed: out of memory", out_of_memory=True))
+    assert {x.profile for x in decisions if isinstance(x, Stop)} == {"a", "b"}
+    assert not [x for x in decisions if isinstance(x, Start)]  # not before their memory is free
+    d.exited("a")
+    assert d.exited("b") == [Start("c")]
+    decisions = d._take(s.process_exited("c", d.now, "cudaMalloc failed: out of memory", out_of_memory=True))
+    assert [x.request_id for x in decisions if isinstance(x, Fail)] == [request]  # never retried twice

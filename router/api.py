@@ -1,0 +1,463 @@
+"""Management endpoints: model lists, load and unload, running upstreams, events, logs, raw upstream access.
+
+Shapes follow the clients that read them: `/v1/models` is OpenAI's list with llama-server's
+`status.value` and a context length (Hermes Agent reads `context_length`/`n_ctx`, and `owned_by:
+"llamacpp"` makes it read `/props?model=` of loaded models); `/models`, `/models/load` and
+`/models/unload` are llama-server router mode's (Open WebUI's llama.cpp connection); `/running`,
+`/unload` and `/upstream/<model>/...` are llama-swap's. Lists are answered from memory: listing never
+loads or swaps anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any
+from urllib.parse import unquote
+
+from aiohttp import web
+
+from .access_log import mark_long_lived
+from .config import ResolvedProfile
+from .controller import Controller
+from .errors import RouterError
+from .gguf import read_metadata
+from .metrics import status_value
+from .proxy import Proxy, parse_model_from_body
+from .scheduler import ProfileView, State
+
+log = logging.getLogger("llama_router.api")
+
+KEEPALIVE = 15.0  # seconds between keep-alive comments on idle event streams
+_CTX_FLAGS = ("-c", "--ctx-size")
+_CTX_ENV = "LLAMA_ARG_CTX_SIZE"
+_SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_RUNNING = (State.STARTING, State.READY, State.STOPPING)
+
+
+# ---------------------------------------------------------------------------------------------- context
+
+
+def _positive_int(value: Any) -> int | None:
+    try:
+        number = int(str(value).strip())
+    except (TypeError, ValueError):
+        return None
+    return number if number > 0 else None
+
+
+def context_from_args(args: Iterable[str], env: dict[str, str] | None = None) -> int | None:
+    """The context size a profile's command line sets (`-c N`, `--ctx-size N`, `--ctx-size=N`, or
+    `LLAMA_ARG_CTX_SIZE` in its env); None when unset or 0, which llama-server reads as "the model's"."""
+    args = list(args)
+    found: str | None = None
+    for index, arg in enumerate(args):
+        flag, eq, inline = arg.partition("=")
+        if flag in _CTX_FLAGS:
+            found = inline if eq else (args[index + 1] if index + 1 < len(args) else None)
+    if found is None and env:
+        found = env.get(_CTX_ENV)
+    return _positive_int(found) if found is not None else None
+
+
+def context_from_gguf(path: Any) -> int | None:
+    """The training context (`<architecture>.context_length`) in a GGUF file's metadata."""
+    try:
+        metadata = read_metadata(path)
+    except Exception as exc:  # any unreadable file: the entry just has no context length
+        log.debug("no GGUF metadata in %s: %s", path, exc)
+        return None
+    architecture = metadata.get("general.architecture")
+    return _positive_int(metadata.get(f"{architecture}.context_length")) if architecture else None
+
+
+def context_length(profile: ResolvedProfile) -> int | None:
+    """The context a profile serves: configured, else from its args, else its model's training context."""
+    if profile.context_length is not None:
+        return profile.context_length
+    return context_from_args(profile.args, profile.env) or context_from_gguf(profile.model_path)
+
+
+# ---------------------------------------------------------------------------------------------- logs
+
+
+class FollowableLog(deque[str]):
+    """A bounded log buffer that counts the lines ever appended and wakes followers on each one.
+
+    Replaces the controller's plain deques so `/logs/<model>?follow=1` can stream new lines without
+    polling; `total` tells a follower how many lines it missed when the buffer wrapped around.
+    """
+
+    def __init__(self, lines: Iterable[str] = (), maxlen: int | None = None) -> None:
+        super().__init__(lines, maxlen)
+        self.total = len(self)
+        self.followers: set[asyncio.Event] = set()
+
+    def append(self, line: str) -> None:
+        super().append(line)
+        self.total += 1
+        for follower in self.followers:
+            follower.set()
+
+    def extend(self, lines: Iterable[str]) -> None:
+        for line in lines:
+            self.append(line)
+
+
+def _flag(request: web.Request, name: str) -> bool:
+    return request.query.get(name, "").lower() in ("1", "true", "yes", "on")
+
+
+def _transport_closed(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+# ---------------------------------------------------------------------------------------------- api
+
+
+class Api:
+    """The management endpoints of one router."""
+
+    def __init__(self, controller: Controller, proxy: Proxy) -> None:
+        self.controller = controller
+        self.proxy = proxy
+        self._closing = False
+        self._event_queues: set[asyncio.Queue[dict[str, Any] | None]] = set()
+        self._log_followers: set[asyncio.Event] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        for name in controller.logs:
+            self._followable(name)
+        self._config: Any = None
+        self._static: dict[str, dict[str, Any]] = {}
+        self._entries()
+
+    def _entries(self) -> dict[str, dict[str, Any]]:
+        """Everything but the status of each model's entry: fixed until the config is reloaded, so
+        computed once per config (the GGUF is read then) and only copied per answer."""
+        config = self.controller.config
+        if config is not self._config:
+            created = int(self.controller.started_at)
+            static: dict[str, dict[str, Any]] = {}
+            for name, profile in config.profiles.items():
+                entry: dict[str, Any] = {
+                    "id": name,
+                    "object": "model",
+                    "created": created,
+                    "owned_by": "llamacpp",
+                    "aliases": list(profile.aliases),
+                    "description": profile.description,
+                }
+                ctx = context_length(profile)
+                if ctx is not None:
+                    entry["context_length"] = ctx
+                    entry["n_ctx"] = ctx
+                static[name] = entry
+            self._static, self._config = static, config
+        return self._static
+
+    def _followable(self, name: str) -> FollowableLog:
+        """The profile's log buffer, made followable (in place, keeping its lines) on first use."""
+        buffer = self.controller.logs[name]
+        if not isinstance(buffer, FollowableLog):
+            buffer = FollowableLog(buffer, buffer.maxlen)
+            self.controller.logs[name] = buffer
+        return buffer
+
+    @property
+    def event_subscribers(self) -> int:
+        """Open `/events` streams (each holds one controller subscription)."""
+        return len(self._event_queues)
+
+    @property
+    def log_followers(self) -> int:
+        """Open `/logs/<model>?follow=1` streams."""
+        return len(self._log_followers)
+
+    def add_routes(self, app: web.Application) -> None:
+        router = app.router
+        router.add_get("/v1/models", self.models)
+        router.add_get("/models", self.models)
+        router.add_get("/v1/models/{model:.+}", self.model)
+        router.add_post("/models/load", self.load)
+        router.add_post("/models/unload", self.unload)
+        router.add_get("/running", self.running)
+        router.add_post("/unload", self.unload_all)
+        router.add_get("/unload", self.unload_all)  # llama-swap's method
+        router.add_route("*", "/upstream", self.upstream)
+        router.add_route("*", "/upstream/{tail:.*}", self.upstream)
+        router.add_get("/events", self.events)
+        router.add_get("/logs/{model:.+}", self.logs)
+
+    async def close_streams(self) -> None:
+        """On shutdown: end event and log streams, which would otherwise hold the server open."""
+        self._closing = True
+        for queue in self._event_queues:
+            with contextlib.suppress(asyncio.QueueFull):  # a full queue's reader sees `_closing` next
+                queue.put_nowait(None)
+        for follower in self._log_followers:
+            follower.set()
+
+    async def close(self) -> None:
+        """Cancel background loads still waiting."""
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5)
+
+    # ------------------------------------------------------------------------------------------ lists
+
+    def _status(self, view: ProfileView) -> dict[str, Any]:
+        status: dict[str, Any] = {"value": status_value(view.state.value, view.standby)}
+        if view.state is State.FAILED:
+            status["failed"] = True
+            if view.last_error:
+                status["error"] = view.last_error.splitlines()[0]
+        return status
+
+    def model_entry(self, view: ProfileView) -> dict[str, Any]:
+        static = self._entries().get(view.name) or {"id": view.name, "object": "model"}
+        entry = dict(static)
+        entry["status"] = self._status(view)
+        return entry
+
+    def models_payload(self) -> dict[str, Any]:
+        """The OpenAI model list with each model's status (also llama-server router mode's `/models`)."""
+        return {
+            "object": "list",
+            "data": [self.model_entry(view) for view in self.controller.scheduler.views()],
+        }
+
+    async def models(self, _: web.Request) -> web.Response:
+        return web.json_response(self.models_payload())
+
+    async def model(self, request: web.Request) -> web.Response:
+        name = self.proxy.profile_for(request.match_info["model"])
+        return web.json_response(self.model_entry(self.controller.scheduler.view(name)))
+
+    async def running(self, _: web.Request) -> web.Response:
+        rows = []
+        for row, view in zip(self.controller.describe(), self.controller.scheduler.views(), strict=True):
+            if view.state in _RUNNING:
+                rows.append({**row, "status": status_value(view.state.value, view.standby)})
+        return web.json_response({"running": rows})
+
+    # ------------------------------------------------------------------------------------------ control
+
+    async def _model_of(self, request: web.Request) -> tuple[str, dict[str, Any]]:
+        _, payload = parse_model_from_body(await request.read())
+        return self.proxy.profile_for(payload["model"]), payload
+
+    def _wants_wait(self, request: web.Request, payload: dict[str, Any]) -> bool:
+        return _flag(request, "wait") or payload.get("wait") is True
+
+    def _answer(self, name: str, **extra: Any) -> web.Response:
+        view = self.controller.scheduler.view(name)
+        return web.json_response({"success": True, "model": name, "status": self._status(view), **extra})
+
+    async def load(self, request: web.Request) -> web.Response:
+        """Start loading a model (making room as a request would). Answers at once, as llama-server
+        does; with `?wait=1` (or `"wait": true`) answers when it is loaded, or with the load's 503."""
+        name, payload = await self._model_of(request)
+        if self._wants_wait(request, payload):
+            await self.controller.load(name)
+            return self._answer(name)
+        view = self.controller.scheduler.view(name)
+        if view.state not in (State.READY, State.STARTING) or view.draining:
+            task = asyncio.ensure_future(self._load_in_background(name))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            await asyncio.sleep(0)  # let the load register, so the answer already says "loading"
+        return self._answer(name)
+
+    async def _load_in_background(self, name: str) -> None:
+        try:
+            await self.controller.load(name)
+        except RouterError as exc:
+            log.warning("load of %s failed: %s", name, exc.message.splitlines()[0])
+
+    async def unload(self, request: web.Request) -> web.Response:
+        """Unload a model; requests in flight finish first unless `"force": true`. With `?wait=1`
+        (or `"wait": true`) answers once its process is gone."""
+        name, payload = await self._model_of(request)
+        self.controller.unload(name, force=payload.get("force") is True)
+        if self._wants_wait(request, payload):
+            await self._wait_unloaded([name])
+        return self._answer(name)
+
+    async def unload_all(self, request: web.Request) -> web.Response:
+        """Unload every model (llama-swap's `/unload`); `?wait=1` waits for their processes to end."""
+        names = [view.name for view in self.controller.scheduler.views() if view.state in _RUNNING]
+        force = _flag(request, "force")
+        for name in names:
+            self.controller.unload(name, force=force)
+        if _flag(request, "wait"):
+            await self._wait_unloaded(names)
+        return web.json_response({"success": True, "unloading": names})
+
+    async def _wait_unloaded(self, names: list[str]) -> None:
+        server = self.controller.config.server
+        timeout = server.drain_timeout + max(
+            (self.controller.config.profiles[name].stop_timeout for name in names), default=0
+        )
+        done = await self._wait_for(
+            lambda: all(
+                self.controller.scheduler.view(name).state in (State.COLD, State.FAILED) for name in names
+            ),
+            timeout + 5,
+        )
+        if not done:
+            raise RouterError(
+                504, f"{', '.join(names)} did not unload within {timeout + 5:g}s", code="unload_timeout"
+            )
+
+    async def _wait_for(self, condition: Callable[[], bool], timeout: float) -> bool:
+        """Wait until `condition()` holds, re-checking after each lifecycle event."""
+        loop = asyncio.get_running_loop()
+        changed = asyncio.Event()
+
+        # call_soon: the controller updates the scheduler right after it emits, in the same step.
+        def on_event(_: dict[str, Any]) -> None:
+            loop.call_soon(changed.set)
+
+        unsubscribe = self.controller.subscribe(on_event)
+        try:
+            deadline = loop.time() + timeout
+            while not condition():
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return False
+                changed.clear()
+                try:
+                    await asyncio.wait_for(changed.wait(), remaining)
+                except TimeoutError:
+                    return condition()
+            return True
+        finally:
+            unsubscribe()
+
+    async def upstream(self, request: web.Request) -> web.StreamResponse:
+        """`/upstream/<model>/<path>`: any method, path and query sent as they are to that model's own
+        llama-server (loaded first if needed), for its web UI, `/slots`, `/metrics` and the like."""
+        rest = request.rel_url.raw_path[len("/upstream") :].lstrip("/")
+        segment, _, tail = rest.partition("/")
+        if not segment:
+            raise RouterError(404, "name a model: /upstream/<model>/<path>", code="not_found")
+        name = self.proxy.profile_for(unquote(segment))
+        path = "/" + tail
+        if request.rel_url.raw_query_string:
+            path += "?" + request.rel_url.raw_query_string
+        body = await request.read() if request.body_exists else None
+        return await self.proxy.forward(request, name, body or None, path=path)
+
+    # ------------------------------------------------------------------------------------------ streams
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        """Lifecycle events as SSE: a snapshot of every model's status first, then `loading`, `ready`
+        (with `load_seconds`), `stopping` (with its reason), `stopped`, `failed` (with the log tail)."""
+        mark_long_lived(request)
+        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize=1000)
+        overflow = False
+
+        def listener(event: dict[str, Any]) -> None:
+            nonlocal overflow
+            try:
+                queue.put_nowait(event)
+            except asyncio.QueueFull:
+                overflow = True  # a reader this slow is dropped rather than buffered without bound
+
+        response = web.StreamResponse(headers=_SSE_HEADERS)
+        unsubscribe = self.controller.subscribe(listener)
+        self._event_queues.add(queue)
+        try:
+            await response.prepare(request)
+            snapshot = {
+                "event": "snapshot",
+                "time": time.time(),
+                "models": [
+                    {"model": view.name, "status": self._status(view)}
+                    for view in self.controller.scheduler.views()
+                ],
+            }
+            await response.write(b"data: " + json.dumps(snapshot).encode() + b"\n\n")
+            while not self._closing and not overflow:
+                try:
+                    event = await asyncio.wait_for(queue.get(), KEEPALIVE)
+                except TimeoutError:
+                    if _transport_closed(request):
+                        break
+                    await response.write(b": keepalive\n\n")
+                    continue
+                if event is None:
+                    break
+                await response.write(b"data: " + json.dumps(event, default=str).encode() + b"\n\n")
+            if overflow:
+                await response.write(b": too slow; closing\n\n")
+        finally:
+            unsubscribe()
+            self._event_queues.discard(queue)
+        await response.write_eof()
+        return response
+
+    async def logs(self, request: web.Request) -> web.StreamResponse:
+        """A model's buffered output as text (`?lines=N` for the last N); `?follow=1` keeps the
+        answer open and streams new lines as the process writes them, until the client leaves."""
+        name = self.proxy.profile_for(request.match_info["model"])
+        buffer = self._followable(name)
+        lines = list(buffer)
+        count = _positive_int(request.query.get("lines"))
+        if count is not None:
+            lines = lines[-count:]
+        text = "".join(line + "\n" for line in lines)
+        if not _flag(request, "follow"):
+            return web.Response(text=text, content_type="text/plain")
+        mark_long_lived(request)
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-cache"}
+        )
+        wake = asyncio.Event()
+        buffer.followers.add(wake)
+        self._log_followers.add(wake)
+        seen = buffer.total
+        try:
+            await response.prepare(request)
+            if text:
+                await response.write(text.encode())
+            while not self._closing:
+                try:
+                    await asyncio.wait_for(wake.wait(), KEEPALIVE)
+                except TimeoutError:
+                    if _transport_closed(request):
+                        break
+                    continue
+                wake.clear()
+                new, seen = buffer.total - seen, buffer.total
+                if new <= 0:
+                    continue
+                current = list(buffer)
+                out = ""
+                if new > len(current):
+                    out = f"[llama-router] {new - len(current)} lines were dropped from the buffer\n"
+                    new = len(current)
+                out += "".join(line + "\n" for line in current[-new:])
+                await response.write(out.encode())
+        finally:
+            buffer.followers.discard(wake)
+            self._log_followers.discard(wake)
+        await response.write_eof()
+        return response
+
+    # ------------------------------------------------------------------------------------------ fallback
+
+    async def fallback(self, request: web.Request) -> web.StreamResponse:
+        """Unknown paths: a GET that names a model with `?model=` goes to that model's upstream (as
+        llama-server's router mode does); everything else is a 404, never a catch-all 200, so clients
+        probing for other server types (`/api/tags`, `/api/v1/models`) are not misled."""
+        if request.method == "GET" and request.query.get("model"):
+            return await self.proxy.handle_get(request)
+        raise RouterError(404, f"no such endpoint: {request.method} {request.path}", code="not_found")

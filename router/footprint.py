@@ -1,0 +1,241 @@
+"""What a profile will use per device: estimated from GGUF metadata, then learned from llama-server.
+
+Before a first load the estimate is weights placed per `--n-gpu-layers`, plus the KV cache for the
+context at the cache types, plus a compute margin. Once llama-server has loaded, the buffer sizes it
+logs replace the estimate and are kept across router restarts in a small JSON state file, keyed by
+what changes the figure (binary, model file identity, arguments).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from .config import ResolvedProfile
+from .gguf import GGUFError, GGUFHeader, read_header
+from .memory import MIB
+
+log = logging.getLogger("llama_router.footprint")
+
+# Bytes per element of the KV cache types llama.cpp accepts (quantised ones per their block layout).
+CACHE_TYPE_BYTES = {
+    "f32": 4.0,
+    "f16": 2.0,
+    "bf16": 2.0,
+    "q8_0": 34 / 32,
+    "q5_1": 24 / 32,
+    "q5_0": 22 / 32,
+    "q4_1": 20 / 32,
+    "q4_0": 18 / 32,
+    "iq4_nl": 18 / 32,
+}
+RAM_MARGIN = 64 * MIB  # process, threads, tokenizer, HTTP server
+GPU_MARGIN = 384 * MIB  # CUDA context and compute buffers not known before a load
+
+_BUFFER_LINE = re.compile(
+    r"(\S+)\s+(?:\S+\s+)?(?:model|KV|compute|output|RS|LoRA) buffer size =\s*([\d.]+) MiB"
+)
+_GPU_BUFFER = re.compile(r"^(?:CUDA|ROCm|Vulkan|SYCL|MUSA|CANN)(\d+)$")
+
+
+def _flag_value(args: Sequence[str], *names: str) -> str | None:
+    value = None
+    for index, arg in enumerate(args):
+        flag, eq, inline = arg.partition("=")
+        if flag in names:
+            if eq:
+                value = inline
+            elif index + 1 < len(args):
+                value = args[index + 1]
+    return value
+
+
+def _int_or_list_max(value: object, default: int) -> int:
+    if isinstance(value, list):
+        return max((int(v) for v in value), default=default)
+    return int(value) if isinstance(value, (int, float)) else default
+
+
+def estimate(profile: ResolvedProfile, gpu_devices: Sequence[str]) -> dict[str, int]:
+    """Bytes per device a profile should use, from its GGUF header and arguments."""
+    files = profile.model_files or (profile.model_path,)
+    try:
+        headers = [read_header(path) for path in files]
+    except (OSError, GGUFError) as exc:
+        log.debug("no GGUF estimate for %s: %s", profile.name, exc)
+        size = sum(path.stat().st_size for path in files if path.exists())
+        return {"ram": size + RAM_MARGIN}
+    if len(headers) > 1:  # a sharded model: metadata in the first file, tensors spread over all
+        tensors = tuple(tensor for header in headers for tensor in header.tensors)
+        headers[0] = dataclasses.replace(headers[0], tensors=tensors)
+    footprint = _estimate_from_header(headers[0], profile.args, profile.env, gpu_devices)
+    if profile.mmproj_path is not None and profile.mmproj_path.exists():
+        # The projector goes to the first GPU unless told not to, else stays in RAM.
+        gpus = [device for device in footprint if device.startswith("gpu")]
+        on_gpu = gpus and "--no-mmproj-offload" not in profile.args
+        device = gpus[0] if on_gpu else "ram"
+        footprint[device] += profile.mmproj_path.stat().st_size
+    return footprint
+
+
+def describe(footprint: dict[str, int]) -> str:
+    """A footprint for people: `ram 70 MiB, gpu0 4.2 GiB`."""
+    parts = []
+    for device, amount in sorted(footprint.items()):
+        if device == "slots":
+            continue
+        parts.append(
+            f"{device} {amount / MIB:.0f} MiB"
+            if amount < 10 * 1024 * MIB
+            else f"{device} {amount / (1024 * MIB):.1f} GiB"
+        )
+    return ", ".join(parts) or "nothing"
+
+
+def _visible_gpus(env: dict[str, str], gpu_devices: Sequence[str]) -> list[str]:
+    visible = env.get("CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES"))
+    if visible is None:
+        return list(gpu_devices)
+    chosen = [f"gpu{part.strip()}" for part in visible.split(",") if part.strip().isdigit()]
+    return [gpu for gpu in chosen if gpu in gpu_devices]
+
+
+def _estimate_from_header(
+    header: GGUFHeader, args: Sequence[str], env: dict[str, str], gpu_devices: Sequence[str]
+) -> dict[str, int]:
+    n_layer = int(header.arch_value("block_count", 0) or 0)
+    gpus = _visible_gpus(env, gpu_devices)
+    ngl_text = _flag_value(args, "-ngl", "--gpu-layers", "--n-gpu-layers")
+    if not gpus or _flag_value(args, "--device", "-dev") == "none":
+        offloaded = 0
+    elif ngl_text is None or ngl_text in ("auto", "all") or int(ngl_text) < 0:
+        offloaded = n_layer + 1
+    else:
+        offloaded = min(int(ngl_text), n_layer + 1)
+    first_gpu_layer = n_layer - min(offloaded, n_layer)
+
+    gpu_bytes = 0
+    ram_bytes = 0
+    for tensor in header.tensors:
+        layer = _layer_of(tensor.name)
+        on_gpu = (layer is not None and layer >= first_gpu_layer and offloaded > 0) or (
+            layer is None and tensor.name.startswith("output") and offloaded > n_layer
+        )
+        if on_gpu:
+            gpu_bytes += tensor.nbytes
+        else:
+            ram_bytes += tensor.nbytes
+
+    ctx_text = _flag_value(args, "-c", "--ctx-size")
+    n_ctx = (
+        int(ctx_text) if ctx_text and int(ctx_text) > 0 else int(header.arch_value("context_length", 4096))
+    )
+    n_embd = int(header.arch_value("embedding_length", 0) or 0)
+    n_head = _int_or_list_max(header.arch_value("attention.head_count"), 1) or 1
+    n_head_kv = _int_or_list_max(header.arch_value("attention.head_count_kv"), n_head)
+    key_len = int(header.arch_value("attention.key_length", n_embd // n_head) or 0)
+    value_len = int(header.arch_value("attention.value_length", n_embd // n_head) or 0)
+    k_bytes = CACHE_TYPE_BYTES.get(_flag_value(args, "-ctk", "--cache-type-k") or "f16", 2.0)
+    v_bytes = CACHE_TYPE_BYTES.get(_flag_value(args, "-ctv", "--cache-type-v") or "f16", 2.0)
+    kv_per_layer = int(n_ctx * n_head_kv * (key_len * k_bytes + value_len * v_bytes))
+    gpu_layers = min(offloaded, n_layer)
+    gpu_kv = kv_per_layer * gpu_layers
+    ram_kv = kv_per_layer * (n_layer - gpu_layers)
+
+    footprint = {"ram": ram_bytes + ram_kv + RAM_MARGIN}
+    if gpus and offloaded > 0:
+        # Layers split over visible GPUs in equal parts unless a tensor split says otherwise.
+        split_text = _flag_value(args, "-ts", "--tensor-split")
+        weights = [float(x) for x in split_text.replace("/", ",").split(",")] if split_text else []
+        weights = (weights + [0.0] * len(gpus))[: len(gpus)] if weights else [1.0] * len(gpus)
+        total_weight = sum(weights) or 1.0
+        for gpu, weight in zip(gpus, weights, strict=True):
+            if weight > 0:
+                share = weight / total_weight
+                footprint[gpu] = int((gpu_bytes + gpu_kv) * share) + GPU_MARGIN
+    return footprint
+
+
+def _layer_of(name: str) -> int | None:
+    if name.startswith("blk."):
+        part = name.split(".", 2)[1]
+        if part.isdigit():
+            return int(part)
+    return None
+
+
+class BufferTally:
+    """Adds up the buffer sizes llama-server logs while it loads, per device."""
+
+    def __init__(self) -> None:
+        self.bytes: dict[str, int] = {}
+
+    def feed(self, line: str) -> None:
+        match = _BUFFER_LINE.search(line)
+        if match is None:
+            return
+        buffer, mib = match.group(1), float(match.group(2))
+        gpu = _GPU_BUFFER.match(buffer)
+        device = f"gpu{gpu.group(1)}" if gpu else ("gpu0" if buffer.startswith("Metal") else "ram")
+        self.bytes[device] = self.bytes.get(device, 0) + int(mib * MIB)
+
+    def footprint(self) -> dict[str, int]:
+        """What was logged plus the margins nothing logs (process, CUDA context)."""
+        if not self.bytes:
+            return {}
+        result = {
+            device: amount + (GPU_MARGIN if device.startswith("gpu") else 0)
+            for device, amount in self.bytes.items()
+        }
+        result["ram"] = result.get("ram", 0) + RAM_MARGIN
+        return result
+
+
+def identity(profile: ResolvedProfile) -> str:
+    """What a learned footprint depends on; a change invalidates it."""
+    try:
+        stat = profile.model_path.stat()
+        model = [str(profile.model_path), stat.st_size, stat.st_mtime_ns]
+    except OSError:
+        model = [str(profile.model_path)]
+    data = json.dumps([str(profile.binary), model, list(profile.args), sorted(profile.env.items())])
+    return hashlib.sha256(data.encode()).hexdigest()[:16]
+
+
+class FootprintStore:
+    """Learned footprints, kept in `<state_dir>/footprints.json` across router restarts."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._data: dict[str, dict[str, object]] = {}
+        try:
+            loaded = json.loads(path.read_text())
+            if isinstance(loaded, dict):
+                self._data = loaded
+        except (OSError, ValueError):
+            pass
+
+    def get(self, profile: ResolvedProfile) -> dict[str, int] | None:
+        entry = self._data.get(profile.name)
+        if not entry or entry.get("identity") != identity(profile):
+            return None
+        footprint = entry.get("footprint")
+        if not isinstance(footprint, dict):
+            return None
+        return {str(device): int(amount) for device, amount in footprint.items()}
+
+    def put(self, profile: ResolvedProfile, footprint: dict[str, int]) -> None:
+        self._data[profile.name] = {"identity": identity(profile), "footprint": footprint}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            partial = self.path.with_suffix(".partial")
+            partial.write_text(json.dumps(self._data, indent=1, sort_keys=True))
+            partial.replace(self.path)
+        except OSError as exc:
+            log.warning("could not save learned footprints to %s: %s", self.path, exc)

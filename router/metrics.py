@@ -1,0 +1,318 @@
+"""Prometheus metrics: per model requests, errors, loads, swaps, waits, memory and tokens.
+
+Each router has a registry of its own (never prometheus_client's global one), so several routers in
+one process, as in the tests, keep separate figures. Counters are fed by the proxy (requests, waits,
+tokens from `usage`) and by the controller's lifecycle events (loads, swaps, crashes); gauges are read
+from the scheduler and the processes at scrape time, so they cost nothing between scrapes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from collections import deque
+from collections.abc import Iterator
+from typing import Any
+
+import psutil
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .controller import Controller
+from .scheduler import State
+
+log = logging.getLogger("llama_router.metrics")
+
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics", "UsageTail", "parse_usage", "status_value"]
+
+UNKNOWN_MODEL = "unknown"  # label for requests naming no known model (keeps label values bounded)
+
+LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
+WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
+CONTEXT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30)
+
+# Controller events of `keep_context` (prompt caches saved before a stop, restored after a start):
+# the action they count under and whether they report a success.
+_CONTEXT_EVENTS = {
+    "context_saved": ("save", True),
+    "context_restored": ("restore", True),
+    "context_save_failed": ("save", False),
+    "context_restore_failed": ("restore", False),
+}
+
+# Stop causes (from the scheduler) that mean a model made way for another one.
+_SWAP_CAUSES = frozenset({"swap", "drain_timeout", "budget", "out_of_memory"})
+# Stop causes of a model still loading that are not the model's fault.
+_BENIGN_STOPS = frozenset({"unload", "shutdown", "swap"})
+
+_STATUS = {
+    State.COLD.value: "unloaded",
+    State.STARTING.value: "loading",
+    State.READY.value: "loaded",
+    State.STOPPING.value: "unloading",
+    State.FAILED.value: "failed",
+}
+
+
+def status_value(state: str, standby: bool = False) -> str:
+    """The status clients see (llama-server router-mode words) for a scheduler state."""
+    if standby and state == State.READY.value:
+        return "standby"
+    return _STATUS.get(state, state)
+
+
+# ---------------------------------------------------------------------------------------------- usage
+
+_USAGE_KEY = b'"usage"'
+_PROMPT = re.compile(rb'"(?:prompt_tokens|input_tokens)"\s*:\s*(\d+)')
+_COMPLETION = re.compile(rb'"(?:completion_tokens|output_tokens)"\s*:\s*(\d+)')
+_NATIVE_PROMPT = re.compile(rb'"tokens_evaluated"\s*:\s*(\d+)')
+_NATIVE_COMPLETION = re.compile(rb'"tokens_predicted"\s*:\s*(\d+)')
+# llama-server writes keys in sorted order, so `usage` (or the native counts) sit in the last bytes of
+# an answer; searching only there keeps the cost flat however large the answer (embeddings) is.
+_SEARCH_TAIL = 64 * 1024
+_USAGE_WINDOW = 2048
+
+
+def parse_usage(data: bytes) -> tuple[int, int] | None:
+    """(prompt, completion) tokens from the last `usage` object in `data`, found by a bytes search
+    rather than a JSON parse; also reads llama.cpp's native `tokens_evaluated`/`tokens_predicted`."""
+    start = max(0, len(data) - _SEARCH_TAIL)
+    at = data.rfind(_USAGE_KEY, start)
+    if at >= 0:
+        window = data[at : at + _USAGE_WINDOW]
+        prompt, completion = _PROMPT.search(window), _COMPLETION.search(window)
+        if prompt or completion:
+            return (int(prompt.group(1)) if prompt else 0, int(completion.group(1)) if completion else 0)
+    at = data.rfind(b'"tokens_predicted"', start)
+    if at >= 0:
+        window = data[max(start, at - _USAGE_WINDOW) : at + _USAGE_WINDOW]
+        prompt, completion = _NATIVE_PROMPT.search(window), _NATIVE_COMPLETION.search(window)
+        if completion:
+            return (int(prompt.group(1)) if prompt else 0, int(completion.group(1)))
+    return None
+
+
+class UsageTail:
+    """Keeps the last few KiB of a stream (whole chunks, no copying) to find its usage at the end."""
+
+    __slots__ = ("_chunks", "_limit", "_size")
+
+    def __init__(self, limit: int = 8192) -> None:
+        self._chunks: deque[bytes] = deque()
+        self._size = 0
+        self._limit = limit
+
+    def feed(self, chunk: bytes) -> None:
+        self._chunks.append(chunk)
+        self._size += len(chunk)
+        while len(self._chunks) > 1 and self._size - len(self._chunks[0]) >= self._limit:
+            self._size -= len(self._chunks.popleft())
+
+    def usage(self) -> tuple[int, int] | None:
+        return parse_usage(b"".join(self._chunks)) if self._chunks else None
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
+class _LiveState(Collector):
+    """Gauges read at scrape time from the scheduler and the upstream processes."""
+
+    def __init__(self, controller: Controller) -> None:
+        self.controller = controller
+
+    def collect(self) -> Iterator[Metric]:
+        controller = self.controller
+        scheduler = controller.scheduler
+        views = scheduler.views()
+        yield GaugeMetricFamily(
+            "llama_router_queue_depth",
+            "Requests waiting for their model to load or to free up",
+            value=scheduler.queue_depth,
+        )
+        yield GaugeMetricFamily(
+            "llama_router_upstream_processes",
+            "llama-server processes the router runs now",
+            value=len(controller.upstreams),
+        )
+        state = GaugeMetricFamily(
+            "llama_router_model_state", "1 for each model's current status", labels=["model", "status"]
+        )
+        in_flight = GaugeMetricFamily(
+            "llama_router_in_flight_requests", "Requests being answered by the model", labels=["model"]
+        )
+        waiting = GaugeMetricFamily(
+            "llama_router_waiting_requests", "Requests waiting for the model", labels=["model"]
+        )
+        resident = GaugeMetricFamily(
+            "llama_router_resident_bytes",
+            "Memory a loaded model holds per device (measured once loaded, estimated before)",
+            labels=["model", "device"],
+        )
+        rss = GaugeMetricFamily(
+            "llama_router_upstream_rss_bytes", "Resident set size of the model's process", labels=["model"]
+        )
+        for view in views:
+            state.add_metric([view.name, status_value(view.state.value, view.standby)], 1)
+            in_flight.add_metric([view.name], view.in_flight)
+            waiting.add_metric([view.name], view.waiting)
+            if view.state in (State.STARTING, State.READY, State.STOPPING):
+                for device, amount in view.footprint.items():
+                    if device != "slots":
+                        resident.add_metric([view.name, device], amount)
+            upstream = controller.upstreams.get(view.name)
+            if upstream is not None and upstream.pid is not None:
+                with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                    rss.add_metric([view.name], psutil.Process(upstream.pid).memory_info().rss)
+        yield from (state, in_flight, waiting, resident, rss)
+
+
+class Metrics:
+    """The router's metrics; `render()` gives the Prometheus text exposition."""
+
+    def __init__(self, controller: Controller) -> None:
+        self.controller = controller
+        self.registry = CollectorRegistry()
+        registry = self.registry
+        self.requests = Counter(
+            "llama_router_requests",
+            "Requests answered, by model and HTTP status",
+            ["model", "status"],
+            registry=registry,
+        )
+        self.errors = Counter(
+            "llama_router_errors",
+            "Failed requests by model and error code (including streams that failed after their start)",
+            ["model", "code"],
+            registry=registry,
+        )
+        self.loads = Counter("llama_router_loads", "Loads started", ["model"], registry=registry)
+        self.load_seconds = Histogram(
+            "llama_router_load_seconds",
+            "Seconds from spawn to ready, for loads that succeeded",
+            ["model"],
+            buckets=LOAD_BUCKETS,
+            registry=registry,
+        )
+        self.load_failures = Counter(
+            "llama_router_load_failures", "Loads that failed or timed out", ["model"], registry=registry
+        )
+        self.crashes = Counter(
+            "llama_router_upstream_crashes",
+            "Loaded upstreams that exited without being asked to",
+            ["model"],
+            registry=registry,
+        )
+        self.swaps = Counter(
+            "llama_router_swaps",
+            "Times the model was stopped to make room for another",
+            ["model"],
+            registry=registry,
+        )
+        self.wait_seconds = Histogram(
+            "llama_router_wait_seconds",
+            "Seconds a request waited for its model (queue and load) before it was sent or failed",
+            ["model"],
+            buckets=WAIT_BUCKETS,
+            registry=registry,
+        )
+        self.tokens = Counter(
+            "llama_router_tokens",
+            "Tokens reported in answers' usage, by kind (prompt or completion)",
+            ["model", "kind"],
+            registry=registry,
+        )
+        self.context_operations = Counter(
+            "llama_router_context_operations",
+            "Prompt-cache saves (before a stop) and restores (after a start) that succeeded",
+            ["model", "action"],
+            registry=registry,
+        )
+        self.context_failures = Counter(
+            "llama_router_context_failures",
+            "Prompt-cache saves and restores that failed or timed out (the model went on without them)",
+            ["model", "action"],
+            registry=registry,
+        )
+        self.context_bytes = Counter(
+            "llama_router_context_bytes",
+            "Bytes of prompt cache written by saves and read by restores",
+            ["model", "action"],
+            registry=registry,
+        )
+        self.context_seconds = Histogram(
+            "llama_router_context_seconds",
+            "Seconds a prompt-cache save or restore took, failures included",
+            ["model", "action"],
+            buckets=CONTEXT_BUCKETS,
+            registry=registry,
+        )
+        registry.register(_LiveState(controller))
+        self._loading: set[str] = set()
+        self._unsubscribe = controller.subscribe(self._on_event)
+
+    def close(self) -> None:
+        self._unsubscribe()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    # ------------------------------------------------------------------------------------------ feeds
+
+    def request_done(self, model: str | None, status: int) -> None:
+        self.requests.labels(model or UNKNOWN_MODEL, str(status)).inc()
+
+    def error(self, model: str | None, code: str | None) -> None:
+        self.errors.labels(model or UNKNOWN_MODEL, code or "error").inc()
+
+    def waited(self, model: str, seconds: float) -> None:
+        self.wait_seconds.labels(model).observe(seconds)
+
+    def usage(self, model: str, usage: tuple[int, int] | None) -> None:
+        if usage is None:
+            return
+        prompt, completion = usage
+        if prompt:
+            self.tokens.labels(model, "prompt").inc(prompt)
+        if completion:
+            self.tokens.labels(model, "completion").inc(completion)
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        kind, model = event.get("event"), event.get("model")
+        if not isinstance(model, str):
+            return
+        if kind == "loading":
+            self.loads.labels(model).inc()
+            self._loading.add(model)
+        elif kind == "ready":
+            self._loading.discard(model)
+            seconds = event.get("load_seconds")
+            if isinstance(seconds, (int, float)):
+                self.load_seconds.labels(model).observe(seconds)
+        elif kind == "failed":
+            if model in self._loading:
+                self._loading.discard(model)
+                self.load_failures.labels(model).inc()
+            else:
+                self.crashes.labels(model).inc()
+        elif kind == "stopping":
+            cause = str(event.get("cause", ""))
+            if model in self._loading:
+                self._loading.discard(model)
+                if cause not in _BENIGN_STOPS:
+                    self.load_failures.labels(model).inc()
+            elif cause in _SWAP_CAUSES:
+                self.swaps.labels(model).inc()
+        elif isinstance(kind, str) and kind in _CONTEXT_EVENTS:
+            self._context(model, *_CONTEXT_EVENTS[kind], event)
+
+    def _context(self, model: str, action: str, ok: bool, event: dict[str, Any]) -> None:
+        (self.context_operations if ok else self.context_failures).labels(model, action).inc()
+        moved, ms = event.get("bytes"), event.get("ms")
+        if isinstance(moved, int) and moved > 0:
+            self.context_bytes.labels(model, action).inc(moved)
+        if isinstance(ms, (int, float)):
+            self.context_seconds.labels(model, action).observe(ms / 1000)

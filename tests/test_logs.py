@@ -1,0 +1,134 @@
+"""Logs: one access line per request (method, path, model, status, duration, bytes), lifecycle lines,
+and `--log-format json` giving one parseable object per line."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from router.logging_setup import JsonFormatter, setup_logging
+from tests.conftest import RouterFactory, fake_profile
+from tests.router_process import RouterProcess, write_config
+
+
+def access_records(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
+    return [r.fields for r in caplog.records if r.name == "llama_router.access"]  # type: ignore[attr-defined]
+
+
+async def test_one_access_line_per_request(
+    start_router: RouterFactory, dummy_model: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="llama_router.access")
+    router = await start_router({"a": fake_profile(dummy_model, aliases=["alias-a"])}, max_resident=1)
+    session = router.session
+    body = {"model": "alias-a", "messages": [{"role": "user", "content": "hi"}]}
+    async with session.post("/v1/chat/completions", json=body) as response:
+        whole = await response.read()
+        assert response.status == 200
+    async with session.post("/v1/chat/completions", json={**body, "stream": True}) as response:
+        streamed = await response.read()
+        assert response.status == 200
+    async with session.post("/v1/chat/completions", json={**body, "model": "nope"}) as response:
+        assert response.status == 404
+    async with session.get("/v1/models") as response:
+        assert response.status == 200
+    async with session.get("/health") as response:
+        assert response.status == 200
+
+    records = access_records(caplog)
+    assert [(r["method"], r["path"], r["model"], r["status"]) for r in records] == [
+        ("POST", "/v1/chat/completions", "alias-a", 200),
+        ("POST", "/v1/chat/completions", "alias-a", 200),
+        ("POST", "/v1/chat/completions", "nope", 404),
+        ("GET", "/v1/models", None, 200),
+        ("GET", "/health", None, 200),
+    ]
+    # Bytes on the wire: the body plus headers (and chunk framing for the stream).
+    assert records[0]["bytes"] > len(whole) > 0
+    assert records[1]["bytes"] > len(streamed) > 0
+    assert all(r["duration_ms"] > 0 for r in records)
+    levels = [r.levelno for r in caplog.records if r.name == "llama_router.access"]
+    assert levels[-1] == logging.DEBUG  # health probes stay out of the INFO log
+    assert set(levels[:-1]) == {logging.INFO}
+
+
+@pytest.fixture
+def root_logger() -> Iterator[logging.Logger]:
+    """The root logger, with its handlers and level put back afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield root
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def test_text_access_line_format(root_logger: logging.Logger) -> None:
+    stream = io.StringIO()
+    setup_logging("INFO", "text", stream=stream)
+    logging.getLogger("llama_router.access").info(
+        "POST /v1/chat/completions model=a status=200 duration_ms=1.5 bytes=10",
+        extra={"fields": {"model": "a"}},
+    )
+    assert logging.getLogger("httpx2").level == logging.WARNING  # huggingface_hub's request chatter
+    line = stream.getvalue().strip()
+    assert re.match(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO llama_router.access: POST ", line), line
+
+
+def test_json_formatter_fields_and_exceptions() -> None:
+    formatter = JsonFormatter()
+    record = logging.LogRecord("llama_router", logging.WARNING, __file__, 1, "x=%s", ("y",), None)
+    record.fields = {"model": "m", "status": 200}
+    entry = json.loads(formatter.format(record))
+    assert entry["message"] == "x=y" and entry["level"] == "warning" and entry["logger"] == "llama_router"
+    assert entry["model"] == "m" and entry["status"] == 200
+    assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00$", entry["time"])
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
+    entry = json.loads(formatter.format(record))
+    assert "ValueError: boom" in entry["exception"]
+
+
+@pytest.fixture
+async def router_process() -> AsyncIterator[list[RouterProcess]]:
+    started: list[RouterProcess] = []
+    yield started
+    for router in started:
+        await router.close()
+
+
+async def test_json_log_format_end_to_end(
+    tmp_path: Path, dummy_model: Path, router_process: list[RouterProcess]
+) -> None:
+    config = write_config(tmp_path / "p.yaml", {"a": fake_profile(dummy_model)}, max_resident=1)
+    router = await RouterProcess(config).start()  # runs with --log-format json
+    router_process.append(router)
+    async with aiohttp.ClientSession() as session:
+        body = {"model": "a", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+        async with session.post(f"{router.url}/v1/chat/completions", json=body) as response:
+            assert response.status == 200
+            await response.read()
+    router.signal(signal.SIGTERM)
+    assert await router.wait_exit() == 0
+    bad = [line for line, entry in zip(router.raw, router.lines, strict=True) if entry.get("not_json")]
+    assert bad == []
+    for entry in router.lines:
+        assert {"time", "level", "logger", "message"} <= set(entry)
+    access = [e for e in router.lines if e.get("logger") == "llama_router.access" and e["path"] != "/health"]
+    assert len(access) == 1
+    assert access[0]["model"] == "a" and access[0]["status"] == 200 and access[0]["method"] == "POST"
+    assert access[0]["bytes"] > 0 and access[0]["duration_ms"] > 0
+    messages = " | ".join(router.messages())
+    for lifecycle in ("listening on", "spawned a", "a ready in", "stopping a", "a stopped", "stopped in"):
+        assert lifecycle in messages, lifecycle
