@@ -224,6 +224,8 @@ class Api:
         static = self._entries().get(view.name) or {"id": view.name, "object": "model"}
         entry = dict(static)
         entry["status"] = self._status(view)
+        # Bytes per device it uses (learned once loaded) or is expected to use (configured or estimated).
+        entry["memory"] = {device: amount for device, amount in view.footprint.items() if device != "slots"}
         return entry
 
     def models_payload(self) -> dict[str, Any]:
@@ -245,7 +247,7 @@ class Api:
         for row, view in zip(self.controller.describe(), self.controller.scheduler.views(), strict=True):
             if view.state in _RUNNING:
                 rows.append({**row, "status": status_value(view.state.value, view.standby)})
-        return web.json_response({"running": rows})
+        return web.json_response({"running": rows, "budgets": self.controller.budgets()})
 
     # ------------------------------------------------------------------------------------------ control
 

@@ -180,7 +180,7 @@ def test_incomplete_shards_in_the_cache_are_named(hf_cache: Path, tmp_path: Path
         ({"binary": "x"}, "exactly one of 'model'"),
         ({"model": "x.gguf", "hf_file": "Q4_K_M"}, "hf_file only apply with 'hf'"),
         ({"model": "x.gguf", "mmproj": True}, "mmproj: true needs 'hf'"),
-        ({"hf": "not-a-repo"}, "profiles.p.hf: Value error, 'not-a-repo' is not a Hugging Face repo id"),
+        ({"hf": "not-a-repo"}, "profiles.p.hf: 'not-a-repo' is not a Hugging Face repo id"),
         ({"hf": f"{REPO}:Q4_K_M", "hf_file": "Q8_0"}, "either in 'hf'"),
         ({"hf": REPO, "args": ["-hf", "x/y"]}, "-hf download by themselves"),
         ({"hf": REPO, "mmproj": True, "args": ["--mmproj", "p.gguf"]}, "--mmproj is set by the router"),
