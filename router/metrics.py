@@ -250,6 +250,18 @@ class Metrics:
             buckets=CONTEXT_BUCKETS,
             registry=registry,
         )
+        self.unhealthy = Counter(
+            "llama_router_unhealthy",
+            "Times a live upstream was restarted for stalling or failing its health probes",
+            ["model"],
+            registry=registry,
+        )
+        self.fallbacks = Counter(
+            "llama_router_fallbacks",
+            "Requests a fallback profile answered because the model asked for was failed",
+            ["model", "served_by"],
+            registry=registry,
+        )
         registry.register(_LiveState(controller))
         self._loading: set[str] = set()
         self._unsubscribe = controller.subscribe(self._on_event)
@@ -298,6 +310,10 @@ class Metrics:
                 self.load_failures.labels(model).inc()
             else:
                 self.crashes.labels(model).inc()
+        elif kind == "unhealthy":
+            self.unhealthy.labels(model).inc()
+        elif kind == "fallback":
+            self.fallbacks.labels(model, str(event.get("served_by", ""))).inc()
         elif kind == "stopping":
             cause = str(event.get("cause", ""))
             if model in self._loading:

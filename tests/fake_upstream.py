@@ -25,6 +25,7 @@ Behaviour / fault flags:
 ``--chunk-delay S``        seconds between streamed content chunks (default 0)
 ``--crash-during-load``    log an error and exit 1 after the load delay
 ``--stall-mid-stream N``   on a streamed chat, send N chunks, then nothing more (connection open)
+``--health-flap``          once loaded, every other /health answers 500
 ``--health-fail-after S``  once loaded for S seconds, /health answers 500 (a wedged server)
 ``--oom-once FILE``         unless FILE exists: create it, log a CUDA out-of-memory error, exit 1
 ``--crash-mid-stream N``   streamed: send N content chunks, then ``os._exit(3)``;
@@ -119,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--oom-once", default=None, metavar="FILE")
     p.add_argument("--health-fail-after", type=float, default=None, metavar="S")
     p.add_argument("--stall-mid-stream", type=int, default=None, metavar="N")
+    p.add_argument("--health-flap", action="store_true")
     p.add_argument("--crash-mid-stream", type=int, default=None, metavar="N")
     p.add_argument("--hang-health", action="store_true")
     p.add_argument("--ignore-sigterm", action="store_true")
@@ -167,6 +169,7 @@ class FakeUpstream:
         self.name: str = args.name or model_stem(args.model)
         self.loaded = False
         self.loaded_at = 0.0
+        self.health_calls = 0
         self.count = 0
         self.in_flight = 0
         self.last: dict[str, Any] = {}
@@ -241,6 +244,10 @@ class FakeUpstream:
             await asyncio.Event().wait()  # never set: the request hangs forever
         if not self.loaded:
             return error_response(503, "Loading model", "unavailable_error")
+        if self.args.health_flap:
+            self.health_calls += 1
+            if self.health_calls % 2 == 0:
+                return error_response(500, "fake flap (--health-flap)", "server_error")
         wedged_after = self.args.health_fail_after
         if wedged_after is not None and time.monotonic() - self.loaded_at > wedged_after:
             return error_response(500, "fake wedge (--health-fail-after)", "server_error")
@@ -532,6 +539,7 @@ class FakeUpstream:
         info.update(
             count=self.count,
             in_flight=self.in_flight,
+            health_calls=self.health_calls,
             name=self.name,
             pid=os.getpid(),
             loaded=self.loaded,

@@ -94,6 +94,37 @@ async def test_an_idle_model_failing_its_health_probes_is_restarted(
     assert router.controller.upstreams["wedge"].pid != first
 
 
+async def test_a_flapping_health_check_is_not_a_wedge(start_router: RouterFactory, dummy_model: Path) -> None:
+    """Every other probe fails: never three in a row, so the model keeps running."""
+    router = await start_router(
+        {"flap": fake_profile(dummy_model, "--health-flap")},
+        health_check_interval=0.05,
+        health_check_failures=2,
+    )
+    events: list[dict[str, Any]] = []
+    router.controller.subscribe(events.append)
+    assert (await router.chat("flap"))[0] == 200
+    upstream = router.controller.upstreams["flap"]
+    probes = await fake_health_calls(router, upstream.base_url, at_least=12)
+    assert probes >= 12
+    assert not [event for event in events if event["event"] == "unhealthy"]
+    assert router.controller.upstreams["flap"] is upstream
+
+
+async def fake_health_calls(router: RunningRouter, base_url: str, at_least: int) -> int:
+    """How many /health calls the fake has answered, once it has answered `at_least`."""
+    calls = 0
+
+    async def enough() -> bool:
+        nonlocal calls
+        async with router.session.get(f"{base_url}/fake/last") as response:
+            calls = int((await response.json()).get("health_calls", 0))
+        return calls >= at_least
+
+    await wait_until(enough, timeout=10, what=f"{at_least} health probes")
+    return calls
+
+
 async def test_a_stall_mid_stream_ends_with_an_error_event_and_the_model_is_restarted(
     start_router: RouterFactory, dummy_model: Path
 ) -> None:
@@ -120,6 +151,8 @@ async def test_a_stall_mid_stream_ends_with_an_error_event_and_the_model_is_rest
     status, body = await router.chat("wedge")
     assert status == 200, body
     assert router.controller.upstreams["wedge"].pid != first
+    async with router.session.get("/metrics") as response:
+        assert 'llama_router_unhealthy_total{model="wedge"} 1.0' in await response.text()
 
 
 async def test_a_fallback_answers_when_the_primary_cannot_load(
@@ -143,3 +176,6 @@ async def test_a_fallback_answers_when_the_primary_cannot_load(
     async with router.session.post("/v1/chat/completions", json=payload) as response:
         assert response.status == 200
     assert router.controller.scheduler.view("primary").starts == 1
+    async with router.session.get("/metrics") as response:
+        metrics = await response.text()
+    assert 'llama_router_fallbacks_total{model="primary",served_by="backup"} 2.0' in metrics
