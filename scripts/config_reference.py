@@ -1,0 +1,94 @@
+#!/usr/bin/env python3
+"""Writes docs/configuration.md from the config schema itself, so the reference cannot drift.
+
+`python scripts/config_reference.py` rewrites the file; `--check` exits 1 if it is out of date
+(the test suite runs that).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from router.config import MemoryConfig, Profile, ServerConfig  # noqa: E402
+
+TARGET = ROOT / "docs" / "configuration.md"
+INTRO = """# profiles.yaml reference
+
+Generated from `router/config.py` by `scripts/config_reference.py`; do not edit by hand.
+Sizes are MiB, times are seconds. Relative paths are relative to the file's own directory.
+Every error names the file, the key path and the problem, and the router refuses to start with one
+(a live reload keeps the previous config instead).
+"""
+
+
+def _type_name(annotation: Any) -> str:
+    text = getattr(annotation, "__name__", None) if not hasattr(annotation, "__args__") else None
+    text = text or str(annotation)
+    text = text.replace("typing.", "").replace("pathlib.", "").replace("NoneType", "None")
+    return text.replace("|", "\\|")
+
+
+def _default(field: Any) -> str:
+    if field.default_factory is not None:
+        value = field.default_factory()
+        return "`" + (repr(value) if not isinstance(value, BaseModel) else "see below") + "`"
+    if field.default is PydanticUndefined:
+        return "required"
+    return f"`{field.default!r}`" if field.default is not None else "—"
+
+
+def table(model: type[BaseModel], prefix: str) -> str:
+    rows = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+    for name, field in model.model_fields.items():
+        description = (field.description or "").replace("|", "\\|")
+        rows.append(
+            f"| `{prefix}{name}` | {_type_name(field.annotation)} | {_default(field)} | {description} |"
+        )
+    return "\n".join(rows)
+
+
+def render() -> str:
+    return "\n".join(
+        [
+            INTRO,
+            "## `server:`\n",
+            table(ServerConfig, "server."),
+            "\n## `server.memory:`\n",
+            "Budgets per device. Configured numbers are the budget itself; detected ones (NVML for NVIDIA",
+            "GPUs, psutil for RAM) keep the headroom free.\n",
+            table(MemoryConfig, "server.memory."),
+            "\n## `profiles.<name>:`\n",
+            table(Profile, ""),
+            "",
+        ]
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--check", action="store_true", help="exit 1 if docs/configuration.md is stale")
+    args = parser.parse_args()
+    text = render()
+    if args.check:
+        current = TARGET.read_text() if TARGET.exists() else ""
+        if current != text:
+            print(f"{TARGET} is out of date: run python scripts/config_reference.py", file=sys.stderr)
+            return 1
+        return 0
+    TARGET.parent.mkdir(exist_ok=True)
+    TARGET.write_text(text)
+    print(f"wrote {TARGET}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
