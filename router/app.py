@@ -93,7 +93,10 @@ def build_app(config: RouterConfig) -> web.Application:
 
     async def on_cleanup(_: web.Application) -> None:
         await api.close()
-        await controller.close(grace=max(p.stop_timeout for p in config.profiles.values()) + 1)
+        # The config of now (a reload may have changed it): saving prompt caches, then stopping.
+        current = controller.config
+        stop = max(p.stop_timeout for p in current.profiles.values())
+        await controller.close(grace=current.server.context_save_timeout + stop + 1)
         await proxy.close()
         metrics.close()
 
