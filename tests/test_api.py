@@ -165,7 +165,7 @@ async def test_load_and_unload_answer_at_once_and_status_follows(
     await wait_status(router, "m", "unloaded")
     await wait_until(lambda: not upstream_processes(), what="the upstream to exit")
     status, running = await get_json(router, "/running")
-    assert running == {"running": []}
+    assert running["running"] == []
 
 
 async def test_load_and_unload_can_wait(start_router: RouterFactory, dummy_model: Path) -> None:
