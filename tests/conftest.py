@@ -21,6 +21,7 @@ from router.app import CONTROLLER, build_app
 from router.config import RouterConfig, _find_binary, load_config
 from router.controller import Controller
 from scripts.make_tiny_models import make_model
+from tests.router_process import RouterProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKE_UPSTREAM = ROOT / "tests" / "fake_upstream.py"
@@ -98,6 +99,15 @@ RouterFactory = Callable[..., Awaitable[RunningRouter]]
 
 
 @pytest.fixture
+async def router_processes() -> AsyncIterator[list[RouterProcess]]:
+    """`llama-router serve` processes a test starts (append them); closed at the end if still running."""
+    started: list[RouterProcess] = []
+    yield started
+    for router in started:
+        await router.close()
+
+
+@pytest.fixture
 async def start_router(tmp_path: Path) -> AsyncIterator[RouterFactory]:
     """Start routers from config dicts; on teardown stop them and check no upstream is left."""
     routers: list[RunningRouter] = []
@@ -127,7 +137,7 @@ async def start_router(tmp_path: Path) -> AsyncIterator[RouterFactory]:
     assert not leftovers, f"upstream processes left running: {[p.cmdline() for p in leftovers]}"
 
 
-async def wait_until(condition: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> None:
+async def wait_until(condition: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> None:
     """Poll `condition` (a function, or a coroutine function) until true; fail after `timeout`."""
     deadline = time.monotonic() + timeout
     while True:

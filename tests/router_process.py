@@ -154,17 +154,3 @@ class RouterProcess:
         if self._reader is not None:
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(self._reader, 5)
-
-
-async def wait_for(condition: Callable[[], Any], *, timeout: float = 10.0, what: str = "condition") -> None:
-    """Poll a (possibly async) condition until true; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.02)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,18 +16,9 @@ from router.api import context_from_args, context_from_gguf
 from router.app import API
 from scripts.make_tiny_models import make_model
 
-from .conftest import RouterFactory, RunningRouter, fake_profile, upstream_processes
+from .conftest import RouterFactory, RunningRouter, fake_profile, upstream_processes, wait_until
 
 CHAT = "/v1/chat/completions"
-
-
-async def wait_until(condition: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> None:
-    """Poll a synchronous condition until it holds; fail naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 async def get_json(router: RunningRouter, path: str, **kwargs: Any) -> tuple[int, Any]:

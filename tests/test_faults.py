@@ -12,7 +12,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,32 +23,12 @@ import yaml
 from router.scheduler import State
 from router.supervisor import Upstream
 
-from .conftest import ROOT, RouterFactory, RunningRouter, fake_profile, upstream_processes
+from .conftest import ROOT, RouterFactory, RunningRouter, fake_profile, upstream_processes, wait_until
 
 CHAT = "/v1/chat/completions"
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-
-async def wait_until(condition: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> None:
-    """Poll `condition` (sync) until it is true; fail with `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
-async def wait_until_async(
-    condition: Callable[[], Any], timeout: float = 5.0, what: str = "condition"
-) -> None:
-    """Like `wait_until` for a coroutine function."""
-    deadline = time.monotonic() + timeout
-    while not await condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 def assert_openai_error(body: Any, code: str | None = None) -> dict[str, Any]:
@@ -184,12 +163,12 @@ async def test_crash_mid_stream_ends_the_stream_with_an_error_event(
     assert [text for text in contents if text] == ["Hello from fake-model.", " (1)"]
     assert_openai_error(json.loads(events[-1]), "upstream_failed")
     # (Sending at once, before the router has seen the exit, is test_next_request_right_after_a_crash.)
-    await wait_until_async(lambda: _not_running(router, "crashy"), what="the router to see the crash")
+    await wait_until(lambda: _not_running(router, "crashy"), what="the router to see the crash")
 
     async with router.session.post(CHAT, json=chat_body("crashy")) as response:
         assert response.status == 502
         assert_openai_error(await response.json())
-    await wait_until_async(lambda: _not_running(router, "crashy"), what="the router to see the crash")
+    await wait_until(lambda: _not_running(router, "crashy"), what="the router to see the crash")
 
     # A request the fake does not crash on: the model is started again and answers.
     starts = router.controller.scheduler.view("crashy").starts
@@ -253,9 +232,7 @@ async def test_upstream_exiting_while_idle_is_restarted_on_the_next_request(
     pid = router.controller.upstreams["flaky"].pid
     assert pid is not None
     await wait_until(lambda: pid_gone(pid), what="the upstream to exit by itself")
-    await wait_until_async(
-        lambda: _not_running(router, "flaky"), what="the router to see the upstream exited"
-    )
+    await wait_until(lambda: _not_running(router, "flaky"), what="the router to see the upstream exited")
     status, body = await chat(router, "flaky")
     assert status == 200, body
     assert router.controller.scheduler.view("flaky").starts == 2
@@ -389,9 +366,7 @@ async def test_client_disconnect_mid_stream_cancels_the_upstream_request(
     assert report["in_flight"] == 1
     response.close()
 
-    await wait_until_async(
-        lambda: _fake_idle(router, "long"), what="the fake upstream's request to be cancelled"
-    )
+    await wait_until(lambda: _fake_idle(router, "long"), what="the fake upstream's request to be cancelled")
     await wait_until(lambda: router.controller.scheduler.view("long").in_flight == 0, what="lease released")
     assert (await fake_last(router, "long"))["count"] == 1, "the stream was not retried or replayed"
     status, body = await chat(router, "long", fake_chunks=2)
@@ -404,7 +379,7 @@ async def test_client_cancel_while_waiting_for_a_plain_answer_cancels_the_upstre
     router = await start_router({"slow": fake_profile(dummy_model)})
     task = asyncio.create_task(router.chat("slow", fake_delay=30))
     await wait_until(lambda: router.controller.scheduler.view("slow").in_flight == 1, what="dispatch")
-    await wait_until_async(lambda: _fake_busy(router, "slow"), what="the fake to get the request")
+    await wait_until(lambda: _fake_busy(router, "slow"), what="the fake to get the request")
     upstream = router.controller.upstreams["slow"]
     assert upstream.pid is not None
     assert _upstream_connections(upstream.pid, upstream.port) == 1

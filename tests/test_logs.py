@@ -9,7 +9,7 @@ import logging
 import re
 import signal
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -100,20 +100,12 @@ def test_json_formatter_fields_and_exceptions() -> None:
     assert "ValueError: boom" in entry["exception"]
 
 
-@pytest.fixture
-async def router_process() -> AsyncIterator[list[RouterProcess]]:
-    started: list[RouterProcess] = []
-    yield started
-    for router in started:
-        await router.close()
-
-
 async def test_json_log_format_end_to_end(
-    tmp_path: Path, dummy_model: Path, router_process: list[RouterProcess]
+    tmp_path: Path, dummy_model: Path, router_processes: list[RouterProcess]
 ) -> None:
     config = write_config(tmp_path / "p.yaml", {"a": fake_profile(dummy_model)}, max_resident=1)
     router = await RouterProcess(config).start()  # runs with --log-format json
-    router_process.append(router)
+    router_processes.append(router)
     async with aiohttp.ClientSession() as session:
         body = {"model": "a", "messages": [{"role": "user", "content": "hi"}], "stream": True}
         async with session.post(f"{router.url}/v1/chat/completions", json=body) as response:

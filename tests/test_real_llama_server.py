@@ -122,13 +122,3 @@ async def test_listing_models_never_starts_a_process(
     assert [entry["id"] for entry in listing["data"]] == ["tiny-a", "tiny-b"]
     assert all(entry["status"]["value"] == "unloaded" for entry in listing["data"])
     assert upstream_processes() == []
-
-
-async def wait_for(condition: Any, timeout: float = 10.0) -> None:
-    """Wait for a condition on router state, checking after each event-loop turn."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.005)

@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import json
 import signal
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +17,8 @@ import yaml
 
 from router.config import load_config
 from router.reload import ConfigReloader
-from tests.conftest import fake_profile
-from tests.router_process import RouterProcess, wait_for, write_config
-
-
-@pytest.fixture
-async def routers() -> AsyncIterator[list[RouterProcess]]:
-    started: list[RouterProcess] = []
-    yield started
-    for router in started:
-        await router.close()
+from tests.conftest import fake_profile, wait_until
+from tests.router_process import RouterProcess, write_config
 
 
 class StreamLoop:
@@ -97,20 +88,20 @@ def profiles_v2(model: Path) -> dict[str, Any]:
 
 @pytest.mark.parametrize("trigger", ["SIGHUP", "file changed"])
 async def test_reload_keeps_untouched_model_serving_and_restarts_changed_one(
-    tmp_path: Path, dummy_model: Path, routers: list[RouterProcess], trigger: str
+    tmp_path: Path, dummy_model: Path, router_processes: list[RouterProcess], trigger: str
 ) -> None:
     path = tmp_path / "profiles.yaml"
     server = {"max_resident": 3, "watch_config": trigger == "file changed"}
     write_config(path, profiles_v1(dummy_model), **server)
     router = await RouterProcess(path).start()
-    routers.append(router)
+    router_processes.append(router)
     for model in ("keep", "change", "gone"):
         assert (await chat(router.url, model))[0] == 200
     before = await pids(router)
     assert set(before) == {"keep", "change", "gone"}
 
     stream = StreamLoop(router.url, "keep").start()
-    await wait_for(lambda: stream.completed >= 2, what="the request stream to run")
+    await wait_until(lambda: stream.completed >= 2, what="the request stream to run")
     write_config(path, profiles_v2(dummy_model), **server)
     if trigger == "SIGHUP":
         router.signal(signal.SIGHUP)
@@ -124,9 +115,9 @@ async def test_reload_keeps_untouched_model_serving_and_restarts_changed_one(
         return "gone" not in now and now.get("change") not in (None, before["change"])
 
     # The changed model restarts at once (it is idle); the removed one is stopped.
-    await wait_for(settled, timeout=15, what="the changed model to restart and the removed one to stop")
+    await wait_until(settled, timeout=15, what="the changed model to restart and the removed one to stop")
     completed_at_reload = stream.completed
-    await wait_for(lambda: stream.completed >= completed_at_reload + 2, what="the stream to go on")
+    await wait_until(lambda: stream.completed >= completed_at_reload + 2, what="the stream to go on")
     await stream.stop()
     assert stream.errors == []
     after = await pids(router)
@@ -151,12 +142,12 @@ async def read_events(url: str, into: list[dict[str, Any]], subscribed: asyncio.
 
 
 async def test_invalid_config_keeps_the_running_one_and_says_why(
-    tmp_path: Path, dummy_model: Path, routers: list[RouterProcess]
+    tmp_path: Path, dummy_model: Path, router_processes: list[RouterProcess]
 ) -> None:
     path = tmp_path / "profiles.yaml"
     write_config(path, profiles_v1(dummy_model), max_resident=3)
     router = await RouterProcess(path).start()
-    routers.append(router)
+    router_processes.append(router)
     assert (await chat(router.url, "keep"))[0] == 200
     keep_pid = (await pids(router))["keep"]
     events: list[dict[str, Any]] = []
@@ -172,7 +163,7 @@ async def test_invalid_config_keeps_the_running_one_and_says_why(
         assert entry["trigger"] == "file changed"
         assert str(path) in entry["message"] and "profiles.keep.load_timeout" in entry["message"]
         assert "keeping the running config" in entry["message"]
-        await wait_for(lambda: any(e.get("event") == "config_error" for e in events), what="the event")
+        await wait_until(lambda: any(e.get("event") == "config_error" for e in events), what="the event")
         event = next(e for e in events if e.get("event") == "config_error")
         assert "profiles.keep.load_timeout" in event["message"]
 
@@ -196,12 +187,12 @@ async def test_invalid_config_keeps_the_running_one_and_says_why(
 
 
 async def test_health_shows_the_reload_error(
-    tmp_path: Path, dummy_model: Path, routers: list[RouterProcess]
+    tmp_path: Path, dummy_model: Path, router_processes: list[RouterProcess]
 ) -> None:
     """`/health` carries the reloader's status under `reload` (wired by the API's health handler)."""
     path = write_config(tmp_path / "profiles.yaml", profiles_v1(dummy_model), max_resident=3)
     router = await RouterProcess(path).start()
-    routers.append(router)
+    router_processes.append(router)
     path.write_text("profiles: [not, a, mapping")
     router.signal(signal.SIGHUP)
     await router.wait_log(lambda e: e.get("event") == "config_error", what="the failed reload")

@@ -9,26 +9,15 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 
 from router.stale import find_stale, remove_stale
 from router.supervisor import OWNER_ENV
-from tests.conftest import FAKE_UPSTREAM, fake_profile
-from tests.router_process import RouterProcess, free_port, pid_gone, wait_for, write_config
-
-
-@pytest.fixture
-async def routers() -> AsyncIterator[list[RouterProcess]]:
-    """Router processes a test starts; killed at the end if the test left them running."""
-    started: list[RouterProcess] = []
-    yield started
-    for router in started:
-        await router.close()
+from tests.conftest import FAKE_UPSTREAM, fake_profile, wait_until
+from tests.router_process import RouterProcess, free_port, pid_gone, write_config
 
 
 async def stream_chat(url: str, model: str, **body: Any) -> tuple[int, list[str]]:
@@ -47,13 +36,13 @@ async def stream_chat(url: str, model: str, **body: Any) -> tuple[int, list[str]
 
 
 async def test_sigterm_drains_a_slow_request_then_stops_upstreams(
-    tmp_path: Path, dummy_model: Path, routers: list[RouterProcess]
+    tmp_path: Path, dummy_model: Path, router_processes: list[RouterProcess]
 ) -> None:
     config = write_config(
         tmp_path / "profiles.yaml", {"slow": fake_profile(dummy_model)}, max_resident=1, shutdown_timeout=20
     )
     router = await RouterProcess(config).start()
-    routers.append(router)
+    router_processes.append(router)
     # Five chunks 0.3 s apart: the answer is still streaming when SIGTERM arrives.
     request = asyncio.create_task(stream_chat(router.url, "slow", fake_chunks=5, fake_chunk_delay=0.3))
     ready = await router.wait_log(lambda e: str(e.get("message", "")).startswith("slow ready"), what="ready")
@@ -71,7 +60,7 @@ async def test_sigterm_drains_a_slow_request_then_stops_upstreams(
         writer.close()
         return False
 
-    await wait_for(refused, what="the listening socket to close")
+    await wait_until(refused, what="the listening socket to close")
     status, events = await request
     assert status == 200
     assert events[-1] == "[DONE]"
@@ -88,13 +77,13 @@ async def test_sigterm_drains_a_slow_request_then_stops_upstreams(
 
 
 async def test_sigterm_gives_up_on_requests_after_shutdown_timeout(
-    tmp_path: Path, dummy_model: Path, routers: list[RouterProcess]
+    tmp_path: Path, dummy_model: Path, router_processes: list[RouterProcess]
 ) -> None:
     config = write_config(
         tmp_path / "profiles.yaml", {"slow": fake_profile(dummy_model)}, max_resident=1, shutdown_timeout=0.3
     )
     router = await RouterProcess(config).start()
-    routers.append(router)
+    router_processes.append(router)
     request = asyncio.create_task(stream_chat(router.url, "slow", fake_chunks=100, fake_chunk_delay=0.5))
     await router.wait_log(lambda e: str(e.get("message", "")).startswith("slow ready"), what="ready")
     await router.wait_log(lambda e: e.get("path") is None and "spawned" in str(e.get("message")))
@@ -110,11 +99,11 @@ async def test_sigterm_gives_up_on_requests_after_shutdown_timeout(
 
 
 async def test_sigkill_of_the_router_leaves_no_upstream(
-    tmp_path: Path, dummy_model: Path, routers: list[RouterProcess]
+    tmp_path: Path, dummy_model: Path, router_processes: list[RouterProcess]
 ) -> None:
     profiles = {"a": fake_profile(dummy_model), "b": fake_profile(dummy_model)}
     router = await RouterProcess(write_config(tmp_path / "p.yaml", profiles, max_resident=2)).start()
-    routers.append(router)
+    router_processes.append(router)
     async with aiohttp.ClientSession() as session:
         for model in ("a", "b"):
             body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
@@ -124,7 +113,7 @@ async def test_sigkill_of_the_router_leaves_no_upstream(
     assert len(pids) == 2 and all(pids)
     router.signal(signal.SIGKILL)
     assert await router.wait_exit() == -signal.SIGKILL
-    await wait_for(lambda: all(pid_gone(pid) for pid in pids), timeout=10, what="upstreams to die")
+    await wait_until(lambda: all(pid_gone(pid) for pid in pids), timeout=10, what="upstreams to die")
 
 
 async def spawn_upstream(model: Path, env_extra: dict[str, str], *flags: str) -> subprocess.Popen[bytes]:
@@ -147,7 +136,7 @@ async def spawn_upstream(model: Path, env_extra: dict[str, str], *flags: str) ->
         writer.close()
         return True
 
-    await wait_for(listening, timeout=30, what="the fake upstream to listen")
+    await wait_until(listening, timeout=30, what="the fake upstream to listen")
     return process
 
 
@@ -157,7 +146,7 @@ def dead_pid() -> int:
 
 
 async def test_new_router_removes_stale_tagged_upstreams_only(
-    tmp_path: Path, dummy_model: Path, routers: list[RouterProcess]
+    tmp_path: Path, dummy_model: Path, router_processes: list[RouterProcess]
 ) -> None:
     stale = await spawn_upstream(dummy_model, {OWNER_ENV: str(dead_pid())})
     untagged = await spawn_upstream(dummy_model, {})
@@ -166,12 +155,12 @@ async def test_new_router_removes_stale_tagged_upstreams_only(
     try:
         config = write_config(tmp_path / "p.yaml", {"a": fake_profile(dummy_model)}, max_resident=1)
         router = await RouterProcess(config).start()
-        routers.append(router)
+        router_processes.append(router)
         # (Other stale processes on this machine, if any, are removed too: only ours are checked.)
         await router.wait_log(
             lambda e: e.get("event") == "stale_upstream" and e.get("pid") == stale.pid, what="stale cleanup"
         )
-        await wait_for(lambda: stale.poll() is not None, what="the stale upstream to exit")
+        await wait_until(lambda: stale.poll() is not None, what="the stale upstream to exit")
         assert all(process.poll() is None for process in others), "an untouchable process was killed"
         removed = {e["pid"] for e in router.lines if e.get("event") == "stale_upstream"}
         assert not removed & {process.pid for process in others}

@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -153,14 +153,6 @@ def notify_socket(request: pytest.FixtureRequest) -> Iterator[NotifySocket]:
     sock = NotifySocket(abstract=request.param)
     yield sock
     sock.close()
-
-
-@pytest.fixture
-async def router_processes() -> AsyncIterator[list[RouterProcess]]:
-    started: list[RouterProcess] = []
-    yield started
-    for router in started:
-        await router.close()
 
 
 async def accepts_connections(port: int) -> bool:
