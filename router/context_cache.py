@@ -30,6 +30,7 @@ import re
 import shutil
 import time
 import weakref
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from .config import ResolvedProfile, RouterConfig
 from .supervisor import Upstream
 
 log = logging.getLogger("llama_router.context")
+_GERUND = {"saved": "saving", "restored": "restoring"}
 
 MIB = 1024 * 1024
 SLOT_SAVE_FLAG = "--slot-save-path"
@@ -195,23 +197,30 @@ class ContextKeeper:
         if not profile.keep_context or profile.name not in self.config.profiles:
             return None  # a removed profile's directory is gone: nothing to keep it for
         progress = _Progress()
+        # Never let a cache problem hold up a stop.
+        return await self._bounded(profile.name, "saved", progress, self._save(upstream, session, progress))
+
+    async def _bounded(
+        self, name: str, done: str, progress: _Progress, work: Coroutine[Any, Any, bool]
+    ) -> dict[str, Any] | None:
+        """Run a save or restore within `context_save_timeout`; any failure is reported, not raised."""
         started = time.perf_counter()
         timeout = self.config.server.context_save_timeout
         try:
-            attempted = await asyncio.wait_for(self._save(upstream, session, progress), timeout)
+            attempted = await asyncio.wait_for(work, timeout)
         except TimeoutError:
             progress.fail(f"timed out after {timeout:g}s")
             attempted = True
-        except Exception as exc:  # never let a cache problem hold up a stop
+        except Exception as exc:
             progress.fail(_describe(exc))
             attempted = True
         if not attempted:
             return None
         result = self._result(progress, started)
         if "error" in result:
-            log.warning("%s: saving prompt caches failed: %s", profile.name, progress.last_error)
+            log.warning("%s: %s prompt caches failed: %s", name, _GERUND[done], progress.last_error)
         else:
-            log.info("%s: saved %d slot(s), %d bytes in %s ms", profile.name, *_figures(result))
+            log.info("%s: %s %d slot(s), %d bytes in %s ms", name, done, *_figures(result))
         return result
 
     async def _save(self, upstream: Upstream, session: aiohttp.ClientSession, progress: _Progress) -> bool:
@@ -248,24 +257,9 @@ class ContextKeeper:
             return None
         key = self._key(upstream, bind=True)
         progress = _Progress()
-        started = time.perf_counter()
-        timeout = self.config.server.context_save_timeout
-        try:
-            attempted = await asyncio.wait_for(self._restore(upstream, session, key, progress), timeout)
-        except TimeoutError:
-            progress.fail(f"timed out after {timeout:g}s")
-            attempted = True
-        except Exception as exc:  # a request waits on this: go on without the cache
-            progress.fail(_describe(exc))
-            attempted = True
-        if not attempted:
-            return None
-        result = self._result(progress, started)
-        if "error" in result:
-            log.warning("%s: restoring prompt caches failed: %s", profile.name, progress.last_error)
-        else:
-            log.info("%s: restored %d slot(s), %d bytes in %s ms", profile.name, *_figures(result))
-        return result
+        # A request waits on this: on any failure it goes on without the cache.
+        work = self._restore(upstream, session, key, progress)
+        return await self._bounded(profile.name, "restored", progress, work)
 
     async def _restore(
         self, upstream: Upstream, session: aiohttp.ClientSession, key: str, progress: _Progress
