@@ -90,9 +90,16 @@ async def _model_of(request: web.Request, *, peek_body: bool = True) -> str | No
     return None
 
 
-async def _log_line(request: web.Request, status: int, started: float, sent: int, *, peek_body: bool) -> None:
+def _level(path: str, status: int) -> int:
+    if status >= 500 and status != CLIENT_CLOSED:
+        return logging.WARNING
+    return logging.DEBUG if path in QUIET_PATHS else logging.INFO
+
+
+def _log_line(
+    request: web.Request, level: int, model: str | None, status: int, started: float, sent: int
+) -> None:
     duration_ms = (time.perf_counter() - started) * 1000
-    model = await _model_of(request, peek_body=peek_body)
     fields = {
         "method": request.method,
         "path": request.path,
@@ -102,9 +109,6 @@ async def _log_line(request: web.Request, status: int, started: float, sent: int
         "bytes": sent,
         "client": request.remote,
     }
-    level = logging.DEBUG if request.path in QUIET_PATHS else logging.INFO
-    if status >= 500 and status != CLIENT_CLOSED:
-        level = logging.WARNING
     log.log(
         level,
         "%s %s model=%s status=%s duration_ms=%.1f bytes=%d",
@@ -145,5 +149,11 @@ async def access_log(request: web.Request, handler: Handler) -> web.StreamRespon
         if tracker is not None and request.get(_COUNTED):
             request[_COUNTED] = False
             tracker.end()
-        sent = response.body_length if response is not None and response.prepared else 0
-        await _log_line(request, status, started, sent, peek_body=status != CLIENT_CLOSED)
+        # Nothing is looked up or built for a line the log level drops.
+        level = _level(request.path, status)
+        if log.isEnabledFor(level):
+            sent = response.body_length if response is not None and response.prepared else 0
+            model = request.get(MODEL_KEY)
+            if not isinstance(model, str):
+                model = await _model_of(request, peek_body=status != CLIENT_CLOSED)
+            _log_line(request, level, model, status, started, sent)

@@ -245,11 +245,20 @@ class Controller:
     async def _acquire(self, profile: str) -> Lease:
         request_id = next(self._ids)
         now = self.now()
+        decisions = self.scheduler.request_arrived(
+            request_id, profile, now, now + self.config.server.wait_timeout
+        )
+        if len(decisions) == 1:
+            # The common case, a model that is ready: dispatched at once, no future to wait on.
+            decision = decisions[0]
+            if type(decision) is Dispatch and decision.request_id == request_id:
+                ready = self.upstreams.get(decision.profile)
+                if ready is not None:
+                    self._arm_timer()
+                    return Lease(request_id, profile, ready, waited=self.now() - now)
         future: asyncio.Future[Upstream] = asyncio.get_running_loop().create_future()
         self._waiters[request_id] = (future, now)
-        self._apply(
-            self.scheduler.request_arrived(request_id, profile, now, now + self.config.server.wait_timeout)
-        )
+        self._apply(decisions)
         try:
             upstream = await future
         except asyncio.CancelledError:

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import re
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psutil
@@ -111,8 +111,12 @@ class UsageTail:
         while len(self._chunks) > 1 and self._size - len(self._chunks[0]) >= self._limit:
             self._size -= len(self._chunks.popleft())
 
-    def usage(self) -> tuple[int, int] | None:
-        return parse_usage(b"".join(self._chunks)) if self._chunks else None
+    def usage(self, decode: Callable[[bytes], bytes] | None = None) -> tuple[int, int] | None:
+        """The stream's usage; `decode` first undoes a transfer framing the kept chunks still carry."""
+        if not self._chunks:
+            return None
+        data = b"".join(self._chunks)
+        return parse_usage(decode(data) if decode is not None else data)
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -264,6 +268,9 @@ class Metrics:
         )
         registry.register(_LiveState(controller))
         self._loading: set[str] = set()
+        self._requests: dict[tuple[str, int], Any] = {}
+        self._waits: dict[str, Any] = {}
+        self._tokens: dict[str, tuple[Any, Any]] = {}
         self._unsubscribe = controller.subscribe(self._on_event)
 
     def close(self) -> None:
@@ -274,23 +281,39 @@ class Metrics:
 
     # ------------------------------------------------------------------------------------------ feeds
 
+    # The per-request feeds look their labelled child up in a dict of their own: `labels()` takes a
+    # lock and builds its key on every call, which showed in profiles of the proxy under load.
+
     def request_done(self, model: str | None, status: int) -> None:
-        self.requests.labels(model or UNKNOWN_MODEL, str(status)).inc()
+        key = (model or UNKNOWN_MODEL, status)
+        child = self._requests.get(key)
+        if child is None:
+            child = self._requests[key] = self.requests.labels(key[0], str(status))
+        child.inc()
 
     def error(self, model: str | None, code: str | None) -> None:
         self.errors.labels(model or UNKNOWN_MODEL, code or "error").inc()
 
     def waited(self, model: str, seconds: float) -> None:
-        self.wait_seconds.labels(model).observe(seconds)
+        child = self._waits.get(model)
+        if child is None:
+            child = self._waits[model] = self.wait_seconds.labels(model)
+        child.observe(seconds)
 
     def usage(self, model: str, usage: tuple[int, int] | None) -> None:
         if usage is None:
             return
+        children = self._tokens.get(model)
+        if children is None:
+            children = self._tokens[model] = (
+                self.tokens.labels(model, "prompt"),
+                self.tokens.labels(model, "completion"),
+            )
         prompt, completion = usage
         if prompt:
-            self.tokens.labels(model, "prompt").inc(prompt)
+            children[0].inc(prompt)
         if completion:
-            self.tokens.labels(model, "completion").inc(completion)
+            children[1].inc(completion)
 
     def _on_event(self, event: dict[str, Any]) -> None:
         kind, model = event.get("event"), event.get("model")

@@ -2,6 +2,8 @@
 
 Responses with a length are read whole (one write back, the common case for non-streamed answers);
 everything else, SSE in particular, is passed through chunk by chunk as it arrives, never buffered.
+Upstreams are reached with the lean client of `upstream_http`; a chunked answer that needs no
+rewriting reaches an HTTP/1.1 client in the upstream's own framing, with no decoding on the way.
 
 A streamed request that has to wait for its model (a load, a swap) gets its `200 text/event-stream`
 answer early, with an SSE comment line (`: loading <model> …`) every `loading_comment_interval`
@@ -21,6 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_writer import StreamWriter
 from multidict import CIMultiDict
 
 from .access_log import MODEL_KEY
@@ -28,6 +31,17 @@ from .controller import Controller, Lease
 from .errors import RouterError, error_body
 from .metrics import UsageTail, parse_usage
 from .scheduler import State
+from .upstream_http import (
+    LAST_CHUNK,
+    Answer,
+    ConnectFailed,
+    ConnectionDropped,
+    UpstreamError,
+    UpstreamPool,
+    UpstreamTimeout,
+    decode_chunked,
+    frame_chunk,
+)
 
 if TYPE_CHECKING:
     from .metrics import Metrics
@@ -78,14 +92,46 @@ _HOP_BY_HOP = frozenset(
 # The router's own keys mean nothing to an upstream; they are not passed on when the router checks them.
 _AUTH_HEADERS = frozenset({"authorization", "x-api-key"})
 _RESPONSE_DROP = _HOP_BY_HOP | {"date", "server"}
+# The router has the whole body in hand before it sends it: no upstream should wait for a go-ahead.
+_REQUEST_ONLY = frozenset({"expect"})
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 CLIENT_CLOSED = 499  # status counted for a client that left before its answer was complete
 EXIT_GRACE = 0.5  # seconds a process that reset a connection has to show it exited
 FALLBACK_HEADER = "X-Llama-Router-Fallback"  # "<asked for> -> <answered by>" when a fallback answers
 
 
-def _forward_headers(headers: Any, drop: frozenset[str]) -> CIMultiDict[str]:
-    return CIMultiDict((key, value) for key, value in headers.items() if key.lower() not in drop)
+def _forward_headers(headers: list[tuple[str, str]], drop: frozenset[str]) -> CIMultiDict[str]:
+    return CIMultiDict([(key, value) for key, value in headers if key.lower() not in drop])
+
+
+def _request_head(
+    method: str,
+    target: str,
+    host: str,
+    port: int,
+    raw_headers: Any,
+    body: bytes | None,
+    drop: frozenset[bytes],
+) -> bytes:
+    """The request line and headers for the upstream: the client's headers minus hop-by-hop ones, with
+    the upstream's Host and the length of the body the router holds."""
+    parts = [f"{method} {target} HTTP/1.1\r\nHost: {host}:{port}\r\n".encode("latin-1")]
+    for name, value in raw_headers:
+        if name.lower() not in drop:
+            parts += (name, b": ", value, b"\r\n")
+    if body is not None:
+        parts.append(b"Content-Length: %d\r\n" % len(body))
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def _take_framing(writer: Any) -> bool:
+    """Make `writer` (a prepared chunked response's) send bytes as they are, so whole chunks from the
+    upstream pass through in their own framing instead of being decoded and framed again."""
+    if type(writer) is StreamWriter and writer.chunked and not getattr(writer, "_compress", None):
+        writer.chunked = False
+        return True
+    return False
 
 
 def parse_model_from_body(body: bytes) -> tuple[str, dict[str, Any]]:
@@ -156,20 +202,16 @@ class Proxy:
     ) -> None:
         self.controller = controller
         self.metrics = metrics
-        self._request_drop = _HOP_BY_HOP | _AUTH_HEADERS if strip_auth else _HOP_BY_HOP
-        self._session: aiohttp.ClientSession | None = None
+        drop = _HOP_BY_HOP | _REQUEST_ONLY | (_AUTH_HEADERS if strip_auth else frozenset())
+        self._request_drop = frozenset(name.encode() for name in drop)
+        self._pool: UpstreamPool | None = None
 
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=None, enable_cleanup_closed=False),
-            auto_decompress=False,
-            trust_env=False,
-            skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
-        )
+        self._pool = UpstreamPool()
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        if self._pool is not None:
+            await self._pool.close()
 
     @property
     def loading_interval(self) -> float:
@@ -312,25 +354,29 @@ class Proxy:
 
     # ------------------------------------------------------------------------------------------ relay
 
-    def _open(self, request: web.Request, lease: Lease, body: bytes | None, path: str | None) -> Any:
+    def _open(
+        self, request: web.Request, lease: Lease, body: bytes | None, path: str | None, *, fresh: bool = False
+    ) -> Any:
         """The upstream request, to await: it resolves once the upstream's status and headers came."""
-        assert self._session is not None
-        url = lease.upstream.base_url + (path if path is not None else request.rel_url.raw_path_qs)
-        return self._session.request(
-            request.method,
-            url,
-            data=body,
-            headers=_forward_headers(request.headers, self._request_drop),
-            allow_redirects=False,
+        assert self._pool is not None
+        upstream = lease.upstream
+        method = request.method
+        target = path if path is not None else request.rel_url.raw_path_qs
+        head = _request_head(
+            method, target, upstream.host, upstream.port, request.raw_headers, body, self._request_drop
+        )
+        return self._pool.request(
+            upstream.host,
+            upstream.port,
+            head,
+            body,
             # No byte for this long, waiting for the answer to begin, means a wedged upstream.
-            timeout=aiohttp.ClientTimeout(
-                total=None, sock_connect=10, sock_read=self.controller.config.server.stall_timeout_prompt
-            ),
+            timeout=self.controller.config.server.stall_timeout_prompt,
+            no_body=method == "HEAD",
+            fresh=fresh,
         )
 
-    async def _send(
-        self, request: web.Request, lease: Lease, body: bytes | None, path: str | None
-    ) -> aiohttp.ClientResponse:
+    async def _send(self, request: web.Request, lease: Lease, body: bytes | None, path: str | None) -> Answer:
         """Send the request upstream and wait for its status.
 
         A connection refused or reset (the request never reached a live process) is how a crash often
@@ -340,21 +386,28 @@ class Proxy:
         never sent again, it is a 502 like any other failure."""
         if lease.fallback_for is not None and body:
             body = _naming(body, lease.profile)
-        error: aiohttp.ClientError
+        error: UpstreamError
         for attempt in (1, 2):
             try:
-                response: aiohttp.ClientResponse = await self._open(request, lease, body, path)
-                return response
-            except aiohttp.ServerTimeoutError:
+                answer: Answer = await self._open(request, lease, body, path, fresh=attempt == 2)
+                return answer
+            except UpstreamTimeout:
                 stall = self.controller.config.server.stall_timeout_prompt
                 raise RouterError(502, self._stalled(lease, stall), code="upstream_stalled") from None
-            except aiohttp.ClientOSError as exc:  # refused, reset, broken pipe
+            except (ConnectFailed, ConnectionDropped) as exc:
                 error = exc
+                if isinstance(exc, ConnectionDropped) and not exc.reset:
+                    # Closed after the request went out: it is never sent again, unless it was a
+                    # kept-alive connection of a process that goes on serving (the server closed
+                    # it as the request arrived): then once more, on a new connection.
+                    if exc.reused and attempt == 1 and _serving(lease):
+                        continue
+                    break
                 if await self._died(lease):
                     raise _UpstreamGone from None
-                if isinstance(exc, aiohttp.ClientConnectorError) or attempt == 2:
+                if isinstance(exc, ConnectFailed) or attempt == 2:
                     break
-            except aiohttp.ClientError as exc:
+            except UpstreamError as exc:
                 error = exc
                 break
         raise RouterError(
@@ -387,14 +440,14 @@ class Proxy:
     ) -> web.StreamResponse:
         upstream = await self._send(request, lease, body, path)
         renamer = _renamer(lease, requested)
-        async with upstream:
-            headers = _forward_headers(upstream.headers, _RESPONSE_DROP)
+        try:  # (not `async with`: one coroutine less per request)
+            headers = _forward_headers(upstream.raw_headers, _RESPONSE_DROP)
             if lease.fallback_for is not None:
                 headers[FALLBACK_HEADER] = f"{lease.fallback_for} -> {lease.profile}"
-            if upstream.headers.get("Content-Length") is not None:
+            if upstream.content_length is not None:
                 try:
-                    data = await upstream.read()
-                except (TimeoutError, aiohttp.ClientError) as exc:
+                    data = await upstream.read(self.controller.config.server.stall_timeout_prompt)
+                except UpstreamError as exc:
                     raise RouterError(
                         502, f"model {lease.profile!r} failed mid-answer: {exc}", code="upstream_failed"
                     ) from None
@@ -404,10 +457,14 @@ class Proxy:
                     data = renamer.whole(data)
                 return web.Response(status=upstream.status, body=data, headers=headers)
             response = web.StreamResponse(status=upstream.status, headers=headers)
-            is_sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
-            await response.prepare(request)
-            await self._pump(request, response, lease, upstream.content.iter_any(), renamer, is_sse)
+            is_sse = upstream.content_type.startswith("text/event-stream")
+            writer = await response.prepare(request)
+            framed = renamer is None and upstream.chunked and _take_framing(writer)
+            chunks = upstream.pieces(framed=framed)
+            await self._pump(request, response, lease, chunks, renamer, is_sse, framed=framed)
             return response
+        finally:
+            upstream.release()
 
     async def _pump(
         self,
@@ -417,9 +474,14 @@ class Proxy:
         chunks: AsyncIterator[bytes],
         renamer: ModelRenamer | None,
         is_sse: bool,
+        *,
+        framed: bool = False,
     ) -> None:
         """Copy the upstream's chunks to the client as they come; end with an error event (SSE) or a
-        cut connection (other streams) when the upstream fails mid-way."""
+        cut connection (other streams) when the upstream fails mid-way.
+
+        `framed`: the chunks are whole HTTP chunks in their framing, last chunk included, and the
+        response sends them as they are (see `_take_framing`)."""
         tail = UsageTail() if self.metrics is not None else None
         server = self.controller.config.server
         loop = asyncio.get_running_loop()
@@ -438,7 +500,7 @@ class Proxy:
                     timer.reschedule(loop.time() + stall)
             if renamer is not None and (rest := renamer.flush()):
                 await response.write(rest)
-        except (TimeoutError, aiohttp.ClientError) as exc:
+        except (TimeoutError, UpstreamError, aiohttp.ClientError) as exc:
             if isinstance(exc, ConnectionResetError):
                 raise  # our client left; nothing to tell it
             if timer.expired():
@@ -454,9 +516,10 @@ class Proxy:
                 if request.transport is not None:
                     request.transport.abort()
                 return
-            await response.write(sse_event(error_body(502, message, code=code)))
+            event = sse_event(error_body(502, message, code=code))
+            await response.write(frame_chunk(event) + LAST_CHUNK if framed else event)
         if tail is not None and self.metrics is not None:
-            self.metrics.usage(lease.profile, tail.usage())
+            self.metrics.usage(lease.profile, tail.usage(decode_chunked if framed else None))
         await response.write_eof()
 
     # ------------------------------------------------------------------------------------------ feedback
@@ -548,8 +611,9 @@ class Proxy:
             if upstream.status >= 400:
                 await self._fail_stream(response, lease.profile, await self._error_of(upstream), None)
                 return
-            is_sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
-            chunks = upstream.content.iter_any().__aiter__()
+            is_sse = upstream.content_type.startswith("text/event-stream")
+            stall = self.controller.config.server.stall_timeout_prompt
+            chunks = upstream.pieces(framed=False, timeout=stall)
             try:
                 first = await self._with_comments(
                     response, asyncio.ensure_future(chunks.__anext__()), waiting, started
@@ -557,11 +621,11 @@ class Proxy:
             except StopAsyncIteration:
                 await response.write_eof()
                 return
-            except (TimeoutError, aiohttp.ClientError) as exc:
+            except (TimeoutError, UpstreamError, aiohttp.ClientError) as exc:
                 if isinstance(exc, ConnectionResetError):
                     raise
-                if isinstance(exc, aiohttp.ServerTimeoutError):
-                    self._stalled(lease, self.controller.config.server.stall_timeout_prompt)
+                if isinstance(exc, UpstreamTimeout):
+                    self._stalled(lease, stall)
                 reason = exc or type(exc).__name__
                 message = f"model {lease.profile!r} failed before its first chunk: {reason}"
                 await self._fail_stream(
@@ -570,11 +634,11 @@ class Proxy:
                 return
             await self._pump(request, response, lease, _prepend(first, chunks), renamer, is_sse)
 
-    async def _error_of(self, upstream: aiohttp.ClientResponse) -> dict[str, Any]:
+    async def _error_of(self, upstream: Answer) -> dict[str, Any]:
         """An upstream's error answer as an OpenAI error object (its own when it sent one)."""
         try:
-            data = await upstream.read()
-        except (TimeoutError, aiohttp.ClientError):
+            data = await upstream.read(self.controller.config.server.stall_timeout_prompt)
+        except UpstreamError:
             data = b""
         try:
             payload = json.loads(data)
@@ -596,6 +660,12 @@ class Proxy:
         await response.write(sse_event(error))
         await response.write_eof()
         return response
+
+
+def _serving(lease: Lease) -> bool:
+    """Whether the lease's upstream process lives and is not being stopped."""
+    upstream = lease.upstream
+    return not upstream.stopping and not upstream.gone.is_set() and upstream.is_alive()
 
 
 def _naming(body: bytes, model: str) -> bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import socket
 import statistics
 import subprocess
@@ -46,25 +47,49 @@ async def chat(session: aiohttp.ClientSession, url: str, model: str, **extra: An
             raise RuntimeError(f"{url}: {response.status} {body[:300]!r}")
 
 
+@dataclasses.dataclass
+class RunningRouter:
+    """A router subprocess started by `running_router`."""
+
+    url: str
+    process: subprocess.Popen[bytes]
+
+
+@contextlib.asynccontextmanager
+async def running_router(
+    session: aiohttp.ClientSession,
+    workdir: Path,
+    profiles: dict[str, Any],
+    *,
+    log_level: str = "WARNING",
+    log_file: Path | None = None,
+    **server: Any,
+) -> AsyncIterator[RunningRouter]:
+    """Run `llama-router serve` on a config of these profiles (its log to `log_file`, else inherited)."""
+    port = free_port()
+    config_path = workdir / f"profiles-{port}.yaml"
+    server = {"port": port, "state_dir": str(workdir / "state"), **server}
+    config_path.write_text(yaml.safe_dump({"server": server, "profiles": profiles}))
+    command = [sys.executable, "-m", "router", "--log-level", log_level, "serve", "-c", str(config_path)]
+    with contextlib.ExitStack() as files:
+        log = files.enter_context(log_file.open("ab")) if log_file is not None else None
+        process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=log)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            await wait_healthy(session, url, interval=0.01)
+            yield RunningRouter(url, process)
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+
+
 @contextlib.asynccontextmanager
 async def router_process(
     session: aiohttp.ClientSession, workdir: Path, profiles: dict[str, Any], **server: Any
 ) -> AsyncIterator[str]:
     """Run `llama-router serve` on a config of these profiles; yields its base URL."""
-    port = free_port()
-    config_path = workdir / f"profiles-{port}.yaml"
-    server = {"port": port, "state_dir": str(workdir / "state"), **server}
-    config_path.write_text(yaml.safe_dump({"server": server, "profiles": profiles}))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "router", "--log-level", "WARNING", "serve", "-c", str(config_path)], cwd=ROOT
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        await wait_healthy(session, url, interval=0.01)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    async with running_router(session, workdir, profiles, **server) as router:
+        yield router.url
 
 
 def percentile(values: list[float], pct: float) -> float:

@@ -94,7 +94,12 @@ async def test_standby_profile_is_preloaded_and_yields_to_real_demand(
 
 async def test_ttl_unloads_an_idle_model(start_router: RouterFactory, dummy_model: Path) -> None:
     router = await start_router({"short": fake_profile(dummy_model, ttl=0.3)})
+    events: list[dict[str, Any]] = []
+    router.controller.subscribe(events.append)
     assert (await router.chat("short"))[0] == 200
-    assert "short" in await running(router)
     await wait_until(lambda: not upstream_processes(), what="the ttl to unload the model")
     assert await running(router) == {}
+    ready = next(event for event in events if event["event"] == "ready")
+    stopping = next(event for event in events if event["event"] == "stopping")
+    assert stopping["cause"] == "ttl"
+    assert stopping["time"] - ready["time"] >= 0.3, "not before it had been idle for its ttl"
