@@ -97,8 +97,10 @@ async def test_ttl_unloads_an_idle_model(start_router: RouterFactory, dummy_mode
     events: list[dict[str, Any]] = []
     router.controller.subscribe(events.append)
     assert (await router.chat("short"))[0] == 200
-    await wait_until(lambda: not upstream_processes(), what="the ttl to unload the model")
+    view = router.controller.scheduler.view
+    await wait_until(lambda: view("short").state.value == "cold", what="the ttl to unload the model")
     assert await running(router) == {}
+    assert not upstream_processes()
     ready = next(event for event in events if event["event"] == "ready")
     stopping = next(event for event in events if event["event"] == "stopping")
     assert stopping["cause"] == "ttl"
