@@ -26,6 +26,8 @@ from .config import ResolvedProfile
 log = logging.getLogger("llama_router.upstream")
 
 _PR_SET_PDEATHSIG = 1
+# What llama-server prints once it answers: readiness is checked at once instead of at the next poll.
+READY_MARKS = ("model loaded", "server is listening", "listening on http")
 # Seconds after SIGTERM before the second signal that ends a llama-server still finishing requests.
 SECOND_SIGNAL_AFTER = 1.0
 # Tag put in every upstream's environment so a later router can recognise processes it started.
@@ -77,6 +79,7 @@ class Upstream:
         self.ready_at = 0.0
         self.stopping = False
         self.gone = asyncio.Event()  # set once the router has processed this process's exit
+        self._says_ready = asyncio.Event()  # its output announced the model is loaded
         self._reader: asyncio.Task[None] | None = None
 
     @property
@@ -136,6 +139,8 @@ class Upstream:
                 return
             line = raw.decode("utf-8", "replace").rstrip("\r\n")
             self.log.append(line)
+            if not self._says_ready.is_set() and any(mark in line for mark in READY_MARKS):
+                self._says_ready.set()
             if self.on_output is not None:
                 self.on_output(self.profile.name, line)
 
@@ -152,7 +157,12 @@ class Upstream:
                         if response.status == 200:
                             self.ready_at = time.monotonic()
                             return
-                await asyncio.wait({exited}, timeout=self.health_interval)
+                # Poll again after the interval, or at once when the output says it has loaded.
+                says_ready = asyncio.ensure_future(self._says_ready.wait())
+                await asyncio.wait(
+                    {exited, says_ready}, timeout=self.health_interval, return_when="FIRST_COMPLETED"
+                )
+                says_ready.cancel()
             await self._drain_reader()
             raise LoadError(self.exit_reason("during load"))
         finally:
