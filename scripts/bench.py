@@ -37,16 +37,14 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from router.config import ServerConfig, load_config  # noqa: E402
+from router.config import ServerConfig  # noqa: E402
 from scripts.bench_swap import ARGS as REAL_ARGS  # noqa: E402
-from scripts.bench_swap import bare_start, summary, until_nothing_runs  # noqa: E402
 from scripts.bench_thrash import client as closed_loop_client  # noqa: E402
-from scripts.benchlib import chat, free_port, latency_summary, running_router  # noqa: E402
+from scripts.benchlib import chat, latency_summary, running_router, swap_figures  # noqa: E402
 
 FAST_UPSTREAM = ROOT / "scripts" / "fast_upstream.py"
 LOADGEN = ROOT / "scripts" / "loadgen.py"
@@ -207,47 +205,6 @@ async def profile_router(pid: int, port: int, output: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------- swap
-
-
-async def swap_figures(
-    session: aiohttp.ClientSession,
-    workdir: Path,
-    profiles: dict[str, Any],
-    rounds: int,
-    log_file: Path,
-    log_level: str,
-) -> dict[str, Any]:
-    """Cold start and swap through the router against the same upstream started by hand."""
-    config_path = workdir / "swap-profiles.yaml"
-    config_path.write_text(yaml.safe_dump({"profiles": profiles}))
-    config = load_config(config_path)
-    async with running_router(
-        session, workdir, profiles, log_level=log_level, log_file=log_file, max_resident=1
-    ) as router:
-        url = router.url
-        bare_healthy: list[float] = []
-        bare_answer: list[float] = []
-        cold: list[float] = []
-        swap: list[float] = []
-        for _ in range(rounds):
-            port = free_port()
-            healthy, answered = await bare_start(
-                session, config.profiles["a"].command("127.0.0.1", port), port
-            )
-            bare_healthy.append(healthy)
-            bare_answer.append(answered)
-            async with session.post(url + "/unload") as response:
-                await response.read()
-            await until_nothing_runs(session, url)
-            for timings, model in ((cold, "a"), (swap, "b"), (swap, "a")):
-                started = time.perf_counter()
-                await chat(session, url, model)
-                timings.append(time.perf_counter() - started)
-    return {
-        "binary": str(config.profiles["a"].binary),
-        "cold_start": summary(cold, bare_healthy, bare_answer),
-        "swap": summary(swap, bare_healthy, bare_answer),
-    }
 
 
 async def swap_section(

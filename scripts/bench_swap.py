@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,26 +31,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from router.config import load_config  # noqa: E402
-from scripts.benchlib import chat, free_port, ms, percentile, router_process, wait_healthy  # noqa: E402
+from scripts.benchlib import chat, ms, percentile, router_process, swap_figures  # noqa: E402
 from scripts.make_tiny_models import make_model  # noqa: E402
 
 ARGS = ["--ctx-size", "512", "--parallel", "1", "--threads", "1"]
 
 
-async def bare_start(session: aiohttp.ClientSession, command: list[str], port: int) -> tuple[float, float]:
-    """Spawn llama-server by hand: seconds to healthy (polled every 1 ms) and to a first answer."""
-    started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        await wait_healthy(session, url, interval=0.001)
-        healthy = time.perf_counter() - started
-        await chat(session, url, "x")
-        answered = time.perf_counter() - started
-    finally:
-        process.terminate()
-        process.wait()
-    return healthy, answered
+async def _swap_figures(workdir: Path, profiles: dict[str, Any], rounds: int) -> dict[str, Any]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        return await swap_figures(session, workdir, profiles, rounds, workdir / "router.log", "WARNING")
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -67,35 +55,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     config_path = workdir / "profiles.yaml"
     config_path.write_text(yaml.safe_dump({"profiles": profiles}))
     config = load_config(config_path)
-    results: dict[str, Any] = {}
+    figures = await _swap_figures(workdir, profiles, args.rounds)
+    results: dict[str, Any] = {"cold_start": figures["cold_start"], "swap": figures["swap"]}
     connector = aiohttp.TCPConnector(limit=0)
     async with (
         aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session,
         router_process(session, workdir, profiles, max_resident=1) as router_url,
     ):
-        bare_healthy, bare_answer, cold, swap = [], [], [], []
-        for _ in range(args.rounds):
-            port = free_port()
-            healthy, answered = await bare_start(
-                session, config.profiles["a"].command("127.0.0.1", port), port
-            )
-            bare_healthy.append(healthy)
-            bare_answer.append(answered)
-            # cold: nothing loaded
-            async with session.post(router_url + "/unload") as response:
-                await response.read()
-            await until_nothing_runs(session, router_url)
-            started = time.perf_counter()
-            await chat(session, router_url, "a")
-            cold.append(time.perf_counter() - started)
-            # swap: 'a' loaded and idle, ask for 'b'
-            started = time.perf_counter()
-            await chat(session, router_url, "b")
-            swap.append(time.perf_counter() - started)
-            await chat(session, router_url, "a")
-        results["cold_start"] = summary(cold, bare_healthy, bare_answer)
-        results["swap"] = summary(swap, bare_healthy, bare_answer)
-
         # loaded: interleaved direct/router requests to the same running upstream
         await chat(session, router_url, "a")
         async with session.get(router_url + "/running") as response:
@@ -127,26 +93,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "binary": str(config.profiles["a"].binary),
     }
     return results
-
-
-async def until_nothing_runs(session: aiohttp.ClientSession, url: str) -> None:
-    for _ in range(3000):
-        async with session.get(url + "/running") as response:
-            if not (await response.json())["running"]:
-                return
-        await asyncio.sleep(0.01)
-    raise TimeoutError("models did not unload")
-
-
-def summary(router: list[float], bare_healthy: list[float], bare_answer: list[float]) -> dict[str, Any]:
-    return {
-        "rounds": len(router),
-        "router_request_to_answer_median_ms": ms(statistics.median(router)),
-        "bare_spawn_to_healthy_median_ms": ms(statistics.median(bare_healthy)),
-        "bare_spawn_to_answer_median_ms": ms(statistics.median(bare_answer)),
-        "overhead_vs_healthy_ms": ms(statistics.median(router) - statistics.median(bare_healthy)),
-        "overhead_vs_answer_ms": ms(statistics.median(router) - statistics.median(bare_answer)),
-    }
 
 
 def main() -> int:

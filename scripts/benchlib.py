@@ -18,6 +18,11 @@ import aiohttp
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from router.config import load_config  # noqa: E402
+
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "temperature": 0}
 
 
@@ -108,4 +113,81 @@ def latency_summary(values: list[float]) -> dict[str, float]:
         "median_ms": ms(statistics.median(values)),
         "p95_ms": ms(percentile(values, 95)),
         "max_ms": ms(max(values)),
+    }
+
+
+async def bare_start(session: aiohttp.ClientSession, command: list[str], port: int) -> tuple[float, float]:
+    """Spawn llama-server by hand: seconds to healthy (polled every 1 ms) and to a first answer."""
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        await wait_healthy(session, url, interval=0.001)
+        healthy = time.perf_counter() - started
+        await chat(session, url, "x")
+        answered = time.perf_counter() - started
+    finally:
+        process.terminate()
+        process.wait()
+    return healthy, answered
+
+
+async def until_nothing_runs(session: aiohttp.ClientSession, url: str) -> None:
+    for _ in range(3000):
+        async with session.get(url + "/running") as response:
+            if not (await response.json())["running"]:
+                return
+        await asyncio.sleep(0.01)
+    raise TimeoutError("models did not unload")
+
+
+def summary(router: list[float], bare_healthy: list[float], bare_answer: list[float]) -> dict[str, Any]:
+    return {
+        "rounds": len(router),
+        "router_request_to_answer_median_ms": ms(statistics.median(router)),
+        "bare_spawn_to_healthy_median_ms": ms(statistics.median(bare_healthy)),
+        "bare_spawn_to_answer_median_ms": ms(statistics.median(bare_answer)),
+        "overhead_vs_healthy_ms": ms(statistics.median(router) - statistics.median(bare_healthy)),
+        "overhead_vs_answer_ms": ms(statistics.median(router) - statistics.median(bare_answer)),
+    }
+
+
+async def swap_figures(
+    session: aiohttp.ClientSession,
+    workdir: Path,
+    profiles: dict[str, Any],
+    rounds: int,
+    log_file: Path,
+    log_level: str,
+) -> dict[str, Any]:
+    """Cold start and swap through the router against the same upstream started by hand."""
+    config_path = workdir / "swap-profiles.yaml"
+    config_path.write_text(yaml.safe_dump({"profiles": profiles}))
+    config = load_config(config_path)
+    async with running_router(
+        session, workdir, profiles, log_level=log_level, log_file=log_file, max_resident=1
+    ) as router:
+        url = router.url
+        bare_healthy: list[float] = []
+        bare_answer: list[float] = []
+        cold: list[float] = []
+        swap: list[float] = []
+        for _ in range(rounds):
+            port = free_port()
+            healthy, answered = await bare_start(
+                session, config.profiles["a"].command("127.0.0.1", port), port
+            )
+            bare_healthy.append(healthy)
+            bare_answer.append(answered)
+            async with session.post(url + "/unload") as response:
+                await response.read()
+            await until_nothing_runs(session, url)
+            for timings, model in ((cold, "a"), (swap, "b"), (swap, "a")):
+                started = time.perf_counter()
+                await chat(session, url, model)
+                timings.append(time.perf_counter() - started)
+    return {
+        "binary": str(config.profiles["a"].binary),
+        "cold_start": summary(cold, bare_healthy, bare_answer),
+        "swap": summary(swap, bare_healthy, bare_answer),
     }
