@@ -154,3 +154,13 @@ class RouterProcess:
         if self._reader is not None:
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(self._reader, 5)
+
+
+async def accepts_connections(port: int) -> bool:
+    """Whether something listens on this loopback port."""
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return False
+    writer.close()
+    return True

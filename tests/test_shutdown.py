@@ -17,7 +17,7 @@ import aiohttp
 from router.stale import find_stale, remove_stale
 from router.supervisor import OWNER_ENV
 from tests.conftest import FAKE_UPSTREAM, fake_profile, wait_until
-from tests.router_process import RouterProcess, free_port, pid_gone, write_config
+from tests.router_process import RouterProcess, accepts_connections, free_port, pid_gone, write_config
 
 
 async def stream_chat(url: str, model: str, **body: Any) -> tuple[int, list[str]]:
@@ -129,12 +129,7 @@ async def spawn_upstream(model: Path, env_extra: dict[str, str], *flags: str) ->
 
     async def listening() -> bool:
         assert process.poll() is None, "the fake upstream exited at start"
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            return False
-        writer.close()
-        return True
+        return await accepts_connections(port)
 
     await wait_until(listening, timeout=30, what="the fake upstream to listen")
     return process

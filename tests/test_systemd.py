@@ -24,7 +24,7 @@ import pytest
 
 from router.sdnotify import Notifier
 from tests.conftest import fake_profile
-from tests.router_process import RouterProcess, write_config
+from tests.router_process import RouterProcess, accepts_connections, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMD = ROOT / "systemd"
@@ -153,15 +153,6 @@ def notify_socket(request: pytest.FixtureRequest) -> Iterator[NotifySocket]:
     sock = NotifySocket(abstract=request.param)
     yield sock
     sock.close()
-
-
-async def accepts_connections(port: int) -> bool:
-    try:
-        _, writer = await asyncio.open_connection("127.0.0.1", port)
-    except OSError:
-        return False
-    writer.close()
-    return True
 
 
 async def test_ready_after_listening_and_stopping_on_sigterm(
