@@ -20,4 +20,4 @@ lint:
 	$(VENV)/bin/mypy
 
 bench: setup
-	$(VENV)/bin/python scripts/bench_swap.py
+	$(VENV)/bin/python scripts/bench.py
