@@ -522,8 +522,6 @@ class Controller:
             for device in self.devices
         }
 
-    def log_tail(self, name: str, lines: int = 20) -> str:
-        return "\n".join(list(self.logs[name])[-lines:])
 
 
 def state_dir(config: RouterConfig) -> Path:
