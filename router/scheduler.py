@@ -261,7 +261,9 @@ class Scheduler:
         request = self._requests.pop(request_id, None)
         if request is None:
             return []
-        slot = self._slots[request.profile]
+        slot = self._slots.get(request.profile)
+        if slot is None:  # its profile was removed by a reload while the request ran
+            return self._place(now)
         if not request.dispatched:
             # Cancelled while waiting: it no longer needs its model.
             if request_id in slot.waiting:

@@ -702,3 +702,13 @@ def test_an_out_of_memory_load_evicts_idle_models_and_retries_once() -> None:
     assert d.exited("b") == [Start("c")]
     decisions = d._take(s.process_exited("c", d.now, "cudaMalloc failed: out of memory", out_of_memory=True))
     assert [x.request_id for x in decisions if isinstance(x, Fail)] == [request]  # never retried twice
+
+
+def test_a_request_outliving_its_removed_profile_finishes_quietly() -> None:
+    s, d = memory_scheduler({"a": 10, "b": 10}, budget=100, max_failures=1)
+    request, _ = d.arrive("a")
+    d.ready("a")
+    d.exited("a", "crashed while serving")  # the request is still being answered with an error
+    s.reconfigure([ProfileSpec("b", gib(10), 10.0)], gib(100), d.now)
+    assert d.finish(request) == []
+    assert [v.name for v in s.views()] == ["b"]
