@@ -370,7 +370,10 @@ class Controller:
         self._apply(self.scheduler.footprint_measured(name, self._with_slot(measured), self.now()))
 
     async def _start(self, name: str) -> None:
-        profile = self.config.profiles[name]
+        profile = self.config.profiles.get(name)
+        if profile is None:  # a reload removed it between the decision and now
+            self._apply(self.scheduler.process_exited(name, self.now(), "removed from the config"))
+            return
         server = self.config.server
         upstream = Upstream(
             profile,
