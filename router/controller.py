@@ -220,7 +220,10 @@ class Controller:
 
         When the profile's model is failed or cannot be loaded, its `fallback` profiles are tried in
         order; the lease then says which profile it was asked for."""
-        chain = [profile, *self.config.profiles[profile].fallback] if fallback else [profile]
+        config = self.config.profiles.get(profile)
+        if config is None:  # resolved just before a reload removed it
+            raise RouterError(404, f"model {profile!r} was removed from the config", code="model_not_found")
+        chain = [profile, *config.fallback] if fallback else [profile]
         error: RouterError | None = None
         for index, name in enumerate(chain):
             last = index == len(chain) - 1
