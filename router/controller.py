@@ -87,7 +87,7 @@ class Controller:
         self.owner_tag = f"{os.getpid()}"
         self.started_at = time.time()
         self._ids = itertools.count(1)
-        self._waiters: dict[int, tuple[asyncio.Future[Upstream], float]] = {}
+        self._waiters: dict[int, asyncio.Future[Upstream]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._listeners: list[EventListener] = []
@@ -260,7 +260,7 @@ class Controller:
                     self._arm_timer()
                     return Lease(request_id, profile, ready, waited=self.now() - now)
         future: asyncio.Future[Upstream] = asyncio.get_running_loop().create_future()
-        self._waiters[request_id] = (future, now)
+        self._waiters[request_id] = future
         self._apply(decisions)
         try:
             upstream = await future
@@ -292,10 +292,8 @@ class Controller:
                 self._resolve(decision)
             elif isinstance(decision, Fail):
                 waiter = self._waiters.pop(decision.request_id, None)
-                if waiter is not None and not waiter[0].done():
-                    waiter[0].set_exception(
-                        RouterError(decision.status, decision.message, code=decision.code)
-                    )
+                if waiter is not None and not waiter.done():
+                    waiter.set_exception(RouterError(decision.status, decision.message, code=decision.code))
             elif isinstance(decision, Start):
                 self._spawn(self._start(decision.profile))
             elif isinstance(decision, Stop):
@@ -303,12 +301,9 @@ class Controller:
         self._arm_timer()
 
     def _resolve(self, decision: Dispatch) -> None:
-        waiter = self._waiters.pop(decision.request_id, None)
+        future = self._waiters.pop(decision.request_id, None)
         upstream = self.upstreams.get(decision.profile)
-        if waiter is None:
-            return
-        future = waiter[0]
-        if future.done():
+        if future is None or future.done():
             return
         if upstream is None:  # cannot happen while the scheduler and supervisor agree
             future.set_exception(RouterError(502, f"model {decision.profile!r} is not running"))
@@ -527,7 +522,6 @@ class Controller:
             device.name: {"total": device.total, "budget": device.budget, "used": used.get(device.name, 0)}
             for device in self.devices
         }
-
 
 
 def state_dir(config: RouterConfig) -> Path:
