@@ -293,7 +293,14 @@ class Controller:
             elif isinstance(decision, Fail):
                 waiter = self._waiters.pop(decision.request_id, None)
                 if waiter is not None and not waiter.done():
-                    waiter.set_exception(RouterError(decision.status, decision.message, code=decision.code))
+                    waiter.set_exception(
+                        RouterError(
+                            decision.status,
+                            decision.message,
+                            code=decision.code,
+                            retry_after=decision.retry_after,
+                        )
+                    )
             elif isinstance(decision, Start):
                 self._spawn(self._start(decision.profile))
             elif isinstance(decision, Stop):

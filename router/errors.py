@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from aiohttp import web
@@ -41,7 +42,7 @@ class RouterError(Exception):
         return error_body(self.status, self.message, code=self.code, type=self.type)
 
     def response(self) -> web.Response:
-        headers = {"Retry-After": str(max(1, round(self.retry_after)))} if self.retry_after else None
+        headers = {"Retry-After": str(max(1, math.ceil(self.retry_after)))} if self.retry_after else None
         return error_response(self.status, self.message, code=self.code, type=self.type, headers=headers)
 
 

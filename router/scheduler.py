@@ -62,6 +62,7 @@ class Fail:
     status: int
     code: str
     message: str
+    retry_after: float | None = None  # seconds after which the same request may well succeed
 
 
 Decision = Dispatch | Start | Stop | Fail
@@ -350,6 +351,14 @@ class Scheduler:
             delay = self._backoff * 2 ** (len(slot.failures) - 1)
             slot.retry_at = now + min(delay, self._backoff_max)
 
+    @staticmethod
+    def _retry_hint(slot: _Slot, now: float) -> float:
+        """When a request that gave up waiting might be served: at the end of a restart back-off, or
+        soon (whatever held the model up, its memory or its load, is moving)."""
+        if slot.state is State.FAILED and slot.retry_at is not None:
+            return max(1.0, slot.retry_at - now)
+        return 1.0
+
     def _failure_message(self, slot: _Slot, reason: str) -> str:
         if self._max_failures <= 1:
             return reason
@@ -454,6 +463,7 @@ class Scheduler:
                             "model_wait_timeout",
                             f"gave up after {waited:.1f}s waiting for model {slot.spec.name!r} "
                             f"(state: {slot.state.value})",
+                            retry_after=self._retry_hint(slot, now),
                         )
                     )
             if slot.state is State.STARTING and slot.load_deadline is not None and slot.load_deadline <= now:

@@ -340,11 +340,14 @@ async def test_wait_timeout_fails_a_request_whose_model_loads_too_long(
         {"slow": fake_profile(dummy_model, "--load-delay", "3", load_timeout=10)}, wait_timeout=0.5
     )
     started = time.monotonic()
-    status, body = await chat(router, "slow")
+    async with router.session.post(CHAT, json=chat_body("slow")) as response:
+        status, body = response.status, await response.json()
+        retry_after = response.headers.get("Retry-After")
     assert status == 503, body
     error = assert_openai_error(body, "model_wait_timeout")
     assert "slow" in error["message"]
     assert time.monotonic() - started < 2.5
+    assert retry_after == "1", "a client told to come back, and when"
 
 
 # ---------------------------------------------------------------------------------------------- clients

@@ -140,6 +140,7 @@ def test_a_waiting_request_fails_with_a_reason_when_its_deadline_passes() -> Non
     assert isinstance(fail, Fail)
     assert (fail.request_id, fail.status, fail.code) == (request, 503, "model_wait_timeout")
     assert "'a'" in fail.message and "starting" in fail.message
+    assert fail.retry_after == 1.0
 
 
 def test_a_load_that_times_out_fails_its_waiters_and_stops_the_process() -> None:
@@ -675,6 +676,24 @@ def test_a_crash_loop_backs_off_then_fails_with_the_reason() -> None:
     assert decisions == [Start("a")]
     (fail,) = d.exited("a", "exit 1: bad magic")
     assert isinstance(fail, Fail)
+
+
+def test_a_request_giving_up_during_a_back_off_is_told_when_the_retry_comes() -> None:
+    d = Driver(
+        Scheduler(
+            [ProfileSpec("a", {"slots": 1}, 10.0)],
+            {"slots": 1},
+            drain_timeout=30.0,
+            max_failures=3,
+            backoff=10.0,
+        )
+    )
+    request, _ = d.arrive("a", wait=3.0)
+    d.exited("a", "exit 1: crash")
+    assert d.s.view("a").retry_at == pytest.approx(10.0)
+    (fail,) = d.tick(3.0)
+    assert isinstance(fail, Fail) and (fail.request_id, fail.code) == (request, "model_wait_timeout")
+    assert fail.retry_after == pytest.approx(7.0)
 
 
 def test_failures_outside_the_window_are_forgotten() -> None:
