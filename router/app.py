@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import ipaddress
 import logging
 import signal
 import time
@@ -15,7 +14,7 @@ from aiohttp import web
 
 from .access_log import IN_FLIGHT, InFlight, access_log
 from .api import Api
-from .auth import auth_middleware, resolve_keys
+from .auth import KeyRing, Keys, auth_middleware, resolve_keys, warn_if_open
 from .config import RouterConfig
 from .controller import Controller
 from .errors import RouterError, error_response
@@ -32,6 +31,7 @@ CONTROLLER: web.AppKey[Controller] = web.AppKey("controller", Controller)
 PROXY: web.AppKey[Proxy] = web.AppKey("proxy", Proxy)
 API: web.AppKey[Api] = web.AppKey("api", Api)
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
+KEYS: web.AppKey[KeyRing] = web.AppKey("keys", KeyRing)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -56,30 +56,23 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
         return error_response(500, "internal router error; see the router's log", code="internal_error")
 
 
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
 def build_app(config: RouterConfig) -> web.Application:
     """The router's aiohttp application for `config` (not yet listening)."""
-    keys = resolve_keys(config.server)
-    middlewares: list[Any] = [access_log, openai_errors]
-    if keys.enabled:
-        middlewares.append(auth_middleware(keys))
-    elif not _is_loopback(config.server.host):
-        log.warning(
-            "listening on %s without API keys: anyone who can reach it can use and control every model; "
-            "set server.api_keys (or api_keys_env)",
-            config.server.host,
-        )
+    key_ring = KeyRing(resolve_keys(config.server))
+    warn_if_open(key_ring.keys, config.server.host)
+    # Always installed: a reload may add keys to a router that started without any.
+    middlewares: list[Any] = [access_log, openai_errors, auth_middleware(key_ring)]
     app = web.Application(middlewares=middlewares, client_max_size=256 * 1024 * 1024)
     controller = Controller(config)
     metrics = Metrics(controller)
-    proxy = Proxy(controller, metrics, strip_auth=keys.enabled)
+    proxy = Proxy(controller, metrics)
+
+    def strip_auth_while_keys_are_set(keys: Keys) -> None:
+        proxy.strip_auth = keys.enabled
+
+    key_ring.subscribe(strip_auth_while_keys_are_set)
     api = Api(controller, proxy)
+    app[KEYS] = key_ring
     app[CONTROLLER] = controller
     app[PROXY] = proxy
     app[API] = api
@@ -168,7 +161,7 @@ async def serve(
     app = build_app(config)
     in_flight = InFlight()
     app[IN_FLIGHT] = in_flight
-    reloader = ConfigReloader(app[CONTROLLER], config, loader=loader, notifier=notifier)
+    reloader = ConfigReloader(app[CONTROLLER], config, loader=loader, notifier=notifier, keys=app[KEYS])
     app[RELOADER] = reloader
     loop = asyncio.get_running_loop()
     stop, force = asyncio.Event(), asyncio.Event()

@@ -3,12 +3,15 @@
 With no keys configured the router is open (it listens on loopback by default). API keys guard
 everything but `/health` (so service managers and load balancers can probe it); admin keys, when
 set, are required for the endpoints that change what runs (load, unload, `/upstream/...`) and are
-accepted everywhere an API key is.
+accepted everywhere an API key is. The keys live in a `KeyRing` that a config reload replaces, so adding,
+removing or rotating keys takes effect without a restart.
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
+import logging
 import os
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -17,6 +20,8 @@ from aiohttp import web
 
 from .config import ConfigError, ServerConfig
 from .errors import error_response
+
+log = logging.getLogger("llama_router")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -36,6 +41,36 @@ class Keys:
     @property
     def enabled(self) -> bool:
         return bool(self.api or self.admin)
+
+    def describe(self) -> str:
+        """How many keys there are, for logs: never the keys themselves."""
+        return f"{len(self.api)} API key(s), {len(self.admin)} admin key(s)"
+
+
+class KeyRing:
+    """The keys in force now. Requests read it as they arrive, so a config reload that replaces the
+    keys applies to the next request; listeners (the proxy's header filter) follow each change."""
+
+    def __init__(self, keys: Keys | None = None) -> None:
+        self.keys = keys or Keys()
+        # A plain attribute, not `keys.enabled`: the open router's only per-request cost is reading it.
+        self.enabled = self.keys.enabled
+        self._listeners: list[Callable[[Keys], None]] = []
+
+    def subscribe(self, listener: Callable[[Keys], None]) -> None:
+        """Call `listener` with the keys now, and again whenever they are replaced."""
+        self._listeners.append(listener)
+        listener(self.keys)
+
+    def replace(self, keys: Keys) -> bool:
+        """Put `keys` in force; False (nothing done) when they are the ones already in force."""
+        if keys == self.keys:
+            return False
+        self.keys = keys
+        self.enabled = keys.enabled
+        for listener in self._listeners:
+            listener(keys)
+        return True
 
 
 def _from_env(name: str | None, key_path: str, environ: Mapping[str, str]) -> list[str]:
@@ -58,6 +93,23 @@ def resolve_keys(server: ServerConfig, environ: Mapping[str, str] | None = None)
         if any(not key.strip() for key in keys):
             raise ConfigError(f"server.{where}: keys must not be empty")
     return Keys(tuple(key.encode() for key in api), tuple(key.encode() for key in admin))
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def warn_if_open(keys: Keys, host: str) -> None:
+    """Warn when the router listens beyond loopback with no keys: anyone there can use and control it."""
+    if not keys.enabled and not _is_loopback(host):
+        log.warning(
+            "listening on %s without API keys: anyone who can reach it can use and control every model; "
+            "set server.api_keys (or api_keys_env)",
+            host,
+        )
 
 
 def is_admin_request(request: web.Request) -> bool:
@@ -92,13 +144,14 @@ def _unauthorized(message: str) -> web.Response:
     )
 
 
-def auth_middleware(keys: Keys) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
-    """The middleware enforcing `keys`; install it only when `keys.enabled`."""
+def auth_middleware(ring: KeyRing) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    """The middleware enforcing the keys `ring` holds when each request arrives (none: it lets all in)."""
 
     @web.middleware
     async def check_key(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in OPEN_PATHS:
+        if not ring.enabled or request.path in OPEN_PATHS:
             return await handler(request)
+        keys = ring.keys
         key = presented_key(request)
         if keys.admin and is_admin_request(request):
             if key is None:

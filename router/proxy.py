@@ -202,9 +202,21 @@ class Proxy:
     ) -> None:
         self.controller = controller
         self.metrics = metrics
-        drop = _HOP_BY_HOP | _REQUEST_ONLY | (_AUTH_HEADERS if strip_auth else frozenset())
-        self._request_drop = frozenset(name.encode() for name in drop)
+        self.strip_auth = strip_auth
         self._pool: UpstreamPool | None = None
+
+    @property
+    def strip_auth(self) -> bool:
+        """Whether the client's Authorization/x-api-key headers are kept from the upstream: the router's
+        keys are its own. Set again when a reload changes the keys; the header filter is built here,
+        not per request."""
+        return self._strip_auth
+
+    @strip_auth.setter
+    def strip_auth(self, strip: bool) -> None:
+        self._strip_auth = strip
+        drop = _HOP_BY_HOP | _REQUEST_ONLY | (_AUTH_HEADERS if strip else frozenset())
+        self._request_drop = frozenset(name.encode() for name in drop)
 
     async def start(self) -> None:
         self._pool = UpstreamPool()

@@ -3,7 +3,9 @@
 A new file is loaded and validated completely before anything changes; if it fails, the running config
 stays and the reason is kept (`status()`, shown by `/health`), logged, and sent as a `config_error`
 event. A valid one goes to `Controller.reload`, which keeps profiles whose command did not change,
-restarts changed ones when idle, drains and stops removed ones, and sends the `reloaded` event.
+restarts changed ones when idle, drains and stops removed ones, and sends the `reloaded` event. The API
+and admin keys are resolved with the rest (a named key variable that is unset fails the reload) and put
+in force once the new config is applied.
 
 The watcher polls (no extra dependency): each second it compares the file's stat and, if that moved,
 its content hash, so an editor that rewrites the same bytes, or a `touch`, reloads nothing.
@@ -22,6 +24,7 @@ from typing import Any
 
 from aiohttp import web
 
+from .auth import KeyRing, resolve_keys, warn_if_open
 from .config import ConfigError, RouterConfig, load_config
 from .controller import Controller
 from .sdnotify import Notifier
@@ -59,8 +62,10 @@ class ConfigReloader:
         *,
         loader: Loader | None = None,
         notifier: Notifier | None = None,
+        keys: KeyRing | None = None,
     ) -> None:
         self.controller = controller
+        self.keys = keys  # what requests are checked against; None: new keys are validated, not applied
         self.config = config
         self.path = config.path
         self._loader: Loader = loader or (lambda: load_config(self.path))
@@ -120,12 +125,32 @@ class ConfigReloader:
                 }
             )
         try:
+            keys = resolve_keys(new.server)
+        except ConfigError as exc:
+            self._fail(trigger, f"{self.path}: {exc}")
+            return False
+        try:
             summary = await self.controller.reload(new)
         except Exception as exc:
             log.exception("applying the reloaded config failed")
             self._fail(trigger, f"{self.path}: could not apply the new config: {exc}")
             return False
         self.config = new
+        if self.keys is not None and self.keys.replace(keys):
+            log.info(
+                "keys changed (%s): now %s",
+                trigger,
+                keys.describe(),
+                extra={
+                    "fields": {
+                        "event": "keys_changed",
+                        "trigger": trigger,
+                        "api_keys": len(keys.api),
+                        "admin_keys": len(keys.admin),
+                    }
+                },
+            )
+            warn_if_open(keys, new.server.host)
         self.generation += 1
         self.last_error = None
         summary = {key: list(value) for key, value in dict(summary or {}).items()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +132,25 @@ def test_a_named_but_missing_key_variable_refuses_to_start(dummy_model: Path, tm
     path.write_text(yaml.safe_dump({"server": server, "profiles": {"m": fake_profile(dummy_model)}}))
     with pytest.raises(ConfigError, match="ROUTER_TEST_UNSET_KEYS"):
         build_app(load_config(path))
+
+
+@pytest.mark.parametrize(
+    ("host", "keys", "warned"), [("0.0.0.0", [], True), ("0.0.0.0", ["k"], False), ("127.0.0.1", [], False)]
+)
+async def test_listening_beyond_loopback_without_keys_warns_at_start_up(
+    dummy_model: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    host: str,
+    keys: list[str],
+    warned: bool,
+) -> None:
+    path = tmp_path / "profiles.yaml"
+    server = {"host": host, "api_keys": keys, "state_dir": str(tmp_path / "state")}
+    path.write_text(yaml.safe_dump({"server": server, "profiles": {"m": fake_profile(dummy_model)}}))
+    with caplog.at_level(logging.WARNING, logger="llama_router"):
+        build_app(load_config(path))
+    assert any("without API keys" in record.getMessage() for record in caplog.records) is warned
 
 
 async def test_the_router_and_its_upstreams_listen_on_loopback(

@@ -234,3 +234,103 @@ async def test_watcher_ignores_touch_and_same_bytes(tmp_path: Path, dummy_model:
     assert reloader.status()["last_error"]["message"].startswith(str(path))
     assert controller.events[-1][0] == "config_error"
     assert len(controller.applied) == 1
+
+
+async def reload_with(
+    router: RouterProcess, path: Path, profiles: dict[str, Any], **server: Any
+) -> dict[str, Any]:
+    """Rewrite the config, send SIGHUP, and return the log entry that says how this reload ended."""
+    seen = len(router.lines)
+    write_config(path, profiles, watch_config=False, **server)
+    router.signal(signal.SIGHUP)
+
+    def outcome() -> dict[str, Any] | None:
+        ends = ("config_reloaded", "config_error")
+        return next((e for e in router.lines[seen:] if e.get("event") in ends), None)
+
+    await wait_until(outcome, timeout=20, what="the reload to end")
+    entry = outcome()
+    assert entry is not None
+    return entry
+
+
+async def get_status(url: str, path: str, key: str | None = None) -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    async with aiohttp.ClientSession() as session, session.get(f"{url}{path}", headers=headers) as response:
+        return response.status, await response.json()
+
+
+async def upstream_saw_auth(url: str, key: str) -> bool:
+    """Whether the upstream received the client's Authorization header with its last chat."""
+    headers = {"Authorization": f"Bearer {key}"}
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{url}/v1/chat/completions", json=body, headers=headers) as response:
+            assert response.status == 200, await response.text()
+        async with session.get(f"{url}/upstream/m/fake/last", headers=headers) as response:
+            last = await response.json()
+    return "authorization" in {name.lower() for name in last["headers"]}
+
+
+async def test_keys_follow_reloads_added_rotated_and_removed(
+    tmp_path: Path, dummy_model: Path, router_processes: list[RouterProcess]
+) -> None:
+    path = tmp_path / "profiles.yaml"
+    profiles = {"m": fake_profile(dummy_model)}
+    write_config(path, profiles, watch_config=False)
+    router = await RouterProcess(path).start()
+    router_processes.append(router)
+    assert (await get_status(router.url, "/v1/models"))[0] == 200
+    assert await upstream_saw_auth(router.url, "client-own-key"), "an open router forwards the header"
+
+    entry = await reload_with(router, path, profiles, api_keys=["first-key"])
+    assert entry["event"] == "config_reloaded"
+    changed = await router.wait_log(lambda e: e.get("event") == "keys_changed", what="the keys change")
+    assert (changed["api_keys"], changed["admin_keys"]) == (1, 0)
+    status, body = await get_status(router.url, "/v1/models")
+    assert (status, body["error"]["code"]) == (401, "invalid_api_key")
+    assert (await get_status(router.url, "/v1/models", "first-key"))[0] == 200
+    assert not await upstream_saw_auth(router.url, "first-key"), "the router's key is kept from the upstream"
+
+    entry = await reload_with(router, path, profiles, api_keys=["second-key"])
+    assert entry["event"] == "config_reloaded"
+    assert (await get_status(router.url, "/v1/models", "first-key"))[0] == 401
+    assert (await get_status(router.url, "/v1/models", "second-key"))[0] == 200
+
+    entry = await reload_with(router, path, profiles)
+    assert entry["event"] == "config_reloaded"
+    assert (await get_status(router.url, "/v1/models"))[0] == 200
+    assert await upstream_saw_auth(router.url, "client-own-key"), "open again: the header is forwarded"
+
+    assert [e["api_keys"] for e in router.lines if e.get("event") == "keys_changed"] == [1, 1, 0]
+    assert not any(key in line for line in router.raw for key in ("first-key", "second-key"))
+    router.signal(signal.SIGTERM)
+    assert await router.wait_exit() == 0
+
+
+async def test_a_reload_naming_an_unset_key_variable_keeps_the_old_keys(
+    tmp_path: Path, dummy_model: Path, router_processes: list[RouterProcess]
+) -> None:
+    path = tmp_path / "profiles.yaml"
+    profiles = {"m": fake_profile(dummy_model)}
+    write_config(path, profiles, watch_config=False, api_keys=["old-key"])
+    env = {"ROUTER_TEST_UNSET_KEYS": ""}  # named in the new config, holding no keys
+    router = await RouterProcess(path, env=env).start()
+    router_processes.append(router)
+    assert (await get_status(router.url, "/v1/models", "old-key"))[0] == 200
+
+    entry = await reload_with(
+        router, path, profiles, api_keys=["new-key"], api_keys_env="ROUTER_TEST_UNSET_KEYS"
+    )
+    assert entry["event"] == "config_error" and entry["trigger"] == "SIGHUP"
+    assert "ROUTER_TEST_UNSET_KEYS" in entry["message"] and "keeping the running config" in entry["message"]
+    assert (await get_status(router.url, "/v1/models"))[0] == 401
+    assert (await get_status(router.url, "/v1/models", "new-key"))[0] == 401
+    assert (await get_status(router.url, "/v1/models", "old-key"))[0] == 200
+    status, health = await get_status(router.url, "/health")
+    assert status == 200 and health["reload"]["generation"] == 0
+    error = health["reload"]["last_error"]
+    assert error["trigger"] == "SIGHUP" and "server.api_keys_env" in error["message"]
+    assert not any(e.get("event") == "keys_changed" for e in router.lines)
+    router.signal(signal.SIGTERM)
+    assert await router.wait_exit() == 0
