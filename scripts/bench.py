@@ -10,7 +10,8 @@ Sections (loopback only, each bounded in time; the whole run takes about two min
   time (spawned by hand, /health polled every 1 ms), for upstreams that take 0, 0.5 and 2 s to load;
   both from nothing loaded (cold) and with the other model loaded (swap: it must be stopped first);
 - thrash: two closed-loop clients on two models, one resident at a time, for 10 s;
-- real: the swap figure with the real llama-server and two generated tiny models.
+- real: the swap figure with the real llama-server and two generated tiny models, and the overhead
+  figures with it as the upstream.
 
 The first four use scripts/fast_upstream.py, an upstream much faster than the router, so the router
 is what gets measured; load comes from scripts/loadgen.py in a process of its own, the same client
@@ -45,6 +46,12 @@ from router.config import ServerConfig  # noqa: E402
 from scripts.bench_swap import ARGS as REAL_ARGS  # noqa: E402
 from scripts.bench_thrash import client as closed_loop_client  # noqa: E402
 from scripts.benchlib import chat, latency_summary, running_router, swap_figures  # noqa: E402
+from scripts.reference_proxies import (  # noqa: E402
+    find_nginx,
+    forwarder_in_front,
+    nginx_in_front,
+    nginx_version,
+)
 
 FAST_UPSTREAM = ROOT / "scripts" / "fast_upstream.py"
 LOADGEN = ROOT / "scripts" / "loadgen.py"
@@ -52,6 +59,8 @@ SMALL_CHAT = {"model": "a", "messages": [{"role": "user", "content": "hi"}], "ma
 STREAM_CHAT = {**SMALL_CHAT, "stream": True}
 STREAM_CHUNKS = 2000
 LOAD_DELAYS = (0.0, 0.5, 2.0)
+# `real` overhead: llama-server taking several requests at once, as a served model would.
+REAL_LOAD_ARGS = ["--ctx-size", "2048", "--parallel", "4"]
 
 TARGETS = {
     "added_median_ms_c1": ("added median latency at concurrency 1", "<=", 0.5, "ms"),
@@ -129,26 +138,13 @@ async def overhead_and_streaming(
         upstream_port, upstream_pid = await upstream_of(session, router.url, "a")
         targets = {"direct": upstream_port, "router": port_of(router.url)}
         if "overhead" in sections:
-            overhead: dict[str, Any] = {}
-            for concurrency in (1, 32):
-                data = await run_loadgen(
-                    "load",
-                    targets,
-                    SMALL_CHAT,
-                    concurrency=concurrency,
-                    rounds=args.rounds,
-                    seconds=args.seconds,
-                    warmup=args.warmup,
-                )
-                direct, routed = data["direct"], data["router"]
-                overhead[f"concurrency_{concurrency}"] = {
-                    "direct": _side(direct),
-                    "router": _side(routed),
-                    "added_median_ms": round(routed["median_ms"] - direct["median_ms"], 3),
-                    "added_p99_ms": round(routed["p99_ms"] - direct["p99_ms"], 3),
-                    "rps_ratio": round(routed["requests_per_s"] / direct["requests_per_s"], 3),
-                }
-            results["overhead"] = overhead
+            async with contextlib.AsyncExitStack() as references:
+                described = {}
+                if args.references:
+                    described = await _start_references(references, upstream_port, workdir, targets)
+                results["overhead"] = await _overhead(targets, args)
+                if described:
+                    results["overhead"]["references"] = described
         if "streaming" in sections:
             with pinned(upstream_pid, args.pin) as placement:
                 client = {"cpu": placement["client_cpu"]} if placement else {}
@@ -167,6 +163,53 @@ async def overhead_and_streaming(
         if args.py_spy:
             await profile_router(router.process.pid, targets["router"], Path(args.py_spy))
     return results
+
+
+async def _start_references(
+    stack: contextlib.AsyncExitStack, upstream_port: int, workdir: Path, targets: dict[str, int]
+) -> dict[str, str]:
+    """Start the reference proxies in front of the upstream and add them to `targets`; what each is."""
+    described = {}
+    nginx = find_nginx()
+    if nginx is not None:
+        targets["nginx"] = await stack.enter_async_context(
+            nginx_in_front(nginx, upstream_port, workdir / "nginx")
+        )
+        described["nginx"] = f"nginx {nginx_version(nginx)}, worker_processes auto, access log to a file"
+    else:
+        described["nginx"] = "not installed: not measured"
+    targets["python_forwarder"] = await stack.enter_async_context(forwarder_in_front(upstream_port))
+    described["python_forwarder"] = "scripts/bare_forwarder.py: relays bytes, nothing else"
+    return described
+
+
+async def _overhead(targets: dict[str, int], args: argparse.Namespace) -> dict[str, Any]:
+    """Closed-loop load at concurrency 1 and 32, every target in alternating rounds."""
+    overhead: dict[str, Any] = {}
+    for concurrency in (1, 32):
+        data = await run_loadgen(
+            "load",
+            targets,
+            SMALL_CHAT,
+            concurrency=concurrency,
+            rounds=args.rounds,
+            seconds=args.seconds,
+            warmup=args.warmup,
+        )
+        direct = data.pop("direct")
+        row: dict[str, Any] = {"direct": _side(direct)}
+        for name, side in data.items():
+            figures = {
+                "added_median_ms": round(side["median_ms"] - direct["median_ms"], 3),
+                "added_p99_ms": round(side["p99_ms"] - direct["p99_ms"], 3),
+                "rps_ratio": round(side["requests_per_s"] / direct["requests_per_s"], 3),
+            }
+            if name == "router":
+                row.update({"router": _side(side), **figures})
+            else:
+                row[name] = {**_side(side), **figures}
+        overhead[f"concurrency_{concurrency}"] = row
+    return overhead
 
 
 @contextlib.contextmanager
@@ -250,7 +293,32 @@ async def real_section(
     figures = await swap_figures(
         session, folder, profiles, args.swap_rounds, folder / "router.log", args.router_log_level
     )
-    return {"models": [str(path) for path in models], "args": upstream_args, **figures}
+    result = {"models": [str(path) for path in models], "args": upstream_args, **figures}
+    if args.rounds > 0:
+        load_args = shlex.split(args.upstream_args) if args.upstream_args is not None else REAL_LOAD_ARGS
+        result["overhead"] = await real_overhead(session, folder, profiles["a"], load_args, args)
+    return result
+
+
+async def real_overhead(
+    session: aiohttp.ClientSession,
+    folder: Path,
+    profile: dict[str, Any],
+    load_args: list[str],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """The overhead figures with the real llama-server as the upstream: what a user would see."""
+    async with running_router(
+        session,
+        folder,
+        {"a": {**profile, "args": load_args}},
+        log_level=args.router_log_level,
+        log_file=folder / "router-overhead.log",
+    ) as router:
+        await chat(session, router.url, "a")
+        upstream_port, _ = await upstream_of(session, router.url, "a")
+        targets = {"direct": upstream_port, "router": port_of(router.url)}
+        return {"args": load_args, **await _overhead(targets, args)}
 
 
 # ---------------------------------------------------------------------------------------- thrash
@@ -359,6 +427,13 @@ def table(results: dict[str, Any]) -> str:
                 f"p99 {d['p99_ms']:.3f} -> {r['p99_ms']:.3f} ms, "
                 f"{d['requests_per_s']:.0f} -> {r['requests_per_s']:.0f} req/s (x{row['rps_ratio']:.3f})"
             )
+            for name in ("nginx", "python_forwarder"):
+                if name in row:
+                    x = row[name]
+                    lines.append(
+                        f"  reference {name:<16} median {x['median_ms']:.3f} ms, "
+                        f"{x['requests_per_s']:.0f} req/s (x{x['rps_ratio']:.3f})"
+                    )
     if "streaming" in results:
         s = results["streaming"]
         lines.append(
@@ -384,6 +459,14 @@ def table(results: dict[str, Any]) -> str:
             f"+{r['swap']['overhead_vs_healthy_ms']:.1f} ms beyond "
             f"{r['swap']['bare_spawn_to_healthy_median_ms']:.1f} ms llama-server readiness"
         )
+        for concurrency in (1, 32):
+            row = r.get("overhead", {}).get(f"concurrency_{concurrency}")
+            if row:
+                d, x = row["direct"], row["router"]
+                lines.append(
+                    f"real      c={concurrency:<3} median {d['median_ms']:.3f} -> {x['median_ms']:.3f} ms, "
+                    f"{d['requests_per_s']:.0f} -> {x['requests_per_s']:.0f} req/s (x{row['rps_ratio']:.3f})"
+                )
     for verdict in results.get("targets", {}).values():
         mark = "MET   " if verdict["met"] else "MISSED"
         lines.append(f"{mark} {verdict['what']}: {verdict['value']} (target {verdict['target']})")
@@ -433,6 +516,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--no-pin", dest="pin", action="store_false", help="streaming: leave client and upstream unpinned"
+    )
+    parser.add_argument(
+        "--no-references",
+        dest="references",
+        action="store_false",
+        help="overhead: skip the reference proxies (nginx when installed, scripts/bare_forwarder.py)",
     )
     parser.add_argument("--swap-rounds", type=int, default=5, help="rounds per swap figure (half for 2 s)")
     parser.add_argument("--thrash-seconds", type=float, default=10.0)

@@ -31,10 +31,11 @@ _CRLF2 = b"\r\n\r\n"
 class Reply:
     """What one response looked like to the client."""
 
-    __slots__ = ("events", "first_byte", "size", "status")
+    __slots__ = ("close", "events", "first_byte", "size", "status")
 
     def __init__(self) -> None:
         self.status = 0
+        self.close = False  # the server said `Connection: close`: it closes after this answer
         self.first_byte = 0.0
         self.events = 0
         self.size = 0
@@ -63,6 +64,10 @@ class Connection(asyncio.Protocol):
         self.lost = exc or ConnectionResetError("connection closed")
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_exception(self.lost)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
 
     def send(self, request: bytes, *, count_events: bool = False) -> asyncio.Future[Reply]:
         if self.transport is None:
@@ -99,6 +104,7 @@ class Connection(asyncio.Protocol):
         head = self.buffer[:end].lower()
         self.buffer = self.buffer[end + 4 :]
         self.reply.status = int(head[9:12])
+        self.reply.close = b"\r\nconnection: close" in head
         if b"transfer-encoding: chunked" in head:
             self.state = 2
             return True
@@ -175,9 +181,10 @@ async def closed_loop(
     begin = now() + warmup
     end = begin + seconds
 
-    async def worker(connection: Connection) -> None:
+    async def worker(index: int) -> None:
         nonlocal errors
         record = latencies.append
+        connection = connections[index]
         while True:
             started = now()
             if started >= end:
@@ -187,13 +194,15 @@ async def closed_loop(
                 errors += 1
             if started >= begin:
                 record(now() - started)
+            if reply.close:  # llama-server ends a kept-alive connection after 100 requests
+                connection.close()
+                connection = connections[index] = await connect(host, port)
 
     try:
-        await asyncio.gather(*(worker(connection) for connection in connections))
+        await asyncio.gather(*(worker(index) for index in range(concurrency)))
     finally:
         for connection in connections:
-            if connection.transport is not None:
-                connection.transport.close()
+            connection.close()
     return {
         "requests": len(latencies),
         "requests_per_s": round(len(latencies) / seconds, 1),
@@ -212,6 +221,9 @@ async def streams(host: str, port: int, request: bytes, count: int) -> dict[str,
             started = time.perf_counter()
             reply = await connection.send(request, count_events=True)
             finished = time.perf_counter()
+            if reply.close:
+                connection.close()
+                connection = await connect(host, port)
             if reply.status != 200:
                 raise RuntimeError(f"stream answered {reply.status}")
             if index == 0:
@@ -220,8 +232,7 @@ async def streams(host: str, port: int, request: bytes, count: int) -> dict[str,
             first_bytes.append(reply.first_byte - started)
             events.append(reply.events)
     finally:
-        if connection.transport is not None:
-            connection.transport.close()
+        connection.close()
     return {
         "streams": count,
         "events_per_stream": int(statistics.median(events)),
