@@ -97,29 +97,45 @@ def _level(path: str, status: int) -> int:
 
 
 def _log_line(
-    request: web.Request, level: int, model: str | None, status: int, started: float, sent: int
+    method: str,
+    path: str,
+    level: int,
+    model: str | None,
+    status: int,
+    started: float,
+    sent: int,
+    client: str | None,
 ) -> None:
     duration_ms = (time.perf_counter() - started) * 1000
     fields = {
-        "method": request.method,
-        "path": request.path,
+        "method": method,
+        "path": path,
         "model": model,
         "status": status,
         "duration_ms": round(duration_ms, 2),
         "bytes": sent,
-        "client": request.remote,
+        "client": client,
     }
     log.log(
         level,
         "%s %s model=%s status=%s duration_ms=%.1f bytes=%d",
-        request.method,
-        request.path,
+        method,
+        path,
         model or "-",
         status,
         duration_ms,
         sent,
         extra={"fields": fields},
     )
+
+
+def log_request(
+    method: str, path: str, model: str | None, status: int, started: float, sent: int, client: str | None
+) -> None:
+    """The line for a request served outside aiohttp (the fast lane); `started` is a perf_counter."""
+    level = _level(path, status)
+    if log.isEnabledFor(level):
+        _log_line(method, path, level, model, status, started, sent, client)
 
 
 @web.middleware
@@ -156,4 +172,4 @@ async def access_log(request: web.Request, handler: Handler) -> web.StreamRespon
             model = request.get(MODEL_KEY)
             if not isinstance(model, str):
                 model = await _model_of(request, peek_body=status != CLIENT_CLOSED)
-            _log_line(request, level, model, status, started, sent)
+            _log_line(request.method, request.path, level, model, status, started, sent, request.remote)

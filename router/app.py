@@ -18,6 +18,7 @@ from .auth import KeyRing, Keys, auth_middleware, resolve_keys, warn_if_open
 from .config import RouterConfig
 from .controller import Controller
 from .errors import RouterError, error_response
+from .fastlane import FastLane
 from .metrics import CONTENT_TYPE_LATEST as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .proxy import MODEL_GET_PATHS, MODEL_POST_PATHS, Proxy
@@ -200,16 +201,27 @@ async def serve(
         log.warning("removed %d stale upstream process(es) of an earlier router", len(removed))
 
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=_CANCEL_GRACE)
+    lane: FastLane | None = None
+    listener: asyncio.Server | None = None
     try:
         await runner.setup()
-        site = web.TCPSite(runner, config.server.host, config.server.port, reuse_address=True)
-        await site.start()
+        assert runner.server is not None
+        if config.server.fast_lane:
+            lane = FastLane(app[CONTROLLER], app[PROXY], app[METRICS], app[KEYS], in_flight, runner.server)
+            listener = await loop.create_server(
+                lane, config.server.host, config.server.port, reuse_address=True
+            )
+            addresses = [socket.getsockname() for socket in listener.sockets]
+        else:
+            site = web.TCPSite(runner, config.server.host, config.server.port, reuse_address=True)
+            await site.start()
+            addresses = runner.addresses
     except BaseException:
         await runner.cleanup()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         raise
-    urls = ", ".join(f"http://{address[0]}:{address[1]}" for address in runner.addresses)
+    urls = ", ".join(f"http://{address[0]}:{address[1]}" for address in addresses)
     log.info("llama-router listening on %s", urls, extra={"fields": {"event": "listening", "urls": urls}})
     _settle_garbage_collector()
 
@@ -233,6 +245,10 @@ async def serve(
         for task in list(background):  # reloads under way
             task.cancel()
         # No new connections; keep-alive connections close once their current request is answered.
+        if listener is not None:
+            listener.close()
+        if lane is not None:
+            lane.shutdown()
         for running_site in list(runner.sites):
             await running_site.stop()
         if runner.server is not None:
@@ -246,6 +262,8 @@ async def serve(
                 waiter.cancel()
         if in_flight.count:
             log.warning("cancelling %d request(s) still in flight", in_flight.count)
+        if lane is not None:
+            lane.abort()
         await runner.cleanup()
         if watchdog is not None:
             watchdog.cancel()

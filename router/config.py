@@ -88,6 +88,10 @@ class ServerConfig(_Strict):
         default=600.0, gt=0, description="seconds without a byte before the first one (prompt processing)"
     )
     stall_timeout: float = Field(default=120.0, gt=0, description="seconds without a byte mid-answer")
+    fast_lane: bool = Field(
+        default=True,
+        description="relay plain requests to loaded models with a lean protocol instead of aiohttp",
+    )
     max_failures: int = Field(
         default=3, ge=1, description="failed loads/crashes in the window before 'failed'"
     )

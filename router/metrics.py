@@ -17,7 +17,7 @@ from typing import Any
 
 import psutil
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .controller import Controller
@@ -174,6 +174,24 @@ class _LiveState(Collector):
         yield from (state, in_flight, waiting, resident, rss)
 
 
+class _LaneCounts(Collector):
+    """The fast lane's counts: plain integers, read at scrape time (no lock on the hot path)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "llama_router_fast_lane_requests",
+            "Requests the fast lane relayed itself, and those it handed to the full path with their "
+            "connection",
+            labels=["outcome"],
+        )
+        family.add_metric(["relayed"], self.metrics.lane_relayed)
+        family.add_metric(["handed_over"], self.metrics.lane_handed_over)
+        yield family
+
+
 class Metrics:
     """The router's metrics; `render()` gives the Prometheus text exposition."""
 
@@ -181,6 +199,9 @@ class Metrics:
         self.controller = controller
         self.registry = CollectorRegistry()
         registry = self.registry
+        self.lane_relayed = 0  # counted by router/fastlane.py
+        self.lane_handed_over = 0
+        registry.register(_LaneCounts(self))
         self.requests = Counter(
             "llama_router_requests",
             "Requests answered, by model and HTTP status",

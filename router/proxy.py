@@ -36,6 +36,7 @@ from .upstream_http import (
     Answer,
     ConnectFailed,
     ConnectionDropped,
+    UpstreamConnection,
     UpstreamError,
     UpstreamPool,
     UpstreamTimeout,
@@ -216,10 +217,24 @@ class Proxy:
     def strip_auth(self, strip: bool) -> None:
         self._strip_auth = strip
         drop = _HOP_BY_HOP | _REQUEST_ONLY | (_AUTH_HEADERS if strip else frozenset())
-        self._request_drop = frozenset(name.encode() for name in drop)
+        self.request_drop = frozenset(name.encode() for name in drop)
 
     async def start(self) -> None:
         self._pool = UpstreamPool()
+
+    # The pool, for the fast lane (router/fastlane.py), which speaks to upstreams on its own.
+
+    def idle_connection(self, host: str, port: int) -> UpstreamConnection | None:
+        assert self._pool is not None
+        return self._pool.idle_connection(host, port)
+
+    async def connect(self, host: str, port: int) -> UpstreamConnection:
+        assert self._pool is not None
+        return await self._pool.connect(host, port)
+
+    def put_back(self, conn: UpstreamConnection) -> None:
+        assert self._pool is not None
+        self._pool.put_back(conn)
 
     async def close(self) -> None:
         if self._pool is not None:
@@ -375,7 +390,7 @@ class Proxy:
         method = request.method
         target = path if path is not None else request.rel_url.raw_path_qs
         head = _request_head(
-            method, target, upstream.host, upstream.port, request.raw_headers, body, self._request_drop
+            method, target, upstream.host, upstream.port, request.raw_headers, body, self.request_drop
         )
         return self._pool.request(
             upstream.host,
@@ -412,7 +427,7 @@ class Proxy:
                     # Closed after the request went out: it is never sent again, unless it was a
                     # kept-alive connection of a process that goes on serving (the server closed
                     # it as the request arrived): then once more, on a new connection.
-                    if exc.reused and attempt == 1 and _serving(lease):
+                    if exc.reused and attempt == 1 and serving(lease):
                         continue
                     break
                 if await self._died(lease):
@@ -674,7 +689,7 @@ class Proxy:
         return response
 
 
-def _serving(lease: Lease) -> bool:
+def serving(lease: Lease) -> bool:
     """Whether the lease's upstream process lives and is not being stopped."""
     upstream = lease.upstream
     return not upstream.stopping and not upstream.gone.is_set() and upstream.is_alive()

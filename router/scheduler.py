@@ -189,6 +189,11 @@ class Scheduler:
             retry_at=slot.retry_at if slot.state is State.FAILED else None,
         )
 
+    def accepting(self, profile: str) -> bool:
+        """Whether a request for `profile` arriving now would be dispatched at once."""
+        slot = self._slots.get(profile)
+        return slot is not None and not self._closing and slot.accepting
+
     def views(self) -> list[ProfileView]:
         """Every configured profile (profiles removed by a reload and still stopping are left out)."""
         return [self.view(name) for name, slot in self._slots.items() if not slot.removed]

@@ -19,7 +19,7 @@ import asyncio
 import collections
 from collections.abc import Callable
 from types import TracebackType
-from typing import cast
+from typing import Protocol, cast
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -87,6 +87,27 @@ LAST_CHUNK = b"0\r\n\r\n"
 _HEAD, _LENGTH, _CHUNKED, _UNTIL_CLOSE, _DONE = range(5)
 
 
+class AnswerSink(Protocol):
+    """Where a connection puts an answer: `Answer` (awaited by the proxy), or the fast lane's
+    exchange (written straight to its client). `_parse_head` fills in the fields."""
+
+    status: int
+    reason: str
+    raw_headers: list[tuple[str, str]]
+    content_length: int | None
+    chunked: bool
+    content_type: str
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet passed on: reading pauses above HIGH_WATER."""
+
+    def head_arrived(self) -> None: ...
+    def feed(self, data: bytes) -> None: ...
+    def complete(self) -> None: ...
+    def fail(self, error: UpstreamError) -> None: ...
+
+
 class _Connection(asyncio.Protocol):
     """One keep-alive connection to an upstream, one exchange at a time."""
 
@@ -98,7 +119,7 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.reusable = True
         self.idle_since = 0.0
-        self.answer: Answer | None = None
+        self.answer: AnswerSink | None = None
         self._buffer = b""
         self._mode = _DONE
         self._remaining = 0
@@ -153,7 +174,7 @@ class _Connection(asyncio.Protocol):
 
     # ---------------------------------------------------------------------------------------- exchange
 
-    def start(self, answer: Answer, data: bytes, *, no_body: bool) -> None:
+    def start(self, answer: AnswerSink, data: bytes, *, no_body: bool) -> None:
         assert self.transport is not None
         self.answer = answer
         self.uses += 1
@@ -538,6 +559,14 @@ class UpstreamPool:
             self._forget(conn)
         return None
 
+    def idle_connection(self, host: str, port: int) -> _Connection | None:
+        """A kept-alive connection to reuse, if one is fresh enough."""
+        return self._reuse(host, port)
+
+    async def connect(self, host: str, port: int) -> _Connection:
+        """A new connection (ConnectFailed if it cannot be made)."""
+        return await self._connect(host, port)
+
     def _forget(self, conn: _Connection) -> None:
         conn.close()
         self._address.pop(conn, None)
@@ -596,3 +625,6 @@ class UpstreamPool:
         self._idle.clear()
         self._address.clear()
         await asyncio.sleep(0)  # let the transports finish closing
+
+
+UpstreamConnection = _Connection  # one upstream connection, for callers that feed their own sink

@@ -35,6 +35,9 @@ Behaviour / fault flags:
 ``--exit-after S``         exit with code 2 S seconds after becoming healthy
 ``--log-lines N``          print N numbered log lines at start
 ``--memory-mib N``         print a llama.cpp ``load_tensors`` buffer-size line
+``--drop-kept-alive``      a request that is not its connection's first is counted, then its
+                           connection is closed unanswered (a server closing a kept-alive
+                           connection just as a request arrives on it)
 
 Per-request overrides (JSON body fields of any POST request):
 ``fake_delay`` (seconds to sleep before answering), ``fake_chunks`` and
@@ -127,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exit-after", type=float, default=None, metavar="S")
     p.add_argument("--log-lines", type=int, default=0, metavar="N")
     p.add_argument("--memory-mib", type=int, default=None, metavar="N")
+    p.add_argument("--drop-kept-alive", action="store_true")
     return p
 
 
@@ -173,6 +177,7 @@ class FakeUpstream:
         self.count = 0
         self.in_flight = 0
         self.last: dict[str, Any] = {}
+        self.connections_used: set[Any] = set()  # peer addresses of connections that carried a request
 
     # ----------------------------------------------------------------- helpers
 
@@ -559,6 +564,13 @@ class FakeUpstream:
             log(f"srv  log_server_r: request: {request.method} {path} {request.remote}")
             if not self.loaded:
                 return error_response(503, "Loading model", "unavailable_error")
+            if self.args.drop_kept_alive and request.transport is not None:
+                peer = request.transport.get_extra_info("peername")
+                if peer in self.connections_used:
+                    log("fake_upstream: closing a kept-alive connection unanswered (--drop-kept-alive)")
+                    request.transport.close()
+                    return web.Response()  # never sent: the connection is gone
+                self.connections_used.add(peer)
             raw = await request.read() if request.can_read_body else b""
             body: Any = None
             if raw:

@@ -3,6 +3,7 @@ and `--log-format json` giving one parseable object per line."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -82,6 +83,38 @@ def test_text_access_line_format(root_logger: logging.Logger) -> None:
     assert logging.getLogger("httpx2").level == logging.WARNING  # huggingface_hub's request chatter
     line = stream.getvalue().strip()
     assert re.match(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO llama_router.access: POST ", line), line
+
+
+class CountingStream(io.StringIO):
+    """Counts the writes that reach it: each is a system call on a real stderr."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+async def test_lines_logged_in_one_event_loop_turn_share_one_write(root_logger: logging.Logger) -> None:
+    stream = CountingStream()
+    setup_logging("INFO", "text", stream=stream)
+    access = logging.getLogger("llama_router.access")
+    for index in range(3):
+        access.info("POST /v1/chat/completions model=a status=200 n=%d", index)
+    assert stream.getvalue() == "", "written once this turn of the loop is over"
+    await asyncio.sleep(0)
+    lines = stream.getvalue().splitlines()
+    assert [line.rsplit(" ", 1)[1] for line in lines] == ["n=0", "n=1", "n=2"]
+    assert stream.writes == 1
+
+
+def test_lines_logged_outside_an_event_loop_are_written_at_once(root_logger: logging.Logger) -> None:
+    stream = CountingStream()
+    setup_logging("INFO", "text", stream=stream)
+    logging.getLogger("llama_router").warning("starting up")
+    assert stream.getvalue().endswith("starting up\n")
 
 
 def test_json_formatter_fields_and_exceptions() -> None:
