@@ -140,9 +140,10 @@ async def overhead_and_streaming(
         if "overhead" in sections:
             async with contextlib.AsyncExitStack() as references:
                 described = {}
+                measured = dict(targets)
                 if args.references:
-                    described = await _start_references(references, upstream_port, workdir, targets)
-                results["overhead"] = await _overhead(targets, args)
+                    described = await _start_references(references, upstream_port, workdir, measured)
+                results["overhead"] = await _overhead(measured, args)
                 if described:
                     results["overhead"]["references"] = described
         if "streaming" in sections:
