@@ -176,7 +176,7 @@ async def _start_references(
         targets["nginx"] = await stack.enter_async_context(
             nginx_in_front(nginx, upstream_port, workdir / "nginx")
         )
-        described["nginx"] = f"nginx {nginx_version(nginx)}, worker_processes auto, access log to a file"
+        described["nginx"] = f"{nginx_version(nginx)}, worker_processes auto, access log to a file"
     else:
         described["nginx"] = "not installed: not measured"
     targets["python_forwarder"] = await stack.enter_async_context(forwarder_in_front(upstream_port))

@@ -7,7 +7,8 @@
 #    (scripts/install_llama_server.py; the build is cached per CMake arguments, a rerun only copies);
 # 2. generates two random-weight f16 models of a few GB each (scripts/make_tiny_models.py);
 # 3. runs `scripts/bench.py real` on them with -ngl 99: cold start and swap through the router versus
-#    the same llama-server spawned by hand and polled every 1 ms until /health answers.
+#    the same llama-server spawned by hand and polled every 1 ms until /health answers, then small
+#    chats to the loaded model at concurrency 1 and 32, through the router and straight to it.
 #
 # Bounded to 8 minutes (build 330 s, models 60 s, timings 90 s) on a 16-core machine. Environment:
 #   LLAMA_SERVER=path   use this CUDA llama-server instead of building one
@@ -100,7 +101,8 @@ started=$(now)
 log "timing cold starts and swaps ($ROUNDS rounds, llama-server $UPSTREAM_ARGS), up to 90 s"
 timeout 90 "$PY" scripts/bench.py real --binary "$BIN" \
     --models "$WORK/models/gpu-a.gguf" "$WORK/models/gpu-b.gguf" \
-    --upstream-args "$UPSTREAM_ARGS" --swap-rounds "$ROUNDS" --json-out "$WORK/bench.json" >/dev/null \
+    --upstream-args "$UPSTREAM_ARGS" --swap-rounds "$ROUNDS" --rounds 1 --seconds 2 --warmup 0.5 \
+    --json-out "$WORK/bench.json" >/dev/null \
     || die "the timings failed or ran over 90 s (router logs under /tmp/llama-router-bench-*)"
 TIMINGS_SECONDS=$(since "$started")
 
@@ -138,6 +140,7 @@ result = {
         "spawn_to_answer_median_ms": real["swap"]["bare_spawn_to_answer_median_ms"],
     },
     "router": {"cold_start": real["cold_start"], "swap": real["swap"]},
+    "loaded_model_overhead": real.get("overhead"),
     "timings_seconds": float(env["TIMINGS_SECONDS"]),
 }
 print(json.dumps(result, indent=2))
