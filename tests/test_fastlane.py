@@ -11,8 +11,10 @@ leaves those out. Raw sockets are used wherever the bytes on the wire matter: pi
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
+import random
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -803,3 +805,95 @@ async def test_with_the_lane_turned_off_requests_are_served_and_none_relayed(
     samples = await router.samples()
     assert samples[(LANE, (("outcome", "relayed"),))] == 0
     assert samples[(LANE, (("outcome", "handed_over"),))] == 0
+
+
+# ---------------------------------------------------------------------------------------------- mixed load
+
+
+async def test_mixed_traffic_across_swaps_leaves_nothing_behind(
+    serve: StartRouter, dummy_model: Path
+) -> None:
+    """Many clients at once, each doing what clients do (plain chats, streams, streams abandoned half
+    way, aliases, pipelined pairs) on two models that must take turns: every answer is right, and
+    afterwards no request is held, no upstream works, and no client connection stays open."""
+    profiles = {
+        "a": fake_profile(dummy_model, aliases=["alias-a"]),
+        "b": fake_profile(dummy_model, aliases=["alias-b"]),
+    }
+    router = await serve(profiles, max_resident=1, swap_delay=0.2)
+    await router.load("a")
+    before = await router.lane()
+    rng = random.Random(7)
+    outcomes: collections.Counter[str] = collections.Counter()
+    stream = {"stream": True, "fake_chunks": 5, "fake_chunk_delay": 0.01}
+
+    async def plain(model: str) -> None:
+        reply = await exchange(router.port, http_post(chat_body(model)))
+        assert reply.status == 200, reply.body
+        assert reply.json()["model"] == model
+
+    async def streamed(model: str) -> None:
+        reply = await exchange(router.port, http_post(chat_body(model, **stream)))
+        assert reply.status == 200, reply.body
+        events = sse_data(reply.body)
+        assert events[-1] == "[DONE]" and len(stream_contents(events)) == 5, events
+
+    async def abandoned(model: str) -> None:
+        async with connection(router.port) as conn:
+            # Long enough that only stopping it on the client's leave frees the model in time.
+            conn.send(http_post(chat_body(model, **{**stream, "fake_chunks": 300, "fake_chunk_delay": 0.1})))
+            status, _ = await conn.head()
+            assert status == 200
+            await conn.chunk()
+
+    async def pipelined(model: str) -> None:
+        async with connection(router.port) as conn:
+            conn.send(http_post(chat_body(model)) + http_post({"model": model, "content": "ab"}, "/tokenize"))
+            first, second = await conn.reply(), await conn.reply()
+        assert first.status == 200 and first.json()["model"] == model, first.body
+        assert second.status == 200 and "tokens" in second.json(), second.body
+
+    actions: dict[str, Callable[[str], Awaitable[None]]] = {
+        "plain": plain,
+        "streamed": streamed,
+        "abandoned": abandoned,
+        "pipelined": pipelined,
+        "alias": lambda model: plain(f"alias-{model}"),
+    }
+    until = time.monotonic() + 3.0
+
+    async def client(seed: int) -> None:
+        picks = random.Random(seed)
+        while time.monotonic() < until:
+            name = picks.choice(list(actions))
+            await actions[name](picks.choice("ab"))
+            outcomes[name] += 1
+
+    await asyncio.wait_for(asyncio.gather(*(client(rng.randrange(1 << 30)) for _ in range(12))), 60)
+    assert set(outcomes) == set(actions), outcomes
+    relayed, handed_over = await lane_since(router, before)
+    assert relayed > 0 and handed_over > 0, (relayed, handed_over)
+    assert (
+        await router.metric("llama_router_swaps_total", model="a")
+        + await router.metric("llama_router_swaps_total", model="b")
+        > 0
+    ), "the two models took turns"
+
+    async def all_idle() -> bool:
+        rows = await router.running()
+        if any(row["in_flight"] or row["waiting"] for row in rows.values()):
+            return False
+        reports = [await fake_report(int(row["port"])) for row in rows.values()]
+        return all(report["in_flight"] == 0 for report in reports)
+
+    await wait_until(all_idle, what="no request held by the router or its upstreams")
+    router_process = psutil.Process(router.process.pid)
+
+    def no_client_connections() -> bool:
+        return not [
+            c
+            for c in router_process.net_connections("tcp")
+            if c.laddr and c.laddr.port == router.port and c.status == psutil.CONN_ESTABLISHED
+        ]
+
+    await wait_until(no_client_connections, what="the router to close every client connection")
