@@ -159,6 +159,7 @@ class ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.buffer = self.buffer + data if self.buffer else data
         if self.exchange is None:
+            self.idle_since = time.monotonic()  # a request on its way: not idle
             self.next_request()
         elif len(self.buffer) > MAX_HEAD + MAX_BODY and self.transport is not None:
             self.transport.pause_reading()  # requests sent ahead: read on once this answer is out
