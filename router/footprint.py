@@ -1,9 +1,10 @@
 """What a profile will use per device: estimated from GGUF metadata, then learned from llama-server.
 
-Before a first load the estimate is weights placed per `--n-gpu-layers`, plus the KV cache for the
-context at the cache types, plus a compute margin. Once llama-server has loaded, the buffer sizes it
-logs replace the estimate and are kept across router restarts in a small JSON state file, keyed by
-what changes the figure (binary, model file identity, arguments).
+Before a first load the estimate is weights placed per `--n-gpu-layers` and the tensor overrides
+(`--cpu-moe`, `--n-cpu-moe`, `--override-tensor`), plus the KV cache for the context at the cache
+types, plus a compute margin. Once llama-server has loaded, the buffer sizes it logs replace the
+estimate and are kept across router restarts in a small JSON state file, keyed by what changes the
+figure (binary, model file identity, arguments).
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ _BUFFER_LINE = re.compile(
     r"(\S+)\s+(?:\S+\s+)?(?:model|KV|compute|output|RS|LoRA) buffer size =\s*([\d.]+) MiB"
 )
 _GPU_BUFFER = re.compile(r"^(?:CUDA|ROCm|Vulkan|SYCL|MUSA|CANN)(\d+)$")
+# llama.cpp's LLM_FFN_EXPS_REGEX (common/common.h): the stacked per-expert FFN weights of a MoE layer,
+# not its router (`ffn_gate_inp`) nor its shared expert (`ffn_*_shexp`).
+EXPERTS_REGEX = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"
 
 
 def _flag_value(args: Sequence[str], *names: str) -> str | None:
@@ -120,17 +124,16 @@ def _estimate_from_header(
         offloaded = min(int(ngl_text), n_layer + 1)
     first_gpu_layer = n_layer - min(offloaded, n_layer)
 
-    gpu_bytes = 0
-    ram_bytes = 0
+    overrides = _tensor_overrides(args)
+    # Weight bytes per device; "layers" is what the offloaded layers put on the GPUs, split below.
+    placed = {"ram": 0, "layers": 0}
     for tensor in header.tensors:
         layer = _layer_of(tensor.name)
         on_gpu = (layer is not None and layer >= first_gpu_layer and offloaded > 0) or (
             layer is None and tensor.name.startswith("output") and offloaded > n_layer
         )
-        if on_gpu:
-            gpu_bytes += tensor.nbytes
-        else:
-            ram_bytes += tensor.nbytes
+        device = _overridden_device(tensor.name, overrides, gpus) or ("layers" if on_gpu else "ram")
+        placed[device] = placed.get(device, 0) + tensor.nbytes
 
     ctx_text = _flag_value(args, "-c", "--ctx-size")
     n_ctx = (
@@ -148,18 +151,78 @@ def _estimate_from_header(
     gpu_kv = kv_per_layer * gpu_layers
     ram_kv = kv_per_layer * (n_layer - gpu_layers)
 
-    footprint = {"ram": ram_bytes + ram_kv + RAM_MARGIN}
-    if gpus and offloaded > 0:
-        # Layers split over visible GPUs in equal parts unless a tensor split says otherwise.
-        split_text = _flag_value(args, "-ts", "--tensor-split")
-        weights = [float(x) for x in split_text.replace("/", ",").split(",")] if split_text else []
-        weights = (weights + [0.0] * len(gpus))[: len(gpus)] if weights else [1.0] * len(gpus)
-        total_weight = sum(weights) or 1.0
-        for gpu, weight in zip(gpus, weights, strict=True):
-            if weight > 0:
-                share = weight / total_weight
-                footprint[gpu] = int((gpu_bytes + gpu_kv) * share) + GPU_MARGIN
+    footprint = {"ram": placed["ram"] + ram_kv + RAM_MARGIN}
+    shares = _layer_shares(args, gpus) if offloaded > 0 else {}
+    for gpu in gpus:
+        share = shares.get(gpu, 0.0)
+        if share > 0 or gpu in placed:
+            layers = int((placed["layers"] + gpu_kv) * share)
+            footprint[gpu] = layers + placed.get(gpu, 0) + GPU_MARGIN
     return footprint
+
+
+def _layer_shares(args: Sequence[str], gpus: Sequence[str]) -> dict[str, float]:
+    """Each visible GPU's share of the offloaded layers: equal unless `--tensor-split` says otherwise."""
+    split_text = _flag_value(args, "-ts", "--tensor-split")
+    weights = [float(x) for x in split_text.replace("/", ",").split(",")] if split_text else []
+    weights = (weights + [0.0] * len(gpus))[: len(gpus)] if weights else [1.0] * len(gpus)
+    total_weight = sum(weights) or 1.0
+    return {gpu: weight / total_weight for gpu, weight in zip(gpus, weights, strict=True)}
+
+
+def _tensor_overrides(args: Sequence[str]) -> list[tuple[re.Pattern[str], str]]:
+    """The (pattern, buffer type) list llama-server builds from its arguments, in argument order.
+
+    MoE models are often run with their experts in RAM and the rest on the GPU; counting the experts
+    on the GPU would refuse them as too large. This mirrors llama.cpp's common/arg.cpp, where every
+    one of these flags appends to the same `tensor_buft_overrides` list:
+    `-ot`/`--override-tensor <regex>=<buffer type>[,...]` (repeatable; each item split at its first
+    `=`), `-cmoe`/`--cpu-moe` (`LLM_FFN_EXPS_REGEX` to CPU) and `-ncmoe`/`--n-cpu-moe N` (one
+    `llm_ffn_exps_block_regex(i)` = `blk\\.<i>` + `LLM_FFN_EXPS_REGEX` to CPU for each i < N).
+    A pattern Python cannot compile is left out rather than failing on a user's arguments.
+    """
+    rules: list[tuple[str, str]] = []
+    for index, arg in enumerate(args):
+        flag, eq, inline = arg.partition("=")
+        value = inline if eq else (args[index + 1] if index + 1 < len(args) else "")
+        if arg in ("-cmoe", "--cpu-moe"):
+            rules.append((EXPERTS_REGEX, "CPU"))
+        elif flag in ("-ncmoe", "--n-cpu-moe"):
+            count = int(value) if value.isdigit() else 0
+            rules.extend((rf"blk\.{layer}{EXPERTS_REGEX}", "CPU") for layer in range(count))
+        elif flag in ("-ot", "--override-tensor"):
+            for item in value.split(","):
+                pattern, eq, buffer = item.partition("=")
+                if eq:
+                    rules.append((pattern, buffer))
+                else:
+                    log.debug("ignoring tensor override %r: no '=<buffer type>'", item)
+    compiled = []
+    for pattern, buffer in rules:
+        try:
+            compiled.append((re.compile(pattern), buffer))
+        except re.error as exc:
+            log.debug("ignoring tensor override %r: %s", pattern, exc)
+    return compiled
+
+
+def _overridden_device(
+    name: str, overrides: Sequence[tuple[re.Pattern[str], str]], gpus: Sequence[str]
+) -> str | None:
+    """Where the first override whose pattern is found in a tensor's name puts it, if anywhere.
+
+    As llama.cpp's model loader does (`std::regex_search`, first match wins): `CPU` is RAM, `CUDA<k>`
+    (or another backend's `<name><k>`) the k-th GPU the process sees, so the k-th visible one. None
+    when nothing matches or the GPU named is not visible: the tensor stays where `-ngl` put it.
+    """
+    for pattern, buffer in overrides:
+        if pattern.search(name):
+            if buffer == "CPU":
+                return "ram"
+            gpu = _GPU_BUFFER.match(buffer)
+            index = int(gpu.group(1)) if gpu else len(gpus)
+            return gpus[index] if index < len(gpus) else None
+    return None
 
 
 def _layer_of(name: str) -> int | None:
