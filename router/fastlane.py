@@ -5,13 +5,19 @@ loaded and free to take it. Through aiohttp that case costs ~185 µs of CPU per 
 in building request and response objects; here it is read, checked and relayed by a raw protocol on
 the listening socket, and the answer passes back in the upstream's own framing.
 
-The lane accepts only what it can frame without doubt: HTTP/1.1, `POST` to one of the model paths with
-no query, one `Content-Length` (no `Transfer-Encoding`, `Expect` or `Upgrade`), a JSON body naming a
-profile by its own name (no alias: answers need no renaming), accepted keys, and a model that takes the
-request this instant (`Controller.lease_now`). Any other request, and the connection it came on, is
-handed to the aiohttp application with every byte received so far, as if aiohttp had accepted the
-connection itself: it parses the request again from its first byte and gives it the full treatment
-(loads, queues, fallbacks, errors, loading comments). A connection stays with aiohttp once handed over.
+The lane relays only what it can frame without doubt: HTTP/1.1, `POST` to one of the model paths with
+no query, one `Content-Length` (no `Transfer-Encoding`, `Expect`, `TE` or `Upgrade`), a JSON body
+naming a profile by its own name (no alias: answers need no renaming), accepted keys, and a model that
+takes the request this instant (`Controller.lease_now`).
+
+Every other request whose end the lane can tell (one `Content-Length`, or no body) is lent to the
+aiohttp application (`Loan`): aiohttp's protocol gets a transport of the lane's that passes it the
+request's bytes and writes its answer to the client, and the lane takes the connection back once
+that answer is out (`ResponseEnd` follows its framing). aiohttp parses the request again from its
+first byte and gives it the full treatment (loads, queues, fallbacks, aliases, errors, loading
+comments). Requests the lane cannot delimit or should not read (chunked uploads, upgrades, HTTP/1.0,
+folded or oddly spaced headers) are handed to aiohttp together with their connection, for good, as
+if aiohttp had accepted it itself.
 
 What the lane keeps from the full path: the lease (a swap never cuts a relayed request), the in-flight
 count a shutdown drains, one access-log line and the request, wait, error and token metrics per
@@ -26,7 +32,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, cast
 
 from .access_log import CLIENT_CLOSED, InFlight, log_request
@@ -34,6 +40,7 @@ from .auth import key_in_header_lines
 from .errors import error_body
 from .metrics import UsageTail, parse_usage
 from .proxy import MODEL_POST_PATHS, serving, sse_event
+from .response_end import ResponseEnd
 from .upstream_http import (
     HIGH_WATER,
     LAST_CHUNK,
@@ -60,8 +67,10 @@ _END_OF_HEAD = b"\r\n\r\n"
 MAX_HEAD = 64 * 1024  # a longer head goes to aiohttp, which answers it properly
 MAX_BODY = 8 * 1024 * 1024  # bodies above this stream into aiohttp instead of being held here
 IDLE_TIMEOUT = 75.0  # seconds an idle kept-alive client connection stays open (aiohttp's default)
-# Headers that make a request more than a plain relay; such requests go to aiohttp.
-_NOT_PLAIN = frozenset({b"transfer-encoding", b"expect", b"upgrade", b"te"})
+# Headers whose request the lane cannot delimit or must not touch: the connection goes to aiohttp.
+_UNFRAMED = frozenset({b"transfer-encoding", b"upgrade"})
+# Headers that ask more of the server than relaying: the request is lent to aiohttp.
+_NOT_RELAYED = frozenset({b"expect", b"te"})
 # Hop-by-hop answer headers: they describe the upstream connection, not the client's.
 _ANSWER_DROP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "trailer"})
 
@@ -98,7 +107,7 @@ class FastLane:
         """Close client connections idle for longer than IDLE_TIMEOUT."""
         now = time.monotonic()
         for connection in list(self.connections):
-            if connection.exchange is None and now - connection.idle_since > IDLE_TIMEOUT:
+            if not connection.busy and now - connection.idle_since > IDLE_TIMEOUT:
                 connection.close()
         self._sweeper = None
         if self.connections and not self.closing:
@@ -111,7 +120,7 @@ class FastLane:
             self._sweeper.cancel()
             self._sweeper = None
         for connection in list(self.connections):
-            if connection.exchange is None:
+            if not connection.busy:
                 connection.close()
 
     def abort(self) -> None:
@@ -124,16 +133,33 @@ class FastLane:
 class ClientConnection(asyncio.Protocol):
     """One client connection while the fast lane has it."""
 
-    __slots__ = ("buffer", "close_after", "exchange", "idle_since", "lane", "peer", "transport")
+    __slots__ = (
+        "buffer",
+        "close_after",
+        "exchange",
+        "idle_since",
+        "lane",
+        "loan",
+        "peer",
+        "skip",
+        "transport",
+    )
 
     def __init__(self, lane: FastLane) -> None:
         self.lane = lane
         self.transport: asyncio.Transport | None = None
         self.buffer = b""
         self.exchange: Exchange | None = None
+        self.loan: Loan | None = None  # a request lent to aiohttp, until its answer is out
+        self.skip = 0  # bytes of a lent request's body that aiohttp answered without reading
         self.close_after = False
         self.idle_since = time.monotonic()
         self.peer = ""
+
+    @property
+    def busy(self) -> bool:
+        """Whether a request on this connection is being answered, by the lane or by aiohttp."""
+        return self.exchange is not None or self.loan is not None
 
     # ---------------------------------------------------------------------------------------- protocol
 
@@ -148,17 +174,29 @@ class ClientConnection(asyncio.Protocol):
         self.lane.connections.discard(self)
         if self.exchange is not None:
             self.exchange.client_left()
+        if self.loan is not None:
+            self.loan.client_left(exc)
 
     def pause_writing(self) -> None:
-        pass  # the exchange watches the write buffer and pauses its upstream
+        # A relayed answer: the exchange watches the write buffer and pauses its upstream.
+        if self.loan is not None:
+            self.loan.handler.pause_writing()
 
     def resume_writing(self) -> None:
         if self.exchange is not None and self.transport is not None:
             self.exchange.client_drained(self.transport.get_write_buffer_size())
+        if self.loan is not None:
+            self.loan.handler.resume_writing()
 
     def data_received(self, data: bytes) -> None:
+        if self.loan is not None:
+            data = self.loan.feed(data)  # its request's bytes go to aiohttp; the rest waits here
+            if not data:
+                return
         self.buffer = self.buffer + data if self.buffer else data
-        if self.exchange is None:
+        if self.skip:
+            self._drop_skipped()
+        if self.exchange is None and self.loan is None:
             self.idle_since = time.monotonic()  # a request on its way: not idle
             self.next_request()
         elif len(self.buffer) > MAX_HEAD + MAX_BODY and self.transport is not None:
@@ -169,7 +207,7 @@ class ClientConnection(asyncio.Protocol):
         to wait for an answer are not known: the work on its behalf stops, as in the full path."""
         if self.exchange is not None:
             self.exchange.client_left()
-        return False
+        return False  # the transport closes; a loan learns it in connection_lost
 
     def close(self) -> None:
         if self.transport is not None:
@@ -178,7 +216,7 @@ class ClientConnection(asyncio.Protocol):
     # ---------------------------------------------------------------------------------------- requests
 
     def next_request(self) -> None:
-        """Relay the request at the head of the buffer, or hand the connection to aiohttp."""
+        """Relay the request at the head of the buffer, or lend it to aiohttp."""
         buffer = self.buffer
         if not buffer or self.transport is None:
             return
@@ -190,37 +228,34 @@ class ClientConnection(asyncio.Protocol):
             if len(buffer) > MAX_HEAD:
                 self.hand_over()
             return
-        plain = _plain_request(buffer[:end])
-        if plain is None:
-            self.hand_over()
+        head = _read_head(buffer[:end])
+        if head is None:
+            self.hand_over()  # not delimited by a length, or not plainly formed: aiohttp keeps it all
             return
-        target, length, headers, close = plain
+        method, target, length, headers, close, relayable = head
         total = end + 4 + length
-        if length > MAX_BODY:
-            self.hand_over()
+        lane = self.lane
+        controller = lane.controller
+        if not relayable or length > MAX_BODY or not controller.config.server.fast_lane:
+            self.lend(total, no_body=method == b"HEAD")
             return
         if len(buffer) < total:
             return  # the rest of the body is on its way
-        lane = self.lane
-        controller = lane.controller
-        if not controller.config.server.fast_lane:
-            self.hand_over()  # turned off by a reload
-            return
         if lane.keys.enabled and not _key_accepted(headers, lane.keys):
-            self.hand_over()  # aiohttp's check answers 401 or 403 with the reason
+            self.lend(total)  # aiohttp's check answers 401 or 403 with the reason
             return
         body = buffer[end + 4 : total]
         model = _model_of(body)
         if model is None:
-            self.hand_over()  # a malformed body: aiohttp answers 400 with the reason
+            self.lend(total)  # a malformed body: aiohttp answers 400 with the reason
             return
         profile = controller.config.profiles.get(model)
         if profile is None or profile.served_name != model:
-            self.hand_over()  # unknown (404) or an alias (answers need renaming)
+            self.lend(total)  # unknown (404) or an alias (answers need renaming)
             return
         lease = controller.lease_now(model)
         if lease is None:
-            self.hand_over()  # the model is loading, draining, failed or busy: the full path waits
+            self.lend(total)  # the model is loading, draining, failed or busy: the full path waits
             return
         self.buffer = buffer[total:]
         self.close_after = self.close_after or close
@@ -228,6 +263,37 @@ class ClientConnection(asyncio.Protocol):
             lane.metrics.lane_relayed += 1
         self.exchange = Exchange(self, lease, target, headers, body, buffer[:total], model)
         self.exchange.start()
+
+    def lend(self, length: int, *, no_body: bool = False) -> None:
+        """Give aiohttp the request at the head of the buffer (`length` bytes, head included) on a
+        connection of its own that writes to this one; take the connection back once it answered."""
+        if self.lane.metrics is not None:
+            self.lane.metrics.lane_handed_over += 1
+        if self.transport is None or self.transport.is_closing():
+            return
+        self.transport.resume_reading()  # aiohttp paces its reading itself meanwhile
+        loan = Loan(self, length, no_body=no_body)
+        self.loan = loan
+        data, self.buffer = self.buffer, b""
+        self.buffer = loan.start(data)
+
+    def loan_done(self, loan: Loan) -> None:
+        """aiohttp's answer is out: what it did not read of its request is dropped, then the next."""
+        self.loan = None
+        self.skip = loan.unsent
+        self.idle_since = time.monotonic()
+        if loan.close_wanted or self.lane.closing:
+            self.close()
+            return
+        self._drop_skipped()
+        if self.buffer:
+            self.next_request()
+
+    def _drop_skipped(self) -> None:
+        if self.skip and self.buffer:
+            dropped = min(self.skip, len(self.buffer))
+            self.buffer = self.buffer[dropped:]
+            self.skip -= dropped
 
     def hand_over(self, request: bytes = b"") -> None:
         """Give this connection to aiohttp, with what was received and not relayed (`request`: a
@@ -521,7 +587,8 @@ class Exchange:
             return  # the client left meanwhile
         client = self.client
         client.exchange = None
-        client.hand_over(self.raw_request)
+        client.buffer = self.raw_request + client.buffer
+        client.lend(len(self.raw_request))
 
     def _end(self, status: int, *, keep_client: bool, keep_upstream: bool) -> None:
         if self._release(status, keep_upstream=keep_upstream):
@@ -555,20 +622,129 @@ class Exchange:
         return True
 
 
-def _plain_request(head: bytes) -> tuple[bytes, int, list[tuple[bytes, bytes]], bool] | None:
-    """(target, body length, headers as (lowercased name, line), close after) for a request the lane
-    takes; None for any other."""
+class Loan(asyncio.Transport):
+    """One request lent to aiohttp: to aiohttp's protocol this is the connection's transport.
+
+    aiohttp reads the request's bytes (`feed`) and writes its answer here; it goes straight to the
+    client, and `ResponseEnd` follows it. Once the answer is out, the lane takes the connection
+    back: the protocol is told the connection was lost, as when an idle client leaves, by then it
+    waits for a next request that will not come. A `close()` from aiohttp (a `Connection: close`
+    answer, an error) closes the client connection after the answer."""
+
+    def __init__(self, client: ClientConnection, length: int, *, no_body: bool) -> None:
+        super().__init__()
+        self.client = client
+        self.unsent = length  # bytes of the request not yet passed to aiohttp
+        self.end = ResponseEnd(no_body=no_body)
+        self.handler = cast(asyncio.Protocol, client.lane.app_protocol())
+        self.close_wanted = False
+        self.returned = False
+
+    def start(self, data: bytes) -> bytes:
+        """Connect aiohttp's protocol; give it the request's bytes in `data`; what follows them."""
+        self.handler.connection_made(self)
+        return self.feed(data)
+
+    def feed(self, data: bytes) -> bytes:
+        """Pass on what belongs to the lent request; return the rest."""
+        if self.returned or not self.unsent:
+            return data
+        take = data[: self.unsent]
+        self.unsent -= len(take)
+        self.handler.data_received(take)
+        return data[len(take) :]
+
+    def client_left(self, exc: Exception | None) -> None:
+        if not self.returned:
+            self.returned = True
+            self.handler.connection_lost(exc)
+
+    def _give_back(self) -> None:
+        if self.returned:
+            return
+        self.returned = True
+        self.handler.connection_lost(None)
+        if self.client.loan is self:
+            self.client.loan_done(self)
+
+    # ------------------------------------------------------------------------ transport, for aiohttp
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        transport = self.client.transport
+        if self.returned or transport is None:
+            return
+        transport.write(data)
+        if not self.end.done and self.end.feed(bytes(data)):
+            # Once aiohttp's handler has run to its next wait (for a next request), not before.
+            asyncio.get_running_loop().call_soon(self._give_back)
+
+    def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
+        self.write(b"".join(list_of_data))
+
+    def is_closing(self) -> bool:
+        transport = self.client.transport
+        return self.returned or transport is None or transport.is_closing()
+
+    def close(self) -> None:
+        if self.returned:
+            return  # the lane has the connection back (aiohttp closes on being told it was lost)
+        self.close_wanted = True
+        if not self.end.done:
+            self.client.close()  # an answer cut short, or one that ends with the connection
+        # else: _give_back, already scheduled, closes the connection after the answer
+
+    def abort(self) -> None:
+        transport = self.client.transport
+        if transport is not None:
+            transport.abort()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        transport = self.client.transport
+        return transport.get_extra_info(name, default) if transport is not None else default
+
+    def pause_reading(self) -> None:
+        if not self.returned and self.client.transport is not None:
+            self.client.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if not self.returned and self.client.transport is not None:
+            self.client.transport.resume_reading()
+
+    def is_reading(self) -> bool:
+        transport = self.client.transport
+        return transport is not None and transport.is_reading()
+
+    def get_write_buffer_size(self) -> int:
+        transport = self.client.transport
+        return transport.get_write_buffer_size() if transport is not None else 0
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self.handler = cast(asyncio.Protocol, protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self.handler
+
+
+def _read_head(
+    head: bytes,
+) -> tuple[bytes, bytes, int, list[tuple[bytes, bytes]], bool, bool] | None:
+    """(method, target, body length, headers as (lowercased name, line), close after, relayable) of
+    a request whose end the lane can tell: HTTP/1.1, plainly formed, its body delimited by one
+    `Content-Length` or absent. None for any other (chunked bodies, upgrades, HTTP/1.0, folded or
+    oddly spaced headers): those are for aiohttp's strict parser alone. `relayable`: a POST to a
+    model path with nothing asked of the server beyond relaying (no `Expect`, no `TE`)."""
     if head.count(b"\n") != head.count(b"\r\n"):
-        return None  # bare line feeds: leave such heads to the strict parser
+        return None  # bare line feeds
     lines = head.split(b"\r\n")
     request_line = lines[0].split(b" ")
     if len(request_line) != 3:
         return None
     method, target, version = request_line
-    if method != b"POST" or version != b"HTTP/1.1" or target not in _PATHS:
+    if version != b"HTTP/1.1" or not method.isalpha() or not method.isupper():
         return None
     length = -1
     close = False
+    relayable = method == b"POST" and target in _PATHS
     headers: list[tuple[bytes, bytes]] = []
     for line in lines[1:]:
         name, colon, value = line.partition(b":")
@@ -581,17 +757,20 @@ def _plain_request(head: bytes) -> tuple[bytes, int, list[tuple[bytes, bytes]], 
                 return None
             length = int(value)
             continue
-        if lower in _NOT_PLAIN:
+        if lower in _UNFRAMED:
             return None
-        if lower == b"connection":
+        if lower in _NOT_RELAYED:
+            relayable = False
+        elif lower == b"connection":
             tokens = {token.strip().lower() for token in value.split(b",")}
             if b"upgrade" in tokens:
                 return None
             close = b"close" in tokens
         headers.append((lower, line))
     if length < 0:
-        return None
-    return target, length, headers, close
+        relayable = False  # llama-server's POSTs carry a JSON body
+        length = 0
+    return method, target, length, headers, close, relayable
 
 
 def _key_accepted(headers: list[tuple[bytes, bytes]], keys: KeyRing) -> bool:

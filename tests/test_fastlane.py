@@ -27,7 +27,7 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from router.fastlane import _plain_request
+from router.fastlane import _read_head
 
 from .conftest import fake_profile, wait_until
 from .router_process import RouterProcess, write_config
@@ -287,32 +287,40 @@ GOOD_HEAD = (
 )
 
 
-def test_the_head_check_takes_plain_requests_only() -> None:
-    plain = _plain_request(GOOD_HEAD)
+def test_the_head_check_relays_plain_requests_lends_others_and_leaves_the_rest_to_aiohttp() -> None:
+    plain = _read_head(GOOD_HEAD)
     assert plain is not None
-    target, length, headers, close = plain
-    assert (target, length, close) == (b"/v1/chat/completions", 17, False)
+    method, target, length, headers, close, relayable = plain
+    assert (method, target, length, close, relayable) == (b"POST", b"/v1/chat/completions", 17, False, True)
     # Content-Length is left out: the lane writes its own.
     assert headers == [(b"host", b"Host: x"), (b"content-type", b"Content-Type: application/json")]
-    closing = _plain_request(GOOD_HEAD + b"\r\nConnection: close")
-    assert closing is not None and closing[3] is True
+    closing = _read_head(GOOD_HEAD + b"\r\nConnection: close")
+    assert closing is not None and closing[4] is True
     for path in (b"/completion", b"/v1/embeddings", b"/tokenize"):
-        assert _plain_request(GOOD_HEAD.replace(b"/v1/chat/completions", path)) is not None, path
+        other = _read_head(GOOD_HEAD.replace(b"/v1/chat/completions", path))
+        assert other is not None and other[5], path
 
-    not_plain = {
+    # Delimited, but more than a relay: lent to aiohttp for one request.
+    lent = {
         "GET": GOOD_HEAD.replace(b"POST", b"GET", 1),
-        "lowercase method": GOOD_HEAD.replace(b"POST", b"post", 1),
-        "HTTP/1.0": GOOD_HEAD.replace(b"HTTP/1.1", b"HTTP/1.0"),
         "a query string": GOOD_HEAD.replace(b"completions ", b"completions?x=1 "),
         "a path the lane does not relay": GOOD_HEAD.replace(b"/v1/chat/completions", b"/models/load"),
-        "two Content-Length": GOOD_HEAD + b"\r\nContent-Length: 17",
         "no Content-Length": GOOD_HEAD.replace(b"\r\nContent-Length: 17", b""),
+        "Expect": GOOD_HEAD + b"\r\nExpect: 100-continue",
+        "TE": GOOD_HEAD + b"\r\nTE: trailers",
+    }
+    for why, raw in lent.items():
+        read = _read_head(raw)
+        assert read is not None and read[5] is False, why
+    # Not delimited, or not plainly formed: the connection is aiohttp's from then on.
+    not_ours = {
+        "lowercase method": GOOD_HEAD.replace(b"POST", b"post", 1),
+        "HTTP/1.0": GOOD_HEAD.replace(b"HTTP/1.1", b"HTTP/1.0"),
+        "two Content-Length": GOOD_HEAD + b"\r\nContent-Length: 17",
         "a signed Content-Length": GOOD_HEAD.replace(b"Length: 17", b"Length: +17"),
         "Transfer-Encoding": GOOD_HEAD + b"\r\nTransfer-Encoding: chunked",
-        "Expect": GOOD_HEAD + b"\r\nExpect: 100-continue",
         "Upgrade": GOOD_HEAD + b"\r\nUpgrade: websocket",
         "Connection: upgrade": GOOD_HEAD + b"\r\nConnection: keep-alive, Upgrade",
-        "TE": GOOD_HEAD + b"\r\nTE: trailers",
         "a space before a colon": GOOD_HEAD.replace(b"Host:", b"Host :"),
         "a tab before a colon": GOOD_HEAD.replace(b"Host:", b"Host\t:"),
         "an obs-fold line": GOOD_HEAD.replace(b"Host: x", b"Host: x\r\n  y"),
@@ -321,8 +329,8 @@ def test_the_head_check_takes_plain_requests_only() -> None:
         "two spaces in the request line": GOOD_HEAD.replace(b"POST ", b"POST  ", 1),
         "a line without a colon": GOOD_HEAD + b"\r\nnonsense",
     }
-    for why, head in not_plain.items():
-        assert _plain_request(head) is None, why
+    for why, raw in not_ours.items():
+        assert _read_head(raw) is None, why
 
 
 # ---------------------------------------------------------------------------------------------- relayed
@@ -398,7 +406,7 @@ async def test_pipelined_requests_are_answered_in_order(
         assert third.status == 200 and third.json()["tokens"] == second.json()["tokens"]
     assert await lane_since(router, before) == (3, 0)
 
-    # A request in the middle that the lane hands over takes the rest of the connection with it.
+    # A request in the middle that the lane lends to aiohttp: the connection comes back for the next.
     before = await router.lane()
     async with connection(router.port) as conn:
         conn.send(http_post(chat_body("tiny-a")) + http_post(chat_body("alpha")) + tokenize)
@@ -407,7 +415,7 @@ async def test_pipelined_requests_are_answered_in_order(
     assert replies[0].json()["model"] == "tiny-a"
     assert replies[1].json()["model"] == "alpha"
     assert replies[2].json()["tokens"]
-    assert await lane_since(router, before) == (1, 1)
+    assert await lane_since(router, before) == (2, 1)
 
 
 async def test_connection_close_ends_the_connection_after_the_answer(
@@ -490,11 +498,22 @@ async def test_requests_the_lane_hands_over_are_served_as_before(
         assert reply.json()["model"] == "tiny-a"
     assert await lane_since(router, before) == (0, 1)
 
-    # A handed-over connection stays with aiohttp, and serves the next request on it.
+    # A request lent to aiohttp gives the connection back: the next one on it is relayed.
     before = await router.lane()
     async with connection(router.port) as conn:
         conn.send(http_post(chat_body("gpt-4o")))
         assert (await conn.reply()).status == 404
+        conn.send(http_post(chat_body("tiny-a")))
+        reply = await conn.reply()
+        assert reply.status == 200, reply.body
+        assert reply.json()["model"] == "tiny-a"
+    assert await lane_since(router, before) == (1, 1)
+
+    # A connection whose request the lane cannot delimit stays with aiohttp, and serves the next one.
+    before = await router.lane()
+    async with connection(router.port) as conn:
+        conn.send(chunked)
+        assert (await conn.reply()).status == 200
         conn.send(http_post(chat_body("tiny-a")))
         reply = await conn.reply()
         assert reply.status == 200, reply.body
