@@ -544,6 +544,43 @@ async def test_keys_are_checked_and_kept_from_the_upstream(serve: StartRouter, d
         assert name.lower() not in seen, "the router's key was passed on to the upstream"
 
 
+async def test_a_lent_request_answered_before_its_body_came_leaves_the_connection_usable(
+    serve: StartRouter, dummy_model: Path
+) -> None:
+    """aiohttp refuses a request on its head alone (no key): the body that follows is not taken for
+    a next request, and the next request on the connection is relayed."""
+    router = await serve({"m": fake_profile(dummy_model)}, key="user-key", api_keys=["user-key"])
+    await router.load("m")
+    body = json.dumps({"model": "m"}).encode()
+    head = http_post(body, "/models/load")[: -len(body)]
+    before = await router.lane()
+    async with connection(router.port) as conn:
+        conn.send(head)
+        refused = await conn.reply()
+        assert refused.status == 401, refused.body
+        conn.send(body)  # the body of the refused request, late
+        conn.send(http_post(chat_body("m"), headers=[("Authorization", "Bearer user-key")]))
+        reply = await conn.reply()
+        assert reply.status == 200, reply.body
+        assert reply.json()["model"] == "m"
+    assert await lane_since(router, before) == (1, 1)
+
+
+async def test_a_lent_head_request_gives_the_connection_back(serve: StartRouter, dummy_model: Path) -> None:
+    router = await serve({"m": fake_profile(dummy_model)})
+    await router.load("m")
+    before = await router.lane()
+    async with connection(router.port) as conn:
+        conn.send(b"HEAD /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        status, headers = await conn.head()
+        assert status == 200 and int(headers["content-length"]) > 0, headers  # and no body follows
+        conn.send(http_post(chat_body("m")))
+        reply = await conn.reply()
+        assert reply.status == 200, reply.body
+        assert reply.json()["model"] == "m"
+    assert await lane_since(router, before) == (1, 1)
+
+
 # ---------------------------------------------------------------------------------------------- models
 
 
