@@ -180,13 +180,13 @@ class ClientConnection(asyncio.Protocol):
     def pause_writing(self) -> None:
         # A relayed answer: the exchange watches the write buffer and pauses its upstream.
         if self.loan is not None:
-            self.loan.handler.pause_writing()
+            self.loan.pause_writing()
 
     def resume_writing(self) -> None:
         if self.exchange is not None and self.transport is not None:
             self.exchange.client_drained(self.transport.get_write_buffer_size())
         if self.loan is not None:
-            self.loan.handler.resume_writing()
+            self.loan.resume_writing()
 
     def data_received(self, data: bytes) -> None:
         if self.loan is not None:
@@ -639,6 +639,7 @@ class Loan(asyncio.Transport):
         self.handler = cast(asyncio.Protocol, client.lane.app_protocol())
         self.close_wanted = False
         self.returned = False
+        self.writing_paused = False  # aiohttp waits in a drain: it is not done with the request yet
 
     def start(self, data: bytes) -> bytes:
         """Connect aiohttp's protocol; give it the request's bytes in `data`; what follows them."""
@@ -659,9 +660,19 @@ class Loan(asyncio.Transport):
             self.returned = True
             self.handler.connection_lost(exc)
 
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+        self.handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        self.handler.resume_writing()
+        if self.end.done and not self.returned:
+            asyncio.get_running_loop().call_soon(self._give_back)
+
     def _give_back(self) -> None:
-        if self.returned:
-            return
+        if self.returned or self.writing_paused:
+            return  # resume_writing schedules it again
         self.returned = True
         self.handler.connection_lost(None)
         if self.client.loan is self:
