@@ -2,9 +2,10 @@
 
 Before a first load the estimate is weights placed per `--n-gpu-layers` and the tensor overrides
 (`--cpu-moe`, `--n-cpu-moe`, `--override-tensor`), plus the KV cache for the context at the cache
-types, plus a compute margin. Once llama-server has loaded, the buffer sizes it logs replace the
-estimate and are kept across router restarts in a small JSON state file, keyed by what changes the
-figure (binary, model file identity, arguments).
+types (sliding-window layers sized as llama.cpp sizes them), plus a compute margin. Once
+llama-server has loaded, the buffer sizes it logs replace the estimate and are kept across router
+restarts in a small JSON state file, keyed by what changes the figure (binary, model file identity,
+arguments).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from .config import ResolvedProfile
 from .gguf import GGUFError, GGUFHeader, read_header
@@ -46,6 +48,34 @@ _GPU_BUFFER = re.compile(r"^(?:CUDA|ROCm|Vulkan|SYCL|MUSA|CANN)(\d+)$")
 # llama.cpp's LLM_FFN_EXPS_REGEX (common/common.h): the stacked per-expert FFN weights of a MoE layer,
 # not its router (`ffn_gate_inp`) nor its shared expert (`ffn_*_shexp`).
 EXPERTS_REGEX = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"
+
+
+class SwaRule(NamedTuple):
+    """How llama.cpp sets up an architecture's sliding-window (SWA) layers in `load_hparams`
+    (src/llama-model.cpp; `load_arch_hparams` in src/models/<arch>.cpp in newer trees):
+    `hparams.set_swa_pattern(period[, dense_first])` and `hparams.n_swa`."""
+
+    period: int  # every period-th layer attends to the whole context (llama-hparams.cpp set_swa_pattern)
+    missing: int = 0  # n_swa when the GGUF has no `<arch>.attention.sliding_window` (0: no SWA then)
+    fixed: int = 0  # an n_swa llama.cpp sets whatever the key says (a key of 0 still turns SWA off)
+    dense_first: bool = False  # layers 0, period, 2*period... are the full-attention ones
+
+
+# The architectures whose KV cache llama.cpp splits into a full and a sliding-window part
+# (`llama_kv_cache_iswa`, created when `hparams.swa_type != LLAMA_SWA_TYPE_NONE`), by GGUF
+# `general.architecture`. Any other one (phi3 too: llama.cpp turns its SWA off) keeps the full context
+# for every layer, which can only over-estimate.
+SWA_ARCHS = {
+    "gemma2": SwaRule(2, missing=4096),
+    "gemma3": SwaRule(6),
+    "gemma3n": SwaRule(5),
+    "cohere2": SwaRule(4),
+    "gpt-oss": SwaRule(2),  # LLM_ARCH_OPENAI_MOE
+    "olmo2": SwaRule(4),
+    "llama4": SwaRule(4, missing=8192, fixed=8192),  # chunked attention, sized the same way
+    "smallthinker": SwaRule(4, fixed=4096, dense_first=True),
+}
+SWA_PAD = 256  # llama.cpp pads the SWA cache (and n_ctx) to a multiple of 256 cells
 
 
 def _flag_value(args: Sequence[str], *names: str) -> str | None:
@@ -146,10 +176,12 @@ def _estimate_from_header(
     value_len = int(header.arch_value("attention.value_length", n_embd // n_head) or 0)
     k_bytes = CACHE_TYPE_BYTES.get(_flag_value(args, "-ctk", "--cache-type-k") or "f16", 2.0)
     v_bytes = CACHE_TYPE_BYTES.get(_flag_value(args, "-ctv", "--cache-type-v") or "f16", 2.0)
-    kv_per_layer = int(n_ctx * n_head_kv * (key_len * k_bytes + value_len * v_bytes))
-    gpu_layers = min(offloaded, n_layer)
-    gpu_kv = kv_per_layer * gpu_layers
-    ram_kv = kv_per_layer * (n_layer - gpu_layers)
+    head_bytes = key_len * k_bytes + value_len * v_bytes
+    # Each layer's KV cache sits with the layer: the offloaded (last) layers' on the GPUs.
+    cells = _kv_cells(header, args, env, n_layer, n_ctx)
+    layer_kv = [int(layer_cells * n_head_kv * head_bytes) for layer_cells in cells]
+    gpu_kv = sum(layer_kv[first_gpu_layer:])
+    ram_kv = sum(layer_kv[:first_gpu_layer])
 
     footprint = {"ram": placed["ram"] + ram_kv + RAM_MARGIN}
     shares = _layer_shares(args, gpus) if offloaded > 0 else {}
@@ -159,6 +191,97 @@ def _estimate_from_header(
             layers = int((placed["layers"] + gpu_kv) * share)
             footprint[gpu] = layers + placed.get(gpu, 0) + GPU_MARGIN
     return footprint
+
+
+def _kv_cells(
+    header: GGUFHeader, args: Sequence[str], env: dict[str, str], n_layer: int, n_ctx: int
+) -> list[int]:
+    """KV cache cells per layer: the context for full-attention layers, the (much smaller) SWA cache
+    for sliding-window ones unless `--swa-full` asks llama.cpp for full-size SWA caches."""
+    window, is_swa = _sliding_window(header, n_layer)
+    if not window or _switch(args, env, "LLAMA_ARG_SWA_FULL", ("--swa-full",)):
+        return [n_ctx] * n_layer
+    swa_cells = _swa_cache_cells(args, env, n_ctx, window)
+    return [swa_cells if swa else n_ctx for swa in is_swa]
+
+
+def _sliding_window(header: GGUFHeader, n_layer: int) -> tuple[int, list[bool]]:
+    """The window (`n_swa`) and which layers use it, as llama.cpp's `load_hparams` decides; (0, [])
+    when the architecture is not in `SWA_ARCHS` or its GGUF turns SWA off.
+
+    A GGUF's own `<arch>.attention.sliding_window_pattern` wins over the architecture's period, as
+    in newer llama.cpp (`ml.get_key_or_arr(LLM_KV_ATTENTION_SLIDING_WINDOW_PATTERN, ...)`): a number
+    is a period, an array one flag per layer (true: sliding window), as the converters write it. An
+    array this reader skipped (over 64 entries) or of the wrong length leaves every layer full.
+    """
+    rule = SWA_ARCHS.get(header.architecture)
+    key = header.arch_value("attention.sliding_window")
+    if rule is None or (key is not None and not (isinstance(key, int) and key > 0)):
+        return 0, []
+    window = rule.missing if key is None else (rule.fixed or key)
+    if not window:
+        return 0, []
+    pattern = header.arch_value("attention.sliding_window_pattern", rule.period)
+    if isinstance(pattern, list):
+        flags = [bool(flag) for flag in pattern]
+        return (window, flags) if len(flags) == n_layer else (0, [])
+    if not isinstance(pattern, int) or pattern < 0:
+        return 0, []
+    period = pattern  # llama-hparams.cpp set_swa_pattern: a period of 0 makes every layer SWA
+    if rule.dense_first:
+        return window, [period == 0 or layer % period != 0 for layer in range(n_layer)]
+    return window, [period == 0 or layer % period < period - 1 for layer in range(n_layer)]
+
+
+def _swa_cache_cells(args: Sequence[str], env: dict[str, str], n_ctx: int, window: int) -> int:
+    """Cells of the SWA half of llama.cpp's `llama_kv_cache_iswa`, over all its streams.
+
+    src/llama-kv-cache-iswa.cpp: `size_swa = GGML_PAD(min(size_base, n_swa*(unified ? n_seq_max : 1)
+    + n_ubatch), 256)`, where `size_base` is `n_ctx_seq` (src/llama-context.cpp: `n_ctx` with a
+    unified cache, else `GGML_PAD(n_ctx/n_seq_max, 256)`) and a split cache has `n_seq_max` streams
+    of that size (src/llama-kv-cache.cpp `n_stream`). llama-server's slots are `-np` (default auto:
+    4 slots sharing a unified cache, tools/server/server.cpp); a set `-np` shares only with `-kvu`;
+    `-ub` defaults to 512 and is capped by `-b` (2048), as in common/common.h and llama_context.
+    """
+    ubatch = min(
+        _int_setting(args, env, 512, "LLAMA_ARG_UBATCH", "-ub", "--ubatch-size"),
+        _int_setting(args, env, 2048, "LLAMA_ARG_BATCH", "-b", "--batch-size"),
+    )
+    parallel = _int_setting(args, env, -1, "LLAMA_ARG_N_PARALLEL", "-np", "--parallel")
+    if parallel < 0:
+        slots, unified = 4, True
+    else:
+        slots = max(parallel, 1)
+        on, off = ("-kvu", "--kv-unified"), ("-no-kvu", "--no-kv-unified")
+        unified = _switch(args, env, "LLAMA_ARG_KV_UNIFIED", on, off)
+    if unified:
+        return _pad(min(n_ctx, window * slots + ubatch))
+    return slots * _pad(min(_pad(_pad(n_ctx) // slots), window + ubatch))
+
+
+def _pad(cells: int) -> int:
+    return -(-cells // SWA_PAD) * SWA_PAD
+
+
+def _int_setting(args: Sequence[str], env: dict[str, str], default: int, env_name: str, *names: str) -> int:
+    """A llama-server number: its flag, else its `LLAMA_ARG_*` variable (the flag wins, as in
+    common/arg.cpp), else the default; a value that is not a number counts as unset."""
+    value = _flag_value(args, *names)
+    value = env.get(env_name) if value is None else value
+    try:
+        return int(value) if value is not None else default
+    except ValueError:
+        return default
+
+
+def _switch(
+    args: Sequence[str], env: dict[str, str], env_name: str, on: Sequence[str], off: Sequence[str] = ()
+) -> bool:
+    """A llama-server on/off flag: its last spelling in the arguments, else its `LLAMA_ARG_*` variable."""
+    for arg in reversed(args):
+        if arg in on or arg in off:
+            return arg in on
+    return env.get(env_name, "").lower() in ("1", "true", "on", "enabled")
 
 
 def _layer_shares(args: Sequence[str], gpus: Sequence[str]) -> dict[str, float]:

@@ -1,5 +1,6 @@
 """Memory-aware residency end to end: fake upstreams that declare sizes against a configured budget;
-the estimate's placement of a MoE model's experts per `--cpu-moe`, `--n-cpu-moe` and `-ot`."""
+the estimate's placement of a MoE model's experts per `--cpu-moe`, `--n-cpu-moe` and `-ot`; the KV
+cache of sliding-window attention layers sized as llama.cpp sizes it."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import yaml
 from gguf import GGUFWriter
 
 from router.cli import main
-from router.footprint import GPU_MARGIN, _estimate_from_header
+from router.footprint import GPU_MARGIN, RAM_MARGIN, _estimate_from_header
 from router.gguf import read_header
 from router.memory import MIB
 
@@ -236,3 +237,175 @@ async def test_a_cpu_moe_profile_fits_a_gpu_that_only_holds_the_rest(
     status, body = await router.chat("all-on-gpu")
     assert (status, body["error"]["code"]) == (503, "model_too_large")
     assert (await router.chat("moe"))[0] == 200
+
+
+# ------------------------------------------------------------------------- sliding-window attention KV
+
+SWA_LAYERS = 12
+SWA_CTX = 32768
+WINDOW = 512
+# One KV cell of one layer: 2 KV heads x (64 key + 64 value) dims x 2 bytes (f16).
+CELL_BYTES = 2 * (64 + 64) * 2
+# Gemma 3 attends to the whole context in every 6th layer (5 and 11 here), to the window elsewhere.
+DENSE_LAYERS, SWA_LAYER_COUNT = 2, 10
+
+
+def write_swa_model(
+    path: Path, arch: str = "gemma3", window: int | None = WINDOW, pattern: int | list[bool] | None = None
+) -> Path:
+    """A GGUF shaped like a small Gemma 3: 12 layers, 2 KV heads of 64 dims, a 512-token window."""
+    writer = GGUFWriter(path, arch)
+    writer.add_context_length(131072)
+    writer.add_embedding_length(256)
+    writer.add_block_count(SWA_LAYERS)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_key_length(64)
+    writer.add_value_length(64)
+    if window is not None:
+        writer.add_sliding_window(window)
+    if pattern is not None:
+        writer.add_sliding_window_pattern(pattern)
+    writer.add_tensor("token_embd.weight", np.zeros((64, 16), np.float32))
+    for i in range(SWA_LAYERS):
+        for name in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_up", "ffn_down"):
+            writer.add_tensor(f"blk.{i}.{name}.weight", np.zeros((16, 16), np.float32))
+    writer.add_tensor("output_norm.weight", np.zeros(16, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def swa_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_swa_model(tmp_path_factory.mktemp("swa") / "tiny-gemma3.gguf")
+
+
+def weights(model: Path, layers: Sequence[int] | None = None) -> int:
+    tensors = read_header(model).tensors
+    return sum(
+        t.nbytes for t in tensors if layers is None or any(t.name.startswith(f"blk.{i}.") for i in layers)
+    )
+
+
+def kv_in_ram(model: Path, *args: str, env: dict[str, str] | None = None) -> int:
+    """The KV bytes of an estimate with no GPU: what it puts in RAM beyond the weights and margin."""
+    footprint = _estimate_from_header(read_header(model), ["-c", str(SWA_CTX), *args], env or {}, ())
+    return footprint["ram"] - weights(model) - RAM_MARGIN
+
+
+def kv(context: int, swa_cells: int, dense: int = DENSE_LAYERS, swa: int = SWA_LAYER_COUNT) -> int:
+    return (dense * context + swa * swa_cells) * CELL_BYTES
+
+
+@pytest.mark.parametrize(
+    ("args", "context", "swa_cells"),
+    [
+        # llama-server's default: 4 slots sharing one cache, `n_swa * 4 + n_ubatch` cells (-ub 512)
+        ([], SWA_CTX, 4 * WINDOW + 512),
+        (["-np", "1"], SWA_CTX, WINDOW + 512),
+        (["-np", "2", "--kv-unified"], SWA_CTX, 2 * WINDOW + 512),
+        # two slots, a stream each: min(n_ctx/2, n_swa + n_ubatch) cells per stream
+        (["--parallel=2"], SWA_CTX, 2 * (WINDOW + 512)),
+        (["-np", "2", "-kvu", "-no-kvu"], SWA_CTX, 2 * (WINDOW + 512)),
+        # padded to a multiple of 256 cells: 4 * 512 + 1000 = 3048 -> 3072
+        (["-ub", "1000"], SWA_CTX, 3072),
+        (["-ub", "4096"], SWA_CTX, 4 * WINDOW + 2048),  # the micro-batch is capped by -b (2048)
+        # never more than the context, which llama.cpp pads to 256 cells too: 2000 -> 2048
+        (["-c", "2000"], 2000, 2048),
+    ],
+)
+def test_sliding_window_layers_keep_llama_cpps_swa_cache_not_the_context(
+    swa_model: Path, args: list[str], context: int, swa_cells: int
+) -> None:
+    assert kv_in_ram(swa_model, *args) == kv(context, swa_cells)
+
+
+def test_the_swa_settings_also_come_from_llama_arg_variables(swa_model: Path) -> None:
+    assert kv_in_ram(swa_model, env={"LLAMA_ARG_N_PARALLEL": "1"}) == kv(SWA_CTX, WINDOW + 512)
+    # the flag wins: 4 slots, a stream each (no -kvu), min(32768 / 4, 512 + 512) cells per stream
+    assert kv_in_ram(swa_model, "-np", "4", env={"LLAMA_ARG_N_PARALLEL": "1"}) == kv(SWA_CTX, 4 * 1024)
+
+
+def test_offloaded_layers_take_their_own_kv_to_the_gpu(swa_model: Path) -> None:
+    header = read_header(swa_model)
+    footprint = _estimate_from_header(header, ["-c", str(SWA_CTX), "-ngl", "3"], {}, ("gpu0",))
+    # Layers 9-11 on the GPU: one dense (11), two sliding-window; layers 0-8 in RAM: one dense (5).
+    swa_cells = 4 * WINDOW + 512
+    assert footprint["gpu0"] - GPU_MARGIN - weights(swa_model, [9, 10, 11]) == kv(SWA_CTX, swa_cells, 1, 2)
+    in_ram = footprint["ram"] - RAM_MARGIN - (weights(swa_model) - weights(swa_model, [9, 10, 11]))
+    assert in_ram == kv(SWA_CTX, swa_cells, 1, 8)
+
+
+@pytest.mark.parametrize(
+    ("args", "env"),
+    [(["--swa-full"], {}), (["-np", "1", "--swa-full"], {}), ([], {"LLAMA_ARG_SWA_FULL": "1"})],
+)
+def test_swa_full_sizes_every_layer_for_the_whole_context(
+    swa_model: Path, args: list[str], env: dict[str, str]
+) -> None:
+    assert kv_in_ram(swa_model, *args, env=env) == SWA_LAYERS * SWA_CTX * CELL_BYTES
+
+
+@pytest.mark.parametrize(
+    ("arch", "metadata"),
+    [
+        ("llama", {}),
+        ("phi3", {}),  # has the key, but llama.cpp turns Phi-3's sliding window off
+        ("gemma3", {"window": 0}),
+        ("gemma3", {"window": None}),
+        ("gemma3", {"pattern": [True] * (SWA_LAYERS - 1)}),  # not one flag per layer
+    ],
+)
+def test_models_without_a_usable_sliding_window_keep_the_full_context(
+    tmp_path: Path, arch: str, metadata: dict[str, Any]
+) -> None:
+    model = write_swa_model(tmp_path / "model.gguf", arch, **metadata)
+    assert kv_in_ram(model) == SWA_LAYERS * SWA_CTX * CELL_BYTES
+
+
+@pytest.mark.parametrize(
+    ("arch", "metadata", "dense", "window"),
+    [
+        ("gpt-oss", {}, 6, WINDOW),  # every 2nd layer dense
+        ("cohere2", {}, 3, WINDOW),  # every 4th
+        ("gemma2", {"window": None}, 6, 4096),  # Gemma 2's window when the GGUF names none
+        ("llama4", {}, 3, 8192),  # chunked attention: 8192 whatever the key says
+        ("smallthinker", {}, 3, 4096),  # layers 0, 4, 8 dense
+        ("gemma3", {"pattern": 3}, 4, WINDOW),  # the GGUF's own period
+        ("gemma3", {"pattern": [i % 2 == 0 for i in range(SWA_LAYERS)]}, 6, WINDOW),  # per-layer flags
+    ],
+)
+def test_each_covered_architecture_follows_its_llama_cpp_layer_pattern(
+    tmp_path: Path, arch: str, metadata: dict[str, Any], dense: int, window: int
+) -> None:
+    model = write_swa_model(tmp_path / "model.gguf", arch, **metadata)
+    context = 65536  # above Llama 4's 4 * 8192 + 512 cells
+    assert kv_in_ram(model, "-c", str(context)) == kv(context, 4 * window + 512, dense, SWA_LAYERS - dense)
+
+
+async def test_a_long_context_gemma3_profile_fits_a_gpu_that_only_holds_its_swa_cache(
+    start_router: RouterFactory, swa_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    full_mib = SWA_LAYERS * SWA_CTX * CELL_BYTES // MIB  # 192 MiB at full context in every layer
+    swa_mib = kv(SWA_CTX, 4 * WINDOW + 512) // MIB  # 44.5 MiB as llama.cpp sizes it
+    budget_mib = GPU_MARGIN // MIB + 64
+    assert GPU_MARGIN // MIB + swa_mib + 1 < budget_mib < GPU_MARGIN // MIB + full_mib
+    memory = {"gpus": [budget_mib], "ram": 4096, "nvml": False}
+    profiles = {
+        "swa": fake_profile(swa_model, "-c", str(SWA_CTX)),
+        "swa-full": fake_profile(swa_model, "-c", str(SWA_CTX), "--swa-full"),
+    }
+    path = tmp_path / "check.yaml"
+    state = str(tmp_path / "state")
+    path.write_text(yaml.safe_dump({"server": {"memory": memory, "state_dir": state}, "profiles": profiles}))
+    assert main(["check", "-c", str(path)]) == 0
+    shown = dict(re.findall(r"^- (\S+).*?memory:\s+gpu0 (\d+) MiB", capsys.readouterr().out, re.M | re.S))
+    assert int(shown["swa"]) < budget_mib < int(shown["swa-full"]), shown
+
+    router = await start_router(profiles, memory=memory)
+    status, body = await router.chat("swa-full")
+    assert (status, body["error"]["code"]) == (503, "model_too_large")
+    assert (await router.chat("swa"))[0] == 200
