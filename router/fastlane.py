@@ -44,6 +44,7 @@ from .response_end import ResponseEnd
 from .upstream_http import (
     HIGH_WATER,
     LAST_CHUNK,
+    AnswerHead,
     BodyFailed,
     ConnectionDropped,
     UpstreamError,
@@ -327,18 +328,15 @@ class ClientConnection(asyncio.Protocol):
             self.next_request()
 
 
-class Exchange:
+class Exchange(AnswerHead):
     """One relayed request: fed by the upstream connection, writing straight to the client."""
 
     __slots__ = (
         "body",
         "buffered_pieces",
-        "chunked",
         "client",
         "conn",
         "connecting",
-        "content_length",
-        "content_type",
         "head_sent",
         "headers",
         "lane",
@@ -346,13 +344,10 @@ class Exchange:
         "lease",
         "model",
         "pending_head",
-        "raw_headers",
         "raw_request",
-        "reason",
         "sent",
         "sse",
         "started",
-        "status",
         "target",
         "timer",
         "usage",
@@ -368,6 +363,7 @@ class Exchange:
         raw_request: bytes,
         model: str,
     ) -> None:
+        super().__init__()  # the answer's head: set by the upstream connection when it arrives
         self.client = client
         self.lane = client.lane
         self.lease = lease
@@ -387,13 +383,6 @@ class Exchange:
         self.usage: UsageTail | None = None
         self.buffered_pieces: list[bytes] | None = None
         self.sse = False
-        # Set by the upstream connection when the answer's head arrives.
-        self.status = 0
-        self.reason = ""
-        self.raw_headers: list[tuple[str, str]] = []
-        self.content_length: int | None = None
-        self.chunked = False
-        self.content_type = ""
 
     # ---------------------------------------------------------------------------------------- outgoing
 

@@ -356,7 +356,21 @@ class _Connection(asyncio.Protocol):
             self.transport = None
 
 
-class Answer:
+class AnswerHead:
+    """The fields `_parse_head` fills in on whatever takes an answer (an `AnswerSink`)."""
+
+    __slots__ = ("chunked", "content_length", "content_type", "raw_headers", "reason", "status")
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.reason = ""
+        self.raw_headers: list[tuple[str, str]] = []
+        self.content_length: int | None = None
+        self.chunked = False
+        self.content_type = ""
+
+
+class Answer(AnswerHead):
     """An upstream's answer: status and headers at once, the body as it arrives.
 
     Release it (or use `async with`) when done: a connection whose answer was read to its end goes
@@ -371,15 +385,10 @@ class Answer:
         "_released",
         "_waiter",
         "buffered",
-        "chunked",
-        "content_length",
-        "content_type",
-        "raw_headers",
-        "reason",
-        "status",
     )
 
     def __init__(self, conn: _Connection, pool: UpstreamPool) -> None:
+        super().__init__()
         self._conn = conn
         self._pool = pool
         self._pieces: collections.deque[bytes] = collections.deque()
@@ -388,12 +397,6 @@ class Answer:
         self._error: UpstreamError | None = None
         self._released = False
         self.buffered = 0
-        self.status = 0
-        self.reason = ""
-        self.raw_headers: list[tuple[str, str]] = []
-        self.content_length: int | None = None
-        self.chunked = False
-        self.content_type = ""
 
     # -------------------------------------------------------------------------------- fed by the protocol
 

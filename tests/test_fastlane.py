@@ -30,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from router.fastlane import _read_head
 
 from .conftest import fake_profile, wait_until
-from .router_process import RouterProcess, write_config
+from .router_process import RouterProcess, accepts_connections, write_config
 
 CHAT = "/v1/chat/completions"
 LANE = "llama_router_fast_lane_requests_total"
@@ -826,12 +826,7 @@ async def test_sigterm_drains_a_relayed_request(serve: StartRouter, dummy_model:
         )
 
         async def refused() -> bool:
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", router.port)
-            except OSError:
-                return True
-            writer.close()
-            return False
+            return not await accepts_connections(router.port)
 
         await wait_until(refused, what="the listening socket to close")
         parts = []

@@ -53,12 +53,7 @@ async def test_sigterm_drains_a_slow_request_then_stops_upstreams(
 
     # New connections are refused while the old request finishes.
     async def refused() -> bool:
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", router.port)
-        except OSError:
-            return True
-        writer.close()
-        return False
+        return not await accepts_connections(router.port)
 
     await wait_until(refused, what="the listening socket to close")
     status, events = await request
