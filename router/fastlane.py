@@ -449,7 +449,9 @@ class Exchange(AnswerHead):
                 self.usage = UsageTail()
             else:
                 self.buffered_pieces = []
-        if self.chunked:  # a stream: the client learns at once that it has begun
+        if not self.chunked and self.content_length is None:
+            self.client.close_after = True  # a body that ends with the upstream's connection ends ours
+        if self.content_length is None:  # a stream: the client learns at once that it has begun
             self._send_head(self._answer_head())
         else:  # a body with a length follows at once: head and body go out in one write
             self.pending_head = self._answer_head()
@@ -462,9 +464,10 @@ class Exchange(AnswerHead):
         if self.client.close_after:
             parts.append(b"Connection: close\r\n")
         if self.chunked:
-            parts.append(b"Transfer-Encoding: chunked\r\n\r\n")
-        else:
-            parts.append(b"Content-Length: %d\r\n\r\n" % (self.content_length or 0))
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+        elif self.content_length is not None:
+            parts.append(b"Content-Length: %d\r\n" % (self.content_length or 0))
+        parts.append(b"\r\n")
         return b"".join(parts)
 
     def _send_head(self, head: bytes, body: bytes = b"") -> None:
