@@ -948,3 +948,89 @@ async def test_mixed_traffic_across_swaps_leaves_nothing_behind(
         ]
 
     await wait_until(no_client_connections, what="the router to close every client connection")
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def mangled_requests(rng: random.Random, count: int) -> list[bytes]:
+    """Whole requests (a head ended by a blank line, then as many body bytes as its one plain
+    Content-Length says, or a chunked body) whose heads are damaged in the ways that trip parsers."""
+    body = json.dumps(chat_body("m")).encode()
+    lines = [
+        b"POST /v1/chat/completions HTTP/1.1",
+        b"Host: 127.0.0.1",
+        b"Content-Type: application/json",
+        b"Content-Length: %d" % len(body),
+    ]
+
+    def first_line(old: bytes, *new: bytes) -> Callable[[list[bytes]], list[bytes]]:
+        return lambda head: [head[0].replace(old, rng.choice(new)), *head[1:]]
+
+    def extra(*new: bytes) -> Callable[[list[bytes]], list[bytes]]:
+        return lambda head: [*head, rng.choice(new)]
+
+    damage = [
+        first_line(b"POST", b"GET", b"PUT", b"post", b"P0ST", b""),
+        first_line(b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2", b"HTTP/1.1 x", b""),
+        first_line(b"/v1/chat/completions", b"/v1/models", b"*", b"x", b"//", b"/v1/chat/completions?x=1"),
+        extra(b"Content-Length: 3", b"Content-Length: -1", b"Content-Length: 1e3", b"Content-Length: "),
+        extra(b"Transfer-Encoding: chunked", b"Transfer-Encoding: gzip"),
+        extra(b"Expect: 100-continue", b"Connection: close", b"Upgrade: h2c", b"TE: trailers"),
+        extra(b" folded", b"\tfolded: x", b"No-Colon", b": empty-name", b"X :y"),
+        lambda head: [line.replace(b"\r", b"") if rng.random() < 0.3 else line for line in head],
+        lambda head: [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 12))), *head[1:]],
+    ]
+    requests = []
+    for _ in range(count):
+        head = list(lines)
+        for _ in range(rng.randrange(1, 4)):
+            head = rng.choice(damage)(head)
+        head = [line.replace(b"\n", b"") for line in head]
+        raw = b"\r\n".join(head) + b"\r\n\r\n"
+        lengths = [
+            line.split(b":", 1)[1].strip() for line in head if line.lower().startswith(b"content-length:")
+        ]
+        if any(line.lower().startswith(b"transfer-encoding:") for line in head):
+            raw += b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+        elif lengths and all(value.isdigit() for value in lengths) and len(set(lengths)) == 1:
+            raw += (body + b" " * int(lengths[0]))[: int(lengths[0])]
+        requests.append(raw)
+    return requests
+
+
+async def test_mangled_requests_get_an_answer_or_a_close_and_leave_nothing_open(
+    serve: StartRouter, dummy_model: Path
+) -> None:
+    """Whatever the head, a whole request gets an HTTP answer or its connection closed, promptly,
+    never a server error for the client's mistake; the router stays healthy and keeps nothing open."""
+    router = await serve({"m": fake_profile(dummy_model)})
+    await router.load("m")
+    outcomes: collections.Counter[str] = collections.Counter()
+    for raw in mangled_requests(random.Random(11), 150):
+        async with connection(router.port) as conn:
+            conn.send(raw)
+            try:
+                head = await asyncio.wait_for(conn.reader.readuntil(b"\r\n\r\n"), 5)
+            except asyncio.IncompleteReadError:
+                outcomes["closed"] += 1
+                continue
+            except TimeoutError:
+                raise AssertionError(f"no answer and no close within 5 s for {raw[:200]!r}") from None
+            assert head.startswith((b"HTTP/1.1 ", b"HTTP/1.0 ")), head
+            status = int(head[9:12])
+            outcomes[f"{status // 100}xx"] += 1
+            assert status < 500 or status == 503, f"a server error for a client's mistake: {head!r}, {raw!r}"
+    assert outcomes["2xx"] and outcomes["4xx"], outcomes
+    reply = await exchange(router.port, http_post(chat_body("m")))
+    assert reply.status == 200, reply.body
+    router_process = psutil.Process(router.process.pid)
+
+    def no_client_connections() -> bool:
+        return not [
+            c
+            for c in router_process.net_connections("tcp")
+            if c.laddr and c.laddr.port == router.port and c.status == psutil.CONN_ESTABLISHED
+        ]
+
+    await wait_until(no_client_connections, what="the router to close every client connection")
