@@ -77,6 +77,11 @@ class ServerConfig(_Strict):
         description="seconds a busy model keeps taking requests of its own while another waits for it",
     )
     max_resident: int | None = Field(default=None, ge=1, description="at most this many models loaded")
+    max_waiting: int | None = Field(
+        default=None,
+        ge=1,
+        description="at most this many requests waiting for their models at once; more get 429",
+    )
     memory: MemoryConfig = Field(default_factory=MemoryConfig, description="memory budgets per device")
     state_dir: Path | None = Field(default=None, description="learned footprints (default: XDG state dir)")
     readahead: bool = Field(default=True, description="page-cache the files of standby/recent models")

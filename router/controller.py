@@ -22,12 +22,12 @@ from typing import Any
 
 import aiohttp
 
-from .config import ResolvedProfile, RouterConfig
+from .config import ResolvedProfile, RouterConfig, ServerConfig
 from .context_cache import ContextKeeper
 from .errors import RouterError
 from .footprint import BufferTally, FootprintStore, estimate
 from .memory import MIB, Device, detect_devices, nvml_usage_by_pid, page_in
-from .scheduler import Decision, Dispatch, Fail, ProfileSpec, Scheduler, Start, State, Stop
+from .scheduler import Decision, Dispatch, Fail, ProfileSpec, Rules, Scheduler, Start, State, Stop
 from .supervisor import LoadError, Upstream
 
 log = logging.getLogger("llama_router")
@@ -71,12 +71,7 @@ class Controller:
         self.scheduler = Scheduler(
             (self._spec(profile) for profile in config.profiles.values()),
             self._budget(),
-            drain_timeout=server.drain_timeout,
-            swap_delay=server.swap_delay,
-            max_failures=server.max_failures,
-            failure_window=server.failure_window,
-            backoff=server.restart_backoff,
-            backoff_max=server.restart_backoff_max,
+            **dataclasses.asdict(_rules(server)),
         )
         self._tallies: dict[str, BufferTally] = {}
         self._closed = False
@@ -138,6 +133,7 @@ class Controller:
                 # Same process, same use: keep what was learned from it.
                 spec = dataclasses.replace(spec, footprint=self.scheduler.view(profile.name).footprint)
             specs.append(spec)
+        self.scheduler.retune(_rules(config.server))
         decisions = self.scheduler.reconfigure(specs, self._budget(), now)
         for name in summary["restarted"]:
             decisions.extend(self.scheduler.restart_when_idle(name, now))
@@ -543,6 +539,19 @@ class Controller:
             device.name: {"total": device.total, "budget": device.budget, "used": used.get(device.name, 0)}
             for device in self.devices
         }
+
+
+def _rules(server: ServerConfig) -> Rules:
+    """The scheduler's settings from the config's `server` section."""
+    return Rules(
+        drain_timeout=server.drain_timeout,
+        swap_delay=server.swap_delay,
+        max_failures=server.max_failures,
+        failure_window=server.failure_window,
+        backoff=server.restart_backoff,
+        backoff_max=server.restart_backoff_max,
+        max_waiting=server.max_waiting,
+    )
 
 
 def state_dir(config: RouterConfig) -> Path:

@@ -143,6 +143,19 @@ class ProfileView:
     retry_at: float | None  # backing off after a failure until then
 
 
+@dataclass(frozen=True)
+class Rules:
+    """The settings decisions follow (the config's `server` section); a reload may change them."""
+
+    drain_timeout: float
+    swap_delay: float = 0.0
+    max_failures: int = 1
+    failure_window: float = 60.0
+    backoff: float = 0.5
+    backoff_max: float = 30.0
+    max_waiting: int | None = None  # requests waiting for models at once; more are refused (429)
+
+
 class Scheduler:
     """Keeps per-profile state and answers every event with the decisions it implies."""
 
@@ -157,15 +170,13 @@ class Scheduler:
         failure_window: float = 60.0,
         backoff: float = 0.5,
         backoff_max: float = 30.0,
+        max_waiting: int | None = None,
     ) -> None:
         self._slots: dict[str, _Slot] = {spec.name: _Slot(spec, dict(spec.footprint)) for spec in profiles}
         self._budget = dict(budget)
-        self._drain_timeout = drain_timeout
-        self._swap_delay = swap_delay
-        self._max_failures = max_failures
-        self._failure_window = failure_window
-        self._backoff = backoff
-        self._backoff_max = backoff_max
+        self.rules = Rules(
+            drain_timeout, swap_delay, max_failures, failure_window, backoff, backoff_max, max_waiting
+        )
         self._requests: dict[int, _Request] = {}
         self._closing = False
         self._now = float("-inf")
@@ -222,9 +233,9 @@ class Scheduler:
             if slot.load_deadline is not None and slot.state is State.STARTING:
                 times.append(slot.load_deadline)
             if slot.draining_since is not None and slot.state is State.READY:
-                times.append(slot.draining_since + self._drain_timeout)
+                times.append(slot.draining_since + self.rules.drain_timeout)
             if slot.wanted_since is not None and slot.draining_since is None and slot.state is State.READY:
-                times.append(slot.wanted_since + self._swap_delay)
+                times.append(slot.wanted_since + self.rules.swap_delay)
             times.extend(self._requests[rid].deadline for rid in slot.waiting)
             if slot.waiting and slot.retry_at is not None and slot.state is State.FAILED:
                 times.append(slot.retry_at)
@@ -253,6 +264,13 @@ class Scheduler:
         if self._closing:
             return [Fail(request_id, 503, "shutting_down", "the router is shutting down")]
         slot = self._slots[profile]
+        limit = self.rules.max_waiting
+        if limit is not None and not slot.accepting and (waiting := self.queue_depth) >= limit:
+            message = (
+                f"{waiting} requests are already waiting for their models (server.max_waiting "
+                f"{limit}); try again shortly"
+            )
+            return [Fail(request_id, 429, "too_many_waiting", message, self._retry_hint(slot, now))]
         slot.preload = False
         slot.preload_held = False
         request = _Request(request_id, profile, now, deadline)
@@ -348,13 +366,13 @@ class Scheduler:
     def _record_failure(self, slot: _Slot, now: float) -> None:
         """Count a failure; set the back-off before the next start, or none once the profile is failed."""
         slot.failures.append(now)
-        while slot.failures and slot.failures[0] <= now - self._failure_window:
+        while slot.failures and slot.failures[0] <= now - self.rules.failure_window:
             slot.failures.popleft()
-        if len(slot.failures) >= self._max_failures:
+        if len(slot.failures) >= self.rules.max_failures:
             slot.retry_at = None  # failed: a later request or an explicit load tries once more
         else:
-            delay = self._backoff * 2 ** (len(slot.failures) - 1)
-            slot.retry_at = now + min(delay, self._backoff_max)
+            delay = self.rules.backoff * 2 ** (len(slot.failures) - 1)
+            slot.retry_at = now + min(delay, self.rules.backoff_max)
 
     @staticmethod
     def _retry_hint(slot: _Slot, now: float) -> float:
@@ -365,9 +383,9 @@ class Scheduler:
         return 1.0
 
     def _failure_message(self, slot: _Slot, reason: str) -> str:
-        if self._max_failures <= 1:
+        if self.rules.max_failures <= 1:
             return reason
-        window = self._failure_window
+        window = self.rules.failure_window
         return f"model {slot.spec.name!r} failed {len(slot.failures)} times in {window:g}s; last: {reason}"
 
     def _evict_idle_beside(self, slot: _Slot, reason: str) -> list[Decision]:
@@ -387,6 +405,10 @@ class Scheduler:
                     slot.footprint[device] = slot.footprint.get(device, 0) + other.footprint.get(device, 0)
                 decisions.append(self._stop(other, reason, "out_of_memory"))
         return decisions
+
+    def retune(self, rules: Rules) -> None:
+        """New settings, from a reloaded config; they apply to the next decision."""
+        self.rules = rules
 
     def reconfigure(self, profiles: Iterable[ProfileSpec], budget: Resources, now: float) -> list[Decision]:
         """A new config: add new profiles, drain and forget removed ones, take new settings."""
@@ -481,12 +503,12 @@ class Scheduler:
             elif (
                 slot.state is State.READY
                 and slot.draining_since is not None
-                and slot.draining_since + self._drain_timeout <= now
+                and slot.draining_since + self.rules.drain_timeout <= now
             ):
                 decisions.append(
                     self._stop(
                         slot,
-                        f"drain timeout ({self._drain_timeout:g}s) with requests in flight",
+                        f"drain timeout ({self.rules.drain_timeout:g}s) with requests in flight",
                         "drain_timeout",
                     )
                 )
@@ -690,7 +712,7 @@ class Scheduler:
             if victim.draining_since is not None:
                 continue
             victim.wanted_since = victim.wanted_since if victim.wanted_since is not None else now
-            if now >= victim.wanted_since + self._swap_delay:  # same sum as next_wakeup
+            if now >= victim.wanted_since + self.rules.swap_delay:  # same sum as next_wakeup
                 if victim.in_flight:
                     victim.draining_since = now
                 else:

@@ -334,3 +334,33 @@ async def test_a_reload_naming_an_unset_key_variable_keeps_the_old_keys(
     assert not any(e.get("event") == "keys_changed" for e in router.lines)
     router.signal(signal.SIGTERM)
     assert await router.wait_exit() == 0
+
+
+async def test_a_reload_applies_new_scheduling_settings(
+    tmp_path: Path, dummy_model: Path, router_processes: list[RouterProcess]
+) -> None:
+    """`server.max_waiting` set by a reload refuses the request beyond it: the scheduler takes its
+    settings from the new config, not only its profiles."""
+    path = tmp_path / "profiles.yaml"
+    profiles = {"slow": fake_profile(dummy_model, "--load-delay", "2")}
+    write_config(path, profiles, watch_config=False)
+    router = await RouterProcess(path).start()
+    router_processes.append(router)
+    entry = await reload_with(router, path, profiles, max_waiting=1)
+    assert entry["event"] == "config_reloaded", entry
+    body = {"model": "slow", "messages": [{"role": "user", "content": "hi"}]}
+    async with aiohttp.ClientSession(base_url=router.url) as session:
+        first = asyncio.ensure_future(session.post("/v1/chat/completions", json=body))
+
+        async def waiting() -> bool:
+            _, rows = await get_status(router.url, "/running")
+            return bool(rows["running"]) and rows["running"][0]["waiting"] == 1
+
+        await wait_until(waiting, what="the first request to wait for the load")
+        async with session.post("/v1/chat/completions", json=body) as refused:
+            assert refused.status == 429, await refused.text()
+            assert refused.headers["Retry-After"] == "1"
+            error = (await refused.json())["error"]
+            assert error["code"] == "too_many_waiting" and "max_waiting" in error["message"], error
+        async with await asyncio.wait_for(first, 20) as answered:
+            assert answered.status == 200, await answered.text()

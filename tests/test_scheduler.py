@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Sequence
 
@@ -676,6 +677,28 @@ def test_a_crash_loop_backs_off_then_fails_with_the_reason() -> None:
     assert decisions == [Start("a")]
     (fail,) = d.exited("a", "exit 1: bad magic")
     assert isinstance(fail, Fail)
+
+
+def test_requests_beyond_max_waiting_are_refused_and_a_loaded_model_still_serves() -> None:
+    d = Driver(
+        Scheduler([ProfileSpec(n, {"slots": 1}, 10.0) for n in "ab"], {"slots": 2}, drain_timeout=30.0)
+    )
+    d.s.retune(dataclasses.replace(d.s.rules, max_waiting=2))
+    first, _ = d.arrive("a")
+    second, _ = d.arrive("a")
+    third, decisions = d.arrive("a")
+    (fail,) = decisions
+    assert isinstance(fail, Fail) and (fail.request_id, fail.status, fail.code) == (
+        third,
+        429,
+        "too_many_waiting",
+    )
+    assert fail.retry_after == 1.0 and "max_waiting" in fail.message
+    assert d.s.queue_depth == 2, "the refused request is not queued"
+    assert d.ready("a") == [Dispatch(first, "a"), Dispatch(second, "a")]
+    for _ in range(3):  # a model that takes requests at once is not held to the limit
+        request, decisions = d.arrive("a")
+        assert decisions == [Dispatch(request, "a")]
 
 
 def test_a_request_giving_up_during_a_back_off_is_told_when_the_retry_comes() -> None:
