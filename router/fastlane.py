@@ -296,14 +296,12 @@ class ClientConnection(asyncio.Protocol):
             self.buffer = self.buffer[dropped:]
             self.skip -= dropped
 
-    def hand_over(self, request: bytes = b"") -> None:
-        """Give this connection to aiohttp, with what was received and not relayed (`request`: a
-        request taken back, ahead of the rest)."""
+    def hand_over(self) -> None:
+        """Give this connection to aiohttp for good, with what was received and not relayed."""
         if self.lane.metrics is not None:
             self.lane.metrics.lane_handed_over += 1
         transport = self.transport
-        data = request + self.buffer
-        self.buffer = b""
+        data, self.buffer = self.buffer, b""
         self.lane.connections.discard(self)
         if transport is None or transport.is_closing():
             return
