@@ -183,8 +183,7 @@ class _LaneCounts(Collector):
     def collect(self) -> Iterator[Metric]:
         family = CounterMetricFamily(
             "llama_router_fast_lane_requests",
-            "Requests the fast lane relayed itself, and those it handed to the full path with their "
-            "connection",
+            "Requests the fast lane relayed itself, and those it handed to the full path (aiohttp)",
             labels=["outcome"],
         )
         family.add_metric(["relayed"], self.metrics.lane_relayed)
