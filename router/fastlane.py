@@ -11,13 +11,14 @@ naming a profile by its own name (no alias: answers need no renaming), accepted 
 takes the request this instant (`Controller.lease_now`).
 
 Every other request whose end the lane can tell (one `Content-Length`, or no body) is lent to the
-aiohttp application (`Loan`): aiohttp's protocol gets a transport of the lane's that passes it the
-request's bytes and writes its answer to the client, and the lane takes the connection back once
-that answer is out (`ResponseEnd` follows its framing). aiohttp parses the request again from its
-first byte and gives it the full treatment (loads, queues, fallbacks, aliases, errors, loading
-comments). Requests the lane cannot delimit or should not read (chunked uploads, upgrades, HTTP/1.0,
-folded or oddly spaced headers) are handed to aiohttp together with their connection, for good, as
-if aiohttp had accepted it itself.
+aiohttp application through aiohttp's side of the connection (`AppSide`): a transport of the lane's
+that passes aiohttp the request's bytes and writes its answer to the client. The lane goes on with
+the connection's next request once that answer is out (`ResponseEnd` follows its framing); between
+lent requests aiohttp's protocol waits, as on an idle kept-alive connection. aiohttp parses the
+request again from its first byte and gives it the full treatment (loads, queues, fallbacks, aliases,
+errors, loading comments). Requests the lane cannot delimit or should not read (chunked uploads,
+upgrades, HTTP/1.0, folded or oddly spaced headers) are handed to aiohttp together with their
+connection, for good, as if aiohttp had accepted it itself.
 
 What the lane keeps from the full path: the lease (a swap never cuts a relayed request), the in-flight
 count a shutdown drains, one access-log line and the request, wait, error and token metrics per
@@ -135,14 +136,13 @@ class ClientConnection(asyncio.Protocol):
     """One client connection while the fast lane has it."""
 
     __slots__ = (
+        "app",
         "buffer",
         "close_after",
         "exchange",
         "idle_since",
         "lane",
-        "loan",
         "peer",
-        "skip",
         "transport",
     )
 
@@ -151,8 +151,7 @@ class ClientConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.buffer = b""
         self.exchange: Exchange | None = None
-        self.loan: Loan | None = None  # a request lent to aiohttp, until its answer is out
-        self.skip = 0  # bytes of a lent request's body that aiohttp answered without reading
+        self.app: AppSide | None = None  # aiohttp's side of this connection, once a request was lent
         self.close_after = False
         self.idle_since = time.monotonic()
         self.peer = ""
@@ -160,7 +159,7 @@ class ClientConnection(asyncio.Protocol):
     @property
     def busy(self) -> bool:
         """Whether a request on this connection is being answered, by the lane or by aiohttp."""
-        return self.exchange is not None or self.loan is not None
+        return self.exchange is not None or (self.app is not None and self.app.lent)
 
     # ---------------------------------------------------------------------------------------- protocol
 
@@ -175,29 +174,28 @@ class ClientConnection(asyncio.Protocol):
         self.lane.connections.discard(self)
         if self.exchange is not None:
             self.exchange.client_left()
-        if self.loan is not None:
-            self.loan.client_left(exc)
+        if self.app is not None:
+            self.app.detach(exc)
 
     def pause_writing(self) -> None:
         # A relayed answer: the exchange watches the write buffer and pauses its upstream.
-        if self.loan is not None:
-            self.loan.pause_writing()
+        if self.app is not None:
+            self.app.handler.pause_writing()
 
     def resume_writing(self) -> None:
         if self.exchange is not None and self.transport is not None:
             self.exchange.client_drained(self.transport.get_write_buffer_size())
-        if self.loan is not None:
-            self.loan.resume_writing()
+        if self.app is not None:
+            self.app.handler.resume_writing()
 
     def data_received(self, data: bytes) -> None:
-        if self.loan is not None:
-            data = self.loan.feed(data)  # its request's bytes go to aiohttp; the rest waits here
+        app = self.app
+        if app is not None and app.unsent:
+            data = app.feed(data)  # the lent request's bytes go to aiohttp; the rest waits here
             if not data:
                 return
         self.buffer = self.buffer + data if self.buffer else data
-        if self.skip:
-            self._drop_skipped()
-        if self.exchange is None and self.loan is None:
+        if not self.busy:
             self.idle_since = time.monotonic()  # a request on its way: not idle
             self.next_request()
         elif len(self.buffer) > MAX_HEAD + MAX_BODY and self.transport is not None:
@@ -208,7 +206,7 @@ class ClientConnection(asyncio.Protocol):
         to wait for an answer are not known: the work on its behalf stops, as in the full path."""
         if self.exchange is not None:
             self.exchange.client_left()
-        return False  # the transport closes; a loan learns it in connection_lost
+        return False  # the transport closes; aiohttp's side learns it in connection_lost
 
     def close(self) -> None:
         if self.transport is not None:
@@ -266,35 +264,26 @@ class ClientConnection(asyncio.Protocol):
         self.exchange.start()
 
     def lend(self, length: int, *, no_body: bool = False) -> None:
-        """Give aiohttp the request at the head of the buffer (`length` bytes, head included) on a
-        connection of its own that writes to this one; take the connection back once it answered."""
+        """Give aiohttp the request at the head of the buffer (`length` bytes, head included) through
+        aiohttp's side of this connection; the lane goes on once its answer is out."""
         if self.lane.metrics is not None:
             self.lane.metrics.lane_handed_over += 1
         if self.transport is None or self.transport.is_closing():
             return
         self.transport.resume_reading()  # aiohttp paces its reading itself meanwhile
-        loan = Loan(self, length, no_body=no_body)
-        self.loan = loan
+        if self.app is None or self.app.detached:  # none yet, or aiohttp let it go (keep-alive)
+            self.app = AppSide(self)
         data, self.buffer = self.buffer, b""
-        self.buffer = loan.start(data)
+        self.buffer = self.app.lend(data, length, no_body=no_body)
 
-    def loan_done(self, loan: Loan) -> None:
-        """aiohttp's answer is out: what it did not read of its request is dropped, then the next."""
-        self.loan = None
-        self.skip = loan.unsent
+    def answered(self) -> None:
+        """aiohttp's answer to a lent request is out: on with the next request, if any."""
         self.idle_since = time.monotonic()
-        if loan.close_wanted or self.lane.closing:
+        if self.lane.closing or (self.app is not None and self.app.close_wanted):
             self.close()
             return
-        self._drop_skipped()
         if self.buffer:
             self.next_request()
-
-    def _drop_skipped(self) -> None:
-        if self.skip and self.buffer:
-            dropped = min(self.skip, len(self.buffer))
-            self.buffer = self.buffer[dropped:]
-            self.skip -= dropped
 
     def hand_over(self) -> None:
         """Give this connection to aiohttp for good, with what was received and not relayed."""
@@ -612,87 +601,85 @@ class Exchange(AnswerHead):
         return True
 
 
-class Loan(asyncio.Transport):
-    """One request lent to aiohttp: to aiohttp's protocol this is the connection's transport.
+class AppSide(asyncio.Transport):
+    """aiohttp's side of a client connection: to aiohttp's protocol, this is the connection's
+    transport. Made when the connection's first request is lent, it lasts as long as the connection.
 
-    aiohttp reads the request's bytes (`feed`) and writes its answer here; it goes straight to the
-    client, and `ResponseEnd` follows it. Once the answer is out, the lane takes the connection
-    back: the protocol is told the connection was lost, as when an idle client leaves, by then it
-    waits for a next request that will not come. A `close()` from aiohttp (a `Connection: close`
-    answer, an error) closes the client connection after the answer."""
+    A lent request's bytes are passed to the protocol (`feed`, up to the request's end: a body that
+    aiohttp answered without reading still reaches it, so its parser stays in step); its answer goes
+    straight to the client, and `ResponseEnd` tells when it is out. In between lent requests the
+    protocol waits for its next request, as on an idle kept-alive connection, while the lane relays
+    others. A `close()` from aiohttp (a `Connection: close` answer, an error) closes the client
+    connection after the answer; one that comes while nothing is lent (its keep-alive timer) only
+    lets the protocol go."""
 
-    def __init__(self, client: ClientConnection, length: int, *, no_body: bool) -> None:
+    def __init__(self, client: ClientConnection) -> None:
         super().__init__()
         self.client = client
-        self.unsent = length  # bytes of the request not yet passed to aiohttp
-        self.end = ResponseEnd(no_body=no_body)
-        self.handler = cast(asyncio.Protocol, client.lane.app_protocol())
+        self.unsent = 0  # bytes of the lent request not yet passed to aiohttp
+        self.end = ResponseEnd()
+        self.lent = False  # a request is lent and its answer not yet out
         self.close_wanted = False
-        self.returned = False
-        self.writing_paused = False  # aiohttp waits in a drain: it is not done with the request yet
-
-    def start(self, data: bytes) -> bytes:
-        """Connect aiohttp's protocol; give it the request's bytes in `data`; what follows them."""
+        self.detached = False
+        self.handler = cast(asyncio.Protocol, client.lane.app_protocol())
         self.handler.connection_made(self)
+
+    def lend(self, data: bytes, length: int, *, no_body: bool) -> bytes:
+        """Lend the request at the head of `data` (`length` bytes); what follows it."""
+        self.lent = True
+        self.end = ResponseEnd(no_body=no_body)
+        self.unsent = length
         return self.feed(data)
 
     def feed(self, data: bytes) -> bytes:
         """Pass on what belongs to the lent request; return the rest."""
-        if self.returned or not self.unsent:
-            return data
         take = data[: self.unsent]
         self.unsent -= len(take)
-        self.handler.data_received(take)
+        if take and not self.detached:
+            self.handler.data_received(take)
         return data[len(take) :]
 
-    def client_left(self, exc: Exception | None) -> None:
-        if not self.returned:
-            self.returned = True
+    def detach(self, exc: Exception | None = None) -> None:
+        """Tell aiohttp the connection is gone (the client left, or aiohttp no longer needs it)."""
+        if not self.detached:
+            self.detached = True
             self.handler.connection_lost(exc)
 
-    def pause_writing(self) -> None:
-        self.writing_paused = True
-        self.handler.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.writing_paused = False
-        self.handler.resume_writing()
-        if self.end.done and not self.returned:
-            asyncio.get_running_loop().call_soon(self._give_back)
-
-    def _give_back(self) -> None:
-        if self.returned or self.writing_paused:
-            return  # resume_writing schedules it again
-        self.returned = True
-        self.handler.connection_lost(None)
-        if self.client.loan is self:
-            self.client.loan_done(self)
+    def _answered(self) -> None:
+        if self.lent:
+            self.lent = False
+            if self.client.app is self:
+                self.client.answered()
 
     # ------------------------------------------------------------------------ transport, for aiohttp
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         transport = self.client.transport
-        if self.returned or transport is None:
+        if self.detached or transport is None:
             return
         transport.write(data)
-        if not self.end.done and self.end.feed(bytes(data)):
-            # Once aiohttp's handler has run to its next wait (for a next request), not before.
-            asyncio.get_running_loop().call_soon(self._give_back)
+        if self.lent and not self.end.done and self.end.feed(bytes(data)):
+            # On with the next request once aiohttp's handler has run to its next wait, not from
+            # inside its write.
+            asyncio.get_running_loop().call_soon(self._answered)
 
     def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
         self.write(b"".join(list_of_data))
 
     def is_closing(self) -> bool:
         transport = self.client.transport
-        return self.returned or transport is None or transport.is_closing()
+        return self.detached or transport is None or transport.is_closing()
 
     def close(self) -> None:
-        if self.returned:
-            return  # the lane has the connection back (aiohttp closes on being told it was lost)
+        if self.detached:
+            return
+        if not self.lent:
+            self.detach()  # idle: aiohttp lets its side go; the lane keeps the connection
+            return
         self.close_wanted = True
         if not self.end.done:
             self.client.close()  # an answer cut short, or one that ends with the connection
-        # else: _give_back, already scheduled, closes the connection after the answer
+        # else: _answered, already scheduled, closes the connection after the answer
 
     def abort(self) -> None:
         transport = self.client.transport
@@ -704,11 +691,11 @@ class Loan(asyncio.Transport):
         return transport.get_extra_info(name, default) if transport is not None else default
 
     def pause_reading(self) -> None:
-        if not self.returned and self.client.transport is not None:
+        if self.lent and self.client.transport is not None:
             self.client.transport.pause_reading()
 
     def resume_reading(self) -> None:
-        if not self.returned and self.client.transport is not None:
+        if self.client.transport is not None:
             self.client.transport.resume_reading()
 
     def is_reading(self) -> bool:
