@@ -282,6 +282,8 @@ class ClientConnection(asyncio.Protocol):
         if self.lane.closing or (self.app is not None and self.app.close_wanted):
             self.close()
             return
+        if self.transport is not None:
+            self.transport.resume_reading()  # if requests sent ahead had paused it
         if self.buffer:
             self.next_request()
 
@@ -292,6 +294,8 @@ class ClientConnection(asyncio.Protocol):
         transport = self.transport
         data, self.buffer = self.buffer, b""
         self.lane.connections.discard(self)
+        if self.app is not None:
+            self.app.detach()  # aiohttp's side of earlier lent requests: the connection is aiohttp's now
         if transport is None or transport.is_closing():
             return
         protocol = self.lane.app_protocol()
