@@ -257,6 +257,20 @@ async def lane_since(router: Router, before: tuple[int, int]) -> tuple[int, int]
     return relayed - before[0], handed_over - before[1]
 
 
+async def all_client_connections_closed(router: Router) -> None:
+    """Wait until the router holds no established connection on its listening port."""
+    process = psutil.Process(router.process.pid)
+
+    def none_open() -> bool:
+        return not [
+            c
+            for c in process.net_connections("tcp")
+            if c.laddr and c.laddr.port == router.port and c.status == psutil.CONN_ESTABLISHED
+        ]
+
+    await wait_until(none_open, what="the router to close every client connection")
+
+
 StartRouter = Callable[..., Awaitable[Router]]
 
 
@@ -941,16 +955,7 @@ async def test_mixed_traffic_across_swaps_leaves_nothing_behind(
         return all(report["in_flight"] == 0 for report in reports)
 
     await wait_until(all_idle, what="no request held by the router or its upstreams")
-    router_process = psutil.Process(router.process.pid)
-
-    def no_client_connections() -> bool:
-        return not [
-            c
-            for c in router_process.net_connections("tcp")
-            if c.laddr and c.laddr.port == router.port and c.status == psutil.CONN_ESTABLISHED
-        ]
-
-    await wait_until(no_client_connections, what="the router to close every client connection")
+    await all_client_connections_closed(router)
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -1027,13 +1032,4 @@ async def test_mangled_requests_get_an_answer_or_a_close_and_leave_nothing_open(
     assert outcomes["2xx"] and outcomes["4xx"], outcomes
     reply = await exchange(router.port, http_post(chat_body("m")))
     assert reply.status == 200, reply.body
-    router_process = psutil.Process(router.process.pid)
-
-    def no_client_connections() -> bool:
-        return not [
-            c
-            for c in router_process.net_connections("tcp")
-            if c.laddr and c.laddr.port == router.port and c.status == psutil.CONN_ESTABLISHED
-        ]
-
-    await wait_until(no_client_connections, what="the router to close every client connection")
+    await all_client_connections_closed(router)
