@@ -417,24 +417,34 @@ def evaluate(results: dict[str, Any]) -> dict[str, Any]:
     return verdicts
 
 
+def _overhead_rows(overhead: dict[str, Any]) -> Iterator[tuple[int, dict[str, Any]]]:
+    for concurrency in (1, 32):
+        row = overhead.get(f"concurrency_{concurrency}")
+        if row:
+            yield concurrency, row
+
+
+def _overhead_line(label: str, concurrency: int, row: dict[str, Any], *, p99: bool) -> str:
+    """Direct -> router at one concurrency: median (and p99) latency, requests/s and their ratio."""
+    d, r = row["direct"], row["router"]
+    tail = f"p99 {d['p99_ms']:.3f} -> {r['p99_ms']:.3f} ms, " if p99 else ""
+    return (
+        f"{label} c={concurrency:<3} median {d['median_ms']:.3f} -> {r['median_ms']:.3f} ms, {tail}"
+        f"{d['requests_per_s']:.0f} -> {r['requests_per_s']:.0f} req/s (x{row['rps_ratio']:.3f})"
+    )
+
+
 def table(results: dict[str, Any]) -> str:
     lines = []
-    for concurrency in (1, 32):
-        row = results.get("overhead", {}).get(f"concurrency_{concurrency}")
-        if row:
-            d, r = row["direct"], row["router"]
-            lines.append(
-                f"overhead c={concurrency:<3} median {d['median_ms']:.3f} -> {r['median_ms']:.3f} ms, "
-                f"p99 {d['p99_ms']:.3f} -> {r['p99_ms']:.3f} ms, "
-                f"{d['requests_per_s']:.0f} -> {r['requests_per_s']:.0f} req/s (x{row['rps_ratio']:.3f})"
-            )
-            for name in ("nginx", "python_forwarder"):
-                if name in row:
-                    x = row[name]
-                    lines.append(
-                        f"  reference {name:<16} median {x['median_ms']:.3f} ms, "
-                        f"{x['requests_per_s']:.0f} req/s (x{x['rps_ratio']:.3f})"
-                    )
+    for concurrency, row in _overhead_rows(results.get("overhead", {})):
+        lines.append(_overhead_line("overhead", concurrency, row, p99=True))
+        for name in ("nginx", "python_forwarder"):
+            if name in row:
+                x = row[name]
+                lines.append(
+                    f"  reference {name:<16} median {x['median_ms']:.3f} ms, "
+                    f"{x['requests_per_s']:.0f} req/s (x{x['rps_ratio']:.3f})"
+                )
     if "streaming" in results:
         s = results["streaming"]
         lines.append(
@@ -460,14 +470,8 @@ def table(results: dict[str, Any]) -> str:
             f"+{r['swap']['overhead_vs_healthy_ms']:.1f} ms beyond "
             f"{r['swap']['bare_spawn_to_healthy_median_ms']:.1f} ms llama-server readiness"
         )
-        for concurrency in (1, 32):
-            row = r.get("overhead", {}).get(f"concurrency_{concurrency}")
-            if row:
-                d, x = row["direct"], row["router"]
-                lines.append(
-                    f"real      c={concurrency:<3} median {d['median_ms']:.3f} -> {x['median_ms']:.3f} ms, "
-                    f"{d['requests_per_s']:.0f} -> {x['requests_per_s']:.0f} req/s (x{row['rps_ratio']:.3f})"
-                )
+        for concurrency, row in _overhead_rows(r.get("overhead", {})):
+            lines.append(_overhead_line("real     ", concurrency, row, p99=False))
     for verdict in results.get("targets", {}).values():
         mark = "MET   " if verdict["met"] else "MISSED"
         lines.append(f"{mark} {verdict['what']}: {verdict['value']} (target {verdict['target']})")
