@@ -27,14 +27,45 @@ from .context_cache import ContextKeeper
 from .errors import RouterError
 from .footprint import BufferTally, FootprintStore, estimate
 from .memory import MIB, Device, detect_devices, nvml_usage_by_pid, page_in
-from .scheduler import Decision, Dispatch, Fail, ProfileSpec, Rules, Scheduler, Start, State, Stop
+from .scheduler import (
+    Decision,
+    Dispatch,
+    Fail,
+    FailReason,
+    ProfileSpec,
+    Rules,
+    Scheduler,
+    Start,
+    State,
+    Stop,
+    StopCause,
+)
 from .supervisor import LoadError, Upstream
 
 log = logging.getLogger("llama_router")
 
 EventListener = Callable[[dict[str, Any]], None]
 # Failures a fallback profile may answer for; a plain queue timeout is not one.
-FALLBACK_CODES = frozenset({"model_load_failed", "model_failed", "model_load_timeout", "model_too_large"})
+FALLBACK_CODES = frozenset(
+    {
+        FailReason.MODEL_LOAD_FAILED,
+        FailReason.MODEL_FAILED,
+        FailReason.MODEL_LOAD_TIMEOUT,
+        FailReason.MODEL_TOO_LARGE,
+    }
+)
+# The HTTP status a client gets for each of the scheduler's refusals.
+FAIL_STATUS: dict[FailReason, int] = {
+    FailReason.SHUTTING_DOWN: 503,
+    FailReason.TOO_MANY_WAITING: 429,
+    FailReason.MODEL_LOAD_FAILED: 503,
+    FailReason.MODEL_FAILED: 503,
+    FailReason.MODEL_LOAD_TIMEOUT: 503,
+    FailReason.MODEL_WAIT_TIMEOUT: 503,
+    FailReason.MODEL_TOO_LARGE: 503,
+    FailReason.MODEL_REMOVED: 503,
+    FailReason.MODEL_UNLOADED: 503,
+}
 # llama.cpp's ways of saying an allocation failed (CUDA, Metal, Vulkan, ggml's allocators).
 OUT_OF_MEMORY = re.compile(
     r"out of memory|failed to allocate|unable to allocate|ErrorOutOfDeviceMemory|cudaMalloc failed", re.I
@@ -69,9 +100,7 @@ class Controller:
         )
         self.footprints = FootprintStore(state_dir(config) / "footprints.json")
         self.scheduler = Scheduler(
-            (self._spec(profile) for profile in config.profiles.values()),
-            self._budget(),
-            **dataclasses.asdict(_rules(server)),
+            (self._spec(profile) for profile in config.profiles.values()), self._budget(), _rules(server)
         )
         self._tallies: dict[str, BufferTally] = {}
         self._closed = False
@@ -303,14 +332,7 @@ class Controller:
             elif isinstance(decision, Fail):
                 waiter = self._waiters.pop(decision.request_id, None)
                 if waiter is not None and not waiter.done():
-                    waiter.set_exception(
-                        RouterError(
-                            decision.status,
-                            decision.message,
-                            code=decision.code,
-                            retry_after=decision.retry_after,
-                        )
-                    )
+                    waiter.set_exception(refusal(decision))
             elif isinstance(decision, Start):
                 self._spawn(self._start(decision.profile))
             elif isinstance(decision, Stop):
@@ -495,7 +517,7 @@ class Controller:
             return False
         return True
 
-    async def _stop(self, name: str, reason: str, cause: str) -> None:
+    async def _stop(self, name: str, reason: str, cause: StopCause) -> None:
         upstream = self.upstreams.get(name)
         log.info("stopping %s: %s", name, reason)
         self.emit("stopping", model=name, reason=reason, cause=cause)
@@ -539,6 +561,13 @@ class Controller:
             device.name: {"total": device.total, "budget": device.budget, "used": used.get(device.name, 0)}
             for device in self.devices
         }
+
+
+def refusal(fail: Fail) -> RouterError:
+    """The error a client gets for a request the scheduler refused."""
+    return RouterError(
+        FAIL_STATUS[fail.code], fail.message, code=fail.code.value, retry_after=fail.retry_after
+    )
 
 
 def _rules(server: ServerConfig) -> Rules:

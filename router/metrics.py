@@ -21,7 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from .controller import Controller
-from .scheduler import State
+from .scheduler import State, StopCause
 
 log = logging.getLogger("llama_router.metrics")
 
@@ -41,11 +41,6 @@ _CONTEXT_EVENTS = {
     "context_save_failed": ("save", False),
     "context_restore_failed": ("restore", False),
 }
-
-# Stop causes (from the scheduler) that mean a model made way for another one.
-_SWAP_CAUSES = frozenset({"swap", "drain_timeout", "budget", "out_of_memory"})
-# Stop causes of a model still loading that are not the model's fault.
-_BENIGN_STOPS = frozenset({"unload", "shutdown", "swap"})
 
 _STATUS = {
     State.COLD.value: "unloaded",
@@ -358,12 +353,12 @@ class Metrics:
         elif kind == "fallback":
             self.fallbacks.labels(model, str(event.get("served_by", ""))).inc()
         elif kind == "stopping":
-            cause = str(event.get("cause", ""))
+            cause = StopCause(event["cause"])
             if model in self._loading:
                 self._loading.discard(model)
-                if cause not in _BENIGN_STOPS:
+                if cause.fails_a_load:
                     self.load_failures.labels(model).inc()
-            elif cause in _SWAP_CAUSES:
+            elif cause.makes_room:
                 self.swaps.labels(model).inc()
         elif isinstance(kind, str) and kind in _CONTEXT_EVENTS:
             self._context(model, *_CONTEXT_EVENTS[kind], event)

@@ -6,6 +6,9 @@ controller turns decisions into processes and HTTP.
 
 Resources are generic: each profile has a footprint (bytes per device: "ram", "gpu0", ...) and each
 device a budget; a "slots" device with one unit per profile caps how many models are resident.
+Whatever the need (a waiting request, a measured footprint, an out-of-memory load), `choose_victims`
+alone decides which models make way. Refusals carry a `FailReason`; their HTTP status is the
+controller's business.
 """
 
 from __future__ import annotations
@@ -24,6 +27,45 @@ class State(enum.StrEnum):
     READY = "ready"
     STOPPING = "stopping"
     FAILED = "failed"
+
+
+class StopCause(enum.StrEnum):
+    """Why a model is stopped; the values are what `/events` and the metrics' labels show."""
+
+    SWAP = "swap"  # made room for another model (or a preload gave way to one)
+    UNLOAD = "unload"  # an operator or a reload asked for it
+    TTL = "ttl"
+    LOAD_TIMEOUT = "load_timeout"
+    DRAIN_TIMEOUT = "drain_timeout"  # made room, cutting requests that outlived `drain_timeout`
+    OUT_OF_MEMORY = "out_of_memory"  # made room for a load that ran out of memory
+    BUDGET = "budget"  # made room once a measured footprint exceeded the budget
+    UNHEALTHY = "unhealthy"
+    SHUTDOWN = "shutdown"
+
+    @property
+    def makes_room(self) -> bool:
+        """Whether the model made way for another one (a swap, as counted)."""
+        return self in (StopCause.SWAP, StopCause.DRAIN_TIMEOUT, StopCause.BUDGET, StopCause.OUT_OF_MEMORY)
+
+    @property
+    def fails_a_load(self) -> bool:
+        """Whether stopping a model that is still loading counts against its load."""
+        return self not in (StopCause.SWAP, StopCause.UNLOAD, StopCause.SHUTDOWN)
+
+
+class FailReason(enum.StrEnum):
+    """Why a request is refused; the values are the OpenAI error `code` clients see. The HTTP status
+    belongs to the effects around the scheduler (`router/controller.py`)."""
+
+    SHUTTING_DOWN = "shutting_down"
+    TOO_MANY_WAITING = "too_many_waiting"
+    MODEL_LOAD_FAILED = "model_load_failed"
+    MODEL_FAILED = "model_failed"
+    MODEL_LOAD_TIMEOUT = "model_load_timeout"
+    MODEL_WAIT_TIMEOUT = "model_wait_timeout"
+    MODEL_TOO_LARGE = "model_too_large"
+    MODEL_REMOVED = "model_removed"
+    MODEL_UNLOADED = "model_unloaded"
 
 
 # ---------------------------------------------------------------------------------------------- decisions
@@ -50,8 +92,7 @@ class Stop:
 
     profile: str
     reason: str
-    # swap, unload, ttl, load_timeout, drain_timeout, out_of_memory, budget, unhealthy, shutdown
-    cause: str = field(default="swap", compare=False)
+    cause: StopCause = field(default=StopCause.SWAP, compare=False)
 
 
 @dataclass(frozen=True)
@@ -59,8 +100,7 @@ class Fail:
     """Answer request `request_id` with an error instead of an upstream."""
 
     request_id: int
-    status: int
-    code: str
+    code: FailReason
     message: str
     retry_after: float | None = None  # seconds after which the same request may well succeed
 
@@ -159,24 +199,10 @@ class Rules:
 class Scheduler:
     """Keeps per-profile state and answers every event with the decisions it implies."""
 
-    def __init__(
-        self,
-        profiles: Iterable[ProfileSpec],
-        budget: Resources,
-        *,
-        drain_timeout: float,
-        swap_delay: float = 0.0,
-        max_failures: int = 1,
-        failure_window: float = 60.0,
-        backoff: float = 0.5,
-        backoff_max: float = 30.0,
-        max_waiting: int | None = None,
-    ) -> None:
+    def __init__(self, profiles: Iterable[ProfileSpec], budget: Resources, rules: Rules) -> None:
         self._slots: dict[str, _Slot] = {spec.name: _Slot(spec, dict(spec.footprint)) for spec in profiles}
         self._budget = dict(budget)
-        self.rules = Rules(
-            drain_timeout, swap_delay, max_failures, failure_window, backoff, backoff_max, max_waiting
-        )
+        self.rules = rules
         self._requests: dict[int, _Request] = {}
         self._closing = False
         self._now = float("-inf")
@@ -235,7 +261,7 @@ class Scheduler:
             if slot.draining_since is not None and slot.state is State.READY:
                 times.append(slot.draining_since + self.rules.drain_timeout)
             if slot.wanted_since is not None and slot.draining_since is None and slot.state is State.READY:
-                times.append(slot.wanted_since + self.rules.swap_delay)
+                times.append(self._release_at(slot))
             times.extend(self._requests[rid].deadline for rid in slot.waiting)
             if slot.waiting and slot.retry_at is not None and slot.state is State.FAILED:
                 times.append(slot.retry_at)
@@ -262,7 +288,7 @@ class Scheduler:
     def request_arrived(self, request_id: int, profile: str, now: float, deadline: float) -> list[Decision]:
         """A client asked for `profile`; serve it now, or queue it and make room."""
         if self._closing:
-            return [Fail(request_id, 503, "shutting_down", "the router is shutting down")]
+            return [Fail(request_id, FailReason.SHUTTING_DOWN, "the router is shutting down")]
         slot = self._slots[profile]
         limit = self.rules.max_waiting
         if limit is not None and not slot.accepting and (waiting := self.queue_depth) >= limit:
@@ -270,7 +296,7 @@ class Scheduler:
                 f"{waiting} requests are already waiting for their models (server.max_waiting "
                 f"{limit}); try again shortly"
             )
-            return [Fail(request_id, 429, "too_many_waiting", message, self._retry_hint(slot, now))]
+            return [Fail(request_id, FailReason.TOO_MANY_WAITING, message, self._retry_hint(slot, now))]
         slot.preload = False
         slot.preload_held = False
         request = _Request(request_id, profile, now, deadline)
@@ -301,7 +327,7 @@ class Scheduler:
                 self._stop(
                     slot,
                     "drained for a swap" if not slot.stop_when_idle else "unloaded once idle",
-                    "unload" if slot.stop_when_idle else "swap",
+                    StopCause.UNLOAD if slot.stop_when_idle else StopCause.SWAP,
                 )
             )
         decisions.extend(self._place(now))
@@ -343,14 +369,14 @@ class Scheduler:
             slot.oom_retried = True
             slot.state = State.COLD
             slot.last_error = reason
-            decisions.extend(self._evict_idle_beside(slot, f"{profile!r} ran out of memory loading"))
+            decisions.extend(self._make_room_after_out_of_memory(slot))
         elif previous in (State.STARTING, State.READY):
             slot.state = State.FAILED
             slot.last_error = reason
             self._record_failure(slot, now)
             if slot.retry_at is None:
-                code = "model_load_failed" if previous is State.STARTING else "model_failed"
-                decisions.extend(self._fail_waiting(slot, 503, code, self._failure_message(slot, reason)))
+                code = FailReason.MODEL_LOAD_FAILED if previous is State.STARTING else FailReason.MODEL_FAILED
+                decisions.extend(self._fail_waiting(slot, code, self._failure_message(slot, reason)))
         elif previous is State.STOPPING:
             slot.state = State.FAILED if slot.stop_is_failure else State.COLD
         slot.stop_is_failure = False
@@ -388,22 +414,21 @@ class Scheduler:
         window = self.rules.failure_window
         return f"model {slot.spec.name!r} failed {len(slot.failures)} times in {window:g}s; last: {reason}"
 
-    def _evict_idle_beside(self, slot: _Slot, reason: str) -> list[Decision]:
-        """Stop idle, unpinned models sharing a device with `slot`, and grow its footprint by what
-        they held, so its retry waits until their memory is really free."""
+    def _make_room_after_out_of_memory(self, slot: _Slot) -> list[Decision]:
+        """`slot` ran out of memory although its estimate fitted, so the free memory cannot be trusted:
+        every idle model on its devices makes way (the need is the whole device), and its footprint
+        grows by what they held, so the retry waits until their memory is really free."""
+        devices = [device for device in slot.footprint if device != "slots"]
+        need = {device: self._budget.get(device, 0) for device in devices}
         decisions: list[Decision] = []
-        devices = {device for device in slot.footprint if device != "slots"}
-        for other in self._slots.values():
-            if (
-                other is not slot
-                and other.state is State.READY
-                and not other.in_flight
-                and not other.spec.pinned
-                and devices & set(other.footprint)
-            ):
-                for device in devices:
-                    slot.footprint[device] = slot.footprint.get(device, 0) + other.footprint.get(device, 0)
-                decisions.append(self._stop(other, reason, "out_of_memory"))
+        for victim in choose_victims(
+            self._others(slot), need, self._projected(), self._budget, drain_busy=False
+        ):
+            for device in devices:
+                slot.footprint[device] = slot.footprint.get(device, 0) + victim.footprint.get(device, 0)
+            decisions.append(
+                self._stop(victim, f"{slot.spec.name!r} ran out of memory loading", StopCause.OUT_OF_MEMORY)
+            )
         return decisions
 
     def retune(self, rules: Rules) -> None:
@@ -424,7 +449,9 @@ class Scheduler:
                 continue
             slot.removed = True
             decisions.extend(
-                self._fail_waiting(slot, 503, "model_removed", f"model {name!r} was removed from the config")
+                self._fail_waiting(
+                    slot, FailReason.MODEL_REMOVED, f"model {name!r} was removed from the config"
+                )
             )
             if slot.state in (State.STARTING, State.READY):
                 decisions.extend(self.unload(name, now))
@@ -448,28 +475,17 @@ class Scheduler:
 
     def footprint_measured(self, profile: str, footprint: Resources, now: float) -> list[Decision]:
         """The real use of a loaded model is known: replace the estimate, and if the budget is now
-        exceeded, stop idle models (never pinned, never busy) until it holds again."""
+        exceeded, stop idle models until it holds again (busy ones are not drained for this)."""
         slot = self._slots[profile]
         slot.footprint = dict(footprint)
-        decisions: list[Decision] = []
-        idle = [
-            other
-            for other in self._slots.values()
-            if other is not slot
-            and other.state is State.READY
-            and not other.in_flight
-            and not other.spec.pinned
+        projected = self._projected()
+        nothing_more = dict.fromkeys(projected, 0)  # within budget as it is
+        decisions: list[Decision] = [
+            self._stop(victim, f"over budget once {profile!r} measured its use", StopCause.BUDGET)
+            for victim in choose_victims(
+                self._others(slot), nothing_more, projected, self._budget, drain_busy=False
+            )
         ]
-        idle.sort(key=lambda other: (other.spec.priority, other.last_used))
-        projected = self.used()
-        for slot_ in self._slots.values():
-            if slot_.state is State.STOPPING:
-                self._subtract(projected, slot_)
-        for victim in idle:
-            if all(amount <= self._budget.get(device, 0) for device, amount in projected.items()):
-                break
-            self._subtract(projected, victim)
-            decisions.append(self._stop(victim, f"over budget once {profile!r} measured its use", "budget"))
         decisions.extend(self._place(now))
         return decisions
 
@@ -486,8 +502,7 @@ class Scheduler:
                     decisions.append(
                         Fail(
                             request_id,
-                            503,
-                            "model_wait_timeout",
+                            FailReason.MODEL_WAIT_TIMEOUT,
                             f"gave up after {waited:.1f}s waiting for model {slot.spec.name!r} "
                             f"(state: {slot.state.value})",
                             retry_after=self._retry_hint(slot, now),
@@ -498,8 +513,8 @@ class Scheduler:
                 slot.last_error = reason
                 slot.stop_is_failure = True
                 self._record_failure(slot, now)
-                decisions.extend(self._fail_waiting(slot, 503, "model_load_timeout", reason))
-                decisions.append(self._stop(slot, reason, "load_timeout"))
+                decisions.extend(self._fail_waiting(slot, FailReason.MODEL_LOAD_TIMEOUT, reason))
+                decisions.append(self._stop(slot, reason, StopCause.LOAD_TIMEOUT))
             elif (
                 slot.state is State.READY
                 and slot.draining_since is not None
@@ -509,11 +524,11 @@ class Scheduler:
                     self._stop(
                         slot,
                         f"drain timeout ({self.rules.drain_timeout:g}s) with requests in flight",
-                        "drain_timeout",
+                        StopCause.DRAIN_TIMEOUT,
                     )
                 )
             elif (expiry := self._ttl_expiry(slot)) is not None and expiry <= now:
-                decisions.append(self._stop(slot, f"idle for its ttl ({slot.spec.ttl:g}s)", "ttl"))
+                decisions.append(self._stop(slot, f"idle for its ttl ({slot.spec.ttl:g}s)", StopCause.TTL))
         decisions.extend(self._place(now))
         return decisions
 
@@ -523,15 +538,15 @@ class Scheduler:
         slot.preload_held = True
         if slot.state is State.STARTING:
             slot.stop_is_failure = False
-            decisions = self._fail_waiting(slot, 503, "model_unloaded", f"model {profile!r} was unloaded")
-            return [*decisions, self._stop(slot, "unloaded while starting", "unload")]
+            decisions = self._fail_waiting(slot, FailReason.MODEL_UNLOADED, f"model {profile!r} was unloaded")
+            return [*decisions, self._stop(slot, "unloaded while starting", StopCause.UNLOAD)]
         if slot.state is not State.READY:
             return []
         if slot.in_flight and not force:
             slot.stop_when_idle = True
             slot.draining_since = slot.draining_since or now
             return []
-        return [self._stop(slot, "unloaded", "unload")]
+        return [self._stop(slot, "unloaded", StopCause.UNLOAD)]
 
     def upstream_unhealthy(self, profile: str, now: float, reason: str) -> list[Decision]:
         """The process lives but is of no use (stalled, not answering): stop it now, count a failure.
@@ -542,16 +557,18 @@ class Scheduler:
         slot.last_error = reason
         slot.stop_is_failure = True
         self._record_failure(slot, now)
-        return [self._stop(slot, reason, "unhealthy")]
+        return [self._stop(slot, reason, StopCause.UNHEALTHY)]
 
     def shutdown(self, now: float) -> list[Decision]:
         """Stop taking work: fail every waiting request and stop every upstream."""
         self._closing = True
         decisions: list[Decision] = []
         for slot in self._slots.values():
-            decisions.extend(self._fail_waiting(slot, 503, "shutting_down", "the router is shutting down"))
+            decisions.extend(
+                self._fail_waiting(slot, FailReason.SHUTTING_DOWN, "the router is shutting down")
+            )
             if slot.state in (State.STARTING, State.READY):
-                decisions.append(self._stop(slot, "shutdown", "shutdown"))
+                decisions.append(self._stop(slot, "shutdown", StopCause.SHUTDOWN))
         return decisions
 
     # ------------------------------------------------------------------------------------------ rules
@@ -562,7 +579,7 @@ class Scheduler:
         slot.last_used = now
         return Dispatch(request.request_id, slot.spec.name)
 
-    def _stop(self, slot: _Slot, reason: str, cause: str = "swap") -> Stop:
+    def _stop(self, slot: _Slot, reason: str, cause: StopCause = StopCause.SWAP) -> Stop:
         slot.state = State.STOPPING
         slot.stop_when_idle = False
         slot.load_deadline = None
@@ -570,12 +587,12 @@ class Scheduler:
         slot.draining_since = None
         return Stop(slot.spec.name, reason, cause)
 
-    def _fail_waiting(self, slot: _Slot, status: int, code: str, message: str) -> list[Decision]:
+    def _fail_waiting(self, slot: _Slot, code: FailReason, message: str) -> list[Decision]:
         decisions: list[Decision] = []
         while slot.waiting:
             request_id = slot.waiting.popleft()
             self._requests.pop(request_id, None)
-            decisions.append(Fail(request_id, status, code, message))
+            decisions.append(Fail(request_id, code, message))
         return decisions
 
     def _place(self, now: float) -> list[Decision]:
@@ -591,8 +608,7 @@ class Scheduler:
         wanted_victims: set[str] = set()
         blocked = False
         for slot in self._candidates():
-            used = self.used()
-            if self._fits(slot.footprint, used):
+            if self._fits(slot.footprint, self.used()):
                 decisions.append(self._start(slot, now, preload=False))
                 continue
             if not self._fits(slot.footprint, self._pinned_usage(exclude=slot)):
@@ -600,9 +616,9 @@ class Scheduler:
                     f"model {slot.spec.name!r} needs {dict(slot.footprint)}, more than the budget "
                     f"{dict(self._budget)} leaves beside pinned models"
                 )
-                decisions.extend(self._fail_waiting(slot, 503, "model_too_large", message))
+                decisions.extend(self._fail_waiting(slot, FailReason.MODEL_TOO_LARGE, message))
                 continue
-            decisions.extend(self._make_room(slot, used, now, wanted_victims))
+            decisions.extend(self._make_room(slot, now, wanted_victims))
             blocked = True
             break  # head of line: later waiters do not take the memory this one is waiting for
         for slot in self._slots.values():
@@ -645,10 +661,7 @@ class Scheduler:
         return usage
 
     def _fits(self, footprint: Resources, used: Mapping[str, int]) -> bool:
-        return all(
-            used.get(device, 0) + amount <= self._budget.get(device, 0)
-            for device, amount in footprint.items()
-        )
+        return fits(footprint, used, self._budget)
 
     def _candidates(self) -> list[_Slot]:
         """Cold or failed profiles with waiting requests, oldest waiter first (fair order)."""
@@ -661,73 +674,111 @@ class Scheduler:
         ]
         return sorted(waiting, key=lambda slot: (self._requests[slot.waiting[0]].arrived, slot.waiting[0]))
 
-    def _make_room(
-        self, wanted: _Slot, used: Mapping[str, int], now: float, victims: set[str]
-    ) -> list[Decision]:
-        """Free just enough for `wanted`: abort preloads, stop idle models (lowest priority, least
-        recently used first), then drain busy ones. Pinned models are never chosen."""
-        projected = dict(used)
-        for slot in self._slots.values():
-            if slot.state is State.STOPPING:
-                self._subtract(projected, slot)
+    def _make_room(self, wanted: _Slot, now: float, victims: set[str]) -> list[Decision]:
+        """Free just enough for `wanted`, with the victims `choose_victims` picks.
+
+        A victim that served anyone since the waiter arrived is in active use: it keeps taking its
+        own requests for up to `swap_delay` (then it drains), so closed-loop clients are batched, not
+        thrashed. The names of those it holds on to are added to `victims`."""
+        projected = self._projected()
         if self._fits(wanted.footprint, projected):
             return []  # what is already stopping will make room
-        preloading = [
-            slot
-            for slot in self._slots.values()
-            if slot.state is State.STARTING and slot.preload and slot is not wanted
-        ]
-        ready = [
-            slot
-            for slot in self._slots.values()
-            if slot.state is State.READY and slot is not wanted and not slot.spec.pinned
-        ]
-        # Idle before busy; among busy ones, those already draining first, so choices stay stable.
-        ready.sort(
-            key=lambda slot: (
-                bool(slot.in_flight),
-                slot.draining_since is None,
-                slot.spec.priority,
-                slot.last_used,
-            )
-        )
         decisions: list[Decision] = []
         waiting_since = self._requests[wanted.waiting[0]].arrived
-        for victim in [*preloading, *ready]:
-            if self._fits(wanted.footprint, projected):
-                break
-            if not self._would_help(victim, wanted, projected):
-                continue
-            self._subtract(projected, victim)
+        for victim in choose_victims(
+            self._others(wanted), wanted.footprint, projected, self._budget, drain_busy=True
+        ):
             if victim.state is State.STARTING:
                 decisions.append(self._stop(victim, f"preload gave way to {wanted.spec.name!r}"))
                 continue
-            # A model that served anyone since the waiter arrived is in active use: it keeps taking
-            # its own requests for up to `swap_delay`, so closed-loop clients are batched, not thrashed.
-            in_use = bool(victim.in_flight) or victim.last_used > waiting_since
-            if not in_use:
+            if not victim.in_flight and victim.last_used <= waiting_since:
                 decisions.append(self._stop(victim, f"making room for {wanted.spec.name!r}"))
                 continue
             victims.add(victim.spec.name)
             if victim.draining_since is not None:
                 continue
-            victim.wanted_since = victim.wanted_since if victim.wanted_since is not None else now
-            if now >= victim.wanted_since + self.rules.swap_delay:  # same sum as next_wakeup
+            if victim.wanted_since is None:
+                victim.wanted_since = now
+            if now >= self._release_at(victim):
                 if victim.in_flight:
                     victim.draining_since = now
                 else:
                     decisions.append(self._stop(victim, f"making room for {wanted.spec.name!r}"))
         return decisions
 
-    def _would_help(self, victim: _Slot, wanted: _Slot, projected: Mapping[str, int]) -> bool:
-        """Whether stopping `victim` frees memory on a device where `wanted` is short."""
-        return any(
-            victim.footprint.get(device, 0) > 0
-            and projected.get(device, 0) + amount > self._budget.get(device, 0)
-            for device, amount in wanted.footprint.items()
-        )
+    def _release_at(self, slot: _Slot) -> float:
+        """When a model in use that another one waits for stops taking its own requests: at the end
+        of `swap_delay`. `tick` runs at this time (`next_wakeup`)."""
+        assert slot.wanted_since is not None
+        return slot.wanted_since + self.rules.swap_delay
 
-    @staticmethod
-    def _subtract(projected: dict[str, int], slot: _Slot) -> None:
-        for device, amount in slot.footprint.items():
-            projected[device] = projected.get(device, 0) - amount
+    def _projected(self) -> dict[str, int]:
+        """Resources held once what is stopping now has gone (starting and ready profiles)."""
+        projected = self.used()
+        for slot in self._slots.values():
+            if slot.state is State.STOPPING:
+                _subtract(projected, slot)
+        return projected
+
+    def _others(self, slot: _Slot) -> list[_Slot]:
+        return [other for other in self._slots.values() if other is not slot]
+
+
+# ---------------------------------------------------------------------------------------------- policy
+
+
+def choose_victims(
+    candidates: Iterable[_Slot],
+    need: Resources,
+    projected: Mapping[str, int],
+    budget: Mapping[str, int],
+    *,
+    drain_busy: bool,
+) -> list[_Slot]:
+    """The eviction rule, whole: which models make way for `need`, in the order they go.
+
+    Preloads still starting go first, then idle ready models (lowest priority, least recently used
+    first), then, where `drain_busy`, busy ones (those already draining first, so choices stay
+    stable), which the caller drains rather than cuts. Pinned models are never chosen, nor one that
+    frees nothing on a device where `need` is short. `projected` is what is held once the models
+    already stopping are gone; the choice ends as soon as `need` fits beside what is left."""
+    evictable = [
+        slot
+        for slot in candidates
+        if not slot.spec.pinned
+        and (
+            (slot.state is State.STARTING and slot.preload)
+            or (slot.state is State.READY and (drain_busy or not slot.in_flight))
+        )
+    ]
+    evictable.sort(
+        key=lambda slot: (
+            slot.state is not State.STARTING,
+            bool(slot.in_flight),
+            slot.draining_since is None,
+            slot.spec.priority,
+            slot.last_used,
+        )
+    )
+    left = dict(projected)
+    victims: list[_Slot] = []
+    for slot in evictable:
+        if fits(need, left, budget):
+            break
+        short = [
+            device for device, amount in need.items() if left.get(device, 0) + amount > budget.get(device, 0)
+        ]
+        if not any(slot.footprint.get(device, 0) > 0 for device in short):
+            continue
+        _subtract(left, slot)
+        victims.append(slot)
+    return victims
+
+
+def fits(footprint: Resources, used: Mapping[str, int], budget: Mapping[str, int]) -> bool:
+    return all(used.get(device, 0) + amount <= budget.get(device, 0) for device, amount in footprint.items())
+
+
+def _subtract(projected: dict[str, int], slot: _Slot) -> None:
+    for device, amount in slot.footprint.items():
+        projected[device] = projected.get(device, 0) - amount

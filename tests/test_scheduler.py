@@ -8,7 +8,20 @@ from collections.abc import Sequence
 
 import pytest
 
-from router.scheduler import Decision, Dispatch, Fail, ProfileSpec, Scheduler, Start, State, Stop
+from router.controller import refusal
+from router.scheduler import (
+    Decision,
+    Dispatch,
+    Fail,
+    FailReason,
+    ProfileSpec,
+    Rules,
+    Scheduler,
+    Start,
+    State,
+    Stop,
+    choose_victims,
+)
 
 WAIT = 100.0
 
@@ -24,7 +37,9 @@ def make(
     budget: dict[str, int] | None = None,
 ) -> Scheduler:
     specs = [ProfileSpec(name, (footprints or {}).get(name, {"slots": 1}), load_timeout) for name in names]
-    return Scheduler(specs, budget or {"slots": slots}, drain_timeout=drain_timeout, swap_delay=swap_delay)
+    return Scheduler(
+        specs, budget or {"slots": slots}, Rules(drain_timeout=drain_timeout, swap_delay=swap_delay)
+    )
 
 
 class Driver:
@@ -139,7 +154,7 @@ def test_a_waiting_request_fails_with_a_reason_when_its_deadline_passes() -> Non
     assert d.s.next_wakeup() == pytest.approx(3.0)
     (fail,) = d.tick(3.0)
     assert isinstance(fail, Fail)
-    assert (fail.request_id, fail.status, fail.code) == (request, 503, "model_wait_timeout")
+    assert (fail.request_id, fail.code) == (request, FailReason.MODEL_WAIT_TIMEOUT)
     assert "'a'" in fail.message and "starting" in fail.message
     assert fail.retry_after == 1.0
 
@@ -149,7 +164,7 @@ def test_a_load_that_times_out_fails_its_waiters_and_stops_the_process() -> None
     request, _ = d.arrive("a")
     decisions = d.tick(2.0)
     assert decisions[0] == Fail(
-        request, 503, "model_load_timeout", "model 'a' did not become ready within 2s"
+        request, FailReason.MODEL_LOAD_TIMEOUT, "model 'a' did not become ready within 2s"
     )
     assert isinstance(decisions[1], Stop)
     assert d.state("a") is State.STOPPING
@@ -163,7 +178,10 @@ def test_an_exit_during_load_fails_waiters_with_the_reason_and_a_later_request_r
     ids = [d.arrive("a")[0] for _ in range(2)]
     decisions = d.exited("a", "llama-server exited with code 1 during load; last output:\nboom")
     assert [x.request_id for x in decisions if isinstance(x, Fail)] == ids
-    assert all(isinstance(x, Fail) and x.status == 503 and "boom" in x.message for x in decisions)
+    assert all(
+        isinstance(x, Fail) and x.code == FailReason.MODEL_LOAD_FAILED and "boom" in x.message
+        for x in decisions
+    )
     assert d.state("a") is State.FAILED
     _, decisions = d.arrive("a")
     assert decisions == [Start("a")]
@@ -271,10 +289,10 @@ def test_shutdown_fails_waiters_stops_everything_and_refuses_new_work() -> None:
     d.ready("a")
     b, _ = d.arrive("b")
     decisions = d.s.shutdown(d.now)
-    assert Fail(b, 503, "shutting_down", "the router is shutting down") in decisions
+    assert Fail(b, FailReason.SHUTTING_DOWN, "the router is shutting down") in decisions
     assert {x.profile for x in decisions if isinstance(x, Stop)} == {"a", "b"}
     _, decisions = d.arrive("c")
-    assert isinstance(decisions[0], Fail) and decisions[0].status == 503
+    assert isinstance(decisions[0], Fail) and decisions[0].code == FailReason.SHUTTING_DOWN
 
 
 def test_unload_waits_for_requests_in_flight_unless_forced() -> None:
@@ -412,7 +430,7 @@ def memory_scheduler(sizes: dict[str, float], budget: float, **options: object) 
         )
         for name, size in sizes.items()
     ]
-    scheduler = Scheduler(specs, gib(budget), drain_timeout=30.0, **options)  # type: ignore[arg-type]
+    scheduler = Scheduler(specs, gib(budget), Rules(drain_timeout=30.0, **options))  # type: ignore[arg-type]
     return scheduler, Driver(scheduler)
 
 
@@ -548,6 +566,75 @@ def test_a_measured_footprint_replaces_the_estimate_and_restores_the_budget() ->
     assert s.view("c").footprint == gib(60)
 
 
+def test_an_over_budget_measurement_stops_only_models_that_free_the_short_device() -> None:
+    specs = [
+        ProfileSpec("cpu", {"ram": 30}, 10.0),  # least recently used, but holds no GPU memory
+        ProfileSpec("gpu", {"gpu0": 30}, 10.0),
+        ProfileSpec("new", {"gpu0": 30}, 10.0),
+    ]
+    s = Scheduler(specs, {"gpu0": 100, "ram": 100}, Rules(drain_timeout=30.0))
+    d = Driver(s)
+    for name in ("cpu", "gpu", "new"):
+        load(d, name)
+    decisions = s.footprint_measured("new", {"gpu0": 80}, d.now)
+    assert decisions == [Stop("gpu", "over budget once 'new' measured its use")]
+    assert s.view("cpu").state is State.READY
+
+
+def test_the_eviction_rule_is_the_same_for_every_need() -> None:
+    """Preloads, then idle models by priority and age, then busy ones only when draining is allowed;
+    pinned never, and nobody once the need fits."""
+    s, d = memory_scheduler(
+        {"old": 20, "low": 20, "busy": 20, "pin": 20, "warm": 10},
+        budget=100,
+        pinned={"pin"},
+        priority={"old": 1},
+        standby={"warm"},
+    )
+    first, decisions = d.arrive("old")
+    assert decisions == [Start("old"), Start("warm")]  # a preload into the memory left over
+    d.ready("old")
+    d.finish(first)
+    for name in ("low", "pin"):
+        load(d, name)
+    d.arrive("busy")
+    d.ready("busy")
+    assert s.view("warm").state is State.STARTING
+    slots = {slot.spec.name: slot for slot in s._slots.values()}
+    everyone = list(slots.values())
+    order = ["warm", "low", "old", "busy"]
+    assert [
+        v.spec.name for v in choose_victims(everyone, gib(100), s.used(), gib(100), drain_busy=True)
+    ] == order
+    assert [
+        v.spec.name for v in choose_victims(everyone, gib(100), s.used(), gib(100), drain_busy=False)
+    ] == order[:3]
+    assert [v.spec.name for v in choose_victims(everyone, gib(20), s.used(), gib(100), drain_busy=True)] == [
+        "warm"
+    ]
+    assert choose_victims(everyone, gib(10), s.used(), gib(100), drain_busy=True) == []
+
+
+@pytest.mark.parametrize(
+    ("reason", "status"),
+    [
+        (FailReason.SHUTTING_DOWN, 503),
+        (FailReason.TOO_MANY_WAITING, 429),
+        (FailReason.MODEL_LOAD_FAILED, 503),
+        (FailReason.MODEL_FAILED, 503),
+        (FailReason.MODEL_LOAD_TIMEOUT, 503),
+        (FailReason.MODEL_WAIT_TIMEOUT, 503),
+        (FailReason.MODEL_TOO_LARGE, 503),
+        (FailReason.MODEL_REMOVED, 503),
+        (FailReason.MODEL_UNLOADED, 503),
+    ],
+)
+def test_each_refusal_reaches_clients_with_its_status_and_code(reason: FailReason, status: int) -> None:
+    error = refusal(Fail(7, reason, "why", retry_after=3.0))
+    assert (error.status, error.code, error.message, error.retry_after) == (status, reason.value, "why", 3.0)
+    assert error.body()["error"]["code"] == reason.value
+
+
 def closed_loop_swaps(budget: float, swap_delay: float, duration: float = 10.0) -> tuple[int, int]:
     """Two clients, one per model, each sending its next request when the last one ends; each request
     takes 0.05 s and each load 0.05 s. Returns (starts, requests served)."""
@@ -628,7 +715,7 @@ def test_reload_fails_requests_waiting_for_a_removed_model() -> None:
     s, d = memory_scheduler({"a": 10}, budget=100)
     request, _ = d.arrive("a")
     decisions = s.reconfigure([], gib(100), d.now)
-    assert Fail(request, 503, "model_removed", "model 'a' was removed from the config") in decisions
+    assert Fail(request, FailReason.MODEL_REMOVED, "model 'a' was removed from the config") in decisions
 
 
 def test_a_changed_model_restarts_once_its_requests_are_done() -> None:
@@ -650,10 +737,7 @@ def failing(max_failures: int = 3) -> Driver:
         Scheduler(
             [ProfileSpec("a", {"slots": 1}, 10.0), ProfileSpec("b", {"slots": 1}, 10.0)],
             {"slots": 2},
-            drain_timeout=30.0,
-            max_failures=max_failures,
-            failure_window=60.0,
-            backoff=1.0,
+            Rules(drain_timeout=30.0, max_failures=max_failures, failure_window=60.0, backoff=1.0),
         )
     )
 
@@ -669,7 +753,7 @@ def test_a_crash_loop_backs_off_then_fails_with_the_reason() -> None:
     assert d.s.view("a").retry_at == pytest.approx(3.0)  # doubled
     assert d.tick(3.0) == [Start("a")]
     (fail,) = d.exited("a", "exit 1: bad magic")
-    assert isinstance(fail, Fail) and fail.request_id == request and fail.status == 503
+    assert isinstance(fail, Fail) and fail.request_id == request and fail.code == FailReason.MODEL_LOAD_FAILED
     assert "3 times" in fail.message and "bad magic" in fail.message
     assert d.s.view("a").failed
     # A later request tries once more, at once.
@@ -681,18 +765,14 @@ def test_a_crash_loop_backs_off_then_fails_with_the_reason() -> None:
 
 def test_requests_beyond_max_waiting_are_refused_and_a_loaded_model_still_serves() -> None:
     d = Driver(
-        Scheduler([ProfileSpec(n, {"slots": 1}, 10.0) for n in "ab"], {"slots": 2}, drain_timeout=30.0)
+        Scheduler([ProfileSpec(n, {"slots": 1}, 10.0) for n in "ab"], {"slots": 2}, Rules(drain_timeout=30.0))
     )
     d.s.retune(dataclasses.replace(d.s.rules, max_waiting=2))
     first, _ = d.arrive("a")
     second, _ = d.arrive("a")
     third, decisions = d.arrive("a")
     (fail,) = decisions
-    assert isinstance(fail, Fail) and (fail.request_id, fail.status, fail.code) == (
-        third,
-        429,
-        "too_many_waiting",
-    )
+    assert isinstance(fail, Fail) and (fail.request_id, fail.code) == (third, FailReason.TOO_MANY_WAITING)
     assert fail.retry_after == 1.0 and "max_waiting" in fail.message
     assert d.s.queue_depth == 2, "the refused request is not queued"
     assert d.ready("a") == [Dispatch(first, "a"), Dispatch(second, "a")]
@@ -706,9 +786,7 @@ def test_a_request_giving_up_during_a_back_off_is_told_when_the_retry_comes() ->
         Scheduler(
             [ProfileSpec("a", {"slots": 1}, 10.0)],
             {"slots": 1},
-            drain_timeout=30.0,
-            max_failures=3,
-            backoff=10.0,
+            Rules(drain_timeout=30.0, max_failures=3, backoff=10.0),
         )
     )
     request, _ = d.arrive("a", wait=3.0)
