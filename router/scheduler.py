@@ -20,6 +20,12 @@ from dataclasses import dataclass, field
 
 Resources = Mapping[str, int]
 
+# An idle model that another one waits for is kept for its own clients' next request only this many
+# times their last gap (a request ending to the next one arriving), and at least GRACE_MIN seconds:
+# long enough for a closed loop's turnaround, far shorter than `swap_delay` once its demand stopped.
+GRACE_GAPS = 4.0
+GRACE_MIN = 0.05
+
 
 class State(enum.StrEnum):
     COLD = "cold"
@@ -155,6 +161,8 @@ class _Slot:
     retry_at: float | None = None  # backing off after a failure: no restart before this time
     oom_retried: bool = False  # an out-of-memory load already got its one retry with more room
     restart_after_stop: bool = False  # its command changed: start the new one once the old one is gone
+    idle_since: float | None = None  # its last request ended and no other has come since
+    gap: float | None = None  # its clients' last gap between a request ending and the next arriving
 
     @property
     def holds_resources(self) -> bool:
@@ -299,6 +307,11 @@ class Scheduler:
             return [Fail(request_id, FailReason.TOO_MANY_WAITING, message, self._retry_hint(slot, now))]
         slot.preload = False
         slot.preload_held = False
+        if slot.idle_since is not None:
+            # A pause longer than `swap_delay` is no client's loop: its demand had stopped.
+            gap = now - slot.idle_since
+            slot.gap = gap if gap <= self.rules.swap_delay else None
+            slot.idle_since = None
         request = _Request(request_id, profile, now, deadline)
         self._requests[request_id] = request
         if slot.accepting:
@@ -321,6 +334,8 @@ class Scheduler:
             return self._place(now)
         slot.in_flight.discard(request_id)
         slot.last_used = now
+        if not slot.in_flight and not slot.waiting:
+            slot.idle_since = now
         decisions: list[Decision] = []
         if slot.state is State.READY and slot.draining_since is not None and not slot.in_flight:
             decisions.append(
@@ -677,22 +692,18 @@ class Scheduler:
     def _make_room(self, wanted: _Slot, now: float, victims: set[str]) -> list[Decision]:
         """Free just enough for `wanted`, with the victims `choose_victims` picks.
 
-        A victim that served anyone since the waiter arrived is in active use: it keeps taking its
-        own requests for up to `swap_delay` (then it drains), so closed-loop clients are batched, not
-        thrashed. The names of those it holds on to are added to `victims`."""
+        A ready victim keeps taking its own requests until `_release_at` (then it drains if busy, or
+        stops), so closed-loop clients are batched, not thrashed; one nobody uses goes at once. The
+        names of those it holds on to are added to `victims`."""
         projected = self._projected()
         if self._fits(wanted.footprint, projected):
             return []  # what is already stopping will make room
         decisions: list[Decision] = []
-        waiting_since = self._requests[wanted.waiting[0]].arrived
         for victim in choose_victims(
             self._others(wanted), wanted.footprint, projected, self._budget, drain_busy=True
         ):
             if victim.state is State.STARTING:
                 decisions.append(self._stop(victim, f"preload gave way to {wanted.spec.name!r}"))
-                continue
-            if not victim.in_flight and victim.last_used <= waiting_since:
-                decisions.append(self._stop(victim, f"making room for {wanted.spec.name!r}"))
                 continue
             victims.add(victim.spec.name)
             if victim.draining_since is not None:
@@ -707,10 +718,17 @@ class Scheduler:
         return decisions
 
     def _release_at(self, slot: _Slot) -> float:
-        """When a model in use that another one waits for stops taking its own requests: at the end
-        of `swap_delay`. `tick` runs at this time (`next_wakeup`)."""
+        """When a ready model that another one waits for stops taking its own requests: busy, at the
+        end of `swap_delay`; idle, once its clients' usual gap has passed with no request (its demand
+        has stopped), and never later than that; at once if it has served nobody since it loaded.
+        `tick` runs at this time (`next_wakeup`)."""
         assert slot.wanted_since is not None
-        return slot.wanted_since + self.rules.swap_delay
+        bound = slot.wanted_since + self.rules.swap_delay
+        if slot.in_flight:
+            return bound
+        if slot.idle_since is None:
+            return slot.wanted_since
+        return min(bound, slot.idle_since + idle_grace(slot.gap))
 
     def _projected(self) -> dict[str, int]:
         """Resources held once what is stopping now has gone (starting and ready profiles)."""
@@ -773,6 +791,11 @@ def choose_victims(
         _subtract(left, slot)
         victims.append(slot)
     return victims
+
+
+def idle_grace(gap: float | None) -> float:
+    """How long an idle model in use is kept for its own clients' next request, given their last gap."""
+    return max(GRACE_MIN, GRACE_GAPS * gap) if gap is not None else GRACE_MIN
 
 
 def fits(footprint: Resources, used: Mapping[str, int], budget: Mapping[str, int]) -> bool:

@@ -10,6 +10,7 @@ import pytest
 
 from router.controller import refusal
 from router.scheduler import (
+    GRACE_MIN,
     Decision,
     Dispatch,
     Fail,
@@ -635,16 +636,26 @@ def test_each_refusal_reaches_clients_with_its_status_and_code(reason: FailReaso
     assert error.body()["error"]["code"] == reason.value
 
 
-def closed_loop_swaps(budget: float, swap_delay: float, duration: float = 10.0) -> tuple[int, int]:
-    """Two clients, one per model, each sending its next request when the last one ends; each request
-    takes 0.05 s and each load 0.05 s. Returns (starts, requests served)."""
+@dataclasses.dataclass
+class Loop:
+    starts: int
+    served: int
+    longest_wait: float  # from a request's arrival to its dispatch
+
+
+def closed_loop_swaps(budget: float, swap_delay: float, duration: float = 10.0, gap: float = 0.0) -> Loop:
+    """Two clients, one per model, each sending its next request `gap` seconds after the last one
+    ended; each request takes 0.05 s, each load 0.05 s and each stop 0.01 s."""
     s, _ = memory_scheduler({"a": 60, "b": 60}, budget=budget, swap_delay=swap_delay)
-    now, next_id, served = 0.0, 0, 0
+    now, next_id, served, longest = 0.0, 0, 0, 0.0
+    arrived: dict[int, float] = {}
     events: list[tuple[float, str, str, int]] = []  # (time, kind, profile, request)
 
     def act(decisions: list[Decision]) -> None:
+        nonlocal longest
         for x in decisions:
             if isinstance(x, Dispatch):
+                longest = max(longest, now - arrived[x.request_id])
                 events.append((now + 0.05, "finish", x.profile, x.request_id))
             elif isinstance(x, Start):
                 events.append((now + 0.05, "ready", x.profile, 0))
@@ -654,6 +665,7 @@ def closed_loop_swaps(budget: float, swap_delay: float, duration: float = 10.0) 
     def send(profile: str) -> None:
         nonlocal next_id
         next_id += 1
+        arrived[next_id] = now
         act(s.request_arrived(next_id, profile, now, now + 600))
 
     send("a")
@@ -671,26 +683,66 @@ def closed_loop_swaps(budget: float, swap_delay: float, duration: float = 10.0) 
         if kind == "finish":
             served += 1
             act(s.request_finished(request, now))
+            if gap:
+                events.append((now + gap, "send", profile, 0))
+            else:
+                send(profile)
+        elif kind == "send":
             send(profile)
         elif kind == "ready":
             act(s.process_ready(profile, now))
         else:
             act(s.process_exited(profile, now, "stopped"))
-    return sum(v.starts for v in s.views()), served
+    return Loop(sum(v.starts for v in s.views()), served, longest)
 
 
 def test_no_swaps_after_warm_up_when_both_models_fit() -> None:
-    starts, served = closed_loop_swaps(budget=130, swap_delay=0.0)
-    assert starts == 2
-    assert served > 300
+    loop = closed_loop_swaps(budget=130, swap_delay=0.0)
+    assert loop.starts == 2
+    assert loop.served > 300
 
 
 def test_swap_delay_batches_requests_instead_of_swapping_on_each_one() -> None:
-    eager_starts, eager_served = closed_loop_swaps(budget=100, swap_delay=0.0)
-    batched_starts, batched_served = closed_loop_swaps(budget=100, swap_delay=2.0)
-    assert eager_starts > 50  # one swap per request
-    assert batched_starts <= 7  # about one swap per swap_delay
-    assert batched_served > 2 * eager_served
+    eager = closed_loop_swaps(budget=100, swap_delay=0.0)
+    batched = closed_loop_swaps(budget=100, swap_delay=2.0)
+    assert eager.starts > 50  # one swap per request
+    assert batched.starts <= 7  # about one swap per swap_delay
+    assert batched.served > 2 * eager.served
+
+
+@pytest.mark.parametrize("gap", [0.002, 0.03, 0.2])
+def test_closed_loop_clients_stay_batched_and_the_waiting_one_is_served_within_swap_delay(gap: float) -> None:
+    """A client that comes back within a few of its own gaps keeps its model, so swaps stay about one
+    per `swap_delay` (a gap longer than the floor is learned after one early release); the other
+    model's client never waits longer than `swap_delay` and a drain beside its swaps."""
+    eager = closed_loop_swaps(budget=100, swap_delay=0.0, gap=gap)
+    batched = closed_loop_swaps(budget=100, swap_delay=2.0, gap=gap)
+    assert eager.starts > 50 and batched.starts <= 8
+    # swap_delay, one request's drain, and at worst two swaps (its own model was stopping as it came).
+    assert batched.longest_wait <= 2.0 + 0.05 + 2 * (0.01 + 0.05) + 1e-9
+
+
+def test_an_interleaved_burst_swaps_as_soon_as_the_loaded_models_burst_is_done() -> None:
+    d = Driver(make(swap_delay=2.0))
+    first, _ = d.arrive("a")
+    d.ready("a")
+    d.finish(first)
+    d.now = 60.0  # much later, a burst for the loaded model and another, interleaved
+    burst_a: list[int] = []
+    burst_b: list[int] = []
+    for _ in range(10):
+        request, decisions = d.arrive("a")
+        assert decisions == [Dispatch(request, "a")]
+        burst_a.append(request)
+        burst_b.append(d.arrive("b")[0])
+    for request in burst_a:  # 'a' answers them one after another
+        d.now += 0.01
+        d.finish(request)
+    wake = d.s.next_wakeup()
+    assert wake is not None and wake - d.now <= GRACE_MIN  # not the whole swap_delay
+    assert d.tick(wake) == [Stop("a", "making room for 'b'")]
+    assert d.exited("a") == [Start("b")]
+    assert d.ready("b") == [Dispatch(request, "b") for request in burst_b]
 
 
 # ---------------------------------------------------------------------------------------------- reload
