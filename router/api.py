@@ -247,7 +247,13 @@ class Api:
         for row, view in zip(self.controller.describe(), self.controller.scheduler.views(), strict=True):
             if view.state in _RUNNING:
                 rows.append({**row, "status": status_value(view.state.value, view.standby)})
-        return web.json_response({"running": rows, "budgets": self.controller.budgets()})
+        return web.json_response(
+            {
+                "running": rows,
+                "budgets": self.controller.budgets(),
+                "memory_notes": self.controller.memory_notes,
+            }
+        )
 
     # ------------------------------------------------------------------------------------------ control
 

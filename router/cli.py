@@ -26,6 +26,7 @@ from .config import (
     validate_schema,
 )
 from .logging_setup import FORMATS, setup_logging
+from .memory import Device
 
 DEFAULT_CONFIG = "profiles.yaml"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -83,6 +84,26 @@ def describe_profile(config: RouterConfig, name: str) -> list[tuple[str, str]]:
     return lines
 
 
+def describe_budgets(devices: list[Device], notes: list[str]) -> list[str]:
+    """The `check` lines of the memory budgets: each device's, where it came from, and why there is
+    no GPU budget when there is none."""
+    from .footprint import size_text
+
+    lines = ["memory budgets:"]
+    width = max(len(device.name) for device in devices)
+    for device in devices:
+        origin = f"{device.source}: {device.detail}" if device.detail else device.source
+        if device.in_use is not None:
+            origin += f", {size_text(device.in_use)} in use now"
+        if device.unified:
+            origin += "; the same memory as ram, so a model's GPU buffers count in both"
+        budget = f"{size_text(device.budget)} of {size_text(device.total)}"
+        lines.append(f"  {device.name:<{width}}  {budget}  ({origin})")
+    if notes:
+        lines.append(f"  no GPU budget: {'; '.join(notes)}")
+    return lines
+
+
 def _check(args: argparse.Namespace) -> int:
     from .controller import Controller
     from .footprint import describe
@@ -91,8 +112,8 @@ def _check(args: argparse.Namespace) -> int:
     controller = Controller(config)  # no process is started: it only reads budgets and footprints
     print(f"{config.path}: OK, {len(config.profiles)} profile(s)")
     print(f"  listen: http://{config.server.host}:{config.server.port}")
-    budgets = {device.name: device.budget for device in controller.devices}
-    print(f"  memory budget: {describe(budgets)}")
+    for line in describe_budgets(controller.devices, controller.memory_notes):
+        print(f"  {line}")
     for name, profile in config.profiles.items():
         print(f"- {name}" + (f" (aliases: {', '.join(profile.aliases)})" if profile.aliases else ""))
         footprint, source = controller.footprint_and_source(profile)

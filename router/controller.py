@@ -26,7 +26,7 @@ from .config import ResolvedProfile, RouterConfig, ServerConfig
 from .context_cache import ContextKeeper
 from .errors import RouterError
 from .footprint import BufferTally, FootprintStore, estimate
-from .memory import MIB, Device, detect_devices, nvml_usage_by_pid, page_in
+from .memory import MIB, detect_devices, nvml_usage_by_pid, page_in
 from .scheduler import (
     Decision,
     Dispatch,
@@ -91,7 +91,7 @@ class Controller:
         self.config = config
         server = config.server
         memory = server.memory
-        self.devices: list[Device] = detect_devices(
+        self.devices, self.memory_notes = detect_devices(
             gpus_mib=memory.gpus,
             ram_mib=memory.ram,
             gpu_headroom_mib=memory.gpu_headroom,
@@ -181,8 +181,7 @@ class Controller:
         learned = self.footprints.get(profile)
         if learned is not None:
             return learned, "learned"
-        gpus = [device.name for device in self.devices if device.name.startswith("gpu")]
-        return estimate(profile, gpus), "estimated"
+        return estimate(profile, self.devices), "estimated"
 
     def _with_slot(self, footprint: dict[str, int]) -> dict[str, int]:
         return {**footprint, "slots": 1} if self.config.server.max_resident is not None else footprint
@@ -421,7 +420,7 @@ class Controller:
             extra_args=self.contexts.extra_args(profile),
         )
         self.upstreams[name] = upstream
-        self._tallies[name] = BufferTally()
+        self._tallies[name] = BufferTally.of(profile, self.devices)
         self.emit("loading", model=name)
         self.logs[name].append(f"[llama-router] starting: {' '.join(profile.command('127.0.0.1', 0))}")
         try:
@@ -554,11 +553,17 @@ class Controller:
             )
         return rows
 
-    def budgets(self) -> dict[str, dict[str, int]]:
-        """Each device's budget and what resident models use of it, in bytes."""
+    def budgets(self) -> dict[str, dict[str, Any]]:
+        """Each device's budget and what resident models use of it, in bytes, and where the
+        budget came from."""
         used = self.scheduler.used()
         return {
-            device.name: {"total": device.total, "budget": device.budget, "used": used.get(device.name, 0)}
+            device.name: {
+                "total": device.total,
+                "budget": device.budget,
+                "used": used.get(device.name, 0),
+                **device.describe(),
+            }
             for device in self.devices
         }
 

@@ -16,13 +16,14 @@ import json
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
 from .config import ResolvedProfile
 from .gguf import GGUFError, GGUFHeader, read_header
-from .memory import MIB
+from .memory import MIB, Device
 
 log = logging.getLogger("llama_router.footprint")
 
@@ -41,10 +42,32 @@ CACHE_TYPE_BYTES = {
 RAM_MARGIN = 64 * MIB  # process, threads, tokenizer, HTTP server
 GPU_MARGIN = 384 * MIB  # CUDA context and compute buffers not known before a load
 
+# One buffer line of llama.cpp's load log, in every spelling it has had: now `load_tensors: %12s model
+# buffer size = %8.2f MiB` (src/llama-model.cpp), `llama_kv_cache: %10s KV buffer size` (llama-kv-cache.cpp),
+# `llama_context: %10s  output buffer size` and `sched_reserve: %10s compute buffer size`
+# (llama-context.cpp), `RS` (llama-memory-recurrent.cpp), `LoRA` (llama-adapter.cpp), the projector's
+# `alloc_compute_meta: ... compute buffer size` (tools/mtmd/clip.cpp); before 2025 `llm_load_tensors:
+# %10s buffer size`, `llama_kv_cache_init:` and `llama_new_context_with_model:`. Summaries (`KV self
+# size`, `llama_kv_cache: size = ...`, the memory breakdown table) are not buffers and do not match.
 _BUFFER_LINE = re.compile(
-    r"(\S+)\s+(?:\S+\s+)?(?:model|KV|compute|output|RS|LoRA) buffer size =\s*([\d.]+) MiB"
+    r"^(?P<func>\w+): +(?P<buffer>\S+) +(?:(?P<kind>\w[\w ]*?) +)?buffer size = *(?P<mib>\d+(?:\.\d+)?) MiB\b"
 )
+# With --log-prefix (and --log-timestamps) each line starts with `[M.s.ms.us ]<level letter> `; with
+# --log-colors it carries ANSI colour codes; with --log-jsonl it is a JSON object whose `msg` is the line.
+_LOG_PREFIX = re.compile(r"^(?:\d+\.\d+\.\d+\.\d+ )?([IWED]) ")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# The projector (mmproj) logs its weights apart from its buffers: `clip_ctx: CLIP using CUDA0 backend`,
+# then `load_hparams: model size: 851.19 MiB` for each modality (the whole file each time).
+_CLIP_BACKEND = re.compile(r"^\w+: CLIP using (\S+) backend")
+_CLIP_SIZE = re.compile(r"^\w+: model size: +(\d+(?:\.\d+)?) MiB")
+# Buffer names of llama.cpp's backends: `<backend><k>` is the k-th GPU the process sees; Metal's are
+# `MTL<k>` (`Metal` before late 2025) with `_Mapped` / `_Private` variants; `<backend>_Split` holds
+# row-split weights spread over all GPUs; `CPU`, `CPU_Mapped`, `CPU_REPACK`, `AMX`, `<backend>_Host`
+# (pinned host memory) and the like are host RAM. Anything else (an RPC server's memory) is not here.
 _GPU_BUFFER = re.compile(r"^(?:CUDA|ROCm|Vulkan|SYCL|MUSA|CANN)(\d+)$")
+_METAL_BUFFER = re.compile(r"^(?:MTL(\d+)|Metal)(?:_Mapped|_Private)?$")
+_SPLIT_BUFFER = re.compile(r"^(?:CUDA|ROCm|SYCL|MUSA)_Split$")
+_HOST_BUFFER = re.compile(r"^(?:CPU(?:_\w+)?|AMX|\w+_Host)$")
 # llama.cpp's LLM_FFN_EXPS_REGEX (common/common.h): the stacked per-expert FFN weights of a MoE layer,
 # not its router (`ffn_gate_inp`) nor its shared expert (`ffn_*_shexp`).
 EXPERTS_REGEX = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"
@@ -96,7 +119,7 @@ def _int_or_list_max(value: object, default: int) -> int:
     return int(value) if isinstance(value, (int, float)) else default
 
 
-def estimate(profile: ResolvedProfile, gpu_devices: Sequence[str]) -> dict[str, int]:
+def estimate(profile: ResolvedProfile, devices: Sequence[Device]) -> dict[str, int]:
     """Bytes per device a profile should use, from its GGUF header and arguments."""
     files = profile.model_files or (profile.model_path,)
     try:
@@ -108,6 +131,7 @@ def estimate(profile: ResolvedProfile, gpu_devices: Sequence[str]) -> dict[str, 
     if len(headers) > 1:  # a sharded model: metadata in the first file, tensors spread over all
         tensors = tuple(tensor for header in headers for tensor in header.tensors)
         headers[0] = dataclasses.replace(headers[0], tensors=tensors)
+    gpu_devices = [device.name for device in devices if device.name != "ram"]
     footprint = _estimate_from_header(headers[0], profile.args, profile.env, gpu_devices)
     if profile.mmproj_path is not None and profile.mmproj_path.exists():
         # The projector goes to the first GPU unless told not to, else stays in RAM.
@@ -115,29 +139,70 @@ def estimate(profile: ResolvedProfile, gpu_devices: Sequence[str]) -> dict[str, 
         on_gpu = gpus and "--no-mmproj-offload" not in profile.args
         device = gpus[0] if on_gpu else "ram"
         footprint[device] += profile.mmproj_path.stat().st_size
-    return footprint
+    return count_shared_memory(footprint, devices)
 
 
-def describe(footprint: dict[str, int]) -> str:
-    """A footprint for people: `ram 70 MiB, gpu0 4.2 GiB`."""
-    parts = []
-    for device, amount in sorted(footprint.items()):
-        if device == "slots":
-            continue
-        parts.append(
-            f"{device} {amount / MIB:.0f} MiB"
-            if amount < 10 * 1024 * MIB
-            else f"{device} {amount / (1024 * MIB):.1f} GiB"
-        )
+def count_shared_memory(footprint: Mapping[str, int], devices: Sequence[Device]) -> dict[str, int]:
+    """What a footprint takes from each budget, the one place this rule lives (estimates and learned
+    footprints both pass through it).
+
+    On unified memory (Apple silicon) a GPU's buffers are host RAM as well: they stay on the GPU
+    device, whose budget caps what Metal may wire, and are added to `ram`, whose budget caps all the
+    memory the model takes. So `ram` is the RAM the model really uses, counted once.
+    """
+    unified = {device.name for device in devices if device.unified}
+    shared = sum(amount for device, amount in footprint.items() if device in unified)
+    result = dict(footprint)
+    if shared:
+        result["ram"] = result.get("ram", 0) + shared
+    return result
+
+
+def size_text(amount: int) -> str:
+    """Bytes for people: `70 MiB`, `23.5 GiB`."""
+    return f"{amount / MIB:.0f} MiB" if amount < 10 * 1024 * MIB else f"{amount / (1024 * MIB):.1f} GiB"
+
+
+def describe(footprint: Mapping[str, int]) -> str:
+    """A footprint for people: `gpu0 4.2 GiB, ram 70 MiB`."""
+    parts = [
+        f"{device} {size_text(amount)}" for device, amount in sorted(footprint.items()) if device != "slots"
+    ]
     return ", ".join(parts) or "nothing"
 
 
-def _visible_gpus(env: dict[str, str], gpu_devices: Sequence[str]) -> list[str]:
-    visible = env.get("CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES"))
-    if visible is None:
-        return list(gpu_devices)
-    chosen = [f"gpu{part.strip()}" for part in visible.split(",") if part.strip().isdigit()]
-    return [gpu for gpu in chosen if gpu in gpu_devices]
+def _visible_gpus(env: Mapping[str, str], gpu_devices: Sequence[str]) -> list[str]:
+    """The router's GPUs that a llama-server with this environment sees, in the order it numbers them
+    (its `CUDA0` is the first of them). ROCm narrows the list first by `ROCR_VISIBLE_DEVICES`, then
+    by `HIP_VISIBLE_DEVICES`, which counts within what is left and, unset, yields to
+    `CUDA_VISIBLE_DEVICES` (as HIP reads them); NVIDIA's CUDA reads only the last."""
+
+    def setting(name: str) -> str | None:
+        return env.get(name, os.environ.get(name))
+
+    visible = list(gpu_devices)
+    rocr = setting("ROCR_VISIBLE_DEVICES")
+    if rocr is not None:
+        visible = _narrowed(visible, rocr)
+    chosen = setting("HIP_VISIBLE_DEVICES")
+    chosen = setting("CUDA_VISIBLE_DEVICES") if chosen is None else chosen
+    return visible if chosen is None else _narrowed(visible, chosen)
+
+
+def _narrowed(devices: Sequence[str], value: str) -> list[str]:
+    """The devices a `*_VISIBLE_DEVICES` list leaves, in its order. As the CUDA runtime reads it, an
+    index that names no device hides the rest of the list; entries that are no index (GPU UUIDs,
+    MIG instances, -1) name nothing the router can map and are passed over."""
+    chosen: list[str] = []
+    for part in value.split(","):
+        part = part.strip()
+        if not part.isdigit():
+            continue
+        if int(part) >= len(devices):
+            break
+        if devices[int(part)] not in chosen:
+            chosen.append(devices[int(part)])
+    return chosen
 
 
 def _estimate_from_header(
@@ -342,9 +407,8 @@ def _overridden_device(
         if pattern.search(name):
             if buffer == "CPU":
                 return "ram"
-            gpu = _GPU_BUFFER.match(buffer)
-            index = int(gpu.group(1)) if gpu else len(gpus)
-            return gpus[index] if index < len(gpus) else None
+            index = gpu_ordinal(buffer)
+            return gpus[index] if index is not None and index < len(gpus) else None
     return None
 
 
@@ -356,31 +420,181 @@ def _layer_of(name: str) -> int | None:
     return None
 
 
-class BufferTally:
-    """Adds up the buffer sizes llama-server logs while it loads, per device."""
+class BufferLine(NamedTuple):
+    """One buffer llama.cpp logged."""
 
-    def __init__(self) -> None:
-        self.bytes: dict[str, int] = {}
+    buffer: str  # its buffer type's name: CUDA0, CPU_Mapped, MTL0_Mapped, CUDA_Host...
+    kind: str  # "model" (weights), "KV", "output", "compute", "RS", "LoRA"...
+    nbytes: int
+
+
+def parse_buffer_line(text: str) -> BufferLine | None:
+    """The buffer a line of llama.cpp's log (without its decorations) reports, if it reports one."""
+    match = _BUFFER_LINE.match(text)
+    if match is None:
+        return None
+    # Before 2025 the weights' line had no kind: `llm_load_tensors:      CUDA0 buffer size = ...`.
+    kind = match["kind"] or ("model" if match["func"].endswith("load_tensors") else "")
+    return BufferLine(match["buffer"], kind, int(float(match["mib"]) * MIB))
+
+
+def log_message(line: str) -> tuple[str, bool]:
+    """A line of llama-server's output without its decorations, and whether it was logged at debug
+    level (as the trial loads of `--fit` are; only `-v` shows them)."""
+    text = _ANSI.sub("", line).strip()
+    if text.startswith("{"):
+        try:
+            entry = json.loads(text)
+        except ValueError:
+            return text, False
+        if isinstance(entry, dict) and isinstance(entry.get("msg"), str):
+            return entry["msg"].strip(), str(entry.get("level", "")).lower().startswith("d")
+        return text, False
+    prefix = _LOG_PREFIX.match(text)
+    if prefix is not None:
+        return text[prefix.end() :], prefix.group(1) == "D"
+    return text, False
+
+
+def gpu_ordinal(buffer: str) -> int | None:
+    """k for a buffer of the k-th GPU a llama.cpp process sees (`CUDA<k>`, `ROCm<k>`, `Vulkan<k>`,
+    `MTL<k>_Mapped`, `Metal`...); None for host memory and anything else."""
+    gpu = _GPU_BUFFER.match(buffer)
+    if gpu is not None:
+        return int(gpu.group(1))
+    metal = _METAL_BUFFER.match(buffer)
+    if metal is not None:
+        return int(metal.group(1) or 0)
+    return None
+
+
+@dataclass
+class _Load:
+    """The buffers of one model load: its weights first, then its context's."""
+
+    bytes: dict[str, int] = field(default_factory=dict)
+    unbudgeted: dict[str, int] = field(default_factory=dict)  # by buffer name
+    weight_lines: int = 0
+    weights: int = 0
+    context_seen: bool = False
+
+    def trial(self) -> bool:
+        """One of `--fit`'s trial loads: weights logged at 0 MiB, no memory behind any buffer."""
+        return self.weight_lines > 0 and self.weights == 0
+
+
+class BufferTally:
+    """Adds up, per device, the buffers llama-server logs while it loads.
+
+    Each model load logs its weights' buffers, then its context's (output, KV, compute); a draft
+    model's load follows the main one and counts too. A trial load of `--fit` (all weights at 0 MiB,
+    shown only with -v) does not. llama.cpp numbers the GPUs it sees, so `CUDA0` is the first GPU the
+    process's `*_VISIBLE_DEVICES` leaves; row-split (`*_Split`) weights are spread over the GPUs as
+    `--tensor-split` shares them. Buffers on a GPU the router has no budget for are left out (a
+    budget of nothing would refuse the model for ever) and said once, when the footprint is taken.
+    """
+
+    def __init__(
+        self,
+        devices: Sequence[Device] = (),
+        args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        label: str = "llama-server",
+    ) -> None:
+        self.devices = list(devices)
+        self.visible = _visible_gpus(env or {}, [device.name for device in devices if device.name != "ram"])
+        self.shares = _layer_shares(args, self.visible)
+        self.label = label
+        self._loads: list[_Load] = []
+        self._clip_device: str | None = None
+        self._clip_counted = False
+
+    @classmethod
+    def of(cls, profile: ResolvedProfile, devices: Sequence[Device]) -> BufferTally:
+        return cls(devices, profile.args, profile.env, f"llama-server for {profile.name!r}")
 
     def feed(self, line: str) -> None:
-        match = _BUFFER_LINE.search(line)
-        if match is None:
+        text, debug = log_message(line)
+        if debug:
             return
-        buffer, mib = match.group(1), float(match.group(2))
-        gpu = _GPU_BUFFER.match(buffer)
-        device = f"gpu{gpu.group(1)}" if gpu else ("gpu0" if buffer.startswith("Metal") else "ram")
-        self.bytes[device] = self.bytes.get(device, 0) + int(mib * MIB)
+        buffer = parse_buffer_line(text)
+        if buffer is not None:
+            weights = buffer.kind == "model"
+            if not self._loads or (weights and self._loads[-1].context_seen):
+                self._loads.append(_Load())
+            load = self._loads[-1]
+            if weights:
+                load.weight_lines += 1
+                load.weights += buffer.nbytes
+            else:
+                load.context_seen = True
+            self._add(load, buffer.buffer, buffer.nbytes)
+            return
+        clip = _CLIP_BACKEND.match(text)
+        if clip is not None:
+            self._clip_device = clip.group(1)
+            return
+        size = _CLIP_SIZE.match(text)
+        if size is not None and self._clip_device is not None and not self._clip_counted:
+            self._clip_counted = True  # each modality logs the size of the whole file again
+            if not self._loads:
+                self._loads.append(_Load())
+            self._add(self._loads[-1], self._clip_device, int(float(size.group(1)) * MIB))
+
+    def _add(self, load: _Load, buffer: str, nbytes: int) -> None:
+        """Put a buffer's bytes on the router's devices."""
+        if _HOST_BUFFER.match(buffer):
+            placed = {"ram": nbytes}
+        elif _SPLIT_BUFFER.match(buffer):
+            placed = {gpu: int(nbytes * share) for gpu, share in self.shares.items() if share > 0}
+        else:
+            ordinal = gpu_ordinal(buffer)
+            if ordinal is None:
+                log.debug("%s: buffer %s is in memory the router does not manage", self.label, buffer)
+                return
+            if ordinal < len(self.visible):
+                placed = {self.visible[ordinal]: nbytes}
+            elif _METAL_BUFFER.match(buffer):
+                placed = {"ram": nbytes}  # an Apple GPU's memory is host RAM
+            else:
+                placed = {}
+        if not placed:
+            load.unbudgeted[buffer] = load.unbudgeted.get(buffer, 0) + nbytes
+        for device, amount in placed.items():
+            load.bytes[device] = load.bytes.get(device, 0) + amount
+
+    def logged(self) -> dict[str, int]:
+        """Bytes per device of the real loads so far, as logged."""
+        total: dict[str, int] = {}
+        for load in self._loads:
+            if not load.trial():
+                for device, amount in load.bytes.items():
+                    total[device] = total.get(device, 0) + amount
+        return total
 
     def footprint(self) -> dict[str, int]:
-        """What was logged plus the margins nothing logs (process, CUDA context)."""
-        if not self.bytes:
+        """What was logged plus the margins nothing logs (process, CUDA context), as the budgets
+        count it."""
+        unbudgeted: dict[str, int] = {}
+        for load in self._loads:
+            if not load.trial():
+                for buffer, amount in load.unbudgeted.items():
+                    unbudgeted[buffer] = unbudgeted.get(buffer, 0) + amount
+        if unbudgeted:
+            log.warning(
+                "%s logged %s on GPUs the router has no budget for (see `llama-router check`); "
+                "they are left out of its footprint",
+                self.label,
+                describe(unbudgeted),
+            )
+        logged = self.logged()
+        if not logged:
             return {}
         result = {
-            device: amount + (GPU_MARGIN if device.startswith("gpu") else 0)
-            for device, amount in self.bytes.items()
+            device: amount + (GPU_MARGIN if device != "ram" else 0) for device, amount in logged.items()
         }
         result["ram"] = result.get("ram", 0) + RAM_MARGIN
-        return result
+        return count_shared_memory(result, self.devices)
 
 
 def identity(profile: ResolvedProfile) -> str:

@@ -1,19 +1,17 @@
 """One upstream `llama-server` process: spawn, readiness, stop, logs and exit reasons.
 
 Every upstream gets a free loopback port, its own process group (so a stop reaches any children too)
-and, on Linux, a parent-death signal, so it dies with the router even when the router is SIGKILLed.
+and a lifeline (lifeline.py), so it dies with the router even when the router is SIGKILLed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import signal
 import socket
-import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -22,10 +20,10 @@ import aiohttp
 import psutil
 
 from .config import ResolvedProfile
+from .lifeline import lifeline
 
 log = logging.getLogger("llama_router.upstream")
 
-_PR_SET_PDEATHSIG = 1
 # What llama-server prints once it answers: readiness is checked at once instead of at the next poll.
 READY_MARKS = ("model loaded", "server is listening", "listening on http")
 # Seconds after SIGTERM before the second signal that ends a llama-server still finishing requests.
@@ -39,13 +37,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
-
-
-def _die_with_parent() -> None:
-    """Runs in the child before exec: ask the kernel for SIGKILL when the router dies."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 class LoadError(Exception):
@@ -122,7 +113,7 @@ class Upstream:
             stderr=asyncio.subprocess.STDOUT,
             env=env,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=lifeline().arm(),
         )
         log.info("spawned %s pid=%s port=%s", self.profile.name, self.process.pid, self.port)
         self._reader = asyncio.create_task(self._read_output(self.process))
@@ -191,6 +182,7 @@ class Upstream:
         """Wait for the process to end (for any reason) and its output to be read."""
         assert self.process is not None
         code = await self.process.wait()
+        lifeline().released(self.process.pid)
         await self._drain_reader()
         return code
 

@@ -35,6 +35,12 @@ Behaviour / fault flags:
 ``--exit-after S``         exit with code 2 S seconds after becoming healthy
 ``--log-lines N``          print N numbered log lines at start
 ``--memory-mib N``         print a llama.cpp ``load_tensors`` buffer-size line
+``--buffer KIND:NAME:MIB``  print one buffer line as llama.cpp does, KIND one of model, kv, output,
+                           compute, rs (``--buffer model:CUDA0:8000`` prints
+                           ``load_tensors:        CUDA0 model buffer size =  8000.00 MiB``); repeatable
+``--replay FILE``          print the lines of a llama.cpp log (``#`` lines left out) while loading
+``--nvml-mib GPU=MIB``     tell the fake NVML (tests/fake_nvml, ``$FAKE_NVML``) that this process
+                           uses MIB on that GPU, as the driver would report it; repeatable
 ``--drop-kept-alive``      a request that is not its connection's first is counted, then its
                            connection is closed unanswered (a server closing a kept-alive
                            connection just as a request arrives on it)
@@ -130,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exit-after", type=float, default=None, metavar="S")
     p.add_argument("--log-lines", type=int, default=0, metavar="N")
     p.add_argument("--memory-mib", type=int, default=None, metavar="N")
+    p.add_argument("--buffer", action="append", default=[], metavar="KIND:NAME:MIB")
+    p.add_argument("--replay", default=None, metavar="FILE")
+    p.add_argument("--nvml-mib", action="append", default=[], metavar="GPU=MIB")
     p.add_argument("--drop-kept-alive", action="store_true")
     return p
 
@@ -623,6 +632,31 @@ class FakeUpstream:
         return app
 
 
+# llama.cpp's LLAMA_LOG_INFO format of each buffer kind: src/llama-model.cpp, llama-kv-cache.cpp,
+# llama-context.cpp (output, compute), llama-memory-recurrent.cpp.
+BUFFER_FORMATS = {
+    "model": "load_tensors: {name:>12} model buffer size = {mib:8.2f} MiB",
+    "kv": "llama_kv_cache: {name:>10} KV buffer size = {mib:8.2f} MiB",
+    "output": "llama_context: {name:>10}  output buffer size = {mib:8.2f} MiB",
+    "compute": "sched_reserve: {name:>10} compute buffer size = {mib:8.2f} MiB",
+    "rs": "llama_memory_recurrent: {name:>10} RS buffer size = {mib:8.2f} MiB",
+}
+
+
+def buffer_line(spec: str) -> str:
+    """The line llama.cpp logs for ``KIND:NAME:MIB``."""
+    kind, name, mib = spec.split(":")
+    return BUFFER_FORMATS[kind].format(name=name, mib=float(mib))
+
+
+def register_gpu_use(specs: list[str]) -> None:
+    """What this process uses per GPU, where the fake NVML reads it as the driver's figure."""
+    used = dict(spec.split("=") for spec in specs)
+    path = os.path.join(os.environ["FAKE_NVML"], "processes", f"{os.getpid()}.json")
+    with open(path, "w") as out:
+        json.dump({gpu: float(mib) for gpu, mib in used.items()}, out)
+
+
 async def serve(args: argparse.Namespace) -> None:
     fake = FakeUpstream(args)
     runner = web.AppRunner(fake.make_app(), access_log=None)
@@ -640,6 +674,15 @@ async def serve(args: argparse.Namespace) -> None:
     log(f"srv    load_model: loading model '{args.model}'")
     if args.memory_mib is not None:
         log(f"load_tensors: {'CPU_Mapped':>12} model buffer size = {args.memory_mib:8.2f} MiB")
+    for spec in args.buffer:
+        log(buffer_line(spec))
+    if args.replay is not None:
+        with open(args.replay) as replayed:
+            for line in replayed:
+                if not line.startswith("#"):
+                    log(line.rstrip("\n"))
+    if args.nvml_mib:
+        register_gpu_use(args.nvml_mib)
     if args.load_delay > 0:
         await asyncio.sleep(args.load_delay)
     if args.crash_during_load:

@@ -1,0 +1,1 @@
+"""A stand-in for nvidia-ml-py (see pynvml.py)."""
