@@ -28,7 +28,7 @@ from .controller import Controller
 from .errors import RouterError
 from .gguf import read_metadata
 from .metrics import status_value
-from .proxy import Proxy, parse_model_from_body
+from .proxy import Proxy
 from .scheduler import ProfileView, State
 
 log = logging.getLogger("llama_router.api")
@@ -258,8 +258,7 @@ class Api:
     # ------------------------------------------------------------------------------------------ control
 
     async def _model_of(self, request: web.Request) -> tuple[str, dict[str, Any]]:
-        _, payload = parse_model_from_body(await request.read())
-        return self.proxy.profile_for(payload["model"]), payload
+        return await self.proxy.model_in_body(request)
 
     def _wants_wait(self, request: web.Request, payload: dict[str, Any]) -> bool:
         return _flag(request, "wait") or payload.get("wait") is True

@@ -1,4 +1,10 @@
-"""Wiring: builds the aiohttp application from a config and runs it."""
+"""Wiring: builds the aiohttp application from a config, and runs it.
+
+`RouterServer` is the router as a server, in three steps as uvicorn's `Server` has them: `start`
+(listen), `serve` (until asked to stop) and `shutdown` (stop listening, drain requests in flight,
+stop every upstream). `serve()` runs one under the process's signals and systemd; the tests start
+theirs the same way, without signals.
+"""
 
 from __future__ import annotations
 
@@ -12,17 +18,17 @@ from typing import Any
 
 from aiohttp import web
 
-from .access_log import IN_FLIGHT, InFlight, access_log
+from .access_log import IN_FLIGHT, RECORD, InFlight, log_request
 from .api import Api
 from .auth import KeyRing, Keys, auth_middleware, resolve_keys, warn_if_open
 from .config import RouterConfig
 from .controller import Controller
 from .errors import RouterError, error_response
-from .fastlane import FastLane
 from .metrics import CONTENT_TYPE_LATEST as METRICS_CONTENT_TYPE
 from .metrics import Metrics
-from .proxy import MODEL_GET_PATHS, MODEL_POST_PATHS, Proxy
+from .proxy import Proxy
 from .reload import RELOADER, ConfigReloader, reload_status, watching
+from .request_rules import CLIENT_CLOSED, MODEL_GET_PATHS, MODEL_POST_PATHS, RequestRecord
 from .sdnotify import Notifier
 from .stale import remove_stale
 
@@ -35,38 +41,82 @@ METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 KEYS: web.AppKey[KeyRing] = web.AppKey("keys", KeyRing)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
 
-@web.middleware
-async def openai_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Turn every failure into an OpenAI-shaped error; no traceback ever reaches a client."""
-    try:
-        return await handler(request)
-    except RouterError as exc:
+def _error_response(request: web.Request, exc: Exception) -> web.StreamResponse:
+    """A failure as an OpenAI-shaped answer; no traceback ever reaches a client."""
+    if isinstance(exc, RouterError):
         return exc.response()
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status)
+    if isinstance(exc, web.HTTPException):
         message = f"{exc.reason}: {request.method} {request.path}" if exc.status in (404, 405) else exc.text
-        return error_response(exc.status, message or exc.reason, code=code)
-    except (asyncio.CancelledError, ConnectionResetError):
-        raise
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return error_response(500, "internal router error; see the router's log", code="internal_error")
+        return error_response(exc.status, message or exc.reason, code=_HTTP_CODES.get(exc.status))
+    log.error("unhandled error on %s %s", request.method, request.path, exc_info=exc)
+    return error_response(500, "internal router error; see the router's log", code="internal_error")
+
+
+def each_request(in_flight: InFlight, metrics: Metrics) -> Middleware:
+    """The outermost middleware: every request's record, from its arrival to its last byte.
+
+    It counts the request in flight, turns failures into OpenAI-shaped answers, sends an answer the
+    handler returned unsent, and when the request ends (however it ends) counts it in the metrics
+    (requests for a model) and writes its access line."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        record = RequestRecord(request.method, request.path, time.perf_counter())
+        request[RECORD] = record
+        in_flight.begin()
+        response: web.StreamResponse | None = None
+        try:
+            try:
+                response = await handler(request)
+            except RouterError as exc:
+                record.error = exc.code
+                response = _error_response(request, exc)
+            except web.HTTPException as exc:
+                if exc.status < 400:
+                    raise
+                response = _error_response(request, exc)
+            except ConnectionResetError:
+                raise
+            except Exception as exc:
+                response = _error_response(request, exc)
+            record.status = response.status
+            if not response.prepared:
+                await response.prepare(request)
+            await response.write_eof()  # a no-op when the handler already ended the stream
+            return response
+        except web.HTTPException as exc:
+            record.status = exc.status
+            raise
+        except (asyncio.CancelledError, ConnectionResetError):
+            record.status = CLIENT_CLOSED
+            raise
+        finally:
+            if not record.long_lived:
+                in_flight.end()
+            if response is not None and response.prepared:
+                record.sent = response.body_length
+            if record.for_model:
+                metrics.request_done(record)
+            log_request(record, request)
+
+    return middleware
 
 
 def build_app(config: RouterConfig) -> web.Application:
     """The router's aiohttp application for `config` (not yet listening)."""
     key_ring = KeyRing(resolve_keys(config.server))
     warn_if_open(key_ring.keys, config.server.host)
-    # Always installed: a reload may add keys to a router that started without any.
-    middlewares: list[Any] = [access_log, openai_errors, auth_middleware(key_ring)]
-    app = web.Application(middlewares=middlewares, client_max_size=256 * 1024 * 1024)
     controller = Controller(config)
     metrics = Metrics(controller)
-    proxy = Proxy(controller, metrics)
+    in_flight = InFlight()
+    # Keys are always checked: a reload may add keys to a router that started without any.
+    middlewares: list[Any] = [each_request(in_flight, metrics), auth_middleware(key_ring)]
+    app = web.Application(middlewares=middlewares, client_max_size=256 * 1024 * 1024)
+    proxy = Proxy(controller)
 
     def strip_auth_while_keys_are_set(keys: Keys) -> None:
         proxy.strip_auth = keys.enabled
@@ -78,10 +128,10 @@ def build_app(config: RouterConfig) -> web.Application:
     app[PROXY] = proxy
     app[API] = api
     app[METRICS] = metrics
+    app[IN_FLIGHT] = in_flight
 
     async def on_startup(_: web.Application) -> None:
         await controller.start()
-        await proxy.start()
 
     async def on_shutdown(_: web.Application) -> None:
         await api.close_streams()
@@ -120,10 +170,107 @@ def build_app(config: RouterConfig) -> web.Application:
     return app
 
 
-# Allocations (less frees) between young-generation collections; Python's default is 700.
-GC_YOUNG_THRESHOLD = 10_000
 # Seconds aiohttp gives requests still running after the drain (long-lived streams) before cancelling them.
 _CANCEL_GRACE = 1.0
+
+
+class RouterServer:
+    """The router listening on its address: `start`, `serve`, `shutdown` (see the module's doc)."""
+
+    def __init__(
+        self,
+        config: RouterConfig,
+        *,
+        loader: Callable[[], RouterConfig] | None = None,
+        notifier: Notifier | None = None,
+    ) -> None:
+        self.config = config
+        self.notifier = notifier or Notifier(None)
+        self.app = build_app(config)
+        self.reloader = ConfigReloader(
+            self.app[CONTROLLER], config, loader=loader, notifier=self.notifier, keys=self.app[KEYS]
+        )
+        self.app[RELOADER] = self.reloader
+        self.runner = web.AppRunner(
+            self.app, handler_cancellation=True, access_log=None, shutdown_timeout=_CANCEL_GRACE
+        )
+        self.should_exit = asyncio.Event()
+        self.force_exit = asyncio.Event()  # stop waiting for requests in flight
+        self.urls = ""
+        self._reloads: set[asyncio.Task[Any]] = set()
+
+    @property
+    def controller(self) -> Controller:
+        return self.app[CONTROLLER]
+
+    @property
+    def port(self) -> int:
+        """The port it listens on (the one the kernel chose, for port 0)."""
+        return int(self.runner.addresses[0][1])
+
+    async def start(self) -> None:
+        """Start the controller and listen on the configured host and port."""
+        server = self.config.server
+        try:
+            await self.runner.setup()
+            await web.TCPSite(self.runner, server.host, server.port, reuse_address=True).start()
+        except BaseException:
+            await self.runner.cleanup()
+            raise
+        self.urls = ", ".join(f"http://{address[0]}:{address[1]}" for address in self.runner.addresses)
+        log.info(
+            "llama-router listening on %s",
+            self.urls,
+            extra={"fields": {"event": "listening", "urls": self.urls}},
+        )
+
+    def reload(self, trigger: str) -> None:
+        """Reload the config file in the background (a SIGHUP)."""
+        task = asyncio.create_task(self.reloader.reload(trigger))
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+    def stop(self, *, force: bool = False) -> None:
+        """Ask `serve` to return; `force`: the shutdown does not wait for requests in flight."""
+        self.should_exit.set()
+        if force:
+            self.force_exit.set()
+
+    async def serve(self) -> None:
+        """Serve until `stop()`, reloading the config file when it changes."""
+        async with watching(self.reloader):
+            await self.should_exit.wait()
+
+    async def shutdown(self) -> None:
+        """Stop listening; let requests in flight finish for up to `server.shutdown_timeout` (not
+        waiting once `force_exit` is set); then end what is left and stop every upstream."""
+        started = time.monotonic()
+        for task in list(self._reloads):  # reloads under way
+            task.cancel()
+        # No new connections; keep-alive connections close once their current request is answered.
+        for site in list(self.runner.sites):
+            await site.stop()
+        if self.runner.server is not None:
+            self.runner.server.pre_shutdown()
+        in_flight = self.app[IN_FLIGHT]
+        timeout = self.reloader.config.server.shutdown_timeout
+        if in_flight.count and not self.force_exit.is_set():
+            log.info("draining %d request(s) in flight, up to %.0fs", in_flight.count, timeout)
+            waits = [
+                asyncio.ensure_future(in_flight.wait_idle()),
+                asyncio.ensure_future(self.force_exit.wait()),
+            ]
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in waits:
+                waiter.cancel()
+        if in_flight.count:
+            log.warning("cancelling %d request(s) still in flight", in_flight.count)
+        await self.runner.cleanup()
+        log.info("stopped in %.2fs", time.monotonic() - started)
+
+
+# Allocations (less frees) between young-generation collections; Python's default is 700.
+GC_YOUNG_THRESHOLD = 10_000
 
 
 def _settle_garbage_collector() -> None:
@@ -159,114 +306,62 @@ async def serve(
     waiting for requests in flight.
     """
     notifier = Notifier.from_environment()
-    app = build_app(config)
-    in_flight = InFlight()
-    app[IN_FLIGHT] = in_flight
-    reloader = ConfigReloader(app[CONTROLLER], config, loader=loader, notifier=notifier, keys=app[KEYS])
-    app[RELOADER] = reloader
+    server = RouterServer(config, loader=loader, notifier=notifier)
     loop = asyncio.get_running_loop()
-    stop, force = asyncio.Event(), asyncio.Event()
-    background: set[asyncio.Task[Any]] = set()
-
-    def on_stop(name: str) -> None:
-        if stop.is_set():
-            log.warning("%s again: not waiting for requests in flight any longer", name)
-            force.set()
-        else:
-            log.info("%s received: shutting down", name)
-            stop.set()
-
     listening = False
     hangup_pending = False
+
+    def on_stop(name: str) -> None:
+        if server.should_exit.is_set():
+            log.warning("%s again: not waiting for requests in flight any longer", name)
+            server.stop(force=True)
+        else:
+            log.info("%s received: shutting down", name)
+            server.stop()
 
     def on_hangup() -> None:
         nonlocal hangup_pending
         if not listening:  # the start-up is still under way: reload once it is done
             hangup_pending = True
             return
-        task = asyncio.create_task(reloader.reload("SIGHUP"))
-        background.add(task)
-        task.add_done_callback(background.discard)
+        server.reload("SIGHUP")
 
     # First of all: a signal during start-up must not kill the router with its default action.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop, sig.name)
     loop.add_signal_handler(signal.SIGHUP, on_hangup)
     try:
-        removed = await asyncio.to_thread(remove_stale, config.server.stop_timeout)
-    except Exception:  # a failed scan must not keep the router from serving
-        log.exception("looking for stale upstreams failed")
-        removed = []
-    if removed:
-        log.warning("removed %d stale upstream process(es) of an earlier router", len(removed))
-
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=_CANCEL_GRACE)
-    lane: FastLane | None = None
-    listener: asyncio.Server | None = None
-    try:
-        await runner.setup()
-        assert runner.server is not None
-        if config.server.fast_lane:
-            lane = FastLane(app[CONTROLLER], app[PROXY], app[METRICS], app[KEYS], in_flight, runner.server)
-            listener = await loop.create_server(
-                lane, config.server.host, config.server.port, reuse_address=True
-            )
-            addresses = [socket.getsockname() for socket in listener.sockets]
-        else:
-            site = web.TCPSite(runner, config.server.host, config.server.port, reuse_address=True)
-            await site.start()
-            addresses = runner.addresses
+        try:
+            removed = await asyncio.to_thread(remove_stale, config.server.stop_timeout)
+        except Exception:  # a failed scan must not keep the router from serving
+            log.exception("looking for stale upstreams failed")
+            removed = []
+        if removed:
+            log.warning("removed %d stale upstream process(es) of an earlier router", len(removed))
+        await server.start()
     except BaseException:
-        await runner.cleanup()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         raise
-    urls = ", ".join(f"http://{address[0]}:{address[1]}" for address in addresses)
-    log.info("llama-router listening on %s", urls, extra={"fields": {"event": "listening", "urls": urls}})
     _settle_garbage_collector()
 
     # Pings go on through the shutdown, which may take server.shutdown_timeout seconds.
     watchdog: asyncio.Task[None] | None = None
     if notifier.watchdog_interval is not None:
         watchdog = asyncio.create_task(_watchdog(notifier, notifier.watchdog_interval))
-    notifier.ready(f"serving {len(config.profiles)} profile(s) on {urls}")
+    notifier.ready(f"serving {len(config.profiles)} profile(s) on {server.urls}")
     listening = True
     if hangup_pending:
         on_hangup()
     if ready is not None:
         ready()
     try:
-        async with watching(reloader):
-            await stop.wait()
+        await server.serve()
     finally:
         loop.remove_signal_handler(signal.SIGHUP)
         notifier.stopping("draining requests, then stopping upstreams")
-        started = time.monotonic()
-        for task in list(background):  # reloads under way
-            task.cancel()
-        # No new connections; keep-alive connections close once their current request is answered.
-        if listener is not None:
-            listener.close()
-        if lane is not None:
-            lane.shutdown()
-        for running_site in list(runner.sites):
-            await running_site.stop()
-        if runner.server is not None:
-            runner.server.pre_shutdown()
-        timeout = reloader.config.server.shutdown_timeout
-        if in_flight.count and not force.is_set():
-            log.info("draining %d request(s) in flight, up to %.0fs", in_flight.count, timeout)
-            waits = [asyncio.ensure_future(in_flight.wait_idle()), asyncio.ensure_future(force.wait())]
-            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-            for waiter in waits:
-                waiter.cancel()
-        if in_flight.count:
-            log.warning("cancelling %d request(s) still in flight", in_flight.count)
-        if lane is not None:
-            lane.abort()
-        await runner.cleanup()
+        await server.shutdown()
         if watchdog is not None:
             watchdog.cancel()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-        log.info("stopped in %.2fs", time.monotonic() - started)

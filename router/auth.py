@@ -62,13 +62,6 @@ class KeyRing:
         self._listeners.append(listener)
         listener(self.keys)
 
-    def allows_inference(self, key: bytes | None) -> bool:
-        """Whether a request with `key` may use a model (what the middleware checks for such paths)."""
-        keys = self.keys
-        if not keys.api:
-            return True
-        return key is not None and (_matches(key, keys.api) or _matches(key, keys.admin))
-
     def replace(self, keys: Keys) -> bool:
         """Put `keys` in force; False (nothing done) when they are the ones already in force."""
         if keys == self.keys:
@@ -135,23 +128,6 @@ def presented_key(request: web.Request) -> bytes | None:
         return token.strip().encode()
     api_key = request.headers.get("x-api-key", "").strip()
     return api_key.encode() if api_key else None
-
-
-def key_in_header_lines(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
-    """`presented_key` for raw header lines, as (lowercased name, `Name: value`) pairs."""
-    bearer: bytes | None = None
-    api_key: bytes | None = None
-    seen_authorization = seen_api_key = False
-    for name, line in headers:
-        if name == b"authorization" and not seen_authorization:
-            seen_authorization = True
-            scheme, _, token = line.partition(b":")[2].strip().partition(b" ")
-            if scheme.lower() == b"bearer" and token.strip():
-                bearer = token.strip()
-        elif name == b"x-api-key" and not seen_api_key:
-            seen_api_key = True
-            api_key = line.partition(b":")[2].strip() or None
-    return bearer or api_key
 
 
 def _matches(key: bytes, accepted: Iterable[bytes]) -> bool:

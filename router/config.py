@@ -6,6 +6,7 @@ A config error must name the file, the key path and the problem, so every failur
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
@@ -29,6 +30,12 @@ _VERBOSITY_FLAGS = (
     "--log-verbose",
     "--log-disable",
 )
+# Keys of `server:` that no longer mean anything: a file that still sets one is accepted, with a warning.
+RETIRED_SERVER_KEYS = {
+    "fast_lane": "every request now takes the one request path; remove the key",
+}
+
+log = logging.getLogger("llama_router.config")
 
 
 class ConfigError(Exception):
@@ -93,10 +100,6 @@ class ServerConfig(_Strict):
         default=600.0, gt=0, description="seconds without a byte before the first one (prompt processing)"
     )
     stall_timeout: float = Field(default=120.0, gt=0, description="seconds without a byte mid-answer")
-    fast_lane: bool = Field(
-        default=True,
-        description="relay plain requests to loaded models with a lean protocol instead of aiohttp",
-    )
     max_failures: int = Field(
         default=3, ge=1, description="failed loads/crashes in the window before 'failed'"
     )
@@ -131,6 +134,16 @@ class ServerConfig(_Strict):
         ge=0,
         description="seconds between SSE ': loading' comments to a stream waiting for its model (0: off)",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retired_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and any(key in data for key in RETIRED_SERVER_KEYS):
+            for key, why in RETIRED_SERVER_KEYS.items():
+                if key in data:
+                    log.warning("server.%s is no longer used and is ignored: %s", key, why)
+            data = {key: value for key, value in data.items() if key not in RETIRED_SERVER_KEYS}
+        return data
 
 
 class Profile(_Strict):

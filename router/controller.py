@@ -296,20 +296,6 @@ class Controller:
             raise
         return Lease(request_id, profile, upstream, waited=self.now() - now)
 
-    def lease_now(self, profile: str) -> Lease | None:
-        """A lease if `profile` takes a request this instant, else None with nothing changed (the
-        caller then goes the way of `acquire`). No future, no fallback: the fast lane's entry."""
-        if not self.scheduler.accepting(profile):
-            return None
-        upstream = self.upstreams.get(profile)
-        if upstream is None:
-            return None
-        request_id = next(self._ids)
-        now = self.now()
-        self.scheduler.request_arrived(request_id, profile, now, now + self.config.server.wait_timeout)
-        self._arm_timer()
-        return Lease(request_id, profile, upstream, waited=0.0)
-
     def release(self, lease: Lease) -> None:
         if not lease.released:
             lease.released = True

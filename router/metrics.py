@@ -1,31 +1,31 @@
 """Prometheus metrics: per model requests, errors, loads, swaps, waits, memory and tokens.
 
 Each router has a registry of its own (never prometheus_client's global one), so several routers in
-one process, as in the tests, keep separate figures. Counters are fed by the proxy (requests, waits,
-tokens from `usage`) and by the controller's lifecycle events (loads, swaps, crashes); gauges are read
-from the scheduler and the processes at scrape time, so they cost nothing between scrapes.
+one process, as in the tests, keep separate figures. Counters are fed by each request's record as it
+ends (requests, errors, waits, tokens from `usage`) and by the controller's lifecycle events (loads,
+swaps, crashes); gauges are read from the scheduler and the processes at scrape time, so they cost
+nothing between scrapes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import re
-from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import psutil
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .controller import Controller
+from .request_rules import RequestRecord
 from .scheduler import State, StopCause
 
 log = logging.getLogger("llama_router.metrics")
 
-__all__ = ["CONTENT_TYPE_LATEST", "Metrics", "UsageTail", "parse_usage", "status_value"]
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics", "status_value"]
 
 UNKNOWN_MODEL = "unknown"  # label for requests naming no known model (keeps label values bounded)
 
@@ -56,62 +56,6 @@ def status_value(state: str, standby: bool = False) -> str:
     if standby and state == State.READY.value:
         return "standby"
     return _STATUS.get(state, state)
-
-
-# ---------------------------------------------------------------------------------------------- usage
-
-_USAGE_KEY = b'"usage"'
-_PROMPT = re.compile(rb'"(?:prompt_tokens|input_tokens)"\s*:\s*(\d+)')
-_COMPLETION = re.compile(rb'"(?:completion_tokens|output_tokens)"\s*:\s*(\d+)')
-_NATIVE_PROMPT = re.compile(rb'"tokens_evaluated"\s*:\s*(\d+)')
-_NATIVE_COMPLETION = re.compile(rb'"tokens_predicted"\s*:\s*(\d+)')
-# llama-server writes keys in sorted order, so `usage` (or the native counts) sit in the last bytes of
-# an answer; searching only there keeps the cost flat however large the answer (embeddings) is.
-_SEARCH_TAIL = 64 * 1024
-_USAGE_WINDOW = 2048
-
-
-def parse_usage(data: bytes) -> tuple[int, int] | None:
-    """(prompt, completion) tokens from the last `usage` object in `data`, found by a bytes search
-    rather than a JSON parse; also reads llama.cpp's native `tokens_evaluated`/`tokens_predicted`."""
-    start = max(0, len(data) - _SEARCH_TAIL)
-    at = data.rfind(_USAGE_KEY, start)
-    if at >= 0:
-        window = data[at : at + _USAGE_WINDOW]
-        prompt, completion = _PROMPT.search(window), _COMPLETION.search(window)
-        if prompt or completion:
-            return (int(prompt.group(1)) if prompt else 0, int(completion.group(1)) if completion else 0)
-    at = data.rfind(b'"tokens_predicted"', start)
-    if at >= 0:
-        window = data[max(start, at - _USAGE_WINDOW) : at + _USAGE_WINDOW]
-        prompt, completion = _NATIVE_PROMPT.search(window), _NATIVE_COMPLETION.search(window)
-        if completion:
-            return (int(prompt.group(1)) if prompt else 0, int(completion.group(1)))
-    return None
-
-
-class UsageTail:
-    """Keeps the last few KiB of a stream (whole chunks, no copying) to find its usage at the end."""
-
-    __slots__ = ("_chunks", "_limit", "_size")
-
-    def __init__(self, limit: int = 8192) -> None:
-        self._chunks: deque[bytes] = deque()
-        self._size = 0
-        self._limit = limit
-
-    def feed(self, chunk: bytes) -> None:
-        self._chunks.append(chunk)
-        self._size += len(chunk)
-        while len(self._chunks) > 1 and self._size - len(self._chunks[0]) >= self._limit:
-            self._size -= len(self._chunks.popleft())
-
-    def usage(self, decode: Callable[[bytes], bytes] | None = None) -> tuple[int, int] | None:
-        """The stream's usage; `decode` first undoes a transfer framing the kept chunks still carry."""
-        if not self._chunks:
-            return None
-        data = b"".join(self._chunks)
-        return parse_usage(decode(data) if decode is not None else data)
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -169,23 +113,6 @@ class _LiveState(Collector):
         yield from (state, in_flight, waiting, resident, rss)
 
 
-class _LaneCounts(Collector):
-    """The fast lane's counts: plain integers, read at scrape time (no lock on the hot path)."""
-
-    def __init__(self, metrics: Metrics) -> None:
-        self.metrics = metrics
-
-    def collect(self) -> Iterator[Metric]:
-        family = CounterMetricFamily(
-            "llama_router_fast_lane_requests",
-            "Requests the fast lane relayed itself, and those it handed to the full path (aiohttp)",
-            labels=["outcome"],
-        )
-        family.add_metric(["relayed"], self.metrics.lane_relayed)
-        family.add_metric(["handed_over"], self.metrics.lane_handed_over)
-        yield family
-
-
 class Metrics:
     """The router's metrics; `render()` gives the Prometheus text exposition."""
 
@@ -193,9 +120,6 @@ class Metrics:
         self.controller = controller
         self.registry = CollectorRegistry()
         registry = self.registry
-        self.lane_relayed = 0  # counted by router/fastlane.py
-        self.lane_handed_over = 0
-        registry.register(_LaneCounts(self))
         self.requests = Counter(
             "llama_router_requests",
             "Requests answered, by model and HTTP status",
@@ -296,35 +220,34 @@ class Metrics:
 
     # ------------------------------------------------------------------------------------------ feeds
 
-    # The per-request feeds look their labelled child up in a dict of their own: `labels()` takes a
-    # lock and builds its key on every call, which showed in profiles of the proxy under load.
+    # Labelled children are looked up in dicts of their own: `labels()` takes a lock and builds its key
+    # on every call, which showed in profiles of the proxy under load.
 
-    def request_done(self, model: str | None, status: int) -> None:
-        key = (model or UNKNOWN_MODEL, status)
+    def request_done(self, record: RequestRecord) -> None:
+        """Count a request for a model as it ends: its status, error, wait and tokens."""
+        model = record.profile or UNKNOWN_MODEL
+        key = (model, record.status)
         child = self._requests.get(key)
         if child is None:
-            child = self._requests[key] = self.requests.labels(key[0], str(status))
+            child = self._requests[key] = self.requests.labels(model, str(record.status))
         child.inc()
+        if record.error is not None:
+            self.errors.labels(model, record.error).inc()
+        if record.waited is not None:
+            wait = self._waits.get(model)
+            if wait is None:
+                wait = self._waits[model] = self.wait_seconds.labels(model)
+            wait.observe(record.waited)
+        if record.usage is not None:
+            self._count_tokens(record.served_by or model, *record.usage)
 
-    def error(self, model: str | None, code: str | None) -> None:
-        self.errors.labels(model or UNKNOWN_MODEL, code or "error").inc()
-
-    def waited(self, model: str, seconds: float) -> None:
-        child = self._waits.get(model)
-        if child is None:
-            child = self._waits[model] = self.wait_seconds.labels(model)
-        child.observe(seconds)
-
-    def usage(self, model: str, usage: tuple[int, int] | None) -> None:
-        if usage is None:
-            return
+    def _count_tokens(self, model: str, prompt: int, completion: int) -> None:
         children = self._tokens.get(model)
         if children is None:
             children = self._tokens[model] = (
                 self.tokens.labels(model, "prompt"),
                 self.tokens.labels(model, "completion"),
             )
-        prompt, completion = usage
         if prompt:
             children[0].inc(prompt)
         if completion:

@@ -5,8 +5,8 @@ together (request and response objects, URL handling, timers, cookie and redirec
 streams it does bookkeeping per HTTP chunk, while llama-server sends every token as a chunk of its
 own. Upstreams are processes on loopback that speak plain HTTP/1.1, so a small protocol with a
 keep-alive pool does the job: a request goes out as one prebuilt buffer; an answer with a length is
-collected whole; a chunked answer is handed over as runs of whole chunks still in their framing (the
-proxy passes them to an HTTP/1.1 client untouched) or decoded, for the callers that need the bytes.
+collected whole; a chunked answer is handed over as it arrives, each run of whole chunks decoded in
+one go rather than chunk by chunk.
 
 Errors say where the exchange broke, because the proxy decides by that whether a request may be
 sent again: `ConnectFailed` (nothing was sent), `ConnectionDropped` (closed or reset before the
@@ -19,7 +19,7 @@ import asyncio
 import collections
 from collections.abc import Callable
 from types import TracebackType
-from typing import Protocol, cast
+from typing import cast
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -62,7 +62,7 @@ class BodyFailed(UpstreamError):
 
 
 def decode_chunked(raw: bytes) -> bytes:
-    """The data of whole HTTP chunks (as `Answer` hands them over in framed mode)."""
+    """The data of a run of whole HTTP chunks, in their framing."""
     parts = []
     pos, end = 0, len(raw)
     while pos < end:
@@ -77,35 +77,7 @@ def decode_chunked(raw: bytes) -> bytes:
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-def frame_chunk(data: bytes) -> bytes:
-    """`data` as one HTTP/1.1 chunk."""
-    return b"%x\r\n%s\r\n" % (len(data), data)
-
-
-LAST_CHUNK = b"0\r\n\r\n"
-
 _HEAD, _LENGTH, _CHUNKED, _UNTIL_CLOSE, _DONE = range(5)
-
-
-class AnswerSink(Protocol):
-    """Where a connection puts an answer: `Answer` (awaited by the proxy), or the fast lane's
-    exchange (written straight to its client). `_parse_head` fills in the fields."""
-
-    status: int
-    reason: str
-    raw_headers: list[tuple[str, str]]
-    content_length: int | None
-    chunked: bool
-    content_type: str
-
-    @property
-    def buffered(self) -> int:
-        """Bytes received and not yet passed on: reading pauses above HIGH_WATER."""
-
-    def head_arrived(self) -> None: ...
-    def feed(self, data: bytes) -> None: ...
-    def complete(self) -> None: ...
-    def fail(self, error: UpstreamError) -> None: ...
 
 
 class _Connection(asyncio.Protocol):
@@ -119,7 +91,7 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.reusable = True
         self.idle_since = 0.0
-        self.answer: AnswerSink | None = None
+        self.answer: Answer | None = None
         self._buffer = b""
         self._mode = _DONE
         self._remaining = 0
@@ -174,7 +146,7 @@ class _Connection(asyncio.Protocol):
 
     # ---------------------------------------------------------------------------------------- exchange
 
-    def start(self, answer: AnswerSink, data: bytes, *, no_body: bool) -> None:
+    def start(self, answer: Answer, data: bytes, *, no_body: bool) -> None:
         assert self.transport is not None
         self.answer = answer
         self.uses += 1
@@ -356,21 +328,7 @@ class _Connection(asyncio.Protocol):
             self.transport = None
 
 
-class AnswerHead:
-    """The fields `_parse_head` fills in on whatever takes an answer (an `AnswerSink`)."""
-
-    __slots__ = ("chunked", "content_length", "content_type", "raw_headers", "reason", "status")
-
-    def __init__(self) -> None:
-        self.status = 0
-        self.reason = ""
-        self.raw_headers: list[tuple[str, str]] = []
-        self.content_length: int | None = None
-        self.chunked = False
-        self.content_type = ""
-
-
-class Answer(AnswerHead):
+class Answer:
     """An upstream's answer: status and headers at once, the body as it arrives.
 
     Release it (or use `async with`) when done: a connection whose answer was read to its end goes
@@ -385,10 +343,22 @@ class Answer(AnswerHead):
         "_released",
         "_waiter",
         "buffered",
+        "chunked",
+        "content_length",
+        "content_type",
+        "raw_headers",
+        "reason",
+        "status",
     )
 
     def __init__(self, conn: _Connection, pool: UpstreamPool) -> None:
-        super().__init__()
+        # The head's fields, filled in by `_Connection._parse_head` when it arrives.
+        self.status = 0
+        self.reason = ""
+        self.raw_headers: list[tuple[str, str]] = []
+        self.content_length: int | None = None
+        self.chunked = False
+        self.content_type = ""
         self._conn = conn
         self._pool = pool
         self._pieces: collections.deque[bytes] = collections.deque()
@@ -472,10 +442,9 @@ class Answer(AnswerHead):
         data = parts[0] if len(parts) == 1 else b"".join(parts)
         return decode_chunked(data) if self.chunked and data else data
 
-    def pieces(self, *, framed: bool, timeout: float | None = None) -> Pieces:
-        """The body as it arrives: runs of whole chunks in their framing (`framed`, chunked answers
-        only), or decoded data."""
-        return Pieces(self, framed=framed, timeout=timeout)
+    def pieces(self, timeout: float | None = None) -> Pieces:
+        """The body's data as it arrives; `timeout` bounds each wait for more of it."""
+        return Pieces(self, timeout=timeout)
 
     def release(self) -> None:
         if self._released:
@@ -503,11 +472,9 @@ class Pieces:
 
     __slots__ = ("_answer", "_decode", "_timeout")
 
-    def __init__(self, answer: Answer, *, framed: bool, timeout: float | None) -> None:
+    def __init__(self, answer: Answer, *, timeout: float | None) -> None:
         self._answer = answer
-        self._decode: Callable[[bytes], bytes] | None = (
-            decode_chunked if answer.chunked and not framed else None
-        )
+        self._decode: Callable[[bytes], bytes] | None = decode_chunked if answer.chunked else None
         self._timeout = timeout
 
     def __aiter__(self) -> Pieces:
@@ -561,14 +528,6 @@ class UpstreamPool:
                 return conn
             self._forget(conn)
         return None
-
-    def idle_connection(self, host: str, port: int) -> _Connection | None:
-        """A kept-alive connection to reuse, if one is fresh enough."""
-        return self._reuse(host, port)
-
-    async def connect(self, host: str, port: int) -> _Connection:
-        """A new connection (ConnectFailed if it cannot be made)."""
-        return await self._connect(host, port)
 
     def _forget(self, conn: _Connection) -> None:
         conn.close()
@@ -628,6 +587,3 @@ class UpstreamPool:
         self._idle.clear()
         self._address.clear()
         await asyncio.sleep(0)  # let the transports finish closing
-
-
-UpstreamConnection = _Connection  # one upstream connection, for callers that feed their own sink

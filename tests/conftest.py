@@ -1,4 +1,7 @@
-"""Shared fixtures: tiny real models, the real llama-server, the fake upstream, an in-process router."""
+"""Shared fixtures: tiny real models, the real llama-server, the fake upstream, an in-process router.
+
+The in-process router is the one `llama-router serve` runs (`RouterServer`): the same application,
+runner, listening socket and shutdown, without the process's signals."""
 
 from __future__ import annotations
 
@@ -15,9 +18,8 @@ import aiohttp
 import psutil
 import pytest
 import yaml
-from aiohttp import web
 
-from router.app import CONTROLLER, build_app
+from router.app import RouterServer
 from router.config import RouterConfig, _find_binary, load_config
 from router.controller import Controller
 from scripts.make_tiny_models import make_model
@@ -74,15 +76,18 @@ def fake_profile(model: Path, *flags: str, **extra: Any) -> dict[str, Any]:
 class RunningRouter:
     """A router listening on a free loopback port inside the test's event loop."""
 
-    def __init__(self, runner: web.AppRunner, url: str, config: RouterConfig) -> None:
-        self.runner = runner
-        self.url = url
+    def __init__(self, server: RouterServer, config: RouterConfig) -> None:
+        self.server = server
+        self.runner = server.runner
+        self.port = server.port
+        self.url = f"http://127.0.0.1:{self.port}"
         self.config = config
-        self.session = aiohttp.ClientSession(base_url=url)
+        self.session = aiohttp.ClientSession(base_url=self.url)
+        self._serving = asyncio.ensure_future(server.serve())
 
     @property
     def controller(self) -> Controller:
-        return self.runner.app[CONTROLLER]
+        return self.server.controller
 
     async def chat(self, model: str, **body: Any) -> tuple[int, Any]:
         payload = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, **body}
@@ -90,9 +95,13 @@ class RunningRouter:
             return response.status, await response.json()
 
     async def close(self) -> None:
-        if not self.session.closed:
-            await self.session.close()
-            await self.runner.cleanup()
+        """Shut down as `serve` does on SIGTERM: drain what is in flight, then stop every upstream."""
+        if self._serving.done():
+            return
+        await self.session.close()
+        self.server.stop()
+        await self._serving
+        await self.server.shutdown()
 
 
 RouterFactory = Callable[..., Awaitable[RunningRouter]]
@@ -115,14 +124,13 @@ async def start_router(tmp_path: Path) -> AsyncIterator[RouterFactory]:
     async def start(profiles: dict[str, Any], **server: Any) -> RunningRouter:
         config_path = tmp_path / f"profiles-{len(routers)}.yaml"
         server.setdefault("state_dir", str(tmp_path / "state"))
+        server.setdefault("host", "127.0.0.1")
+        server.setdefault("port", 0)
         config_path.write_text(yaml.safe_dump({"server": server, "profiles": profiles}))
         config = load_config(config_path)
-        runner = web.AppRunner(build_app(config), handler_cancellation=True, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
-        router = RunningRouter(runner, f"http://127.0.0.1:{port}", config)
+        running = RouterServer(config)
+        await running.start()
+        router = RunningRouter(running, config)
         routers.append(router)
         return router
 

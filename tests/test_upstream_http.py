@@ -23,9 +23,14 @@ from router.upstream_http import (
     UpstreamTimeout,
     _Connection,
     decode_chunked,
-    frame_chunk,
 )
 from tests.conftest import RouterFactory, fake_profile
+
+
+def frame_chunk(data: bytes) -> bytes:
+    """`data` as one HTTP/1.1 chunk."""
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
 
 EVENTS = [b'data: {"n": %d}\n\n' % n for n in range(5)] + [b"data: [DONE]\n\n"]
 CHUNKED_BODY = b"".join(frame_chunk(event) for event in EVENTS) + b"0\r\n\r\n"
@@ -187,8 +192,8 @@ async def test_the_pool_reuses_a_connection_and_drops_idle_ones() -> None:
         assert stats["connections"] == 1
         await asyncio.sleep(0.3)
         async with await _request(pool, port) as answer:
-            framed = [piece async for piece in answer.pieces(framed=True)]
-        assert b"".join(framed) == CHUNKED_BODY
+            pieces = [piece async for piece in answer.pieces()]
+        assert b"".join(pieces) == b"".join(EVENTS)
         assert stats["connections"] == 2, "an idle connection older than the idle timeout is not reused"
         await pool.close()
 
@@ -281,7 +286,7 @@ async def test_a_kept_alive_connection_closed_by_the_server_says_it_was_reused()
 # ---------------------------------------------------------------------------------------------- proxy
 
 
-async def test_streams_pass_through_the_router_in_their_framing_or_decoded_for_http_1_0(
+async def test_streams_pass_through_the_router_whole_on_a_kept_alive_connection_and_to_http_1_0(
     start_router: RouterFactory, dummy_model: Path
 ) -> None:
     router = await start_router({"m": fake_profile(dummy_model, "--chunks", "40")})
@@ -293,7 +298,7 @@ async def test_streams_pass_through_the_router_in_their_framing_or_decoded_for_h
     head += b"Content-Length: %d\r\n\r\n" % len(body)
     pool = UpstreamPool(keep_streams=True)
     streams = []
-    for _ in range(2):  # one keep-alive connection: each framed stream must end where it should
+    for _ in range(2):  # one keep-alive connection: each stream must end where it should
         async with await pool.request("127.0.0.1", port, head, body) as answer:
             assert answer.status == 200 and answer.chunked
             streams.append(await answer.read())
