@@ -368,6 +368,9 @@ class Controller:
         tally = self._tallies.get(profile)
         if tally is not None:
             tally.feed(line)
+            upstream = self.upstreams.get(profile)
+            if tally.loaded and upstream and self.scheduler.view(profile).state is State.READY:
+                self._learn_footprint(upstream)
 
     def _read_ahead(self, profile: ResolvedProfile) -> None:
         """Keep a likely-next model's file in the page cache while host RAM is free."""
@@ -378,8 +381,11 @@ class Controller:
     def _learn_footprint(self, upstream: Upstream) -> None:
         """Replace the estimate with what the loaded llama-server reports using."""
         name = upstream.profile.name
-        tally = self._tallies.pop(name, None)
-        if upstream.profile.footprint_mib is not None or tally is None:
+        tally = self._tallies.get(name)
+        if tally is None or not tally.loaded:
+            return  # _record_output learns once the output says the model is loaded
+        del self._tallies[name]
+        if upstream.profile.footprint_mib is not None:
             return
         measured = tally.footprint()
         by_driver = nvml_usage_by_pid().get(upstream.pid or -1, {})

@@ -60,6 +60,9 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # then `load_hparams: model size: 851.19 MiB` for each modality (the whole file each time).
 _CLIP_BACKEND = re.compile(r"^\w+: CLIP using (\S+) backend")
 _CLIP_SIZE = re.compile(r"^\w+: model size: +(\d+(?:\.\d+)?) MiB")
+# llama-server's `main: model loaded`, once the model, its projector and its draft model are loaded:
+# every buffer line comes before it.
+_LOADED = re.compile(r"\bmodel loaded\b")
 # Buffer names of llama.cpp's backends: `<backend><k>` is the k-th GPU the process sees; Metal's are
 # `MTL<k>` (`Metal` before late 2025) with `_Mapped` / `_Private` variants; `<backend>_Split` holds
 # row-split weights spread over all GPUs; `CPU`, `CPU_Mapped`, `CPU_REPACK`, `AMX`, `<backend>_Host`
@@ -508,6 +511,7 @@ class BufferTally:
         self._loads: list[_Load] = []
         self._clip_device: str | None = None
         self._clip_counted = False
+        self.loaded = False  # the output said the model is loaded: every buffer has been logged
 
     @classmethod
     def of(cls, profile: ResolvedProfile, devices: Sequence[Device]) -> BufferTally:
@@ -533,6 +537,9 @@ class BufferTally:
         clip = _CLIP_BACKEND.match(text)
         if clip is not None:
             self._clip_device = clip.group(1)
+            return
+        if _LOADED.search(text):
+            self.loaded = True
             return
         size = _CLIP_SIZE.match(text)
         if size is not None and self._clip_device is not None and not self._clip_counted:

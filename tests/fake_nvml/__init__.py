@@ -1,1 +1,24 @@
-"""A stand-in for nvidia-ml-py (see pynvml.py)."""
+"""A stand-in for nvidia-ml-py (pynvml.py here), and how a test puts it in the router's place."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from router import memory
+
+from . import pynvml
+
+
+def install(monkeypatch: pytest.MonkeyPatch, root: Path, *gpus_mib: int, error: str | None = None) -> Path:
+    """Make the routers this test runs in-process see these NVIDIA GPUs (sizes in MiB), or an NVML
+    that fails with `error`, on a Linux machine without AMD cards whatever this one has; the fake
+    upstreams they start inherit `$FAKE_NVML` to report their own use."""
+    monkeypatch.setitem(sys.modules, "pynvml", pynvml)
+    monkeypatch.setattr(memory, "THIS_MACHINE", memory.Host(platform="linux", sysfs=root / "no-sysfs"))
+    for variable in ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("FAKE_NVML", str(pynvml.write_machine(root / "nvml", list(gpus_mib), error=error)))
+    return root / "no-sysfs"
