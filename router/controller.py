@@ -179,7 +179,8 @@ class Controller:
         if profile.footprint_mib is not None:
             return {device: mib * MIB for device, mib in profile.footprint_mib.items()}, "configured"
         learned = self.footprints.get(profile)
-        if learned is not None:
+        # Not one that names a GPU this machine no longer budgets (NVML broken, fewer GPUs).
+        if learned is not None and set(learned) <= {device.name for device in self.devices}:
             return learned, "learned"
         return estimate(profile, self.devices), "estimated"
 
@@ -389,6 +390,7 @@ class Controller:
             return
         measured = tally.footprint()
         by_driver = nvml_usage_by_pid().get(upstream.pid or -1, {})
+        by_driver = {device: used for device, used in by_driver.items() if device in self._budget()}
         if by_driver:
             measured = {**measured, **by_driver}
         if not measured:

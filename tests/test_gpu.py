@@ -232,3 +232,36 @@ async def test_an_apple_gpu_budget_is_what_metal_may_wire_and_its_bytes_count_in
     # used model gives way, though the GPU had room.
     await chat_ok(router, "cpu")
     await settles_on(router, {"small", "cpu"})
+
+
+async def test_a_footprint_learned_on_a_gpu_the_router_no_longer_sees_gives_way_to_the_estimate(
+    start_router: RouterFactory, dummy_model: Path, nvidia: MachineFactory
+) -> None:
+    nvidia(GPU_MIB)
+    profiles = {"m": cuda("model:CUDA0:8000")(dummy_model)}
+    router = await start_router(profiles)
+    await chat_ok(router, "m")
+    assert "gpu0" in router.controller.scheduler.view("m").footprint
+    await router.close()
+    nvidia(error="driver_not_loaded")  # a driver update waiting for a reboot, say
+    again = await start_router(profiles)
+    assert set(again.controller.scheduler.view("m").footprint) == {"ram"}, (
+        "the estimate, not a gpu0 of 0 bytes"
+    )
+    await chat_ok(again, "m")
+
+
+async def test_the_drivers_figure_for_a_gpu_without_a_budget_is_left_out(
+    start_router: RouterFactory, dummy_model: Path, nvidia: MachineFactory
+) -> None:
+    nvidia(GPU_MIB, GPU_MIB)  # two GPUs, of which the config budgets one
+    profile = fake_profile(
+        dummy_model, "--buffer", "model:CUDA0:8000", "--nvml-mib", "0=8500", "--nvml-mib", "1=300"
+    )
+    router = await start_router({"m": profile}, memory={"gpus": [20000]})
+    await chat_ok(router, "m")
+    assert set(router.controller.scheduler.view("m").footprint) == {"gpu0", "ram"}
+    async with router.session.post("/models/unload", json={"model": "m"}) as response:
+        assert response.status == 200
+    await settles_on(router, set())
+    await chat_ok(router, "m")  # not refused as too large for a GPU it has no budget on
