@@ -26,6 +26,7 @@ from .access_log import mark_long_lived
 from .config import ResolvedProfile
 from .controller import Controller
 from .errors import RouterError
+from .events import Event
 from .gguf import read_metadata
 from .metrics import status_value
 from .proxy import Proxy
@@ -232,7 +233,7 @@ class Api:
         """The OpenAI model list with each model's status (also llama-server router mode's `/models`)."""
         return {
             "object": "list",
-            "data": [self.model_entry(view) for view in self.controller.scheduler.views()],
+            "data": [self.model_entry(view) for view in self.controller.views()],
         }
 
     async def models(self, _: web.Request) -> web.Response:
@@ -240,11 +241,11 @@ class Api:
 
     async def model(self, request: web.Request) -> web.Response:
         name = self.proxy.profile_for(request.match_info["model"])
-        return web.json_response(self.model_entry(self.controller.scheduler.view(name)))
+        return web.json_response(self.model_entry(self.controller.view(name)))
 
     async def running(self, _: web.Request) -> web.Response:
         rows = []
-        for row, view in zip(self.controller.describe(), self.controller.scheduler.views(), strict=True):
+        for row, view in zip(self.controller.describe(), self.controller.views(), strict=True):
             if view.state in _RUNNING:
                 rows.append({**row, "status": status_value(view.state.value, view.standby)})
         return web.json_response(
@@ -264,7 +265,7 @@ class Api:
         return _flag(request, "wait") or payload.get("wait") is True
 
     def _answer(self, name: str, **extra: Any) -> web.Response:
-        view = self.controller.scheduler.view(name)
+        view = self.controller.view(name)
         return web.json_response({"success": True, "model": name, "status": self._status(view), **extra})
 
     async def load(self, request: web.Request) -> web.Response:
@@ -274,7 +275,7 @@ class Api:
         if self._wants_wait(request, payload):
             await self.controller.load(name)
             return self._answer(name)
-        view = self.controller.scheduler.view(name)
+        view = self.controller.view(name)
         if view.state not in (State.READY, State.STARTING) or view.draining:
             task = asyncio.ensure_future(self._load_in_background(name))
             self._tasks.add(task)
@@ -299,7 +300,7 @@ class Api:
 
     async def unload_all(self, request: web.Request) -> web.Response:
         """Unload every model (llama-swap's `/unload`); `?wait=1` waits for their processes to end."""
-        names = [view.name for view in self.controller.scheduler.views() if view.state in _RUNNING]
+        names = [view.name for view in self.controller.views() if view.state in _RUNNING]
         force = _flag(request, "force")
         for name in names:
             self.controller.unload(name, force=force)
@@ -313,9 +314,7 @@ class Api:
             (self.controller.config.profiles[name].stop_timeout for name in names), default=0
         )
         done = await self._wait_for(
-            lambda: all(
-                self.controller.scheduler.view(name).state in (State.COLD, State.FAILED) for name in names
-            ),
+            lambda: all(self.controller.view(name).state in (State.COLD, State.FAILED) for name in names),
             timeout + 5,
         )
         if not done:
@@ -329,7 +328,7 @@ class Api:
         changed = asyncio.Event()
 
         # call_soon: the controller updates the scheduler right after it emits, in the same step.
-        def on_event(_: dict[str, Any]) -> None:
+        def on_event(_: Event) -> None:
             loop.call_soon(changed.set)
 
         unsubscribe = self.controller.subscribe(on_event)
@@ -371,10 +370,10 @@ class Api:
         queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize=1000)
         overflow = False
 
-        def listener(event: dict[str, Any]) -> None:
+        def listener(event: Event) -> None:
             nonlocal overflow
             try:
-                queue.put_nowait(event)
+                queue.put_nowait(event.json())
             except asyncio.QueueFull:
                 overflow = True  # a reader this slow is dropped rather than buffered without bound
 
@@ -387,8 +386,7 @@ class Api:
                 "event": "snapshot",
                 "time": time.time(),
                 "models": [
-                    {"model": view.name, "status": self._status(view)}
-                    for view in self.controller.scheduler.views()
+                    {"model": view.name, "status": self._status(view)} for view in self.controller.views()
                 ],
             }
             await response.write(b"data: " + json.dumps(snapshot).encode() + b"\n\n")

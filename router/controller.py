@@ -25,6 +25,19 @@ import aiohttp
 from .config import ResolvedProfile, RouterConfig, ServerConfig
 from .context_cache import ContextKeeper
 from .errors import RouterError
+from .events import (
+    Event,
+    Failed,
+    FallbackServed,
+    FootprintLearned,
+    Loading,
+    Ready,
+    Reloaded,
+    Stopped,
+    Stopping,
+    Unhealthy,
+    context_event,
+)
 from .footprint import BufferTally, FootprintStore, estimate
 from .memory import MIB, detect_devices, nvml_usage_by_pid, page_in
 from .scheduler import (
@@ -33,6 +46,7 @@ from .scheduler import (
     Fail,
     FailReason,
     ProfileSpec,
+    ProfileView,
     Rules,
     Scheduler,
     Start,
@@ -44,7 +58,7 @@ from .supervisor import LoadError, Upstream
 
 log = logging.getLogger("llama_router")
 
-EventListener = Callable[[dict[str, Any]], None]
+EventListener = Callable[[Event], None]
 # Failures a fallback profile may answer for; a plain queue timeout is not one.
 FALLBACK_CODES = frozenset(
     {
@@ -160,7 +174,7 @@ class Controller:
             spec = self._spec(profile)
             if profile.name in summary["kept"] and profile.footprint_mib is None:
                 # Same process, same use: keep what was learned from it.
-                spec = dataclasses.replace(spec, footprint=self.scheduler.view(profile.name).footprint)
+                spec = dataclasses.replace(spec, footprint=self.view(profile.name).footprint)
             specs.append(spec)
         self.scheduler.retune(_rules(config.server))
         decisions = self.scheduler.reconfigure(specs, self._budget(), now)
@@ -168,7 +182,7 @@ class Controller:
             decisions.extend(self.scheduler.restart_when_idle(name, now))
         self._apply(decisions)
         log.debug("config reloaded: %s", {key: value for key, value in summary.items() if value})
-        self.emit("reloaded", **summary)
+        self.emit(Reloaded(summary["kept"], summary["restarted"], summary["added"], summary["removed"]))
         return summary
 
     def initial_footprint(self, profile: ResolvedProfile) -> dict[str, int]:
@@ -221,7 +235,7 @@ class Controller:
         return time.monotonic()
 
     def subscribe(self, listener: EventListener) -> Callable[[], None]:
-        """Receive lifecycle events (dicts); returns the function that unsubscribes."""
+        """Receive lifecycle events; returns the function that unsubscribes."""
         self._listeners.append(listener)
 
         def unsubscribe() -> None:
@@ -230,8 +244,7 @@ class Controller:
 
         return unsubscribe
 
-    def emit(self, kind: str, **fields: Any) -> None:
-        event = {"event": kind, "time": time.time(), **fields}
+    def emit(self, event: Event) -> None:
         for listener in list(self._listeners):
             try:
                 listener(event)
@@ -252,7 +265,7 @@ class Controller:
         error: RouterError | None = None
         for index, name in enumerate(chain):
             last = index == len(chain) - 1
-            if not last and self.scheduler.view(name).failed:
+            if not last and self.view(name).failed:
                 continue  # known broken: go straight to the fallback
             try:
                 lease = await self._acquire(name)
@@ -266,7 +279,7 @@ class Controller:
                 log.warning(
                     "serving %r with fallback %r: %s", profile, name, error.message if error else "failed"
                 )
-                self.emit("fallback", model=profile, served_by=name)
+                self.emit(FallbackServed(profile, name))
             return lease
         raise AssertionError("unreachable: the last profile in the chain returns or raises")
 
@@ -396,7 +409,7 @@ class Controller:
         if not measured:
             return
         self.footprints.put(upstream.profile, measured)
-        self.emit("footprint", model=name, bytes=measured)
+        self.emit(FootprintLearned(name, measured))
         self._apply(self.scheduler.footprint_measured(name, self._with_slot(measured), self.now()))
 
     async def _start(self, name: str) -> None:
@@ -415,7 +428,7 @@ class Controller:
         )
         self.upstreams[name] = upstream
         self._tallies[name] = BufferTally.of(profile, self.devices)
-        self.emit("loading", model=name)
+        self.emit(Loading(name))
         self.logs[name].append(f"[llama-router] starting: {' '.join(profile.command('127.0.0.1', 0))}")
         try:
             await upstream.spawn()
@@ -423,7 +436,7 @@ class Controller:
             self.upstreams.pop(name, None)
             reason = f"could not start {profile.binary} for {name!r}: {exc.strerror or exc}"
             self.logs[name].append(f"[llama-router] {reason}")
-            self.emit("failed", model=name, reason=reason)
+            self.emit(Failed(name, reason))
             self._apply(self.scheduler.process_exited(name, self.now(), reason))
             return
         self._spawn(self._watch_exit(upstream))
@@ -435,19 +448,18 @@ class Controller:
         if profile.keep_context and not upstream.stopping:
             restored = await self.contexts.restore(upstream, self._session)
             if restored:  # a dict with `error` reports a failure; the load goes on without the cache
-                kind = "context_restore_failed" if "error" in restored else "context_restored"
-                self.emit(kind, model=name, **restored)
+                self.emit(context_event(name, "restore", restored))
         if self.upstreams.get(name) is upstream and not upstream.stopping:
             load_seconds = upstream.ready_at - upstream.spawned_at
             log.info("%s ready in %.3fs on port %s", name, load_seconds, upstream.port)
-            self.emit("ready", model=name, load_seconds=round(load_seconds, 4), port=upstream.port)
+            self.emit(Ready(name, round(load_seconds, 4), upstream.port))
             self._apply(self.scheduler.process_ready(name, self.now()))
             self._learn_footprint(upstream)
 
     async def _watch_exit(self, upstream: Upstream) -> None:
         name = upstream.profile.name
         await upstream.wait_exit()
-        state = self.scheduler.view(name).state
+        state = self.view(name).state
         when = {State.STARTING: "during load", State.STOPPING: "after stop"}.get(state, "while serving")
         reason = upstream.exit_reason(when)
         if self.upstreams.get(name) is upstream:
@@ -455,11 +467,11 @@ class Controller:
         out_of_memory = state is State.STARTING and any(OUT_OF_MEMORY.search(line) for line in upstream.log)
         if state is State.STOPPING:
             log.info("%s stopped", name)
-            self.emit("stopped", model=name)
+            self.emit(Stopped(name))
             self._read_ahead(upstream.profile)  # it was just in use: keep its file warm
         else:
             log.warning("%s", reason)
-            self.emit("failed", model=name, reason=reason)
+            self.emit(Failed(name, reason))
         self._apply(self.scheduler.process_exited(name, self.now(), reason, out_of_memory=out_of_memory))
         upstream.gone.set()
 
@@ -469,7 +481,7 @@ class Controller:
         if self.upstreams.get(name) is not upstream:
             return
         log.warning("%s is unhealthy: %s", name, reason)
-        self.emit("unhealthy", model=name, reason=reason)
+        self.emit(Unhealthy(name, reason))
         self._apply(self.scheduler.upstream_unhealthy(name, self.now(), reason))
 
     async def _probe_idle_upstreams(self) -> None:
@@ -481,7 +493,7 @@ class Controller:
         while not self._closed:
             await asyncio.sleep(server.health_check_interval)
             assert self._session is not None
-            for view in self.scheduler.views():
+            for view in self.views():
                 upstream = self.upstreams.get(view.name)
                 if upstream is None or view.state is not State.READY or view.in_flight:
                     continue
@@ -513,23 +525,39 @@ class Controller:
     async def _stop(self, name: str, reason: str, cause: StopCause) -> None:
         upstream = self.upstreams.get(name)
         log.info("stopping %s: %s", name, reason)
-        self.emit("stopping", model=name, reason=reason, cause=cause)
+        self.emit(Stopping(name, reason, cause))
         if upstream is None or upstream.process is None:
             return
         if upstream.profile.keep_context and upstream.ready_at and upstream.is_alive():
             assert self._session is not None
             saved = await self.contexts.save(upstream, self._session)
             if saved:  # a dict with `error` reports a failure; the stop goes on regardless
-                kind = "context_save_failed" if "error" in saved else "context_saved"
-                self.emit(kind, model=name, **saved)
+                self.emit(context_event(name, "save", saved))
         await upstream.stop(upstream.profile.stop_timeout)
 
     # ------------------------------------------------------------------------------------------ views
 
+    def view(self, profile: str) -> ProfileView:
+        """What the scheduler knows of one profile (KeyError if it is not configured)."""
+        return self.scheduler.view(profile)
+
+    def views(self) -> list[ProfileView]:
+        """Every configured profile, in config order."""
+        return self.scheduler.views()
+
+    def accepting(self, profile: str) -> bool:
+        """Whether a request for `profile` arriving now would be sent to its upstream at once."""
+        return self.scheduler.accepting(profile)
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for their model to load or to free up."""
+        return self.scheduler.queue_depth
+
     def describe(self) -> list[dict[str, Any]]:
         """The state of every profile, for `/running` and the models list."""
         rows = []
-        for view in self.scheduler.views():
+        for view in self.views():
             upstream = self.upstreams.get(view.name)
             rows.append(
                 {

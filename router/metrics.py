@@ -20,8 +20,9 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .controller import Controller
+from .events import ContextEvent, Event, Failed, FallbackServed, Loading, Ready, Stopping, Unhealthy
 from .request_rules import RequestRecord
-from .scheduler import State, StopCause
+from .scheduler import State
 
 log = logging.getLogger("llama_router.metrics")
 
@@ -32,15 +33,6 @@ UNKNOWN_MODEL = "unknown"  # label for requests naming no known model (keeps lab
 LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
 CONTEXT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30)
-
-# Controller events of `keep_context` (prompt caches saved before a stop, restored after a start):
-# the action they count under and whether they report a success.
-_CONTEXT_EVENTS = {
-    "context_saved": ("save", True),
-    "context_restored": ("restore", True),
-    "context_save_failed": ("save", False),
-    "context_restore_failed": ("restore", False),
-}
 
 _STATUS = {
     State.COLD.value: "unloaded",
@@ -62,19 +54,18 @@ def status_value(state: str, standby: bool = False) -> str:
 
 
 class _LiveState(Collector):
-    """Gauges read at scrape time from the scheduler and the upstream processes."""
+    """Gauges read at scrape time from the controller's views and the upstream processes."""
 
     def __init__(self, controller: Controller) -> None:
         self.controller = controller
 
     def collect(self) -> Iterator[Metric]:
         controller = self.controller
-        scheduler = controller.scheduler
-        views = scheduler.views()
+        views = controller.views()
         yield GaugeMetricFamily(
             "llama_router_queue_depth",
             "Requests waiting for their model to load or to free up",
-            value=scheduler.queue_depth,
+            value=controller.queue_depth,
         )
         yield GaugeMetricFamily(
             "llama_router_upstream_processes",
@@ -253,43 +244,37 @@ class Metrics:
         if completion:
             children[1].inc(completion)
 
-    def _on_event(self, event: dict[str, Any]) -> None:
-        kind, model = event.get("event"), event.get("model")
-        if not isinstance(model, str):
-            return
-        if kind == "loading":
-            self.loads.labels(model).inc()
-            self._loading.add(model)
-        elif kind == "ready":
-            self._loading.discard(model)
-            seconds = event.get("load_seconds")
-            if isinstance(seconds, (int, float)):
+    def _on_event(self, event: Event) -> None:
+        match event:
+            case Loading(model=model):
+                self.loads.labels(model).inc()
+                self._loading.add(model)
+            case Ready(model=model, load_seconds=seconds):
+                self._loading.discard(model)
                 self.load_seconds.labels(model).observe(seconds)
-        elif kind == "failed":
-            if model in self._loading:
-                self._loading.discard(model)
-                self.load_failures.labels(model).inc()
-            else:
-                self.crashes.labels(model).inc()
-        elif kind == "unhealthy":
-            self.unhealthy.labels(model).inc()
-        elif kind == "fallback":
-            self.fallbacks.labels(model, str(event.get("served_by", ""))).inc()
-        elif kind == "stopping":
-            cause = StopCause(event["cause"])
-            if model in self._loading:
-                self._loading.discard(model)
-                if cause.fails_a_load:
+            case Failed(model=model):
+                if model in self._loading:
+                    self._loading.discard(model)
                     self.load_failures.labels(model).inc()
-            elif cause.makes_room:
-                self.swaps.labels(model).inc()
-        elif isinstance(kind, str) and kind in _CONTEXT_EVENTS:
-            self._context(model, *_CONTEXT_EVENTS[kind], event)
+                else:
+                    self.crashes.labels(model).inc()
+            case Unhealthy(model=model):
+                self.unhealthy.labels(model).inc()
+            case FallbackServed(model=model, served_by=served_by):
+                self.fallbacks.labels(model, served_by).inc()
+            case Stopping(model=model, cause=cause):
+                if model in self._loading:
+                    self._loading.discard(model)
+                    if cause.fails_a_load:
+                        self.load_failures.labels(model).inc()
+                elif cause.makes_room:
+                    self.swaps.labels(model).inc()
+            case ContextEvent(model=model):
+                self._context(model, event)
 
-    def _context(self, model: str, action: str, ok: bool, event: dict[str, Any]) -> None:
-        (self.context_operations if ok else self.context_failures).labels(model, action).inc()
-        moved, ms = event.get("bytes"), event.get("ms")
-        if isinstance(moved, int) and moved > 0:
-            self.context_bytes.labels(model, action).inc(moved)
-        if isinstance(ms, (int, float)):
-            self.context_seconds.labels(model, action).observe(ms / 1000)
+    def _context(self, model: str, event: ContextEvent) -> None:
+        action = event.action
+        (self.context_operations if event.ok else self.context_failures).labels(model, action).inc()
+        if event.bytes > 0:
+            self.context_bytes.labels(model, action).inc(event.bytes)
+        self.context_seconds.labels(model, action).observe(event.ms / 1000)

@@ -50,7 +50,6 @@ from .request_rules import (
     stalled,
     upstream_head,
 )
-from .scheduler import State
 from .upstream_http import Answer, UpstreamError, UpstreamPool, UpstreamTimeout
 
 log = logging.getLogger("llama_router.proxy")
@@ -145,7 +144,7 @@ class Proxy:
         if record.model is None:
             record.model = profile
         started = asyncio.get_running_loop().time()
-        if stream and self.loading_interval > 0 and not self._accepting(profile):
+        if stream and self.loading_interval > 0 and not self.controller.accepting(profile):
             acquiring = asyncio.ensure_future(self.controller.acquire(profile))
             try:
                 await asyncio.wait({acquiring}, timeout=self.loading_interval)
@@ -177,11 +176,6 @@ class Proxy:
                 self.controller.release(lease)
             # Nothing was sent to the client yet and the body is in hand: send it to a fresh upstream.
             lease = await self.controller.acquire(profile)
-
-    def _accepting(self, profile: str) -> bool:
-        """Whether `profile` takes requests right now (then acquiring needs no timer or task)."""
-        view = self.controller.scheduler.view(profile)
-        return view.state is State.READY and not view.draining
 
     def _lease(self, request: web.Request, acquired: asyncio.Future[Lease], started: float) -> Lease:
         """The lease of a finished acquire; its RouterError if it failed."""

@@ -27,6 +27,7 @@ from aiohttp import web
 from .auth import KeyRing, resolve_keys, warn_if_open
 from .config import ConfigError, RouterConfig, load_config
 from .controller import Controller
+from .events import ReloadFailed
 from .sdnotify import Notifier
 
 log = logging.getLogger("llama_router.reload")
@@ -178,13 +179,7 @@ class ConfigReloader:
             message,
             extra={"fields": {"event": "config_error", "trigger": trigger}},
         )
-        self._emit("config_error", trigger=trigger, message=message)
-
-    def _emit(self, kind: str, **fields: Any) -> None:
-        """Send a lifecycle event to `/events` subscribers through the controller."""
-        # The controller's event emitter is private for now; prefer a public `emit` once there is one.
-        emit = self.controller.emit
-        emit(kind, **fields)
+        self.controller.emit(ReloadFailed(trigger, message))
 
     def _status_line(self) -> str:
         profiles = len(self.config.profiles)

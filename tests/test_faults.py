@@ -20,6 +20,7 @@ import psutil
 import pytest
 import yaml
 
+from router.events import Event, Stopping
 from router.scheduler import State
 from router.supervisor import Upstream
 
@@ -275,11 +276,12 @@ async def test_in_flight_request_survives_a_swap(start_router: RouterFactory, du
         {"a": fake_profile(dummy_model), "b": fake_profile(dummy_model)}, max_resident=1, swap_delay=0
     )
     events: list[tuple[str, str, int]] = []
-    router.controller.subscribe(
-        lambda event: events.append(
-            (event["event"], event["model"], router.controller.scheduler.view(event["model"]).in_flight)
-        )
-    )
+
+    def on_event(event: Event) -> None:
+        if isinstance(event, Stopping):
+            events.append((event.kind, event.model, router.controller.view(event.model).in_flight))
+
+    router.controller.subscribe(on_event)
     status, body = await chat(router, "a")  # load A first so the slow request is served at once
     assert status == 200, body
     finished: dict[str, float] = {}

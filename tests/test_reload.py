@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from router.config import load_config
+from router.events import Event, ReloadFailed
 from router.reload import ConfigReloader
 from tests.conftest import fake_profile, wait_until
 from tests.router_process import RouterProcess, write_config
@@ -205,14 +206,14 @@ async def test_health_shows_the_reload_error(
 class _FakeController:
     def __init__(self) -> None:
         self.applied: list[Any] = []
-        self.events: list[tuple[str, dict[str, Any]]] = []
+        self.events: list[Event] = []
 
     async def reload(self, config: Any) -> dict[str, list[str]]:
         self.applied.append(config)
         return {"kept": list(config.profiles), "restarted": [], "added": [], "removed": []}
 
-    def emit(self, kind: str, **fields: Any) -> None:
-        self.events.append((kind, fields))
+    def emit(self, event: Event) -> None:
+        self.events.append(event)
 
 
 async def test_watcher_ignores_touch_and_same_bytes(tmp_path: Path, dummy_model: Path) -> None:
@@ -232,7 +233,7 @@ async def test_watcher_ignores_touch_and_same_bytes(tmp_path: Path, dummy_model:
     path.write_text("server: {port: -5}\nprofiles: {}\n")
     assert await reloader.reload("test") is False
     assert reloader.status()["last_error"]["message"].startswith(str(path))
-    assert controller.events[-1][0] == "config_error"
+    assert isinstance(controller.events[-1], ReloadFailed)
     assert len(controller.applied) == 1
 
 
