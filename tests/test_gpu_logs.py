@@ -14,6 +14,8 @@ import pytest
 from router.footprint import GPU_MARGIN, RAM_MARGIN, BufferTally, log_message, parse_buffer_line
 from router.memory import MIB, Device
 
+from .conftest import RouterFactory
+
 LOGS = Path(__file__).parent / "fixtures" / "llama_logs"
 FIXTURES = sorted(LOGS.glob("*.txt"))
 
@@ -184,3 +186,22 @@ def test_gpu_buffers_the_router_has_no_budget_for_are_left_out_and_said(
         footprint = result.footprint()
     assert set(footprint) == {"ram"}
     assert "llama-server for 'm' logged CUDA0 10.7 GiB on GPUs the router has no budget for" in caplog.text
+
+
+async def test_the_real_llama_server_is_learned_from_the_buffers_it_logs(
+    start_router: RouterFactory, tiny_models: tuple[Path, Path], llama_server: Path
+) -> None:
+    profile = {"model": str(tiny_models[0]), "binary": str(llama_server), "args": ["-c", "1024", "-np", "1"]}
+    router = await start_router({"m": profile}, memory={"nvml": False})
+    status, body = await router.chat("m")
+    assert status == 200, body
+    logged = [
+        match
+        for line in router.controller.logs["m"]
+        for match in (pattern.match(undecorated(line)) for pattern in PATTERNS.values())
+        if match
+    ]
+    assert logged, "llama-server logged no buffer"
+    assert {match["buffer"].strip() for match in logged} <= {"CPU", "CPU_Mapped", "CPU_REPACK"}
+    in_ram = sum(int(float(match["mib"]) * MIB) for match in logged)
+    assert router.controller.scheduler.view("m").footprint == {"ram": in_ram + RAM_MARGIN}
