@@ -188,7 +188,11 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
             }
             for seed, name in enumerate(MODELS, start=1)
         }
-        server = {"memory": {"ram": SIZE_MIB + SIZE_MIB // 2}, "wait_timeout": 60, "swap_delay": 1}
+        server: dict[str, Any] = {
+            "memory": {"ram": SIZE_MIB + SIZE_MIB // 2},
+            "wait_timeout": 60,
+            "swap_delay": 1,
+        }
         tally = Tally()
         samples: list[dict[str, Any]] = []
         kills: list[dict[str, Any]] = []
