@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
@@ -40,6 +41,7 @@ from .request_rules import (
     model_in_body,
     model_in_query,
     not_taken,
+    parse_timings,
     parse_usage,
     profile_for,
     renamer,
@@ -271,7 +273,8 @@ class Proxy:
                 except UpstreamError as exc:
                     raise failed_mid_answer(lease.profile, exc) from None
                 if upstream.status == 200:
-                    request[RECORD].usage = parse_usage(data)
+                    record = request[RECORD]
+                    record.usage, record.timings = parse_usage(data), parse_timings(data)
                 if rename is not None:
                     data = rename.whole(data)
                 return web.Response(status=upstream.status, body=data, headers=headers)
@@ -295,6 +298,7 @@ class Proxy:
         """Copy the upstream's chunks to the client as they come; end with an error event (SSE) or a
         cut connection (other streams) when the upstream fails mid-way."""
         tail = UsageTail()
+        record = request[RECORD]
         server = self.controller.config.server
         loop = asyncio.get_running_loop()
         limit = stall_limit(server, first_byte=False)
@@ -303,6 +307,8 @@ class Proxy:
             async with asyncio.timeout(limit) as timer:
                 async for chunk in chunks:
                     timer.reschedule(None)
+                    if record.first_byte is None:
+                        record.first_byte = time.perf_counter()
                     tail.feed(chunk)
                     data = rename.feed(chunk) if rename is not None else chunk
                     if data:
@@ -324,7 +330,7 @@ class Proxy:
                     request.transport.abort()
                 return
             await response.write(sse_event(error.body()))
-        request[RECORD].usage = tail.usage()
+        record.usage, record.timings = tail.usage(), tail.timings()
         await response.write_eof()
 
     # ------------------------------------------------------------------------------------------ feedback

@@ -307,6 +307,41 @@ def parse_usage(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+_TIMINGS_KEY = b'"timings"'
+_TIMING = re.compile(rb'"(cache_n|prompt_n|prompt_ms|predicted_n|predicted_ms)"\s*:\s*([0-9][0-9.eE+-]*)')
+
+
+@dataclass(frozen=True, slots=True)
+class Timings:
+    """llama-server's `timings` of one answer: prompt tokens taken from the cache and evaluated, tokens
+    generated, and the milliseconds prompt processing and generation took."""
+
+    cache_n: int
+    prompt_n: int
+    prompt_ms: float
+    predicted_n: int
+    predicted_ms: float
+
+
+def parse_timings(data: bytes) -> Timings | None:
+    """The last `timings` object in `data` (llama-server adds one to each answer and to a stream's
+    last chunk), found as `parse_usage` finds usage: a bytes search in the tail, no JSON parse."""
+    at = data.rfind(_TIMINGS_KEY, max(0, len(data) - _SEARCH_TAIL))
+    if at < 0:
+        return None
+    found = dict(_TIMING.findall(data, at, at + _USAGE_WINDOW))
+    try:
+        return Timings(
+            int(found.get(b"cache_n", b"0")),
+            int(found[b"prompt_n"]),
+            float(found[b"prompt_ms"]),
+            int(found[b"predicted_n"]),
+            float(found[b"predicted_ms"]),
+        )
+    except (KeyError, ValueError):
+        return None
+
+
 class UsageTail:
     """Keeps the last few KiB of a stream (whole chunks, no copying) to find its usage at the end."""
 
@@ -330,6 +365,10 @@ class UsageTail:
         data = b"".join(self._chunks)
         return parse_usage(decode(data) if decode is not None else data)
 
+    def timings(self) -> Timings | None:
+        """The stream's `timings` (llama-server's last chunk), if it sent any."""
+        return parse_timings(b"".join(self._chunks)) if self._chunks else None
+
 
 # ---------------------------------------------------------------------------------------------- 8. the record
 
@@ -352,5 +391,7 @@ class RequestRecord:
     error: str | None = None  # the code of the error it ended with
     waited: float | None = None  # seconds it waited for its model
     usage: tuple[int, int] | None = None  # (prompt, completion) tokens its answer reported
+    timings: Timings | None = None  # llama-server's timings of the answer (speeds, cached tokens)
+    first_byte: float | None = None  # time.perf_counter() when a streamed answer's first chunk came
     sent: int = 0  # bytes written to the client, head included
     long_lived: bool = False  # an endless stream (events, log follow): a shutdown does not wait for it
