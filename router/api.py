@@ -20,14 +20,15 @@ from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import unquote
 
+import aiohttp
 from aiohttp import web
 
 from .access_log import mark_long_lived
 from .config import ResolvedProfile
+from .context_window import Window, learned, profile_window
 from .controller import Controller
 from .errors import RouterError
-from .events import Event
-from .gguf import read_metadata
+from .events import Event, Ready, RequestsChanged
 from .metrics import status_value
 from .proxy import Proxy
 from .scheduler import ProfileView, State
@@ -35,13 +36,12 @@ from .scheduler import ProfileView, State
 log = logging.getLogger("llama_router.api")
 
 KEEPALIVE = 15.0  # seconds between keep-alive comments on idle event streams
-_CTX_FLAGS = ("-c", "--ctx-size")
-_CTX_ENV = "LLAMA_ARG_CTX_SIZE"
+PROPS_TIMEOUT = 5.0  # seconds to read a freshly loaded model's `/props`
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _RUNNING = (State.STARTING, State.READY, State.STOPPING)
 
 
-# ---------------------------------------------------------------------------------------------- context
+# ---------------------------------------------------------------------------------------------- helpers
 
 
 def _positive_int(value: Any) -> int | None:
@@ -50,38 +50,6 @@ def _positive_int(value: Any) -> int | None:
     except (TypeError, ValueError):
         return None
     return number if number > 0 else None
-
-
-def context_from_args(args: Iterable[str], env: dict[str, str] | None = None) -> int | None:
-    """The context size a profile's command line sets (`-c N`, `--ctx-size N`, `--ctx-size=N`, or
-    `LLAMA_ARG_CTX_SIZE` in its env); None when unset or 0, which llama-server reads as "the model's"."""
-    args = list(args)
-    found: str | None = None
-    for index, arg in enumerate(args):
-        flag, eq, inline = arg.partition("=")
-        if flag in _CTX_FLAGS:
-            found = inline if eq else (args[index + 1] if index + 1 < len(args) else None)
-    if found is None and env:
-        found = env.get(_CTX_ENV)
-    return _positive_int(found) if found is not None else None
-
-
-def context_from_gguf(path: Any) -> int | None:
-    """The training context (`<architecture>.context_length`) in a GGUF file's metadata."""
-    try:
-        metadata = read_metadata(path)
-    except Exception as exc:  # any unreadable file: the entry just has no context length
-        log.debug("no GGUF metadata in %s: %s", path, exc)
-        return None
-    architecture = metadata.get("general.architecture")
-    return _positive_int(metadata.get(f"{architecture}.context_length")) if architecture else None
-
-
-def context_length(profile: ResolvedProfile) -> int | None:
-    """The context a profile serves: configured, else from its args, else its model's training context."""
-    if profile.context_length is not None:
-        return profile.context_length
-    return context_from_args(profile.args, profile.env) or context_from_gguf(profile.model_path)
 
 
 # ---------------------------------------------------------------------------------------------- logs
@@ -136,31 +104,88 @@ class Api:
             self._followable(name)
         self._config: Any = None
         self._static: dict[str, dict[str, Any]] = {}
+        # Windows llama-server reported on `/props` once loaded, with the profile they were read for.
+        self._learned: dict[str, tuple[ResolvedProfile, Window]] = {}
+        self._session: aiohttp.ClientSession | None = None
         self._entries()
+        controller.subscribe(self._on_event)
 
     def _entries(self) -> dict[str, dict[str, Any]]:
-        """Everything but the status of each model's entry: fixed until the config is reloaded, so
-        computed once per config (the GGUF is read then) and only copied per answer."""
+        """Everything but the status of each model's entry: fixed until the config is reloaded or a
+        model reports its context, so computed then (the GGUF is read once) and only copied per answer."""
         config = self.controller.config
         if config is not self._config:
             created = int(self.controller.started_at)
             static: dict[str, dict[str, Any]] = {}
             for name, profile in config.profiles.items():
-                entry: dict[str, Any] = {
+                static[name] = {
                     "id": name,
                     "object": "model",
                     "created": created,
                     "owned_by": "llamacpp",
                     "aliases": list(profile.aliases),
                     "description": profile.description,
+                    **self._context_fields(profile),
                 }
-                ctx = context_length(profile)
-                if ctx is not None:
-                    entry["context_length"] = ctx
-                    entry["n_ctx"] = ctx
-                static[name] = entry
             self._static, self._config = static, config
         return self._static
+
+    def window(self, profile: ResolvedProfile) -> Window | None:
+        """The context window one request to `profile` gets: what its llama-server said on `/props`
+        when it last loaded with this same profile, else computed from its arguments."""
+        learned_for = self._learned.get(profile.name)
+        if learned_for is not None and learned_for[0] == profile and profile.context_length is None:
+            return learned_for[1]
+        return profile_window(profile)
+
+    def _context_fields(self, profile: ResolvedProfile) -> dict[str, Any]:
+        """The entry's context fields: `context_length` and `n_ctx` (read by Hermes Agent and other
+        clients), `meta` as llama-server's own `/v1/models` has it, and `context` with the detail."""
+        window = self.window(profile)
+        if window is None:
+            return {}
+        meta = {"n_ctx": window.per_request, **({"n_ctx_train": window.train} if window.train else {})}
+        return {
+            "context_length": window.per_request,
+            "n_ctx": window.per_request,
+            "meta": meta,
+            "context": window.json(),
+        }
+
+    def _on_event(self, event: Event) -> None:
+        if isinstance(event, Ready):
+            task = asyncio.ensure_future(self._read_window(event.model))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _read_window(self, name: str) -> None:
+        """Ask a model that just loaded what context its slots have (`/props`): the figure clients
+        are told from then on, since `--fit` or rope scaling can make it differ from the estimate."""
+        upstream = self.controller.upstreams.get(name)
+        if upstream is None:
+            return
+        profile = upstream.profile
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=PROPS_TIMEOUT))
+        try:
+            async with self._session.get(upstream.base_url + "/props") as response:
+                props = await response.json(content_type=None) if response.status == 200 else None
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            log.debug("could not read /props of %s: %s", name, exc)
+            return
+        estimate = profile_window(profile)
+        window = learned(estimate, props) if isinstance(props, dict) else None
+        if window is None:
+            return
+        if estimate is not None and estimate.per_request != window.per_request:
+            log.info(
+                "%s: llama-server gives each request %d tokens of context (estimated %d)",
+                name,
+                window.per_request,
+                estimate.per_request,
+            )
+        self._learned[name] = (profile, window)
+        self._config = None  # the entries are rebuilt with it on the next answer
 
     def _followable(self, name: str) -> FollowableLog:
         """The profile's log buffer, made followable (in place, keeping its lines) on first use."""
@@ -210,6 +235,8 @@ class Api:
             task.cancel()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=5)
+        if self._session is not None:
+            await self._session.close()
 
     # ------------------------------------------------------------------------------------------ lists
 
@@ -365,13 +392,18 @@ class Api:
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         """Lifecycle events as SSE: a snapshot of every model's status first, then `loading`, `ready`
-        (with `load_seconds`), `stopping` (with its reason), `stopped`, `failed` (with the log tail)."""
+        (with `load_seconds`), `stopping` (with its reason), `stopped`, `failed` (with the log tail).
+        With `?requests=1` also `requests`: what waits and runs, and the activity rows of requests
+        that ended (the dashboard's feed; sent a few times a second at most)."""
         mark_long_lived(request)
         queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize=1000)
         overflow = False
+        with_requests = _flag(request, "requests")
 
         def listener(event: Event) -> None:
             nonlocal overflow
+            if not with_requests and isinstance(event, RequestsChanged):
+                return
             try:
                 queue.put_nowait(event.json())
             except asyncio.QueueFull:
@@ -410,10 +442,13 @@ class Api:
         return response
 
     async def logs(self, request: web.Request) -> web.StreamResponse:
-        """A model's buffered output as text (`?lines=N` for the last N); `?follow=1` keeps the
-        answer open and streams new lines as the process writes them, until the client leaves."""
+        """A model's buffered output (see `stream_log`)."""
         name = self.proxy.profile_for(request.match_info["model"])
-        buffer = self._followable(name)
+        return await self.stream_log(request, self._followable(name))
+
+    async def stream_log(self, request: web.Request, buffer: FollowableLog) -> web.StreamResponse:
+        """A log buffer as text (`?lines=N` for the last N); `?follow=1` keeps the answer open and
+        streams new lines as they are written, until the client leaves."""
         lines = list(buffer)
         count = _positive_int(request.query.get("lines"))
         if count is not None:

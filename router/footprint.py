@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .config import ResolvedProfile
+from .context_window import flag_value, int_setting, slots, switch, total_context
 from .gguf import GGUFError, GGUFHeader, read_header
 from .memory import MIB, Device
 
@@ -102,18 +103,7 @@ SWA_ARCHS = {
     "smallthinker": SwaRule(4, fixed=4096, dense_first=True),
 }
 SWA_PAD = 256  # llama.cpp pads the SWA cache (and n_ctx) to a multiple of 256 cells
-
-
-def _flag_value(args: Sequence[str], *names: str) -> str | None:
-    value = None
-    for index, arg in enumerate(args):
-        flag, eq, inline = arg.partition("=")
-        if flag in names:
-            if eq:
-                value = inline
-            elif index + 1 < len(args):
-                value = args[index + 1]
-    return value
+DEFAULT_CONTEXT = 4096  # the context assumed for a GGUF that does not say its training length
 
 
 def _int_or_list_max(value: object, default: int) -> int:
@@ -213,8 +203,8 @@ def _estimate_from_header(
 ) -> dict[str, int]:
     n_layer = int(header.arch_value("block_count", 0) or 0)
     gpus = _visible_gpus(env, gpu_devices)
-    ngl_text = _flag_value(args, "-ngl", "--gpu-layers", "--n-gpu-layers")
-    if not gpus or _flag_value(args, "--device", "-dev") == "none":
+    ngl_text = flag_value(args, "-ngl", "--gpu-layers", "--n-gpu-layers")
+    if not gpus or flag_value(args, "--device", "-dev") == "none":
         offloaded = 0
     elif ngl_text is None or ngl_text in ("auto", "all") or int(ngl_text) < 0:
         offloaded = n_layer + 1
@@ -233,17 +223,16 @@ def _estimate_from_header(
         device = _overridden_device(tensor.name, overrides, gpus) or ("layers" if on_gpu else "ram")
         placed[device] = placed.get(device, 0) + tensor.nbytes
 
-    ctx_text = _flag_value(args, "-c", "--ctx-size")
-    n_ctx = (
-        int(ctx_text) if ctx_text and int(ctx_text) > 0 else int(header.arch_value("context_length", 4096))
-    )
+    train = header.arch_value("context_length")
+    n_ctx = total_context(args, env, train if isinstance(train, int) and train > 0 else DEFAULT_CONTEXT)
+    assert n_ctx is not None  # a training length is always given
     n_embd = int(header.arch_value("embedding_length", 0) or 0)
     n_head = _int_or_list_max(header.arch_value("attention.head_count"), 1) or 1
     n_head_kv = _int_or_list_max(header.arch_value("attention.head_count_kv"), n_head)
     key_len = int(header.arch_value("attention.key_length", n_embd // n_head) or 0)
     value_len = int(header.arch_value("attention.value_length", n_embd // n_head) or 0)
-    k_bytes = CACHE_TYPE_BYTES.get(_flag_value(args, "-ctk", "--cache-type-k") or "f16", 2.0)
-    v_bytes = CACHE_TYPE_BYTES.get(_flag_value(args, "-ctv", "--cache-type-v") or "f16", 2.0)
+    k_bytes = CACHE_TYPE_BYTES.get(flag_value(args, "-ctk", "--cache-type-k") or "f16", 2.0)
+    v_bytes = CACHE_TYPE_BYTES.get(flag_value(args, "-ctv", "--cache-type-v") or "f16", 2.0)
     head_bytes = key_len * k_bytes + value_len * v_bytes
     # Each layer's KV cache sits with the layer: the offloaded (last) layers' on the GPUs.
     cells = _kv_cells(header, args, env, n_layer, n_ctx)
@@ -267,7 +256,7 @@ def _kv_cells(
     """KV cache cells per layer: the context for full-attention layers, the (much smaller) SWA cache
     for sliding-window ones unless `--swa-full` asks llama.cpp for full-size SWA caches."""
     window, is_swa = _sliding_window(header, n_layer)
-    if not window or _switch(args, env, "LLAMA_ARG_SWA_FULL", ("--swa-full",)):
+    if not window or switch(args, env, "LLAMA_ARG_SWA_FULL", ("--swa-full",)):
         return [n_ctx] * n_layer
     swa_cells = _swa_cache_cells(args, env, n_ctx, window)
     return [swa_cells if swa else n_ctx for swa in is_swa]
@@ -312,49 +301,22 @@ def _swa_cache_cells(args: Sequence[str], env: dict[str, str], n_ctx: int, windo
     `-ub` defaults to 512 and is capped by `-b` (2048), as in common/common.h and llama_context.
     """
     ubatch = min(
-        _int_setting(args, env, 512, "LLAMA_ARG_UBATCH", "-ub", "--ubatch-size"),
-        _int_setting(args, env, 2048, "LLAMA_ARG_BATCH", "-b", "--batch-size"),
+        int_setting(args, env, 512, "LLAMA_ARG_UBATCH", "-ub", "--ubatch-size"),
+        int_setting(args, env, 2048, "LLAMA_ARG_BATCH", "-b", "--batch-size"),
     )
-    parallel = _int_setting(args, env, -1, "LLAMA_ARG_N_PARALLEL", "-np", "--parallel")
-    if parallel < 0:
-        slots, unified = 4, True
-    else:
-        slots = max(parallel, 1)
-        on, off = ("-kvu", "--kv-unified"), ("-no-kvu", "--no-kv-unified")
-        unified = _switch(args, env, "LLAMA_ARG_KV_UNIFIED", on, off)
-    if unified:
-        return _pad(min(n_ctx, window * slots + ubatch))
-    return slots * _pad(min(_pad(_pad(n_ctx) // slots), window + ubatch))
+    layout = slots(args, env)
+    if layout.unified:
+        return _pad(min(n_ctx, window * layout.count + ubatch))
+    return layout.count * _pad(min(_pad(_pad(n_ctx) // layout.count), window + ubatch))
 
 
 def _pad(cells: int) -> int:
     return -(-cells // SWA_PAD) * SWA_PAD
 
 
-def _int_setting(args: Sequence[str], env: dict[str, str], default: int, env_name: str, *names: str) -> int:
-    """A llama-server number: its flag, else its `LLAMA_ARG_*` variable (the flag wins, as in
-    common/arg.cpp), else the default; a value that is not a number counts as unset."""
-    value = _flag_value(args, *names)
-    value = env.get(env_name) if value is None else value
-    try:
-        return int(value) if value is not None else default
-    except ValueError:
-        return default
-
-
-def _switch(
-    args: Sequence[str], env: dict[str, str], env_name: str, on: Sequence[str], off: Sequence[str] = ()
-) -> bool:
-    """A llama-server on/off flag: its last spelling in the arguments, else its `LLAMA_ARG_*` variable."""
-    for arg in reversed(args):
-        if arg in on or arg in off:
-            return arg in on
-    return env.get(env_name, "").lower() in ("1", "true", "on", "enabled")
-
-
 def _layer_shares(args: Sequence[str], gpus: Sequence[str]) -> dict[str, float]:
     """Each visible GPU's share of the offloaded layers: equal unless `--tensor-split` says otherwise."""
-    split_text = _flag_value(args, "-ts", "--tensor-split")
+    split_text = flag_value(args, "-ts", "--tensor-split")
     weights = [float(x) for x in split_text.replace("/", ",").split(",")] if split_text else []
     weights = (weights + [0.0] * len(gpus))[: len(gpus)] if weights else [1.0] * len(gpus)
     total_weight = sum(weights) or 1.0

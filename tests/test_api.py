@@ -12,8 +12,8 @@ import aiohttp
 import pytest
 from gguf import GGUFReader
 
-from router.api import context_from_args, context_from_gguf
 from router.app import API
+from router.context_window import training_length
 from scripts.make_tiny_models import make_model
 
 from .conftest import RouterFactory, RunningRouter, fake_profile, upstream_processes, wait_until
@@ -64,24 +64,14 @@ def chat_body(model: str, **extra: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- lists
 
 
-def test_context_length_comes_from_the_args_when_they_set_it() -> None:
-    assert context_from_args(["-c", "8192"]) == 8192
-    assert context_from_args(["--ctx-size", "65536", "--jinja"]) == 65536
-    assert context_from_args(["--ctx-size=4096"]) == 4096
-    assert context_from_args(["-c", "1024", "-c", "2048"]) == 2048, "the last flag wins, as in llama-server"
-    assert context_from_args(["-c", "0"]) is None, "0 means the model's own context"
-    assert context_from_args(["--parallel", "2"]) is None
-    assert context_from_args([], {"LLAMA_ARG_CTX_SIZE": "32768"}) == 32768
-
-
 def test_context_length_from_gguf_matches_the_gguf_package(tmp_path: Path) -> None:
     model = make_model(tmp_path / "ctx.gguf", n_ctx_train=98304)
     field = GGUFReader(model).fields["llama.context_length"]
-    assert context_from_gguf(model) == int(field.parts[field.data[0]][0]) == 98304
+    assert training_length(model) == int(field.parts[field.data[0]][0]) == 98304
     garbage = tmp_path / "garbage.gguf"
     garbage.write_bytes(b"GGUF")
-    assert context_from_gguf(garbage) is None
-    assert context_from_gguf(tmp_path / "missing.gguf") is None
+    assert training_length(garbage) is None
+    assert training_length(tmp_path / "missing.gguf") is None
 
 
 async def test_models_lists_answer_from_memory_with_status_and_context(

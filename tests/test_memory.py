@@ -313,8 +313,8 @@ def kv(context: int, swa_cells: int, dense: int = DENSE_LAYERS, swa: int = SWA_L
         # padded to a multiple of 256 cells: 4 * 512 + 1000 = 3048 -> 3072
         (["-ub", "1000"], SWA_CTX, 3072),
         (["-ub", "4096"], SWA_CTX, 4 * WINDOW + 2048),  # the micro-batch is capped by -b (2048)
-        # never more than the context, which llama.cpp pads to 256 cells too: 2000 -> 2048
-        (["-c", "2000"], 2000, 2048),
+        # never more than the context, which llama.cpp pads to 256 cells (every layer): 2000 -> 2048
+        (["-c", "2000"], 2048, 2048),
     ],
 )
 def test_sliding_window_layers_keep_llama_cpps_swa_cache_not_the_context(
