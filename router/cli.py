@@ -33,8 +33,10 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 API_KEY_ENV = "LLAMA_ROUTER_API_KEY"
 
 
-def _load(path: str, host: str | None = None, port: int | None = None) -> RouterConfig:
-    config = load_config(path)
+def _load(
+    path: str, host: str | None = None, port: int | None = None, *, keep_unrunnable: bool = False
+) -> RouterConfig:
+    config = load_config(path, keep_unrunnable=keep_unrunnable)
     if host is not None or port is not None:
         server = config.server.model_copy(
             update={k: v for k, v in (("host", host), ("port", port)) if v is not None}
@@ -49,7 +51,12 @@ def _load(path: str, host: str | None = None, port: int | None = None) -> Router
 def _serve(args: argparse.Namespace) -> int:
     from .app import serve
 
-    config = _load(args.config, args.host, args.port)
+    # A profile whose files are missing is served as failed (with the reason) while the others run;
+    # `check` still reports it as an error. A reload reads the same file with the same overrides.
+    def load() -> RouterConfig:
+        return _load(args.config, args.host, args.port, keep_unrunnable=True)
+
+    config = load()
     try:
         import uvloop
 
@@ -57,8 +64,7 @@ def _serve(args: argparse.Namespace) -> int:
     except ImportError:
         pass
     try:
-        # A reload reads the same file with the same command-line overrides.
-        asyncio.run(serve(config, loader=lambda: _load(args.config, args.host, args.port)))
+        asyncio.run(serve(config, loader=load))
     except OSError as exc:
         where = f"{config.server.host}:{config.server.port}"
         print(f"llama-router: cannot listen on {where}: {exc.strerror or exc}", file=sys.stderr)

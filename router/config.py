@@ -292,6 +292,7 @@ class ResolvedProfile(BaseModel):
     mmproj_path: Path | None = None
     hf: str | None = None  # the Hugging Face reference it came from, for display
     context_length: int | None = None
+    problem: str | None = None  # why it cannot run (a file not found); served as failed, the others run
 
     @property
     def user_alias(self) -> str | None:
@@ -446,14 +447,18 @@ def validate_schema(data: Any, path: Path) -> Config:
         raise ConfigError(f"{path}: {exc}") from None
 
 
-def parse_config(data: Any, path: Path) -> RouterConfig:
-    """Validate already-parsed YAML data; `path` is used for messages and relative file names."""
+def parse_config(data: Any, path: Path, *, keep_unrunnable: bool = False) -> RouterConfig:
+    """Validate already-parsed YAML data; `path` is used for messages and relative file names.
+
+    A profile whose files are missing (model, projector, binary) is a ConfigError, unless
+    `keep_unrunnable`: then it is kept with its `problem`, so a router serves the others."""
     config = validate_schema(data, path)
     base = path.parent
-    problems: list[str] = []
+    all_problems: list[str] = []
     resolved: dict[str, ResolvedProfile] = {}
     names: dict[str, str] = {}
     for name, profile in config.profiles.items():
+        problems: list[str] = []
         model_path, model_files, mmproj_path, hf = _model_files(name, profile, path, problems)
         binary = _find_binary(profile.binary, base)
         if binary is None:
@@ -485,16 +490,19 @@ def parse_config(data: Any, path: Path) -> RouterConfig:
             fallback=tuple(profile.fallback),
             footprint_mib=profile.footprint,
             context_length=profile.context_length,
+            problem=f"{path}: " + "; ".join(problems) if problems else None,
         )
+        all_problems += problems
         names[name] = name
         for alias in profile.aliases:
             names[alias] = name
-    if problems:
-        raise ConfigError(f"{path}: " + "; ".join(problems))
+    if all_problems and not keep_unrunnable:
+        raise ConfigError(f"{path}: " + "; ".join(all_problems))
     return RouterConfig(path=path, server=config.server, profiles=resolved, names=names)
 
 
-def load_config(path: str | Path) -> RouterConfig:
-    """Read and validate a `profiles.yaml`; raises `ConfigError` naming file, key and problem."""
+def load_config(path: str | Path, *, keep_unrunnable: bool = False) -> RouterConfig:
+    """Read and validate a `profiles.yaml`; raises `ConfigError` naming file, key and problem
+    (`keep_unrunnable`: see `parse_config`)."""
     data, path = read_yaml(path)
-    return parse_config(data, path)
+    return parse_config(data, path, keep_unrunnable=keep_unrunnable)

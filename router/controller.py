@@ -147,6 +147,7 @@ class Controller:
             priority=profile.priority,
             standby=profile.standby,
             ttl=profile.ttl,
+            cannot_run=profile.problem,
         )
 
     async def reload(self, config: RouterConfig) -> dict[str, list[str]]:
@@ -205,6 +206,9 @@ class Controller:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        for profile in self.config.profiles.values():
+            if profile.problem:
+                log.error("%s cannot run and is served as failed: %s", profile.name, profile.problem)
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, force_close=True), trust_env=False
         )

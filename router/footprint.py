@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -566,6 +567,22 @@ class BufferTally:
         return count_shared_memory(result, self.devices)
 
 
+def _valid_entry(entry: object) -> dict[str, int] | None:
+    """The footprint of a saved entry (`{"identity": str, "footprint": {device: bytes}}`), or None
+    when it has another shape."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("identity"), str):
+        return None
+    footprint = entry.get("footprint")
+    if not isinstance(footprint, dict) or not footprint:
+        return None
+    if not all(
+        isinstance(device, str) and type(amount) is int and amount >= 0
+        for device, amount in footprint.items()
+    ):
+        return None
+    return dict(footprint)
+
+
 def identity(profile: ResolvedProfile) -> str:
     """What a learned footprint depends on; a change invalidates it."""
     try:
@@ -578,26 +595,55 @@ def identity(profile: ResolvedProfile) -> str:
 
 
 class FootprintStore:
-    """Learned footprints, kept in `<state_dir>/footprints.json` across router restarts."""
+    """Learned footprints, kept in `<state_dir>/footprints.json` across router restarts.
+
+    The file is a cache of measurements, never a reason not to start: one that cannot be read as a
+    JSON object is set aside (renamed `footprints.json.corrupt-<time>`, for a person to look at) and
+    learning starts afresh; an entry of the wrong shape is dropped on its own, the others kept."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._data: dict[str, dict[str, object]] = {}
         try:
-            loaded = json.loads(path.read_text())
-            if isinstance(loaded, dict):
-                self._data = loaded
-        except (OSError, ValueError):
-            pass
+            text = path.read_text()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.warning("cannot read learned footprints from %s: %s", path, exc.strerror or exc)
+            return
+        try:
+            loaded = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            self._quarantine(f"not JSON ({exc})")
+            return
+        if not isinstance(loaded, dict):
+            self._quarantine(f"a JSON {type(loaded).__name__}, not an object")
+            return
+        for name, entry in loaded.items():
+            footprint = _valid_entry(entry)
+            if footprint is None:
+                log.warning("%s: dropped the entry for %r, which is not a learned footprint", path, name)
+                continue
+            self._data[name] = {"identity": entry["identity"], "footprint": footprint}
+
+    def _quarantine(self, why: str) -> None:
+        """Move an unreadable state file aside so the next save does not lose it, and say so."""
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+        try:
+            self.path.replace(aside)
+        except OSError as exc:
+            log.warning(
+                "%s is %s and cannot be moved aside (%s); it will be overwritten", self.path, why, exc
+            )
+            return
+        log.warning("%s is %s: moved to %s; footprints will be learned again", self.path, why, aside.name)
 
     def get(self, profile: ResolvedProfile) -> dict[str, int] | None:
         entry = self._data.get(profile.name)
         if not entry or entry.get("identity") != identity(profile):
             return None
         footprint = entry.get("footprint")
-        if not isinstance(footprint, dict):
-            return None
-        return {str(device): int(amount) for device, amount in footprint.items()}
+        return dict(footprint) if isinstance(footprint, dict) else None
 
     def put(self, profile: ResolvedProfile, footprint: dict[str, int]) -> None:
         self._data[profile.name] = {"identity": identity(profile), "footprint": footprint}

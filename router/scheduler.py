@@ -128,6 +128,7 @@ class ProfileSpec:
     priority: int = 0  # among idle models, lower priority is evicted first
     standby: bool = False  # preloaded whenever memory is free and nobody waits
     ttl: float | None = None  # unload after this many idle seconds
+    cannot_run: str | None = None  # why it cannot be started (its files are missing): failed until fixed
 
 
 @dataclass
@@ -208,7 +209,7 @@ class Scheduler:
     """Keeps per-profile state and answers every event with the decisions it implies."""
 
     def __init__(self, profiles: Iterable[ProfileSpec], budget: Resources, rules: Rules) -> None:
-        self._slots: dict[str, _Slot] = {spec.name: _Slot(spec, dict(spec.footprint)) for spec in profiles}
+        self._slots: dict[str, _Slot] = {spec.name: _new_slot(spec) for spec in profiles}
         self._budget = dict(budget)
         self.rules = rules
         self._requests: dict[int, _Request] = {}
@@ -298,6 +299,8 @@ class Scheduler:
         if self._closing:
             return [Fail(request_id, FailReason.SHUTTING_DOWN, "the router is shutting down")]
         slot = self._slots[profile]
+        if slot.spec.cannot_run:
+            return [Fail(request_id, FailReason.MODEL_LOAD_FAILED, slot.spec.cannot_run)]
         limit = self.rules.max_waiting
         if limit is not None and not slot.accepting and (waiting := self.queue_depth) >= limit:
             message = (
@@ -460,6 +463,10 @@ class Scheduler:
             if spec is not None:
                 if slot.spec.footprint != spec.footprint:
                     slot.footprint = dict(spec.footprint)
+                if spec.cannot_run and slot.state is State.COLD:
+                    slot.state, slot.last_error, slot.retry_at = State.FAILED, spec.cannot_run, None
+                elif slot.spec.cannot_run and not spec.cannot_run and slot.state is State.FAILED:
+                    slot.state, slot.last_error = State.COLD, ""  # its files are there now
                 slot.spec = spec
                 continue
             slot.removed = True
@@ -474,7 +481,7 @@ class Scheduler:
                 del self._slots[name]
         for name, spec in specs.items():
             if name not in self._slots:
-                self._slots[name] = _Slot(spec, dict(spec.footprint))
+                self._slots[name] = _new_slot(spec)
         decisions.extend(self._place(now))
         return decisions
 
@@ -791,6 +798,14 @@ def choose_victims(
         _subtract(left, slot)
         victims.append(slot)
     return victims
+
+
+def _new_slot(spec: ProfileSpec) -> _Slot:
+    """The state of a profile the scheduler has just been told of: cold, or failed if it cannot run."""
+    slot = _Slot(spec, dict(spec.footprint))
+    if spec.cannot_run:
+        slot.state, slot.last_error = State.FAILED, spec.cannot_run
+    return slot
 
 
 def idle_grace(gap: float | None) -> float:
