@@ -23,6 +23,7 @@ from urllib.parse import unquote
 import aiohttp
 from aiohttp import web
 
+from . import __version__
 from .access_log import mark_long_lived
 from .config import ResolvedProfile
 from .context_window import Window, learned, profile_window
@@ -39,6 +40,10 @@ KEEPALIVE = 15.0  # seconds between keep-alive comments on idle event streams
 PROPS_TIMEOUT = 5.0  # seconds to read a freshly loaded model's `/props`
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _RUNNING = (State.STARTING, State.READY, State.STOPPING)
+# Our status values that llama-server's router mode lacks, as the nearest of its own: a standby
+# model is loaded; one being stopped takes no more requests; a failed one is unloaded with
+# `failed: true`, as router mode reports an instance that exited with an error.
+NATIVE_STATUS = {"standby": "loaded", "unloading": "unloaded", "failed": "unloaded"}
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -208,7 +213,8 @@ class Api:
     def add_routes(self, app: web.Application) -> None:
         router = app.router
         router.add_get("/v1/models", self.models)
-        router.add_get("/models", self.models)
+        router.add_get("/models", self.native_models)
+        router.add_get("/props", self.props)
         router.add_get("/v1/models/{model:.+}", self.model)
         router.add_post("/models/load", self.load)
         router.add_post("/models/unload", self.unload)
@@ -241,30 +247,68 @@ class Api:
     # ------------------------------------------------------------------------------------------ lists
 
     def _status(self, view: ProfileView) -> dict[str, Any]:
-        status: dict[str, Any] = {"value": status_value(view.state.value, view.standby)}
+        # A cold model that requests wait for is loading as far as clients can tell: its load is
+        # decided, and it starts as soon as memory is free (a swap drains the model it replaces).
+        waited_for = view.state is State.COLD and view.waiting > 0
+        status: dict[str, Any] = {
+            "value": "loading" if waited_for else status_value(view.state.value, view.standby)
+        }
         if view.state is State.FAILED:
             status["failed"] = True
             if view.last_error:
                 status["error"] = view.last_error.splitlines()[0]
         return status
 
-    def model_entry(self, view: ProfileView) -> dict[str, Any]:
+    def _native_status(self, view: ProfileView) -> dict[str, Any]:
+        """`_status` in llama-server router mode's words, which Open WebUI's llama.cpp connection
+        reads (it shows the "Loaded" badge and Eject button for `loaded` only); ours is in `detail`."""
+        status = self._status(view)
+        ours = status["value"]
+        status["value"] = NATIVE_STATUS.get(ours, ours)
+        status["detail"] = ours
+        return status
+
+    def model_entry(self, view: ProfileView, *, native: bool = False) -> dict[str, Any]:
         static = self._entries().get(view.name) or {"id": view.name, "object": "model"}
         entry = dict(static)
-        entry["status"] = self._status(view)
+        entry["status"] = self._native_status(view) if native else self._status(view)
         # Bytes per device it uses (learned once loaded) or is expected to use (configured or estimated).
         entry["memory"] = {device: amount for device, amount in view.footprint.items() if device != "slots"}
         return entry
 
-    def models_payload(self) -> dict[str, Any]:
-        """The OpenAI model list with each model's status (also llama-server router mode's `/models`)."""
+    def models_payload(self, *, native: bool = False) -> dict[str, Any]:
+        """The OpenAI model list with each model's status; `native`: as llama-server's router mode
+        words it on `/models`."""
         return {
             "object": "list",
-            "data": [self.model_entry(view) for view in self.controller.views()],
+            "data": [self.model_entry(view, native=native) for view in self.controller.views()],
         }
 
     async def models(self, _: web.Request) -> web.Response:
         return web.json_response(self.models_payload())
+
+    async def native_models(self, _: web.Request) -> web.Response:
+        return web.json_response(self.models_payload(native=True))
+
+    async def props(self, request: web.Request) -> web.StreamResponse:
+        """`/props?model=<name>`: that model's own `/props`. Bare `/props` answers as llama-server's
+        router mode does (tools/server/server-models.cpp): `role: router` and a placeholder for the
+        fields a single model would fill, so clients probing for llama.cpp recognise it without
+        loading anything, and it is no client error."""
+        if request.query.get("model"):
+            return await self.proxy.handle_get(request)
+        server = self.controller.config.server
+        return web.json_response(
+            {
+                "role": "router",
+                "max_instances": server.max_resident or 0,
+                "models_autoload": True,
+                "model_alias": "llama-server",
+                "model_path": "none",
+                "default_generation_settings": {"params": {}, "n_ctx": 0},
+                "build_info": f"llama-router {__version__}",
+            }
+        )
 
     async def model(self, request: web.Request) -> web.Response:
         name = self.proxy.profile_for(request.match_info["model"])

@@ -56,8 +56,8 @@ MODEL_POST_PATHS = (
     "/detokenize",
     "/apply-template",
 )
-# Upstream pages read with GET, routed by `?model=`.
-MODEL_GET_PATHS = ("/props", "/v1/props", "/slots", "/lora-adapters")
+# Upstream pages read with GET, routed by `?model=` (`/props` too, answered by api.py when bare).
+MODEL_GET_PATHS = ("/slots", "/lora-adapters")
 
 
 def model_in_body(body: bytes) -> tuple[str, dict[str, Any]]:

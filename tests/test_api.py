@@ -105,7 +105,9 @@ async def test_models_lists_answer_from_memory_with_status_and_context(
 
     status, native = await get_json(router, "/models")
     assert status == 200
-    assert native == listing, "/models (llama-server router mode) and /v1/models agree"
+    for entry in native["data"]:
+        assert entry["status"] == {"value": "unloaded", "detail": "unloaded"}
+        assert {**entry, "status": entries[entry["id"]]["status"]} == entries[entry["id"]]
 
     status, one = await get_json(router, "/v1/models/chat")
     assert (status, one) == (200, entries["chat"])
@@ -146,6 +148,21 @@ async def test_load_and_unload_answer_at_once_and_status_follows(
     await wait_until(lambda: not upstream_processes(), what="the upstream to exit")
     status, running = await get_json(router, "/running")
     assert running["running"] == []
+
+
+async def test_a_load_waiting_for_a_swap_answers_loading(
+    start_router: RouterFactory, dummy_model: Path
+) -> None:
+    router = await start_router(
+        {"a": fake_profile(dummy_model), "b": fake_profile(dummy_model, "--load-delay", "0.2")},
+        max_resident=1,
+    )
+    await post_json(router, "/models/load?wait=1", {"model": "a"})
+    status, body = await post_json(router, "/models/load", {"model": "b"})
+    assert (status, body["status"]["value"]) == (200, "loading"), "the load is decided: a makes room"
+    assert router.controller.view("b").state.value == "cold", "b waits for a to stop"
+    assert (await statuses(router))["b"] == "loading"
+    await wait_status(router, "b", "loaded")
 
 
 async def test_load_and_unload_can_wait(start_router: RouterFactory, dummy_model: Path) -> None:
@@ -241,16 +258,69 @@ async def test_other_servers_probe_paths_are_404(
 
 async def test_gets_route_by_model_query(start_router: RouterFactory, dummy_model: Path) -> None:
     router = await start_router({"m": fake_profile(dummy_model)})
-    for path in ("/props", "/v1/props"):
-        status, body = await get_json(router, path)
-        assert status == 400, "without ?model= there is no single server to describe"
-        assert_error(body, "missing_model")
-    assert upstream_processes() == []
     status, props = await get_json(router, "/props", params={"model": "m"})
     assert (status, props["build_info"]) == (200, "fake_upstream")
     # A GET the router does not know, naming a model, goes to that model's server.
     status, last = await get_json(router, "/fake/last", params={"model": "m"})
     assert status == 200 and last["name"] == "fake-model", last
+
+
+async def test_bare_probes_answer_as_llama_server_router_mode_and_are_no_errors(
+    start_router: RouterFactory, dummy_model: Path
+) -> None:
+    """Hermes Agent probes `/v1/props`, `/props` and `/version` without `?model=` to tell what server
+    it talks to: router mode's own answers (a router `/props`; no `/v1/props` or `/version`)."""
+    router = await start_router({"m": fake_profile(dummy_model)}, max_resident=2)
+    status, props = await get_json(router, "/props")
+    assert status == 200
+    assert (props["role"], props["max_instances"], props["models_autoload"]) == ("router", 2, True)
+    assert props["default_generation_settings"]["n_ctx"] == 0
+    assert props["build_info"].startswith("llama-router ")
+    for path in ("/v1/props", "/version"):
+        status, body = await get_json(router, path)
+        assert status == 404, path
+        assert_error(body, "not_found")
+    status, props = await get_json(router, "/props", params={"model": "m"})
+    assert status == 200 and props["build_info"] == "fake_upstream", "with ?model= it is the model's"
+    async with router.session.get("/metrics") as response:
+        metrics = await response.text()
+    errors = [line for line in metrics.splitlines() if line.startswith("llama_router_errors_total{")]
+    assert errors == [], errors
+    assert upstream_processes() != [], "only the ?model= read loaded the model"
+
+
+async def test_llama_cpp_shaped_models_list_uses_router_mode_words(
+    start_router: RouterFactory, dummy_model: Path
+) -> None:
+    """Open WebUI's llama.cpp connection shows "Loaded" and Eject only for `loaded`: a standby
+    model is `loaded` there, a failed one `unloaded` with `failed`, our word in `detail`."""
+    router = await start_router(
+        {
+            "warm": fake_profile(dummy_model, standby=True),
+            "broken": fake_profile(dummy_model, "--crash-during-load"),
+            "stuck": fake_profile(dummy_model, "--ignore-sigterm", stop_timeout=2),
+        }
+    )
+
+    async def both(model: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        ours = {e["id"]: e["status"] for e in (await get_json(router, "/v1/models"))[1]["data"]}
+        native = {e["id"]: e["status"] for e in (await get_json(router, "/models"))[1]["data"]}
+        return ours[model], native[model]
+
+    await wait_until(lambda: router.controller.view("warm").standby, what="the standby preload")
+    assert await both("warm") == ({"value": "standby"}, {"value": "loaded", "detail": "standby"})
+
+    status, _ = await post_json(router, "/models/load?wait=1", {"model": "broken"})
+    assert status == 503
+    ours, native = await both("broken")
+    assert (ours["value"], native["value"], native["detail"]) == ("failed", "unloaded", "failed")
+    assert native["failed"] is True and native["error"]
+
+    await post_json(router, "/models/load?wait=1", {"model": "stuck"})
+    await post_json(router, "/models/unload", {"model": "stuck"})
+    ours, native = await both("stuck")
+    assert (ours, native) == ({"value": "unloading"}, {"value": "unloaded", "detail": "unloading"})
+    await wait_status(router, "stuck", "unloaded")
 
 
 # ---------------------------------------------------------------------------------------------- loading

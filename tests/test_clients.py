@@ -15,6 +15,8 @@ import aiohttp
 import openai
 import pytest
 
+from scripts.make_tiny_models import make_model
+
 from .conftest import RouterFactory, RunningRouter, fake_profile, upstream_processes
 
 CHAT = "/v1/chat/completions"
@@ -247,8 +249,8 @@ async def hermes_context_lengths(session: aiohttp.ClientSession, key: str) -> di
                     return response.status, await response.json()
         return response.status, None
 
-    status, _ = await props()
-    assert status == 400, "a bare /props answers for no single model"
+    status, router_props = await props()
+    assert status == 200 and router_props["role"] == "router", "a bare /props: llama.cpp's router mode"
     async with session.get("/models", headers=auth) as response:
         native = await response.json()
     for child in native["data"]:
@@ -273,15 +275,14 @@ async def test_hermes_agent_probing_and_chat(start_router: RouterFactory, dummy_
             async with session.get(path) as response:
                 assert response.status in (401, 404), (path, response.status)
                 assert "models" not in await response.json()
-        # Same probes with the key: still no LM Studio, Ollama, llama.cpp or vLLM signature.
+        # Same probes with the key: no LM Studio, Ollama or vLLM signature; llama.cpp's router mode.
         auth = {"Authorization": "Bearer hermes-key"}
-        for path in ("/api/v1/models", "/api/tags", "/version"):
+        for path in ("/api/v1/models", "/api/tags", "/version", "/v1/props"):
             async with session.get(path, headers=auth) as response:
                 assert response.status == 404, path
-        for path in ("/v1/props", "/props"):
-            async with session.get(path, headers=auth) as response:
-                assert response.status == 400
-                assert "default_generation_settings" not in await response.text()
+        async with session.get("/props", headers=auth) as response:
+            assert response.status == 200
+            assert (await response.json())["role"] == "router"
 
         lengths = await hermes_context_lengths(session, "hermes-key")
         assert lengths == {"agent": 65536, "small": 8192}
@@ -305,3 +306,26 @@ async def test_hermes_agent_probing_and_chat(start_router: RouterFactory, dummy_
 
         lengths = await hermes_context_lengths(session, "hermes-key")
         assert lengths["agent"] == 65536, "the loaded model's own n_ctx, read through /props?model="
+
+
+async def test_hermes_is_told_the_window_each_request_gets_with_parallel_slots(
+    start_router: RouterFactory, llama_server: Path, tmp_path: Path
+) -> None:
+    """`-c 65536 --parallel 2` gives each request 32768 tokens: Hermes must see that and refuse the
+    model, instead of accepting it and failing on conversations past 32K."""
+    model = make_model(tmp_path / "long.gguf", seed=6, n_ctx_train=131072)
+    common = {"model": str(model), "binary": str(llama_server)}
+    router = await start_router(
+        {
+            "split": {**common, "args": ["-c", "65536", "--parallel", "2", "--threads", "1"]},
+            "whole": {**common, "args": ["-c", "131072", "--parallel", "2", "--threads", "1"]},
+        }
+    )
+    async with aiohttp.ClientSession(base_url=router.url) as session:
+        before = await hermes_context_lengths(session, "unused")
+        assert before == {"split": 32768, "whole": 65536}
+        assert before["split"] < HERMES_MINIMUM_CONTEXT <= before["whole"]
+        for name in before:
+            async with session.post("/models/load?wait=1", json={"model": name}) as response:
+                assert response.status == 200
+        assert await hermes_context_lengths(session, "unused") == before, "what /props?model= says"
