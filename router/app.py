@@ -21,8 +21,10 @@ from aiohttp import web
 from .access_log import IN_FLIGHT, RECORD, InFlight, log_request
 from .api import Api
 from .auth import KeyRing, Keys, auth_middleware, resolve_keys, warn_if_open
+from .browser_guard import browser_guard
 from .config import RouterConfig
 from .controller import Controller
+from .dashboard import Dashboard
 from .errors import RouterError, error_response
 from .metrics import CONTENT_TYPE_LATEST as METRICS_CONTENT_TYPE
 from .metrics import Metrics
@@ -39,6 +41,7 @@ PROXY: web.AppKey[Proxy] = web.AppKey("proxy", Proxy)
 API: web.AppKey[Api] = web.AppKey("api", Api)
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 KEYS: web.AppKey[KeyRing] = web.AppKey("keys", KeyRing)
+DASHBOARD: web.AppKey[Dashboard] = web.AppKey("dashboard", Dashboard)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
@@ -56,18 +59,19 @@ def _error_response(request: web.Request, exc: Exception) -> web.StreamResponse:
     return error_response(500, "internal router error; see the router's log", code="internal_error")
 
 
-def each_request(in_flight: InFlight, metrics: Metrics) -> Middleware:
+def each_request(in_flight: InFlight, metrics: Metrics, dashboard: Dashboard) -> Middleware:
     """The outermost middleware: every request's record, from its arrival to its last byte.
 
     It counts the request in flight, turns failures into OpenAI-shaped answers, sends an answer the
     handler returned unsent, and when the request ends (however it ends) counts it in the metrics
-    (requests for a model) and writes its access line."""
+    and the activity log (requests for a model) and writes its access line."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         record = RequestRecord(request.method, request.path, time.perf_counter())
         request[RECORD] = record
         in_flight.begin()
+        dashboard.request_started(request)
         response: web.StreamResponse | None = None
         try:
             try:
@@ -101,6 +105,7 @@ def each_request(in_flight: InFlight, metrics: Metrics) -> Middleware:
                 record.sent = response.body_length
             if record.for_model:
                 metrics.request_done(record)
+            dashboard.request_ended(request, record)
             log_request(record, request)
 
     return middleware
@@ -113,24 +118,31 @@ def build_app(config: RouterConfig) -> web.Application:
     controller = Controller(config)
     metrics = Metrics(controller)
     in_flight = InFlight()
-    # Keys are always checked: a reload may add keys to a router that started without any.
-    middlewares: list[Any] = [each_request(in_flight, metrics), auth_middleware(key_ring)]
-    app = web.Application(middlewares=middlewares, client_max_size=256 * 1024 * 1024)
     proxy = Proxy(controller)
+    api = Api(controller, proxy)
+    dashboard = Dashboard(controller, api, key_ring)
+    # Keys are always checked: a reload may add keys to a router that started without any.
+    middlewares: list[Any] = [
+        each_request(in_flight, metrics, dashboard),
+        browser_guard(key_ring, lambda: controller.config.server.host),
+        auth_middleware(key_ring),
+    ]
+    app = web.Application(middlewares=middlewares, client_max_size=256 * 1024 * 1024)
 
     def strip_auth_while_keys_are_set(keys: Keys) -> None:
         proxy.strip_auth = keys.enabled
 
     key_ring.subscribe(strip_auth_while_keys_are_set)
-    api = Api(controller, proxy)
     app[KEYS] = key_ring
     app[CONTROLLER] = controller
     app[PROXY] = proxy
     app[API] = api
     app[METRICS] = metrics
     app[IN_FLIGHT] = in_flight
+    app[DASHBOARD] = dashboard
 
     async def on_startup(_: web.Application) -> None:
+        await dashboard.start()
         await controller.start()
 
     async def on_shutdown(_: web.Application) -> None:
@@ -144,6 +156,7 @@ def build_app(config: RouterConfig) -> web.Application:
         await controller.close(grace=current.server.context_save_timeout + stop + 1)
         await proxy.close()
         metrics.close()
+        await dashboard.close()
 
     app.on_startup.append(on_startup)
     app.on_shutdown.append(on_shutdown)
@@ -162,6 +175,7 @@ def build_app(config: RouterConfig) -> web.Application:
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics_page)
     api.add_routes(app)
+    dashboard.add_routes(app)
     for path in MODEL_POST_PATHS:
         app.router.add_post(path, proxy.handle_post)
     for path in MODEL_GET_PATHS:

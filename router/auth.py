@@ -1,8 +1,9 @@
 """Optional API keys: a Bearer key on every endpoint but `/health`, an admin key on the control ones.
 
 With no keys configured the router is open (it listens on loopback by default). API keys guard
-everything but `/health` (so service managers and load balancers can probe it); admin keys, when
-set, are required for the endpoints that change what runs (load, unload, `/upstream/...`) and are
+everything but `/health` (so service managers and load balancers can probe it) and the dashboard's
+static page (which asks for a key itself); admin keys, when set, are required for the endpoints that
+change what runs (load, unload, cancelling a request, `/upstream/...`) and are
 accepted everywhere an API key is. The keys live in a `KeyRing` that a config reload replaces, so adding,
 removing or rotating keys takes effect without a restart.
 """
@@ -25,9 +26,11 @@ log = logging.getLogger("llama_router")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/health", "/", "/ui"})
+OPEN_PREFIXES = ("/ui/",)  # the dashboard's static files: the page asks for a key itself
 # Control endpoints: they start and stop processes or reach an upstream's own API directly.
 ADMIN_POST_PATHS = frozenset({"/models/load", "/models/unload"})
+ADMIN_POST_PREFIXES = ("/requests/",)  # cancelling a request
 ADMIN_PATHS = frozenset({"/unload", "/upstream"})  # any method (llama-swap unloads with a GET)
 
 
@@ -112,12 +115,18 @@ def warn_if_open(keys: Keys, host: str) -> None:
         )
 
 
+def is_open(path: str) -> bool:
+    """Whether `path` is answered without a key (`/health`, and the dashboard's page, which holds
+    nothing secret; `GET /` only sends browsers there)."""
+    return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
+
+
 def is_admin_request(request: web.Request) -> bool:
     """Whether `request` is for a control endpoint."""
     path = request.path
     if path in ADMIN_PATHS or path.startswith("/upstream/"):
         return True
-    return request.method == "POST" and path in ADMIN_POST_PATHS
+    return request.method == "POST" and (path in ADMIN_POST_PATHS or path.startswith(ADMIN_POST_PREFIXES))
 
 
 def presented_key(request: web.Request) -> bytes | None:
@@ -149,7 +158,7 @@ def auth_middleware(ring: KeyRing) -> Callable[[web.Request, Handler], Awaitable
 
     @web.middleware
     async def check_key(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not ring.enabled or request.path in OPEN_PATHS:
+        if not ring.enabled or is_open(request.path):
             return await handler(request)
         keys = ring.keys
         key = presented_key(request)

@@ -159,6 +159,22 @@ def context_event(model: str, action: str, result: dict[str, Any]) -> ContextEve
     return done(model, **figures)
 
 
+# ---------------------------------------------------------------------------------------------- requests
+
+
+@dataclass(frozen=True)
+class RequestsChanged(Event):
+    """The requests waiting or being answered now, and the activity rows written since the last one.
+
+    Not a lifecycle event: the dashboard sends it at most a few times a second while requests come
+    and go, and `/events` passes it only to readers that ask (`?requests=1`)."""
+
+    kind: ClassVar[str] = "requests"
+    requests: list[dict[str, Any]]
+    activity: list[dict[str, Any]]  # the newest rows written, newest last (at most a page of them)
+    activity_dropped: int  # rows written but left out of `activity`
+
+
 # ---------------------------------------------------------------------------------------------- config
 
 

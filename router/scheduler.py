@@ -190,6 +190,7 @@ class ProfileView:
     footprint: dict[str, int]
     failed: bool  # failed too often: only a new request or an explicit load retries it
     retry_at: float | None  # backing off after a failure until then
+    ttl_expiry: float | None  # when its `ttl` unloads it, while it sits idle
 
 
 @dataclass(frozen=True)
@@ -233,6 +234,7 @@ class Scheduler:
             footprint=dict(slot.footprint),
             failed=slot.state is State.FAILED and slot.retry_at is None,
             retry_at=slot.retry_at if slot.state is State.FAILED else None,
+            ttl_expiry=self._ttl_expiry(slot),
         )
 
     def accepting(self, profile: str) -> bool:

@@ -1,0 +1,122 @@
+"""What keeps web pages from other origins from driving a router that runs without keys.
+
+Without API keys (the loopback default) anything that can reach the port may use it, which is the
+point on a workstation, but a browser reaches loopback too: a page on another site can send the
+router requests (a form POST, an image GET), and through DNS rebinding it can even read the answers
+under a name of its own. So, while no keys are set:
+
+- a request whose `Host` is not one of the router's own names is refused (403 `host_not_allowed`):
+  IP addresses, `localhost` and `*.localhost`, the configured `server.host` and this machine's host
+  name are its own; a rebinding page's name is not;
+- a request that changes state (any method but GET, HEAD and OPTIONS, and llama-swap's GET
+  `/unload`) is refused (403 `cross_origin_refused`) when the browser says it comes from another
+  site (`Sec-Fetch-Site`) or its `Origin` is not the address it was sent to.
+
+With keys set, neither is needed: a page from elsewhere cannot know the key, and a browser will not
+send one across origins on its own. `/health` and the page's static files are always answered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import socket
+from collections.abc import Awaitable, Callable
+from functools import lru_cache
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from .auth import KeyRing, is_admin_request, is_open
+from .errors import error_response
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+FOREIGN_SITES = frozenset({"cross-site", "same-site"})  # Sec-Fetch-Site values of other origins
+
+
+def host_name(host: str) -> str:
+    """The name or address in a `Host` header value (port and IPv6 brackets taken off), lowercased."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    if host.count(":") == 1:
+        host = host.partition(":")[0]
+    return host.rstrip(".")
+
+
+@lru_cache(maxsize=1)
+def _machine_names() -> frozenset[str]:
+    names = {socket.gethostname().lower()}
+    with contextlib.suppress(OSError):
+        names.add(socket.getfqdn().lower())
+    return frozenset(name for name in names if name)
+
+
+def own_host(host: str, listen_host: str) -> bool:
+    """Whether `host` (a Host header) names this router rather than some other site's name that
+    resolves to it: any IP address, `localhost`, the listen address, this machine's names."""
+    name = host_name(host)
+    if not name:
+        return False
+    try:
+        ipaddress.ip_address(name)
+        return True  # an address cannot be rebound to another site
+    except ValueError:
+        pass
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    return name == listen_host.lower() or name in _machine_names()
+
+
+def foreign_origin(request: web.Request) -> bool:
+    """Whether the browser says `request` comes from a page of another origin."""
+    if request.headers.get("Sec-Fetch-Site", "").lower() in FOREIGN_SITES:
+        return True
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return False
+    parts = urlsplit(origin)
+    return origin == "null" or parts.netloc.lower() != request.headers.get("Host", "").lower()
+
+
+def changes_state(request: web.Request) -> bool:
+    return request.method not in SAFE_METHODS or is_admin_request(request)
+
+
+def browser_guard(
+    ring: KeyRing, listen_host: Callable[[], str]
+) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """The middleware applying the module's rules while `ring` holds no keys; `listen_host` gives
+    `server.host` as it is now."""
+    checked: dict[str, bool] = {}  # Host values seen, and whether each is the router's own
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if ring.enabled or is_open(request.path):
+            return await handler(request)
+        host = request.headers.get("Host")
+        if host is not None:
+            own = checked.get(host)
+            if own is None:
+                if len(checked) > 256:  # names are few; anything beyond is someone probing
+                    checked.clear()
+                own = checked[host] = own_host(host, listen_host())
+            if not own:
+                return error_response(
+                    403,
+                    f"Host {host_name(host)!r} is not this router's name; without API keys only its own "
+                    "names (IP addresses, localhost, its host name) are served. Set server.api_keys to "
+                    "serve it under other names.",
+                    code="host_not_allowed",
+                )
+        if changes_state(request) and foreign_origin(request):
+            return error_response(
+                403,
+                f"{request.method} {request.path} from a page of another origin is refused while the router "
+                "runs without API keys",
+                code="cross_origin_refused",
+            )
+        return await handler(request)
+
+    return guard
