@@ -112,6 +112,11 @@ class ServerConfig(_Strict):
         default=10.0, gt=0, description="seconds a stop may spend saving prompt caches"
     )
     health_interval: float = Field(default=0.005, gt=0, le=0.02, description="readiness poll period (s)")
+    upstream_sockets: bool = Field(
+        default=True,
+        description="run upstreams on Unix sockets in a private directory where the binary can "
+        "(else on loopback ports whose listener is checked to be the upstream)",
+    )
     shutdown_timeout: float = Field(
         default=30.0, ge=0, description="seconds SIGTERM waits for requests in flight before stopping"
     )

@@ -13,6 +13,8 @@ import itertools
 import logging
 import os
 import re
+import shutil
+import tempfile
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
@@ -131,6 +133,7 @@ class Controller:
         self._listeners: list[EventListener] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._socket_dir: Path | None = None  # upstreams' Unix sockets, private to the router
 
     def _budget(self) -> dict[str, int]:
         budget = {device.name: device.budget for device in self.devices}
@@ -212,6 +215,8 @@ class Controller:
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, force_close=True), trust_env=False
         )
+        if self.config.server.upstream_sockets:
+            self._socket_dir = private_dir()
         for profile in self.config.profiles.values():
             if profile.standby:
                 self._read_ahead(profile)
@@ -234,6 +239,8 @@ class Controller:
             self._timer.cancel()
         if self._session is not None:
             await self._session.close()
+        if self._socket_dir is not None:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
 
     def now(self) -> float:
         return time.monotonic()
@@ -429,6 +436,7 @@ class Controller:
             owner_tag=self.owner_tag,
             on_output=self._record_output,
             extra_args=self.contexts.extra_args(profile),
+            socket_dir=self._socket_dir,
         )
         self.upstreams[name] = upstream
         self._tallies[name] = BufferTally.of(profile, self.devices)
@@ -450,12 +458,12 @@ class Controller:
         except LoadError:
             return  # the exit watcher reports it
         if profile.keep_context and not upstream.stopping:
-            restored = await self.contexts.restore(upstream, self._session)
+            restored = await self.contexts.restore(upstream, upstream.client(self._session))
             if restored:  # a dict with `error` reports a failure; the load goes on without the cache
                 self.emit(context_event(name, "restore", restored))
         if self.upstreams.get(name) is upstream and not upstream.stopping:
             load_seconds = upstream.ready_at - upstream.spawned_at
-            log.info("%s ready in %.3fs on port %s", name, load_seconds, upstream.port)
+            log.info("%s ready in %.3fs on %s", name, load_seconds, upstream.authority)
             self.emit(Ready(name, round(load_seconds, 4), upstream.port))
             self._apply(self.scheduler.process_ready(name, self.now()))
             self._learn_footprint(upstream)
@@ -502,7 +510,8 @@ class Controller:
                 if upstream is None or view.state is not State.READY or view.in_flight:
                     continue
                 try:
-                    async with self._session.get(f"{upstream.base_url}/health", timeout=timeout) as response:
+                    session = upstream.client(self._session)
+                    async with session.get(f"{upstream.base_url}/health", timeout=timeout) as response:
                         healthy = response.status == 200
                 except (TimeoutError, aiohttp.ClientError):
                     healthy = False
@@ -534,7 +543,7 @@ class Controller:
             return
         if upstream.profile.keep_context and upstream.ready_at and upstream.is_alive():
             assert self._session is not None
-            saved = await self.contexts.save(upstream, self._session)
+            saved = await self.contexts.save(upstream, upstream.client(self._session))
             if saved:  # a dict with `error` reports a failure; the stop goes on regardless
                 self.emit(context_event(name, "save", saved))
         await upstream.stop(upstream.profile.stop_timeout)
@@ -571,7 +580,8 @@ class Controller:
                     "waiting": view.waiting,
                     "draining": view.draining,
                     "pid": upstream.pid if upstream else None,
-                    "port": upstream.port if upstream else None,
+                    "port": upstream.port if upstream and not upstream.socket_path else None,
+                    "socket": upstream.socket_path if upstream else None,
                     "last_error": view.last_error or None,
                     "standby": view.standby,
                     "footprint": {k: v for k, v in view.footprint.items() if k != "slots"},
@@ -620,6 +630,14 @@ def state_dir(config: RouterConfig) -> Path:
         return config.server.state_dir.expanduser()
     base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
     return Path(base) / "llama-router"
+
+
+def private_dir() -> Path:
+    """A new directory only this user may enter (0700), for the upstreams' Unix sockets: under
+    `$XDG_RUNTIME_DIR` when set and short enough, else the system's temporary directory."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    usable = runtime if runtime and len(runtime) < 64 and os.path.isdir(runtime) else None
+    return Path(tempfile.mkdtemp(prefix="llama-router-", dir=usable))
 
 
 def _launch_identity(profile: ResolvedProfile) -> tuple[object, ...]:

@@ -204,17 +204,14 @@ class Proxy:
         upstream = lease.upstream
         method = request.method
         target = path if path is not None else request.rel_url.raw_path_qs
-        head = upstream_head(
-            method, target, upstream.host, upstream.port, request.raw_headers, body, self.request_drop
-        )
+        head = upstream_head(method, target, upstream.authority, request.raw_headers, body, self.request_drop)
         limit = stall_limit(self.controller.config.server, first_byte=False)
         attempt = 1
         sent_before = False
         while True:
             try:
                 return await self._pool.request(
-                    upstream.host,
-                    upstream.port,
+                    upstream.address,
                     head,
                     body,
                     timeout=limit,

@@ -134,15 +134,14 @@ def request_drop(*, strip_auth: bool) -> frozenset[bytes]:
 def upstream_head(
     method: str,
     target: str,
-    host: str,
-    port: int,
+    authority: str,
     raw_headers: Any,
     body: bytes | None,
     drop: frozenset[bytes],
 ) -> bytes:
     """The request line and headers for the upstream: the client's headers less `drop`, the upstream's
-    Host and the length of the body the router holds."""
-    parts = [f"{method} {target} HTTP/1.1\r\nHost: {host}:{port}\r\n".encode("latin-1")]
+    Host (`authority`) and the length of the body the router holds."""
+    parts = [f"{method} {target} HTTP/1.1\r\nHost: {authority}\r\n".encode("latin-1")]
     for name, value in raw_headers:
         if name.lower() not in drop:
             parts += (name, b": ", value, b"\r\n")

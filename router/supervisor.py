@@ -1,13 +1,21 @@
 """One upstream `llama-server` process: spawn, readiness, stop, logs and exit reasons.
 
-Every upstream gets a free loopback port, its own process group (so a stop reaches any children too)
-and a lifeline (lifeline.py), so it dies with the router even when the router is SIGKILLed.
+Every upstream gets its own process group (so a stop reaches any children too) and a lifeline
+(lifeline.py), so it dies with the router even when the router is SIGKILLed.
+
+An upstream is the process the router started, never whatever answers at its address. Where the
+binary can listen on a Unix socket (`--host <path>.sock`, which its `--help` says), it listens in the
+router's private directory (mode 0700), where no other user's process can take its place. Otherwise
+it gets a free loopback port, and since another process may bind that port between the router
+choosing it and llama-server binding it, the port is only trusted (even for `/health`) once its
+listening socket belongs to the child or one of its descendants.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import signal
@@ -15,6 +23,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 
 import aiohttp
 import psutil
@@ -32,11 +41,75 @@ SECOND_SIGNAL_AFTER = 1.0
 OWNER_ENV = "LLAMA_ROUTER_OWNER"
 
 
+# The longest Unix socket path the kernel takes (sun_path is 108 bytes on Linux, 104 on macOS).
+MAX_SOCKET_PATH = 103
+# Seconds `<binary> --help` may take when asked whether it listens on Unix sockets.
+HELP_TIMEOUT = 10.0
+_socket_numbers = itertools.count(1)
+_unix_support: dict[tuple[str, ...], bool] = {}
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A currently free TCP port on `host`, chosen by the kernel."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+async def listens_on_unix_sockets(profile: ResolvedProfile) -> bool:
+    """Whether the profile's llama-server takes a Unix socket path as `--host` (builds since late
+    2025 do, and say so in `--help`). Asked once per binary (and its version on disk) and args."""
+    try:
+        mtime = str(profile.binary.stat().st_mtime_ns)
+    except OSError:
+        return False
+    key = (str(profile.binary), mtime, *profile.args)
+    known = _unix_support.get(key)
+    if known is not None:
+        return known
+    found = False
+    try:
+        process = await asyncio.create_subprocess_exec(
+            str(profile.binary),
+            *profile.args,
+            "--help",
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env={**os.environ, **profile.env},
+            start_new_session=True,
+        )
+        try:
+            output, _ = await asyncio.wait_for(process.communicate(), HELP_TIMEOUT)
+            found = b".sock" in output
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+    except (OSError, TimeoutError):
+        pass
+    _unix_support[key] = found
+    log.debug("%s %s Unix sockets", profile.binary, "listens on" if found else "cannot listen on")
+    return found
+
+
+def owns_listener(pid: int, port: int) -> bool:
+    """Whether the TCP socket listening on `port` belongs to process `pid` or one of its descendants
+    (a wrapper script's llama-server), rather than to another process that took the port."""
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return False
+    for process in processes:
+        try:
+            connections = process.net_connections(kind="tcp")
+        except psutil.Error:
+            continue
+        for connection in connections:
+            if connection.status == psutil.CONN_LISTEN and connection.laddr and connection.laddr.port == port:
+                return True
+    return False
 
 
 class LoadError(Exception):
@@ -56,11 +129,15 @@ class Upstream:
         owner_tag: str = "",
         on_output: Callable[[str, str], None] | None = None,
         extra_args: list[str] | None = None,
+        socket_dir: Path | None = None,
     ) -> None:
         self.profile = profile
         self.extra_args = extra_args or []
         self.host = host
         self.port = 0
+        self.socket_dir = socket_dir  # a private directory for its Unix socket; None: TCP only
+        self.socket_path: str | None = None  # where it listens, when on a Unix socket
+        self._own_session: aiohttp.ClientSession | None = None
         self.log: deque[str] = deque(maxlen=log_lines)
         self.health_interval = health_interval
         self.owner_tag = owner_tag
@@ -75,7 +152,22 @@ class Upstream:
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        """The URL prefix of its endpoints (for a Unix socket, reached through `client`'s connector)."""
+        return "http://localhost" if self.socket_path else f"http://{self.host}:{self.port}"
+
+    @property
+    def address(self) -> tuple[str, int] | str:
+        """Where it listens: a (host, port), or a Unix socket path."""
+        return self.socket_path or (self.host, self.port)
+
+    @property
+    def authority(self) -> str:
+        """The `Host` of requests sent to it."""
+        return "localhost" if self.socket_path else f"{self.host}:{self.port}"
+
+    def client(self, shared: aiohttp.ClientSession) -> aiohttp.ClientSession:
+        """The HTTP session that reaches it: `shared` over TCP, its own on a Unix socket."""
+        return self._own_session or shared
 
     @property
     def pid(self) -> int | None:
@@ -98,24 +190,44 @@ class Upstream:
         """The last lines of the upstream's output, for error messages."""
         return "\n".join(list(self.log)[-lines:])
 
-    async def spawn(self) -> None:
-        """Start the process on a free port; output goes to the bounded log buffer."""
+    async def _listen_address(self) -> tuple[str, int]:
+        """The `--host` and `--port` to give it: a socket in the private directory where the binary
+        can listen on one (its path short enough), else a free loopback port."""
+        if self.socket_dir is not None and await listens_on_unix_sockets(self.profile):
+            path = str(self.socket_dir / f"{next(_socket_numbers)}.sock")
+            if len(path.encode()) <= MAX_SOCKET_PATH:
+                self.socket_path = path
+                self._own_session = aiohttp.ClientSession(
+                    connector=aiohttp.UnixConnector(path=path, force_close=True), trust_env=False
+                )
+                return path, 0
         self.port = free_port(self.host)
+        return self.host, self.port
+
+    async def spawn(self) -> None:
+        """Start the process on its own address; output goes to the bounded log buffer."""
+        host, port = await self._listen_address()
         env = {**os.environ, **self.profile.env}
         if self.owner_tag:
             env[OWNER_ENV] = self.owner_tag
-        command = [*self.profile.command(self.host, self.port), *self.extra_args]
+        command = [*self.profile.command(host, port), *self.extra_args]
         self.spawned_at = time.monotonic()
-        self.process = await asyncio.create_subprocess_exec(
-            *command,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-            preexec_fn=lifeline().arm(),
-        )
-        log.info("spawned %s pid=%s port=%s", self.profile.name, self.process.pid, self.port)
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                *command,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                preexec_fn=lifeline().arm(),
+            )
+        except BaseException:
+            if self._own_session is not None:
+                await self._own_session.close()
+            raise
+        where = f"socket={self.socket_path}" if self.socket_path else f"port={self.port}"
+        log.info("spawned %s pid=%s %s", self.profile.name, self.process.pid, where)
         self._reader = asyncio.create_task(self._read_output(self.process))
 
     async def _read_output(self, process: asyncio.subprocess.Process) -> None:
@@ -136,18 +248,26 @@ class Upstream:
                 self.on_output(self.profile.name, line)
 
     async def wait_ready(self, session: aiohttp.ClientSession) -> None:
-        """Poll `/health` until it answers 200; raise LoadError at once if the process exits."""
+        """Poll `/health` until it answers 200; raise LoadError at once if the process exits.
+
+        On a TCP port, nothing is sent there until the child is seen listening on it: another
+        process that took the port first gets no request (the child fails to bind and exits)."""
         assert self.process is not None
         exited = asyncio.ensure_future(self.process.wait())
+        session = self.client(session)
+        owned = self.socket_path is not None
         try:
             url = f"{self.base_url}/health"
             timeout = aiohttp.ClientTimeout(total=1.0)
             while not exited.done():
-                with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
-                    async with session.get(url, timeout=timeout) as response:
-                        if response.status == 200:
-                            self.ready_at = time.monotonic()
-                            return
+                if not owned:
+                    owned = await asyncio.to_thread(owns_listener, self.process.pid, self.port)
+                if owned:
+                    with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                        async with session.get(url, timeout=timeout) as response:
+                            if response.status == 200:
+                                self.ready_at = time.monotonic()
+                                return
                 # Poll again after the interval, or at once when the output says it has loaded.
                 says_ready = asyncio.ensure_future(self._says_ready.wait())
                 await asyncio.wait(
@@ -179,11 +299,17 @@ class Upstream:
         return f"{message}; last output:\n{tail}" if tail else message
 
     async def wait_exit(self) -> int:
-        """Wait for the process to end (for any reason) and its output to be read."""
+        """Wait for the process to end (for any reason) and its output to be read; then let go of
+        its socket."""
         assert self.process is not None
         code = await self.process.wait()
         lifeline().released(self.process.pid)
         await self._drain_reader()
+        if self._own_session is not None:
+            await self._own_session.close()
+        if self.socket_path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.socket_path)
         return code
 
     async def stop(self, timeout: float) -> None:

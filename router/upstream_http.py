@@ -19,7 +19,7 @@ import asyncio
 import collections
 from collections.abc import Callable
 from types import TracebackType
-from typing import cast
+from typing import TypeAlias, cast
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -32,6 +32,8 @@ MAX_CHUNK_LINE = 4096  # bytes of a chunk-size line, extensions included
 # and a request sent just as the server closes would fail for no good reason.
 IDLE_TIMEOUT = 4.0
 CONNECT_TIMEOUT = 10.0
+# Where an upstream listens: (host, port), or the path of a Unix socket.
+Address: TypeAlias = tuple[str, int] | str
 
 
 class UpstreamError(Exception):
@@ -502,26 +504,30 @@ class UpstreamPool:
         connect_timeout: float = CONNECT_TIMEOUT,
         keep_streams: bool = False,
     ) -> None:
-        self._idle: dict[tuple[str, int], list[_Connection]] = {}
-        self._address: dict[_Connection, tuple[str, int]] = {}
+        self._idle: dict[Address, list[_Connection]] = {}
+        self._address: dict[_Connection, Address] = {}
         self.idle_timeout = idle_timeout
         self.connect_timeout = connect_timeout
         self.keep_streams = keep_streams  # reuse connections that carried a chunked answer
 
-    async def _connect(self, host: str, port: int) -> _Connection:
+    async def _connect(self, address: Address) -> _Connection:
         loop = asyncio.get_running_loop()
+        where = address if isinstance(address, str) else f"{address[0]}:{address[1]}"
         try:
             async with asyncio.timeout(self.connect_timeout):
-                _, conn = await loop.create_connection(lambda: _Connection(loop, self), host, port)
+                if isinstance(address, str):
+                    _, conn = await loop.create_unix_connection(lambda: _Connection(loop, self), address)
+                else:
+                    _, conn = await loop.create_connection(lambda: _Connection(loop, self), *address)
         except OSError as exc:
-            raise ConnectFailed(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
+            raise ConnectFailed(f"cannot connect to {where}: {exc.strerror or exc}") from None
         except TimeoutError:
-            raise ConnectFailed(f"cannot connect to {host}:{port}: timed out") from None
-        self._address[conn] = (host, port)
+            raise ConnectFailed(f"cannot connect to {where}: timed out") from None
+        self._address[conn] = address
         return conn
 
-    def _reuse(self, host: str, port: int) -> _Connection | None:
-        idle = self._idle.get((host, port))
+    def _reuse(self, address: Address) -> _Connection | None:
+        idle = self._idle.get(address)
         while idle:
             conn = idle.pop()
             if not conn.closed and conn.loop.time() - conn.idle_since < self.idle_timeout:
@@ -555,8 +561,7 @@ class UpstreamPool:
 
     async def request(
         self,
-        host: str,
-        port: int,
+        address: Address,
         head: bytes,
         body: bytes | None,
         *,
@@ -567,7 +572,7 @@ class UpstreamPool:
         """Send one request (`head`: request line and headers, blank line included) and wait for
         the answer's head; `timeout` bounds that wait; `fresh`: on a new connection. Cancelling
         closes the connection."""
-        conn = (None if fresh else self._reuse(host, port)) or await self._connect(host, port)
+        conn = (None if fresh else self._reuse(address)) or await self._connect(address)
         answer = Answer(conn, self)
         try:
             conn.start(answer, head + body if body else head, no_body=no_body)

@@ -73,7 +73,8 @@ async def running_router(
     """Run `llama-router serve` on a config of these profiles (its log to `log_file`, else inherited)."""
     port = free_port()
     config_path = workdir / f"profiles-{port}.yaml"
-    server = {"port": port, "state_dir": str(workdir / "state"), **server}
+    # Upstreams on loopback ports, not Unix sockets: the direct figures reach them over TCP too.
+    server = {"port": port, "state_dir": str(workdir / "state"), "upstream_sockets": False, **server}
     config_path.write_text(yaml.safe_dump({"server": server, "profiles": profiles}))
     command = [sys.executable, "-m", "router", "--log-level", log_level, "serve", "-c", str(config_path)]
     with contextlib.ExitStack() as files:

@@ -14,8 +14,9 @@ place of the real binary::
         --port PORT --model PATH [other llama-server flags, ignored]
 
 Known options: ``-m/--model``, ``--host``, ``--port`` (0 = pick a free port;
-the real one is printed), ``-c/--ctx-size`` and ``-np/--parallel`` (only
-reported by ``/props``). Every other llama-server flag is accepted and ignored.
+the real one is printed), ``-c/--ctx-size`` and ``-np/--parallel`` (reported by
+``/props``; with ``--slots``, the number of requests processed at once). Every
+other llama-server flag is accepted and ignored.
 
 Behaviour / fault flags:
 
@@ -44,10 +45,22 @@ Behaviour / fault flags:
 ``--drop-kept-alive``      a request that is not its connection's first is counted, then its
                            connection is closed unanswered (a server closing a kept-alive
                            connection just as a request arrives on it)
+``--accepts-unix-socket``  listen on a Unix socket when ``--host`` is a path ending in the socket
+                           suffix, and say so in ``--help``, as llama-server builds since late 2025
+                           do (without it, such a ``--host`` fails to bind, as older builds do)
+``--slots``                llama-server's slots: at most ``--parallel`` (default 1) requests are
+                           processed at once, the others wait for a slot (queued inside the server);
+                           ``GET /slots`` reports each slot as llama-server does (``is_processing``,
+                           ``id_task``, ``n_prompt_tokens_processed``, ``next_token[0].n_decoded``),
+                           its counters growing by a token every 10 ms of processing. Without it
+                           there is no ``/slots`` (as with llama-server's ``--no-slots``)
 
 Per-request overrides (JSON body fields of any POST request):
 ``fake_delay`` (seconds to sleep before answering), ``fake_chunks`` and
-``fake_chunk_delay`` (override ``--chunks`` / ``--chunk-delay``).
+``fake_chunk_delay`` (override ``--chunks`` / ``--chunk-delay``), ``fake_wedge``
+(true: the request never ends and the server is wedged: ``/slots`` never answers,
+as llama-server's does not once its processing loop is stuck; a stalled stream
+wedges it the same way).
 
 ``GET /fake/last`` returns the last proxied request (method, path, query,
 headers, body) plus a request count and the number of requests in flight.
@@ -84,15 +97,32 @@ def install_signal_handlers(ignore_sigterm: bool) -> None:
     signal.signal(signal.SIGINT, polite)
 
 
+UNIX_SOCKET_SUFFIX = ".sock"
+
+
+def host_help(accepts_unix_socket: bool) -> str:
+    where = f", or a UNIX socket path ending in {UNIX_SOCKET_SUFFIX}" if accepts_unix_socket else ""
+    return f"address to listen on{where}"
+
+
 if __name__ == "__main__":
     # Before the comparatively slow asyncio/aiohttp imports (~0.2 s), so that a
     # SIGTERM sent right after spawning already gets the documented behaviour.
     install_signal_handlers("--ignore-sigterm" in sys.argv[1:])
+    if "--help" in sys.argv[1:]:
+        # Answered before those imports too: the router reads a binary's --help when it first runs it.
+        print(
+            f"usage: fake_upstream [flags] --host HOST --port PORT --model PATH\n\n--host HOST  "
+            f"{host_help('--accepts-unix-socket' in sys.argv[1:])}"
+        )
+        sys.exit(0)
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
+from collections.abc import AsyncIterator  # noqa: E402
 from typing import Any  # noqa: E402
 
 from aiohttp import web  # noqa: E402
@@ -117,10 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--help", action="help", help="show this help and exit")
     p.add_argument("--model", default="", help="model path (-m); only its stem is used")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help=host_help("--accepts-unix-socket" in sys.argv))
     p.add_argument("--port", type=int, default=8080, help="0 picks a free port")
     p.add_argument("--ctx-size", type=int, default=4096, help="-c; reported by /props")
-    p.add_argument("--parallel", type=int, default=1, help="-np; reported by /props")
+    p.add_argument("--parallel", type=int, default=1, help="-np; reported by /props; slots with --slots")
     p.add_argument("--name", default=None, help="upstream name (default: model stem)")
     p.add_argument("--load-delay", type=float, default=0.0, metavar="S")
     p.add_argument("--chunks", type=int, default=5, metavar="N")
@@ -140,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replay", default=None, metavar="FILE")
     p.add_argument("--nvml-mib", action="append", default=[], metavar="GPU=MIB")
     p.add_argument("--drop-kept-alive", action="store_true")
+    p.add_argument("--accepts-unix-socket", action="store_true")
+    p.add_argument("--slots", action="store_true")
     return p
 
 
@@ -187,6 +219,9 @@ class FakeUpstream:
         self.in_flight = 0
         self.last: dict[str, Any] = {}
         self.connections_used: set[Any] = set()  # peer addresses of connections that carried a request
+        self.slots: list[Slot] = [Slot(index) for index in range(max(1, args.parallel))]
+        self.free_slots = asyncio.Semaphore(len(self.slots))
+        self.wedged = asyncio.Event()  # set: the processing loop is stuck (/slots never answers)
 
     # ----------------------------------------------------------------- helpers
 
@@ -235,6 +270,7 @@ class FakeUpstream:
                     await asyncio.sleep(chunk_delay)
                 if self.args.stall_mid_stream is not None and i >= self.args.stall_mid_stream:
                     log(f"fake_upstream: stalling after {i} chunks (--stall-mid-stream)")
+                    self.wedged.set()
                     await asyncio.Event().wait()  # wedged: the connection stays open, nothing comes
                 if crash_at is not None and (i >= crash_at or event is None):
                     await asyncio.sleep(0.05)  # let the sent chunks leave
@@ -547,6 +583,26 @@ class FakeUpstream:
             }
         )
 
+    async def slots_page(self, request: web.Request) -> web.Response:
+        """llama-server's `GET /slots`, answered by its processing loop: never, once that is stuck."""
+        if self.wedged.is_set():
+            await asyncio.Event().wait()
+        return web.json_response([slot.as_json() for slot in self.slots])
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Hold a slot while a request is processed (with --slots; else no limit, no slot)."""
+        if not self.args.slots:
+            yield
+            return
+        async with self.free_slots:
+            slot = next(slot for slot in self.slots if slot.task is None)
+            slot.begin(self.count)
+            try:
+                yield
+            finally:
+                slot.end()
+
     async def fake_last(self, request: web.Request) -> web.Response:
         info: dict[str, Any] = {"method": None, "path": None, "query": None}
         info.update({"headers": {}, "body": None}, **self.last)
@@ -566,7 +622,7 @@ class FakeUpstream:
         @web.middleware
         async def gate(request: web.Request, handler: Any) -> web.StreamResponse:
             path = request.path
-            if path in ("/health", "/v1/health") or path.startswith("/fake/"):
+            if path in ("/health", "/v1/health", "/slots") or path.startswith("/fake/"):
                 response: web.StreamResponse = await handler(request)
                 return response
             self.count += 1
@@ -599,9 +655,14 @@ class FakeUpstream:
             request["fake_body"] = body if isinstance(body, dict) else {}
             self.in_flight += 1
             try:
-                await asyncio.sleep(max(0.0, _number(request["fake_body"], "fake_delay", 0.0)))
-                response = await handler(request)
-                return response
+                async with self.slot() if request.method == "POST" else contextlib.nullcontext():
+                    if request["fake_body"].get("fake_wedge") is True:
+                        log("fake_upstream: wedged on a request (fake_wedge)")
+                        self.wedged.set()
+                        await asyncio.Event().wait()
+                    await asyncio.sleep(max(0.0, _number(request["fake_body"], "fake_delay", 0.0)))
+                    response = await handler(request)
+                    return response
             finally:
                 self.in_flight -= 1
 
@@ -629,7 +690,50 @@ class FakeUpstream:
         r.add_get("/v1/models", self.models)
         r.add_get("/models", self.models)
         r.add_get("/fake/last", self.fake_last)
+        if self.args.slots:
+            r.add_get("/slots", self.slots_page)
         return app
+
+
+TOKEN_SECONDS = 0.01  # a slot's counters grow by one token per this many seconds of processing
+
+
+class Slot:
+    """One of llama-server's slots, as `/slots` shows it."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.task: int | None = None
+        self.last_task: int | None = None
+        self.started = 0.0
+        self.tokens = 0  # tokens processed by the slot's last task
+
+    def begin(self, task: int) -> None:
+        self.task = self.last_task = task
+        self.started = time.monotonic()
+        self.tokens = 0
+
+    def end(self) -> None:
+        self.tokens = self._tokens()
+        self.task = None
+
+    def _tokens(self) -> int:
+        return (
+            int((time.monotonic() - self.started) / TOKEN_SECONDS) if self.task is not None else self.tokens
+        )
+
+    def as_json(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {"id": self.index, "n_ctx": 4096, "is_processing": self.task is not None}
+        if self.last_task is not None:
+            tokens = self._tokens()
+            prompt = min(tokens, 8)  # the first few tokens are the prompt's, the rest generated
+            entry.update(
+                id_task=self.last_task,
+                n_prompt_tokens=8,
+                n_prompt_tokens_processed=prompt,
+                next_token=[{"has_next_token": self.task is not None, "n_decoded": tokens - prompt}],
+            )
+        return entry
 
 
 # llama.cpp's LLAMA_LOG_INFO format of each buffer kind: src/llama-model.cpp, llama-kv-cache.cpp,
@@ -661,15 +765,22 @@ async def serve(args: argparse.Namespace) -> None:
     fake = FakeUpstream(args)
     runner = web.AppRunner(fake.make_app(), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, args.host, args.port)
+    site: web.BaseSite
+    if args.accepts_unix_socket and args.host.endswith(UNIX_SOCKET_SUFFIX):
+        site = web.UnixSite(runner, args.host)
+    else:
+        site = web.TCPSite(runner, args.host, args.port)
     try:
         await site.start()
     except OSError as exc:
         log(f"main: couldn't bind HTTP server socket, hostname: {args.host}, port: {args.port}")
         log(f"main: error: {exc}")
         os._exit(EXIT_LOAD_FAILED)
-    port = runner.addresses[0][1] if runner.addresses else args.port
-    log(f"main: server is listening on http://{args.host}:{port}")
+    if isinstance(site, web.UnixSite):
+        log(f"main: server is listening on unix://{args.host}")
+    else:
+        port = runner.addresses[0][1] if runner.addresses else args.port
+        log(f"main: server is listening on http://{args.host}:{port}")
     log("main: loading model")
     log(f"srv    load_model: loading model '{args.model}'")
     if args.memory_mib is not None:

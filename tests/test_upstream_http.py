@@ -180,7 +180,7 @@ async def _keep_answering(reader: asyncio.StreamReader, writer: asyncio.StreamWr
 
 async def _request(pool: UpstreamPool, port: int, **options: Any) -> Answer:
     head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n"
-    return await pool.request("127.0.0.1", port, head, b"{}", **options)
+    return await pool.request(("127.0.0.1", port), head, b"{}", **options)
 
 
 async def test_the_pool_reuses_a_connection_and_drops_idle_ones() -> None:
@@ -294,12 +294,12 @@ async def test_streams_pass_through_the_router_whole_on_a_kept_alive_connection_
     body = json.dumps(
         {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
     ).encode()
-    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: r\r\nContent-Type: application/json\r\n"
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
     head += b"Content-Length: %d\r\n\r\n" % len(body)
     pool = UpstreamPool(keep_streams=True)
     streams = []
     for _ in range(2):  # one keep-alive connection: each stream must end where it should
-        async with await pool.request("127.0.0.1", port, head, body) as answer:
+        async with await pool.request(("127.0.0.1", port), head, body) as answer:
             assert answer.status == 200 and answer.chunked
             streams.append(await answer.read())
     assert len(pool._address) == 1, "both streams went over one connection"
