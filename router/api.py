@@ -173,7 +173,9 @@ class Api:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=PROPS_TIMEOUT))
         try:
-            async with self._session.get(upstream.base_url + "/props") as response:
+            session = upstream.client(self._session)  # its own session when it is on a Unix socket
+            timeout = aiohttp.ClientTimeout(total=PROPS_TIMEOUT)
+            async with session.get(upstream.base_url + "/props", timeout=timeout) as response:
                 props = await response.json(content_type=None) if response.status == 200 else None
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             log.debug("could not read /props of %s: %s", name, exc)
