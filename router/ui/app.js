@@ -1,0 +1,858 @@
+// llama-router's dashboard: plain JavaScript, no build step. It reads the same endpoints scripts do:
+// /events (lifecycle events, and with ?requests=1 the queue and finished requests), /overview,
+// /config, /activity, /logs/<model>, /router/log, and sends /models/load, /models/unload, /unload and
+// /requests/<id>/cancel. Data is put on the page with textContent only, never as HTML.
+"use strict";
+
+const KEY_STORE = "llama-router-key";
+const state = {
+  overview: null,
+  timeline: [],
+  requests: [],
+  activity: [],
+  lastEvent: 0,
+  panel: "devices",
+};
+const colors = ["#2f6fed", "#1f9d55", "#c2410c", "#7047c2", "#0e9f9f", "#b83280", "#6b7a12", "#a15c07"];
+
+// ------------------------------------------------------------------------------------------ helpers
+
+const $ = (selector) => document.querySelector(selector);
+
+function h(tag, attrs, ...children) {
+  const element = document.createElement(tag);
+  for (const [name, value] of Object.entries(attrs || {})) {
+    if (value === null || value === undefined || value === false) continue;
+    if (name === "class") element.className = value;
+    else if (name === "style") element.style.cssText = value; // CSSOM: allowed by the page's CSP
+    else if (name.startsWith("on")) element.addEventListener(name.slice(2), value);
+    else element.setAttribute(name, value === true ? "" : value);
+  }
+  for (const child of children.flat(Infinity)) {
+    if (child === null || child === undefined || child === false) continue;
+    element.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return element;
+}
+
+const SVG = "http://www.w3.org/2000/svg";
+function s(tag, attrs, text) {
+  const element = document.createElementNS(SVG, tag);
+  for (const [name, value] of Object.entries(attrs || {})) element.setAttribute(name, value);
+  if (text !== undefined) element.textContent = text;
+  return element;
+}
+
+function bytes(n) {
+  if (n === null || n === undefined) return "–";
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let value = n;
+  let unit = 0;
+  while (value >= 1024 && unit < units.length - 1) {
+    value /= 1024;
+    unit++;
+  }
+  return `${value.toFixed(value >= 100 || unit === 0 ? 0 : 1)} ${units[unit]}`;
+}
+
+function seconds(value) {
+  if (value === null || value === undefined) return "–";
+  if (value < 1) return `${Math.round(value * 1000)} ms`;
+  if (value < 90) return `${value.toFixed(value < 10 ? 2 : 1)} s`;
+  const minutes = Math.floor(value / 60);
+  return `${minutes}:${String(Math.floor(value % 60)).padStart(2, "0")} min`;
+}
+
+function ms(value) {
+  return value === null || value === undefined ? "–" : value >= 1000 ? `${(value / 1000).toFixed(2)} s` : `${value.toFixed(0)} ms`;
+}
+
+function num(value, digits = 0) {
+  return value === null || value === undefined ? "–" : Number(value).toLocaleString(undefined, { maximumFractionDigits: digits });
+}
+
+function clock(epoch) {
+  return new Date(epoch * 1000).toLocaleTimeString([], { hour12: false });
+}
+
+function colorOf(model) {
+  const names = (state.overview?.models || []).map((m) => m.model);
+  const index = names.indexOf(model);
+  return colors[(index < 0 ? names.length : index) % colors.length];
+}
+
+function toast(message, bad = false) {
+  const element = h("div", { class: bad ? "toast bad" : "toast" }, message);
+  $("#toasts").append(element);
+  setTimeout(() => element.remove(), bad ? 8000 : 3500);
+}
+
+// ------------------------------------------------------------------------------------------ HTTP
+
+function authHeaders() {
+  const key = sessionStorage.getItem(KEY_STORE);
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
+class ApiError extends Error {
+  constructor(status, message, code) {
+    super(message);
+    this.status = status;
+    this.code = code;
+  }
+}
+
+async function call(path, options = {}) {
+  const response = await fetch(path, {
+    ...options,
+    headers: { ...(options.headers || {}), ...authHeaders() },
+  });
+  if (response.status === 401) {
+    askForKey("The router refused the key (or needs one).");
+  }
+  if (!response.ok) {
+    let message = `${response.status} ${response.statusText}`;
+    let code = null;
+    try {
+      const body = await response.json();
+      message = body.error?.message || message;
+      code = body.error?.code || null;
+    } catch (_) { /* not JSON */ }
+    throw new ApiError(response.status, message, code);
+  }
+  return response;
+}
+
+const getJson = async (path) => (await call(path)).json();
+
+async function post(path, body) {
+  const options = { method: "POST" };
+  if (body !== undefined) {
+    options.body = JSON.stringify(body);
+    options.headers = { "Content-Type": "application/json" };
+  }
+  return (await call(path, options)).json();
+}
+
+// Server-sent events read from a fetch (EventSource cannot send an Authorization header).
+async function readSse(response, onData, onComment, signal) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  let data = [];
+  while (!signal?.aborted) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, { stream: true });
+    let end;
+    while ((end = buffer.indexOf("\n")) >= 0) {
+      const line = buffer.slice(0, end).replace(/\r$/, "");
+      buffer = buffer.slice(end + 1);
+      if (line === "") {
+        if (data.length) onData(data.join("\n"));
+        data = [];
+      } else if (line.startsWith(":")) {
+        onComment?.(line.slice(1).trim());
+      } else if (line.startsWith("data:")) {
+        data.push(line.slice(5).replace(/^ /, ""));
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------ keys
+
+function askForKey(reason) {
+  const dialog = $("#key-dialog");
+  $("#key-error").textContent = sessionStorage.getItem(KEY_STORE) ? reason : "";
+  if (!dialog.open) dialog.showModal();
+}
+
+function setUpKeys() {
+  $("#key-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const key = $("#key-input").value.trim();
+    if (!key) return;
+    sessionStorage.setItem(KEY_STORE, key);
+    $("#key-input").value = "";
+    $("#key-dialog").close();
+    $("#forget-key").hidden = false;
+    reconnect();
+    loadActivity();
+  });
+  $("#forget-key").hidden = !sessionStorage.getItem(KEY_STORE);
+  $("#forget-key").addEventListener("click", () => {
+    sessionStorage.removeItem(KEY_STORE);
+    $("#forget-key").hidden = true;
+    reconnect();
+  });
+}
+
+// ------------------------------------------------------------------------------------------ events
+
+let events = null; // the AbortController of the /events read
+let retry = 1000;
+
+function setLive(on, text) {
+  const live = $("#live");
+  live.classList.toggle("off", !on);
+  live.textContent = text;
+}
+
+function reconnect() {
+  if (events) events.abort();
+  connect();
+}
+
+async function connect() {
+  const controller = new AbortController();
+  events = controller;
+  try {
+    const response = await call("/events?requests=1", { signal: controller.signal });
+    retry = 1000;
+    setLive(true, "live");
+    await readSse(response, (data) => onEvent(JSON.parse(data)), null, controller.signal);
+  } catch (error) {
+    if (controller.signal.aborted) return;
+    if (error instanceof ApiError && error.status === 401) {
+      setLive(false, "needs a key");
+      return; // the key dialog reconnects
+    }
+  }
+  if (controller.signal.aborted || events !== controller) return;
+  setLive(false, "reconnecting…");
+  setTimeout(() => events === controller && connect(), retry);
+  retry = Math.min(retry * 2, 10000);
+}
+
+let overviewTimer = null;
+function refreshOverview(delay = 120) {
+  clearTimeout(overviewTimer);
+  overviewTimer = setTimeout(loadOverview, delay);
+}
+
+async function loadOverview() {
+  try {
+    state.overview = await getJson("/overview");
+  } catch (error) {
+    if (!(error instanceof ApiError && error.status === 401)) toast(`overview: ${error.message}`, true);
+    return;
+  }
+  state.timeline = state.overview.timeline.slice();
+  state.requests = state.overview.requests;
+  renderAll();
+}
+
+function onEvent(event) {
+  state.lastEvent = Date.now();
+  if (event.event === "snapshot") {
+    refreshOverview(0);
+    return;
+  }
+  if (event.event === "requests") {
+    state.requests = event.requests;
+    renderQueue();
+    addActivity(event.activity, event.activity_dropped);
+    return;
+  }
+  state.timeline.push(event);
+  if (state.timeline.length > 1000) state.timeline.splice(0, state.timeline.length - 1000);
+  if (event.event === "reloaded" || event.event === "config_error") loadConfig();
+  refreshOverview();
+}
+
+// ------------------------------------------------------------------------------------------ panels
+
+function showPanel() {
+  const name = (location.hash || "#devices").slice(1);
+  state.panel = document.getElementById(`panel-${name}`) ? name : "devices";
+  for (const panel of document.querySelectorAll(".panel")) {
+    panel.classList.toggle("shown", panel.id === `panel-${state.panel}`);
+  }
+  for (const link of document.querySelectorAll("#tabs a")) {
+    link.classList.toggle("active", link.dataset.panel === state.panel);
+  }
+  document.title = `llama-router · ${document.getElementById(`panel-${state.panel}`).dataset.title}`;
+  if (state.panel === "logs") followLog();
+  else stopLog();
+  if (state.panel === "config") loadConfig();
+  if (state.panel === "timeline") renderTimeline();
+}
+
+function renderAll() {
+  renderDevices();
+  renderModels();
+  renderTimeline();
+  renderQueue();
+  fillModelSelects();
+}
+
+function statusBadge(status) {
+  return h("span", { class: `badge status-${status}`, "data-status": status }, status);
+}
+
+// Devices: a bar per budget with the resident models stacked in it.
+function renderDevices() {
+  const overview = state.overview;
+  const root = $("#devices");
+  root.replaceChildren();
+  for (const device of overview.devices) {
+    const budget = device.budget || 1;
+    const bar = h("div", { class: "budget", title: `budget ${bytes(device.budget)}` });
+    for (const item of device.models) {
+      const share = Math.min(100, (item.bytes / budget) * 100);
+      bar.append(
+        h(
+          "div",
+          {
+            class: `segment ${item.status}`,
+            style: `width:${share}%;background:${colorOf(item.model)}`,
+            title: `${item.model}: ${bytes(item.bytes)} (${item.source})`,
+          },
+          `${item.model} ${bytes(item.bytes)}`,
+        ),
+      );
+    }
+    const rows = device.models.map((item) =>
+      h(
+        "tr",
+        { "data-model": item.model },
+        h("td", {}, h("span", { class: "swatch", style: `background:${colorOf(item.model)}` }), item.model),
+        h("td", {}, statusBadge(item.status)),
+        h("td", { class: "num" }, bytes(item.bytes)),
+        h("td", {}, h("span", { class: `badge source-${item.source}` }, item.source)),
+      ),
+    );
+    const free = Math.max(0, device.budget - device.used);
+    const detail = [device.source, device.detail, device.shares ? `shares ${device.shares}` : null].filter(Boolean);
+    root.append(
+      h(
+        "div",
+        { class: "device", "data-device": device.name },
+        h(
+          "div",
+          { class: "device-head" },
+          h("h3", {}, device.name),
+          h("span", { class: "sub" }, `${bytes(device.used)} used of ${bytes(device.budget)} budget · ${bytes(free)} free · ${bytes(device.total)} total · ${detail.join(" · ")}`),
+        ),
+        bar,
+        rows.length
+          ? h("table", { class: "stack" }, h("tbody", {}, rows))
+          : h("p", { class: "empty" }, "No model holds memory here."),
+      ),
+    );
+  }
+  const readahead = overview.readahead;
+  $("#readahead-state").textContent = readahead.enabled
+    ? "Read-ahead is on: the files of standby and recently stopped models are read into the page cache while RAM is free, so a restart reads from memory."
+    : "Read-ahead is off (server.readahead: false).";
+  const table = h("table", { class: "stack" }, h("tbody", {}, readahead.files.map((file) => {
+    const share = file.cached_bytes === null || !file.bytes ? null : file.cached_bytes / file.bytes;
+    return h(
+      "tr",
+      { "data-model": file.model },
+      h("td", {}, file.model),
+      h("td", { class: "code" }, file.path),
+      h("td", {}, h("span", { class: "cachebar" }, h("span", { style: `width:${((share || 0) * 100).toFixed(1)}%` }))),
+      h("td", { class: "num" }, share === null ? "unknown" : `${bytes(file.cached_bytes)} of ${bytes(file.bytes)} (${(share * 100).toFixed(0)}%)`),
+    );
+  })));
+  $("#readahead").replaceChildren(table);
+  $("#memory-notes").replaceChildren(...overview.memory_notes.map((note) => h("li", {}, note)));
+}
+
+// Models: state, figures and actions.
+function renderModels() {
+  const root = $("#models");
+  root.replaceChildren();
+  for (const model of state.overview.models) {
+    const footprint = Object.entries(model.footprint).map(([device, n]) => `${device} ${bytes(n)}`).join(", ") || "–";
+    const chips = [];
+    if (model.pinned) chips.push(h("span", { class: "chip" }, "pinned"));
+    if (model.standby_profile) chips.push(h("span", { class: "chip" }, "standby"));
+    chips.push(h("span", { class: "chip" }, `priority ${model.priority}`));
+    if (model.keep_context) chips.push(h("span", { class: "chip" }, "keeps context"));
+    const rows = [
+      ["footprint", h("span", {}, `${footprint} `, h("span", { class: `badge source-${model.footprint_source}` }, model.footprint_source))],
+      ["load time", seconds(model.load_seconds)],
+      ["loads · restarts", `${model.loads} · ${model.restarts}`],
+      ["requests", `${model.in_flight} running · ${model.waiting} waiting${model.draining ? " · draining" : ""}`],
+      ["ttl", h("span", { class: "ttl", "data-expires": model.ttl_expires_at ?? "" }, ttlText(model))],
+    ];
+    if (model.retry_at) rows.push(["back-off", h("span", { class: "retry", "data-at": model.retry_at }, retryText(model.retry_at))]);
+    if (model.keep_context) rows.push(["saved context", bytes(model.saved_context_bytes)]);
+    if (model.aliases.length) rows.push(["aliases", model.aliases.join(", ")]);
+    if (model.fallback.length) rows.push(["fallback", model.fallback.join(" → ")]);
+    if (model.pid) rows.push(["process", `pid ${model.pid}`]);
+    const canLoad = !["loaded", "standby", "loading"].includes(model.status);
+    const canUnload = ["loaded", "standby", "loading"].includes(model.status);
+    root.append(
+      h(
+        "div",
+        { class: "card model", "data-model": model.model },
+        h("h3", {}, h("span", { class: "swatch", style: `background:${colorOf(model.model)}` }), model.model, statusBadge(model.status)),
+        h("div", { class: "sub" }, model.description || " "),
+        h("div", {}, chips),
+        h("dl", {}, rows.map(([name, value]) => [h("dt", {}, name), h("dd", {}, value)])),
+        model.last_error && model.status !== "loaded" ? h("div", { class: "sub" }, model.last_error.split("\n")[0]) : null,
+        model.log_tail ? h("pre", { class: "log-tail" }, model.log_tail.join("\n")) : null,
+        h(
+          "div",
+          { class: "actions" },
+          h("button", { class: "primary load", disabled: !canLoad, onclick: () => act("/models/load", model.model, "load") }, "Load"),
+          h("button", { class: "unload", disabled: !canUnload, onclick: () => act("/models/unload", model.model, "unload") }, "Unload"),
+        ),
+      ),
+    );
+  }
+}
+
+function ttlText(model) {
+  if (!model.ttl) return "none";
+  if (!model.ttl_expires_at) return `${seconds(model.ttl)} once idle`;
+  const left = Math.max(0, model.ttl_expires_at - Date.now() / 1000);
+  return `unloads in ${seconds(left)} (ttl ${seconds(model.ttl)})`;
+}
+
+function retryText(at) {
+  const left = at - Date.now() / 1000;
+  return left > 0 ? `retries in ${seconds(left)} (at ${clock(at)})` : `retry due (${clock(at)})`;
+}
+
+async function act(path, model, what) {
+  try {
+    await post(path, model === undefined ? undefined : { model });
+    toast(model ? `${what}: ${model}` : what);
+  } catch (error) {
+    toast(`${what}${model ? ` ${model}` : ""} refused: ${error.message}`, true);
+  }
+  refreshOverview(0);
+}
+
+// Timeline: one lane per model, coloured by state, with the causes of stops written on the strip.
+const STOP_CAUSES = { swap: "swap", ttl: "TTL", budget: "budget", out_of_memory: "out of memory", unhealthy: "unhealthy", unload: "unload", load_timeout: "load timeout", drain_timeout: "drain timeout", shutdown: "shutdown" };
+
+function renderTimeline() {
+  if (!state.overview) return;
+  const windowSeconds = Number($("#timeline-window").value);
+  const now = Date.now() / 1000;
+  const start = now - windowSeconds;
+  const models = state.overview.models.map((m) => m.model);
+  const width = Math.max(600, $("#timeline-strip").clientWidth - 24);
+  const left = 120;
+  const lane = 30;
+  const height = 26 + lane * models.length + 18;
+  const x = (t) => left + ((Math.max(t, start) - start) / windowSeconds) * (width - left - 10);
+  const svg = s("svg", { viewBox: `0 0 ${width} ${height}`, height, role: "img" });
+  const ticks = 6;
+  for (let i = 0; i <= ticks; i++) {
+    const t = start + (windowSeconds * i) / ticks;
+    svg.append(s("line", { x1: x(t), x2: x(t), y1: 18, y2: height - 14, stroke: "#eef0f3" }));
+    const anchor = i === 0 ? "start" : i === ticks ? "end" : "middle";
+    svg.append(s("text", { x: x(t), y: 12, "text-anchor": anchor, class: "axis" }, clock(t)));
+  }
+  models.forEach((model, index) => {
+    const y = 24 + index * lane;
+    svg.append(s("text", { x: 0, y: y + 15, class: "lane-label" }, model));
+    svg.append(s("rect", { x: left, y: y + 4, width: width - left - 10, height: 14, fill: "#f4f5f7", rx: 3 }));
+    let phase = null;
+    let since = start;
+    const draw = (until) => {
+      if (!phase || until < start) return;
+      const fill = { loading: "#d98b04", loaded: "#1f9d55", stopping: "#9aa2b1" }[phase];
+      svg.append(s("rect", { x: x(since), y: y + 4, width: Math.max(2, x(until) - x(since)), height: 14, fill, rx: 3, class: `phase ${phase}`, "data-model": model }));
+    };
+    for (const event of state.timeline) {
+      if (event.model !== model) continue;
+      const next = { loading: "loading", ready: "loaded", stopping: "stopping", stopped: null, failed: null }[event.event];
+      if (next === undefined) {
+        if (event.event === "unhealthy" && event.time >= start) mark(svg, x(event.time), y, "#d64545", "unhealthy");
+        continue;
+      }
+      draw(event.time);
+      phase = next;
+      since = event.time;
+      if (event.time < start) continue;
+      if (event.event === "failed") mark(svg, x(event.time), y, "#d64545", "failed", event.reason);
+      if (event.event === "stopping") mark(svg, x(event.time), y, "#1d2330", STOP_CAUSES[event.cause] || event.cause, event.reason);
+    }
+    draw(now);
+  });
+  svg.append(s("line", { x1: x(now), x2: x(now), y1: 18, y2: height - 14, stroke: "#2f6fed", "stroke-dasharray": "3 3" }));
+  $("#timeline-strip").replaceChildren(svg);
+
+  const body = $("#timeline-table tbody");
+  body.replaceChildren(
+    ...state.timeline
+      .filter((event) => event.model && event.time >= start)
+      .slice(-200)
+      .reverse()
+      .map((event) =>
+        h(
+          "tr",
+          {},
+          h("td", {}, clock(event.time)),
+          h("td", {}, event.model),
+          h("td", {}, event.event),
+          h("td", {}, event.cause ? STOP_CAUSES[event.cause] || event.cause : ""),
+          h("td", {}, describeEvent(event)),
+        ),
+      ),
+  );
+}
+
+function mark(svg, at, y, color, label, title) {
+  const group = s("g", { class: "mark" });
+  group.append(s("path", { d: `M${at - 4},${y + 1} L${at + 4},${y + 1} L${at},${y + 7} Z`, fill: color }));
+  group.append(s("text", { x: at + 5, y: y + 29, class: "cause" }, label));
+  if (title) group.append(s("title", {}, title));
+  svg.append(group);
+}
+
+function describeEvent(event) {
+  switch (event.event) {
+    case "ready": return `loaded in ${seconds(event.load_seconds)}`;
+    case "stopping": return event.reason;
+    case "failed": case "unhealthy": return (event.reason || "").split("\n")[0];
+    case "footprint": return Object.entries(event.bytes).map(([d, n]) => `${d} ${bytes(n)}`).join(", ") + " learned";
+    case "fallback": return `answered by ${event.served_by}`;
+    default:
+      if (event.event.startsWith("context_")) return `${event.slots} slot(s), ${num(event.tokens)} tokens, ${bytes(event.bytes)}${event.error ? `: ${event.error}` : ""}`;
+      return "";
+  }
+}
+
+// Queue and in flight.
+function renderQueue() {
+  const body = $("#queue-table tbody");
+  const now = Date.now() / 1000;
+  body.replaceChildren(
+    ...state.requests.map((request) => {
+      const waited = request.state === "waiting" ? now - request.arrived : request.waited;
+      const running = request.state === "running" ? now - request.arrived - request.waited : null;
+      return h(
+        "tr",
+        { "data-id": request.id, "data-model": request.model },
+        h("td", {}, request.id),
+        h("td", {}, request.model),
+        h("td", {}, request.client || "–"),
+        h("td", {}, request.path),
+        h("td", {}, h("span", { class: `badge state ${request.state === "waiting" ? "status-loading" : "status-loaded"}` }, request.state)),
+        h("td", { class: "waited" }, seconds(waited)),
+        h("td", { class: "running" }, running === null ? "–" : seconds(running)),
+        h("td", {}, h("button", { class: "danger cancel", onclick: () => cancelRequest(request.id) }, "Cancel")),
+      );
+    }),
+  );
+  $("#queue-empty").hidden = state.requests.length > 0;
+  $("#queue-table").hidden = state.requests.length === 0;
+  const waiting = state.requests.filter((r) => r.state === "waiting").length;
+  $("#queue-count").textContent = state.requests.length ? `${waiting}/${state.requests.length}` : "";
+}
+
+async function cancelRequest(id) {
+  try {
+    await post(`/requests/${id}/cancel`);
+    toast(`request ${id} cancelled`);
+  } catch (error) {
+    toast(`cancel ${id} refused: ${error.message}`, true);
+  }
+}
+
+// Activity: rows from SQLite, then from `requests` events as requests end.
+function activityFilter() {
+  return { model: $("#activity-model").value, status: $("#activity-status").value };
+}
+
+function passes(row, filter) {
+  if (filter.model && row.model !== filter.model && row.served_by !== filter.model) return false;
+  const failed = row.status >= 400 || row.error;
+  switch (filter.status) {
+    case "": return true;
+    case "ok": return !failed;
+    case "error": return Boolean(failed);
+    default: return String(row.status)[0] === filter.status[0];
+  }
+}
+
+async function loadActivity() {
+  const params = new URLSearchParams({ limit: "200" });
+  const filter = activityFilter();
+  if (filter.model) params.set("model", filter.model);
+  if (filter.status) params.set("status", filter.status);
+  try {
+    state.activity = (await getJson(`/activity?${params}`)).activity;
+  } catch (error) {
+    if (!(error instanceof ApiError && error.status === 401)) toast(`activity: ${error.message}`, true);
+    return;
+  }
+  renderActivity(new Set());
+}
+
+function addActivity(rows, dropped) {
+  if (dropped > 0) {
+    loadActivity();
+    return;
+  }
+  const filter = activityFilter();
+  const fresh = rows.filter((row) => passes(row, filter));
+  if (!fresh.length) return;
+  state.activity = fresh.reverse().concat(state.activity).slice(0, 500);
+  renderActivity(new Set(fresh.map((row) => row.id)));
+}
+
+function renderActivity(fresh) {
+  const body = $("#activity-table tbody");
+  body.replaceChildren(
+    ...state.activity.map((row) =>
+      h(
+        "tr",
+        { class: fresh.has(row.id) ? "fresh" : null, "data-id": row.id, "data-model": row.model },
+        h("td", { title: new Date(row.time * 1000).toISOString() }, clock(row.time)),
+        h("td", {}, row.served_by && row.served_by !== row.model ? `${row.model} → ${row.served_by}` : row.model),
+        h("td", {}, row.path),
+        h("td", { class: row.status >= 400 || row.error ? "st-bad" : "st-ok", title: row.error || "" }, row.error ? `${row.status} ${row.error}` : row.status),
+        h("td", { class: "prompt" }, num(row.prompt_tokens)),
+        h("td", { class: "cached" }, num(row.cached_tokens)),
+        h("td", {}, num(row.prefill_tps, 1)),
+        h("td", { class: "generated" }, num(row.generated_tokens)),
+        h("td", {}, num(row.decode_tps, 1)),
+        h("td", {}, ms(row.ttft_ms)),
+        h("td", {}, ms(row.duration_ms)),
+        h("td", {}, row.key || "–"),
+      ),
+    ),
+  );
+  $("#activity-empty").hidden = state.activity.length > 0;
+}
+
+async function exportCsv() {
+  const filter = activityFilter();
+  const params = new URLSearchParams();
+  if (filter.model) params.set("model", filter.model);
+  if (filter.status) params.set("status", filter.status);
+  try {
+    const response = await call(`/activity.csv?${params}`);
+    const blob = await response.blob();
+    const name = /filename="([^"]+)"/.exec(response.headers.get("Content-Disposition") || "")?.[1] || "activity.csv";
+    const link = h("a", { href: URL.createObjectURL(blob), download: name });
+    document.body.append(link);
+    link.click();
+    setTimeout(() => { URL.revokeObjectURL(link.href); link.remove(); }, 1000);
+  } catch (error) {
+    toast(`CSV export: ${error.message}`, true);
+  }
+}
+
+// Logs: a model's output or the router's own lines, followed live.
+let logReader = null;
+
+function stopLog() {
+  if (logReader) logReader.abort();
+  logReader = null;
+}
+
+async function followLog() {
+  stopLog();
+  const source = $("#log-source").value;
+  const follow = $("#log-follow").checked;
+  const path = source ? `/logs/${encodeURIComponent(source)}` : "/router/log";
+  const controller = new AbortController();
+  logReader = controller;
+  const pre = $("#log");
+  pre.textContent = "";
+  try {
+    const response = await call(`${path}?lines=500${follow ? "&follow=1" : ""}`, { signal: controller.signal });
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    while (!controller.signal.aborted) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      const atBottom = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 30;
+      pre.append(decoder.decode(value, { stream: true }));
+      if (pre.childNodes.length > 2000) pre.firstChild.remove();
+      if (atBottom) pre.scrollTop = pre.scrollHeight;
+    }
+  } catch (error) {
+    if (!controller.signal.aborted) pre.append(`\n[dashboard] ${error.message}\n`);
+  }
+}
+
+// Config: the profiles as the router sees them.
+async function loadConfig() {
+  if (state.panel !== "config") return;
+  let config;
+  try {
+    config = await getJson("/config");
+  } catch (error) {
+    toast(`config: ${error.message}`, true);
+    return;
+  }
+  const reload = config.reload;
+  const parts = [h("p", {}, "File: ", h("code", {}, config.path))];
+  if (reload) {
+    const last = reload.last_reload;
+    parts.push(h("p", {}, last ? `Last reload ${clock(last.time)} (${last.trigger}, ${last.seconds}s): ${["kept", "restarted", "added", "removed"].map((k) => `${k} ${(last[k] || []).join(", ") || "none"}`).join("; ")}` : `Not reloaded since the start (${reload.generation} reloads). ${reload.watching ? "The file is watched." : "The file is not watched."}`));
+    if (reload.last_error) {
+      parts.push(h("div", { class: "card", style: "border-color:#d64545" }, h("strong", {}, `Last reload failed ${clock(reload.last_error.time)} (${reload.last_error.trigger}); the running config stays:`), h("pre", {}, reload.last_error.message)));
+    }
+  }
+  $("#config-reload").replaceChildren(...parts);
+  const value = (v) => (v === null || v === undefined ? "–" : typeof v === "object" ? JSON.stringify(v) : String(v));
+  $("#config-server tbody").replaceChildren(
+    ...Object.entries(config.server).map(([key, v]) => h("tr", {}, h("td", {}, key), h("td", { class: "code" }, value(v)))),
+  );
+  $("#config-profiles").replaceChildren(
+    ...Object.entries(config.profiles).map(([name, profile]) =>
+      h(
+        "div",
+        { class: "card", "data-model": name },
+        h("h3", {}, name),
+        h("div", { class: "sub" }, profile.description || " "),
+        h("dl", {}, Object.entries(profile)
+          .filter(([key]) => !["name", "description", "command"].includes(key))
+          .map(([key, v]) => [h("dt", {}, key), h("dd", { class: "code" }, value(v))])),
+        h("div", { class: "sub" }, "command"),
+        h("code", {}, profile.command.join(" ")),
+      ),
+    ),
+  );
+}
+
+// Playground: a streamed chat with any profile; the loading comments show while it swaps in.
+let chat = { messages: [], controller: null };
+
+function fillModelSelects() {
+  const models = state.overview.models;
+  for (const id of ["#chat-model", "#activity-model", "#log-source"]) {
+    const select = $(id);
+    const keep = select.value;
+    const first = id === "#chat-model" ? [] : [select.options[0]];
+    select.replaceChildren(...first, ...models.map((m) => h("option", { value: m.model }, m.model)));
+    if ([...select.options].some((o) => o.value === keep)) select.value = keep;
+  }
+  updateChatStatus();
+}
+
+function updateChatStatus() {
+  const model = state.overview?.models.find((m) => m.model === $("#chat-model").value);
+  const badge = $("#chat-model-status");
+  badge.className = `badge status-${model?.status || ""}`;
+  badge.textContent = model?.status || "";
+}
+
+function chatMessage(role, text, extra) {
+  const element = h("div", { class: `msg ${role}` }, h("div", { class: "who" }, extra || role), h("div", { class: "text" }, text));
+  $("#chat-log").append(element);
+  $("#chat-log").scrollTop = $("#chat-log").scrollHeight;
+  return element;
+}
+
+async function sendChat(event) {
+  event.preventDefault();
+  const text = $("#chat-input").value.trim();
+  const model = $("#chat-model").value;
+  if (!text || !model || chat.controller) return;
+  $("#chat-input").value = "";
+  chat.messages.push({ role: "user", content: text });
+  chatMessage("user", text);
+  const reply = chatMessage("assistant", "", model);
+  reply.classList.add("streaming");
+  const out = reply.querySelector(".text");
+  let thinking = null;
+  let answer = "";
+  let timings = null;
+  const started = performance.now();
+  chat.controller = new AbortController();
+  $("#chat-send").disabled = true;
+  $("#chat-stop").disabled = false;
+  $("#chat-state").textContent = `asking ${model}…`;
+  try {
+    const response = await call("/v1/chat/completions", {
+      method: "POST",
+      signal: chat.controller.signal,
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ model, messages: chat.messages, stream: true, max_tokens: Number($("#chat-max").value) || 64, stream_options: { include_usage: true } }),
+    });
+    await readSse(
+      response,
+      (data) => {
+        if (data === "[DONE]") return;
+        const chunk = JSON.parse(data);
+        if (chunk.error) throw new Error(chunk.error.message);
+        if (chunk.timings) timings = chunk.timings;
+        const delta = chunk.choices?.[0]?.delta || {};
+        if (delta.reasoning_content) {
+          if (!thinking) thinking = reply.insertBefore(h("div", { class: "thinking" }), out);
+          thinking.append(delta.reasoning_content);
+        }
+        if (delta.content) {
+          $("#chat-state").textContent = "";
+          answer += delta.content;
+          out.textContent = answer;
+          $("#chat-log").scrollTop = $("#chat-log").scrollHeight;
+        }
+      },
+      (comment) => { $("#chat-state").textContent = comment; },
+      chat.controller.signal,
+    );
+    chat.messages.push({ role: "assistant", content: answer });
+    const stats = [`${((performance.now() - started) / 1000).toFixed(2)} s`];
+    if (timings) stats.push(`${timings.prompt_n + timings.cache_n} prompt tokens (${timings.cache_n} cached)`, `${timings.predicted_n} generated at ${num(timings.predicted_per_second, 1)} tok/s`);
+    reply.append(h("div", { class: "stats" }, stats.join(" · ")));
+  } catch (error) {
+    if (!chat.controller.signal.aborted) {
+      reply.classList.add("error");
+      out.textContent = error.message;
+    } else {
+      reply.append(h("div", { class: "stats" }, "stopped"));
+    }
+  } finally {
+    reply.classList.remove("streaming");
+    reply.classList.add("done");
+    chat.controller = null;
+    $("#chat-send").disabled = false;
+    $("#chat-stop").disabled = true;
+    $("#chat-state").textContent = "";
+  }
+}
+
+// ------------------------------------------------------------------------------------------ start
+
+function tick() {
+  // Countdowns and running times move on the page itself; nothing is fetched for them.
+  if (state.panel === "queue" && state.requests.length) renderQueue();
+  if (!state.overview) return;
+  for (const element of document.querySelectorAll(".ttl[data-expires]")) {
+    const model = state.overview.models.find((m) => m.model === element.closest("[data-model]").dataset.model);
+    if (model) element.textContent = ttlText(model);
+  }
+  for (const element of document.querySelectorAll(".retry[data-at]")) element.textContent = retryText(Number(element.dataset.at));
+}
+
+function start() {
+  setUpKeys();
+  window.addEventListener("hashchange", showPanel);
+  $("#timeline-window").addEventListener("change", renderTimeline);
+  window.addEventListener("resize", () => state.panel === "timeline" && renderTimeline());
+  $("#unload-all").addEventListener("click", () => act("/unload", undefined, "unload all"));
+  $("#activity-model").addEventListener("change", loadActivity);
+  $("#activity-status").addEventListener("change", loadActivity);
+  $("#activity-csv").addEventListener("click", exportCsv);
+  $("#log-source").addEventListener("change", followLog);
+  $("#log-follow").addEventListener("change", followLog);
+  $("#chat-form").addEventListener("submit", sendChat);
+  $("#chat-input").addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) sendChat(event);
+  });
+  $("#chat-stop").addEventListener("click", () => chat.controller?.abort());
+  $("#chat-clear").addEventListener("click", () => { chat.messages = []; $("#chat-log").replaceChildren(); });
+  $("#chat-model").addEventListener("change", updateChatStatus);
+  showPanel();
+  connect();
+  loadActivity();
+  setInterval(tick, 1000);
+  setInterval(() => state.panel === "timeline" && renderTimeline(), 5000);
+}
+
+start();

@@ -1,0 +1,464 @@
+"""The dashboard's endpoints and rules, over HTTP: the activity log (SQLite, bounded, filtered, CSV,
+kept across restarts), /overview, /config, the requests feed and cancel, the router's own log, and
+the refusal of foreign Hosts and cross-origin state changes without keys. The page itself is driven
+in a real browser in tests/test_dashboard_browser.py."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from router.activity import ActivityRow, ActivityStore
+from router.auth import Keys
+from router.browser_guard import host_name, own_host
+from router.dashboard import key_labels, redacted_args
+from router.request_rules import Timings, parse_timings
+
+from .conftest import RouterFactory, fake_profile, wait_until
+from .test_api import CHAT, assert_error, chat_body, get_json, post_json, read_event
+
+
+def row(model: str = "m", status: int = 200, **extra: Any) -> ActivityRow:
+    figures: dict[str, Any] = {
+        "time": time.time(),
+        "model": model,
+        "served_by": model,
+        "path": CHAT,
+        "status": status,
+        "error": None,
+        "prompt_tokens": 10,
+        "cached_tokens": 4,
+        "prefill_tps": 100.0,
+        "generated_tokens": 5,
+        "decode_tps": 50.0,
+        "ttft_ms": 12.5,
+        "duration_ms": 80.0,
+        "waited_ms": 0.5,
+        "key": None,
+        "client": "127.0.0.1",
+    }
+    return ActivityRow(**{**figures, **extra})
+
+
+def demo_profiles(models: tuple[Path, Path], binary: Path, **extra: Any) -> dict[str, Any]:
+    """The shipped demo profiles, on the test's tiny models."""
+    args = ["--ctx-size", "2048", "--parallel", "2"]
+    return {
+        "demo-a": {
+            "model": str(models[0]),
+            "binary": str(binary),
+            "args": args,
+            "aliases": ["demo"],
+            **extra,
+        },
+        "demo-b": {"model": str(models[1]), "binary": str(binary), "args": args},
+    }
+
+
+# ---------------------------------------------------------------------------------------------- activity log
+
+
+def test_timings_of_an_answer_are_read_from_its_tail() -> None:
+    answer = (
+        b'{"choices":[],"usage":{"completion_tokens":3,"prompt_tokens":21},"timings":{"cache_n":20,'
+        b'"prompt_n":1,"prompt_ms":1.873,"prompt_per_token_ms":1.873,"prompt_per_second":533.9,'
+        b'"predicted_n":3,"predicted_ms":0.212,"predicted_per_second":9433.9}}'
+    )
+    assert parse_timings(answer) == Timings(20, 1, 1.873, 3, 0.212)
+    assert parse_timings(b'{"usage":{"prompt_tokens":2}}') is None
+    assert parse_timings(b'{"timings":{"prompt_n":1}}') is None, "incomplete timings are no timings"
+
+
+async def test_activity_is_bounded_filtered_exported_and_kept_in_its_file(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "activity.sqlite3"
+    store = ActivityStore(path, max_rows=5)
+    await store.open()
+    written: list[dict[str, Any]] = []
+    store.on_written = written.extend
+    for index in range(4):
+        store.add(row("a", prompt_tokens=index))
+    for status in (404, 503):
+        store.add(row("b", status=status, error="model_not_found" if status == 404 else None))
+    store.add(row("c", served_by="b"))
+    await store.flush()
+    assert [entry["id"] for entry in written] == [1, 2, 3, 4, 5, 6, 7]
+
+    rows = await store.query()
+    assert [entry["id"] for entry in rows] == [7, 6, 5, 4, 3], "newest first, the oldest two dropped"
+    assert [entry["id"] for entry in await store.query(model="b")] == [7, 6, 5], "asked for or served by"
+    assert [entry["status"] for entry in await store.query(status="error")] == [503, 404]
+    assert [entry["status"] for entry in await store.query(status="5xx")] == [503]
+    assert [entry["id"] for entry in await store.query(status="ok")] == [7, 4, 3]
+    assert [entry["id"] for entry in await store.query(limit=2, before=6)] == [5, 4]
+    assert [entry["id"] for entry in await store.query(after=5)] == [7, 6]
+    with pytest.raises(ValueError, match="status filter"):
+        await store.query(status="teapot")
+
+    exported = list(csv.DictReader(io.StringIO(await store.csv(model="a"))))
+    assert [(entry["id"], entry["prompt_tokens"]) for entry in exported] == [("3", "2"), ("4", "3")]
+    assert exported[0]["iso_time"].endswith("Z") and exported[0]["served_by"] == "a"
+    await store.close()
+
+    again = ActivityStore(path, max_rows=5)
+    await again.open()
+    assert [entry["id"] for entry in await again.query()] == [7, 6, 5, 4, 3], "kept across a restart"
+    await again.close()
+
+
+async def test_an_unusable_activity_file_costs_the_log_not_the_router(tmp_path: Path) -> None:
+    path = tmp_path / "activity.sqlite3"
+    path.write_bytes(b"this is not a database" * 100)
+    store = ActivityStore(path)
+    await store.open()
+    store.add(row())
+    await store.flush()
+    assert await store.query() == []
+    await store.close()
+
+
+async def test_finished_requests_become_activity_rows_with_tokens_speeds_and_times(
+    start_router: RouterFactory, tiny_models: tuple[Path, Path], llama_server: Path, tmp_path: Path
+) -> None:
+    profiles = demo_profiles(tiny_models, llama_server)
+    router = await start_router(profiles, state_dir=str(tmp_path / "kept"))
+    status, _ = await router.chat("demo", max_tokens=4)
+    assert status == 200
+    payload = chat_body("demo-b", max_tokens=4, stream=True)
+    async with router.session.post(CHAT, json=payload) as response:
+        assert response.status == 200
+        await response.read()
+    status, _ = await router.chat("nope")
+    assert status == 404
+
+    async def rows() -> list[dict[str, Any]]:
+        return (await get_json(router, "/activity"))[1]["activity"]
+
+    await wait_until(lambda: _count(rows, 3), what="three activity rows")
+    streamed, plain = (await get_json(router, "/activity", params={"status": "ok"}))[1]["activity"]
+    assert (plain["model"], plain["served_by"], plain["path"], plain["status"]) == (
+        "demo",
+        "demo-a",
+        CHAT,
+        200,
+    )
+    assert (streamed["model"], streamed["served_by"]) == ("demo-b", "demo-b")
+    for entry in (plain, streamed):
+        assert entry["prompt_tokens"] > 0 and 0 < entry["generated_tokens"] <= 4, entry
+        assert entry["cached_tokens"] is not None and entry["cached_tokens"] <= entry["prompt_tokens"]
+        assert entry["prefill_tps"] > 0 and entry["decode_tps"] > 0, entry
+        assert 0 < entry["ttft_ms"] <= entry["duration_ms"], entry
+        assert entry["waited_ms"] > 0, "both waited for their model to load"
+        assert entry["client"] == "127.0.0.1"
+    (missing,) = (await get_json(router, "/activity", params={"status": "4xx"}))[1]["activity"]
+    assert (missing["model"], missing["status"], missing["error"]) == ("nope", 404, "model_not_found")
+    assert missing["served_by"] is None and missing["prompt_tokens"] is None
+
+    async with router.session.get("/activity.csv", params={"model": "demo-b"}) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/csv")
+        assert "attachment" in response.headers["Content-Disposition"]
+        (exported,) = list(csv.DictReader(io.StringIO(await response.text())))
+    assert exported["generated_tokens"] == str(streamed["generated_tokens"])
+    status, body = await get_json(router, "/activity", params={"status": "teapot"})
+    assert status == 400
+    assert_error(body, "invalid_filter")
+    status, body = await get_json(router, "/activity", params={"limit": "many"})
+    assert status == 400
+    assert_error(body, "invalid_filter")
+
+    await router.close()
+    again = await start_router(profiles, state_dir=str(tmp_path / "kept"))
+    status, body = await get_json(again, "/activity")
+    assert [entry["id"] for entry in body["activity"]] == [3, 2, 1], "the log survives a restart"
+
+
+async def _count(rows: Any, wanted: int) -> bool:
+    return len(await rows()) >= wanted
+
+
+# ---------------------------------------------------------------------------------------------- overview
+
+
+async def test_overview_shows_models_devices_footprint_sources_and_the_ttl_countdown(
+    start_router: RouterFactory, tiny_models: tuple[Path, Path], llama_server: Path
+) -> None:
+    router = await start_router(demo_profiles(tiny_models, llama_server, ttl=300))
+    status, overview = await get_json(router, "/overview")
+    assert status == 200
+    models = {entry["model"]: entry for entry in overview["models"]}
+    assert set(models) == {"demo-a", "demo-b"}
+    assert models["demo-a"]["footprint_source"] == "estimated", "never loaded: the GGUF estimate"
+    assert models["demo-a"]["ttl_expires_at"] is None, "not loaded: no countdown"
+    assert [device["name"] for device in overview["devices"]] == ["ram"]
+    assert overview["devices"][0]["models"] == []
+    files = {entry["model"]: entry for entry in overview["readahead"]["files"]}
+    assert files["demo-b"]["bytes"] == tiny_models[1].stat().st_size
+    assert 0 < files["demo-b"]["cached_bytes"] <= files["demo-b"]["bytes"], "its header was just read"
+
+    before = time.time()
+    assert (await router.chat("demo-a"))[0] == 200
+    await wait_until(
+        lambda: router.controller.footprints.get(router.config.profiles["demo-a"]), what="learning"
+    )
+    status, overview = await get_json(router, "/overview")
+    models = {entry["model"]: entry for entry in overview["models"]}
+    loaded = models["demo-a"]
+    assert (loaded["status"], loaded["footprint_source"], loaded["loads"], loaded["restarts"]) == (
+        "loaded",
+        "learned",
+        1,
+        0,
+    )
+    assert 0 < loaded["load_seconds"] < 30
+    assert before + 299 < loaded["ttl_expires_at"] < time.time() + 301
+    (ram,) = overview["devices"]
+    assert [(entry["model"], entry["source"]) for entry in ram["models"]] == [("demo-a", "learned")]
+    assert ram["models"][0]["bytes"] == loaded["footprint"]["ram"] <= ram["used"]
+    kinds = [event["event"] for event in overview["timeline"] if event.get("model") == "demo-a"]
+    assert kinds[:2] == ["loading", "ready"]
+
+
+async def test_failed_models_show_their_log_tail_and_count_restarts(
+    start_router: RouterFactory, dummy_model: Path
+) -> None:
+    profile = fake_profile(dummy_model, "--crash-during-load", "--log-lines", "3", footprint={"ram": 16})
+    router = await start_router({"broken": profile}, max_failures=1)
+    status, _ = await router.chat("broken")
+    assert status == 503
+    status, overview = await get_json(router, "/overview")
+    (model,) = overview["models"]
+    assert model["status"] == "failed"
+    assert model["restarts"] == 1 and model["footprint_source"] == "configured"
+    assert any("log line 3/3" in line for line in model["log_tail"]), model["log_tail"]
+
+
+async def test_config_shows_the_profiles_but_never_keys_or_secrets(
+    start_router: RouterFactory, dummy_model: Path
+) -> None:
+    profile = fake_profile(
+        dummy_model, "--api-key", "upstream-secret", env={"HF_TOKEN": "hf_secret", "MODE": "x"}
+    )
+    router = await start_router({"m": profile}, api_keys=["user-key"], admin_keys=["admin-key"])
+    headers = {"Authorization": "Bearer user-key"}
+    status, config = await get_json(router, "/config", headers=headers)
+    assert status == 200
+    text = json.dumps(config)
+    for secret in ("user-key", "admin-key", "upstream-secret", "hf_secret"):
+        assert secret not in text, secret
+    assert config["server"]["api_keys"] == "1 key(s)"
+    assert config["profiles"]["m"]["env"] == {"HF_TOKEN": "(hidden)", "MODE": "x"}
+    assert "--api-key" in config["profiles"]["m"]["args"] and "(hidden)" in config["profiles"]["m"]["command"]
+    assert config["path"] == str(router.config.path)
+    assert config["reload"]["last_error"] is None
+
+
+def test_secret_flags_are_hidden_with_and_without_an_equals_sign() -> None:
+    assert redacted_args(["-c", "8", "--api-key", "k", "--hf-token=t", "--alias", "a"]) == [
+        "-c",
+        "8",
+        "--api-key",
+        "(hidden)",
+        "--hf-token=(hidden)",
+        "--alias",
+        "a",
+    ]
+    keys = Keys(api=(b"one", b"two"), admin=(b"root",))
+    assert key_labels(keys) == {b"one": "api-1", b"two": "api-2", b"root": "admin-1"}
+
+
+# ---------------------------------------------------------------------------------------------- page
+
+
+async def test_the_page_is_served_at_ui_and_browsers_are_sent_there(
+    start_router: RouterFactory, dummy_model: Path
+) -> None:
+    router = await start_router({"m": fake_profile(dummy_model)}, api_keys=["user-key"])
+    async with router.session.get("/ui/") as response:
+        assert response.status == 200, "the page asks for a key itself"
+        assert response.headers["Content-Type"].startswith("text/html")
+        assert "frame-ancestors 'none'" in response.headers["Content-Security-Policy"]
+        assert "app.js" in await response.text()
+    for name, kind in (("app.js", "javascript"), ("style.css", "text/css"), ("favicon.svg", "image/svg")):
+        async with router.session.get(f"/ui/{name}") as response:
+            assert response.status == 200 and kind in response.headers["Content-Type"], name
+    async with router.session.get("/ui", allow_redirects=False) as response:
+        assert (response.status, response.headers["Location"]) == (302, "/ui/")
+    async with router.session.get("/", headers={"Accept": "text/html"}, allow_redirects=False) as response:
+        assert (response.status, response.headers["Location"]) == (302, "/ui/")
+    for path in ("/", "/api/tags", "/api/v1/models"):
+        status, body = await get_json(router, path, headers={"Authorization": "Bearer user-key"})
+        assert status == 404, path
+        assert_error(body, "not_found")
+    status, body = await get_json(router, "/ui/secrets.txt")
+    assert status == 404
+    status, body = await get_json(router, "/overview")
+    assert status == 401, "the data behind the page needs the key"
+
+
+# ---------------------------------------------------------------------------------------------- requests
+
+
+async def test_waiting_requests_are_listed_on_the_events_feed_and_cancel_ends_them(
+    start_router: RouterFactory, dummy_model: Path
+) -> None:
+    router = await start_router(
+        {"slow": fake_profile(dummy_model, "--load-delay", "30", footprint={"ram": 16})}
+    )
+    async with aiohttp.ClientSession(base_url=router.url) as watcher:
+        feed = await watcher.get("/events", params={"requests": "1"})
+        plain = await watcher.get("/events")
+        assert (await read_event(feed))["event"] == (await read_event(plain))["event"] == "snapshot"
+
+        client = asyncio.ensure_future(router.session.post(CHAT, json=chat_body("slow")))
+        event = await read_event(feed)
+        while event["event"] != "requests" or not event["requests"]:
+            event = await read_event(feed)
+        (waiting,) = event["requests"]
+        assert (waiting["model"], waiting["state"], waiting["client"]) == ("slow", "waiting", "127.0.0.1")
+        assert waiting["arrived"] <= time.time()
+        status, listed = await get_json(router, "/requests")
+        assert [entry["id"] for entry in listed["requests"]] == [waiting["id"]]
+
+        status, body = await post_json(router, f"/requests/{waiting['id']}/cancel")
+        assert (status, body["cancelled"]) == (200, waiting["id"])
+        with pytest.raises(aiohttp.ClientError):
+            response = await asyncio.wait_for(client, 10)
+            await response.read()
+        await wait_until(lambda: router.controller.queue_depth == 0, what="the queue to empty")
+
+        while not event["activity"]:
+            event = await read_event(feed)
+        (cancelled,) = event["activity"]
+        assert (cancelled["model"], cancelled["status"], cancelled["error"]) == ("slow", 499, "cancelled")
+        assert event["requests"] == []
+        status, body = await post_json(router, f"/requests/{waiting['id']}/cancel")
+        assert status == 404
+        assert_error(body, "not_found")
+
+        # The plain feed got the model's lifecycle only, never the requests.
+        plain_events: list[dict[str, Any]] = []
+        await post_json(router, "/models/unload", {"model": "slow"})
+        while not plain_events or plain_events[-1]["event"] != "stopped":
+            plain_events.append(await read_event(plain))
+        assert "requests" not in [entry["event"] for entry in plain_events]
+        feed.close()
+        plain.close()
+
+
+async def test_cancel_needs_an_admin_key_where_admin_keys_are_set(
+    start_router: RouterFactory, dummy_model: Path
+) -> None:
+    router = await start_router({"m": fake_profile(dummy_model)}, api_keys=["user"], admin_keys=["root"])
+    status, body = await post_json(router, "/requests/1/cancel", headers={"Authorization": "Bearer user"})
+    assert status == 403
+    assert_error(body, "admin_key_required")
+    status, body = await post_json(router, "/requests/1/cancel", headers={"Authorization": "Bearer root"})
+    assert status == 404, "an admin may cancel; there is no request 1 now"
+    status, body = await get_json(router, "/requests", headers={"Authorization": "Bearer user"})
+    assert (status, body) == (200, {"requests": []})
+
+
+async def test_activity_rows_name_the_key_by_label_never_the_key(
+    start_router: RouterFactory, dummy_model: Path
+) -> None:
+    router = await start_router({"m": fake_profile(dummy_model)}, api_keys=["first", "second"])
+    payload = chat_body("m")
+    async with router.session.post(
+        CHAT, json=payload, headers={"Authorization": "Bearer second"}
+    ) as response:
+        assert response.status == 200
+    headers = {"Authorization": "Bearer first"}
+
+    async def keys() -> list[str | None]:
+        return [
+            entry["key"] for entry in (await get_json(router, "/activity", headers=headers))[1]["activity"]
+        ]
+
+    await wait_until(keys, what="the activity row")
+    assert await keys() == ["api-2"]
+
+
+# ---------------------------------------------------------------------------------------------- router log
+
+
+async def test_the_router_log_shows_its_own_lines_and_follows_new_ones(
+    start_router: RouterFactory, dummy_model: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="llama_router")  # as `serve` logs by default
+    router = await start_router({"m": fake_profile(dummy_model)})
+    async with router.session.get("/router/log") as response:
+        text = await response.text()
+    assert "llama-router listening on" in text
+    assert "/router/log" not in text, "request lines belong to the activity log"
+    async with aiohttp.ClientSession(base_url=router.url) as session:
+        response = await session.get("/router/log", params={"follow": "1", "lines": "1"})
+        assert (await asyncio.wait_for(response.content.readline(), 10)).strip()
+        await post_json(router, "/models/load", {"model": "m"})
+        line = b""
+        while b"m ready in" not in line:
+            line = await asyncio.wait_for(response.content.readline(), 10)
+        response.close()
+
+
+# ---------------------------------------------------------------------------------------------- browsers
+
+
+def test_own_hosts_are_addresses_localhost_and_the_machine_not_other_names() -> None:
+    assert host_name("[::1]:8080") == "::1" and host_name("Example.COM.:80") == "example.com"
+    for host in ("127.0.0.1:8080", "[::1]:8080", "192.168.1.20", "localhost:8080", "app.localhost"):
+        assert own_host(host, "127.0.0.1"), host
+    assert own_host("router.lan:8080", "router.lan")
+    for host in ("evil.example", "evil.example:8080", "localhost.evil.example", ""):
+        assert not own_host(host, "127.0.0.1"), host
+
+
+async def test_without_keys_foreign_hosts_and_cross_origin_state_changes_are_refused(
+    start_router: RouterFactory, dummy_model: Path
+) -> None:
+    router = await start_router({"m": fake_profile(dummy_model)})
+    port = router.port
+    status, body = await get_json(router, "/v1/models", headers={"Host": f"evil.example:{port}"})
+    assert status == 403, "a DNS-rebound name"
+    assert_error(body, "host_not_allowed")
+    assert (await get_json(router, "/v1/models", headers={"Host": f"localhost:{port}"}))[0] == 200
+    assert (await get_json(router, "/health", headers={"Host": "evil.example"}))[0] == 200
+
+    foreign = {"Origin": "http://evil.example"}
+    status, body = await post_json(router, "/models/load", {"model": "m"}, headers=foreign)
+    assert status == 403
+    assert_error(body, "cross_origin_refused")
+    status, body = await post_json(router, CHAT, chat_body("m"), headers={"Sec-Fetch-Site": "cross-site"})
+    assert status == 403
+    assert_error(body, "cross_origin_refused")
+    status, body = await get_json(router, "/unload", headers={"Sec-Fetch-Site": "cross-site"})
+    assert status == 403, "llama-swap's GET /unload changes state too"
+    assert router.controller.view("m").state.value == "cold", "nothing was loaded"
+
+    assert (await get_json(router, "/v1/models", headers=foreign))[0] == 200, "reading is not a change"
+    own = {"Origin": f"http://127.0.0.1:{port}", "Sec-Fetch-Site": "same-origin"}
+    status, body = await post_json(router, "/models/load?wait=1", {"model": "m"}, headers=own)
+    assert status == 200, "the dashboard's own page may"
+
+
+async def test_with_keys_the_key_is_the_guard_whatever_the_host(
+    start_router: RouterFactory, dummy_model: Path
+) -> None:
+    router = await start_router({"m": fake_profile(dummy_model)}, api_keys=["user-key"])
+    headers = {
+        "Host": "router.example.org",
+        "Authorization": "Bearer user-key",
+        "Origin": "https://app.example",
+    }
+    assert (await post_json(router, CHAT, chat_body("m"), headers=headers))[0] == 200
+    status, body = await post_json(router, CHAT, chat_body("m"), headers={"Host": "router.example.org"})
+    assert status == 401
+    assert_error(body, "invalid_api_key")
