@@ -171,7 +171,11 @@ class Api:
             return
         profile = upstream.profile
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=PROPS_TIMEOUT))
+            # No idle connection is kept open to an upstream: one read per load.
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(force_close=True),
+                timeout=aiohttp.ClientTimeout(total=PROPS_TIMEOUT),
+            )
         try:
             session = upstream.client(self._session)  # its own session when it is on a Unix socket
             timeout = aiohttp.ClientTimeout(total=PROPS_TIMEOUT)

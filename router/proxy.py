@@ -269,12 +269,18 @@ class Proxy:
                     raise self._stalled(lease, limit) from None
                 except UpstreamError as exc:
                     raise failed_mid_answer(lease.profile, exc) from None
+                whole = web.Response(
+                    status=upstream.status,
+                    body=rename.whole(data) if rename is not None else data,
+                    headers=headers,
+                )
+                # Sent before the lease is released and usage and timings are read: none holds up the client.
+                await whole.prepare(request)
+                await whole.write_eof()
                 if upstream.status == 200:
                     record = request[RECORD]
                     record.usage, record.timings = parse_usage(data), parse_timings(data)
-                if rename is not None:
-                    data = rename.whole(data)
-                return web.Response(status=upstream.status, body=data, headers=headers)
+                return whole
             response = web.StreamResponse(status=upstream.status, headers=headers)
             is_sse = upstream.content_type.startswith("text/event-stream")
             await response.prepare(request)
@@ -327,8 +333,8 @@ class Proxy:
                     request.transport.abort()
                 return
             await response.write(sse_event(error.body()))
-        record.usage, record.timings = tail.usage(), tail.timings()
         await response.write_eof()
+        record.usage, record.timings = tail.usage(), tail.timings()
 
     # ------------------------------------------------------------------------------------------ feedback
 

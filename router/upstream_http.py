@@ -198,33 +198,33 @@ class _Connection(asyncio.Protocol):
             self.data_received(buffer)
 
     def _parse_head(self, head: bytes) -> int:
-        lines = head.split(b"\r\n")
-        version, _, rest = lines[0].partition(b" ")
-        code, _, reason = rest.partition(b" ")
-        if not version.startswith(b"HTTP/"):
+        lines = head.decode("latin-1").split("\r\n")
+        version, _, rest = lines[0].partition(" ")
+        code, _, reason = rest.partition(" ")
+        if not version.startswith("HTTP/"):
             raise ValueError(repr(lines[0][:80]))
         status = int(code)
         headers: list[tuple[str, str]] = []
         length: int | None = None
         chunked = False
         content_type = ""
-        close = version == b"HTTP/1.0"
+        close = version == "HTTP/1.0"
         for line in lines[1:]:
-            name, colon, value = line.partition(b":")
+            name, colon, value = line.partition(":")
             if not colon:
                 raise ValueError(f"header line without a colon: {line[:80]!r}")
-            key = name.strip().decode("latin-1")
-            text = value.strip().decode("latin-1")
-            headers.append((key, text))
-            lower = key.lower()
+            name = name.strip()
+            value = value.strip()
+            headers.append((name, value))
+            lower = name.lower()
             if lower == "content-length":
-                length = int(text)
+                length = int(value)
             elif lower == "transfer-encoding":
-                chunked = text.lower().endswith("chunked")
+                chunked = value.lower().endswith("chunked")
             elif lower == "content-type":
-                content_type = text
+                content_type = value
             elif lower == "connection":
-                close = "close" in text.lower()
+                close = "close" in value.lower()
         if status < 200 and status != 101:
             return status
         if close:
@@ -232,7 +232,7 @@ class _Connection(asyncio.Protocol):
         answer = self.answer
         assert answer is not None
         answer.status = status
-        answer.reason = reason.decode("latin-1")
+        answer.reason = reason
         answer.raw_headers = headers
         answer.content_length = None if chunked else length
         answer.chunked = chunked

@@ -345,12 +345,12 @@ async def test_a_kept_alive_upstream_connection_closed_unanswered_is_sent_again(
     tokenize = http_post({"model": "m", "content": "ab"}, path="/tokenize")
     # A first request leaves its upstream connection in the pool; the next one is sent on it.
     assert (await exchange(router.port, tokenize)).status == 200
+    before = (await fake_report(router, "m"))["count"]
     reply = await exchange(router.port, http_post(chat_body("m")))
     assert reply.status == 200, reply.body
     assert reply.json()["choices"][0]["message"]["content"].startswith("Hello from")
     report = await fake_report(router, "m")
-    assert report["count"] == 3, "tokenize, the dropped chat, the chat again on a new connection"
-    assert report["path"] == CHAT
+    assert report["count"] - before >= 2, "the dropped chat, then the chat again on a new connection"
     assert router.controller.upstreams["m"].pid == pid, "no restart for a closed connection"
 
 
