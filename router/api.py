@@ -16,7 +16,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 from urllib.parse import unquote
 
@@ -24,14 +24,29 @@ import aiohttp
 from aiohttp import web
 
 from . import __version__
-from .access_log import mark_long_lived
+from .access_log import RECORD, mark_long_lived
 from .config import ResolvedProfile
 from .context_window import Window, learned, profile_window
 from .controller import Controller
 from .errors import RouterError
-from .events import Event, Ready, RequestsChanged
+from .events import (
+    DownloadFailed,
+    DownloadFinished,
+    DownloadProgress,
+    Event,
+    Failed,
+    Loading,
+    ModelRemoved,
+    Ready,
+    Reloaded,
+    RequestsChanged,
+    Stopped,
+)
 from .metrics import status_value
+from .model_manager import ModelManager
 from .proxy import Proxy
+from .reload import RELOADER
+from .request_rules import model_in_body
 from .scheduler import ProfileView, State
 
 log = logging.getLogger("llama_router.api")
@@ -92,6 +107,32 @@ def _transport_closed(request: web.Request) -> bool:
     return transport is None or transport.is_closing()
 
 
+def native_event(event: Event) -> dict[str, Any] | None:
+    """An event as llama-server's router mode words it on `/models/sse` (None: it has no such one)."""
+    match event:
+        case Loading(model=model):
+            return {"model": model, "event": "status_change", "data": {"status": "loading"}}
+        case Ready(model=model):
+            return {"model": model, "event": "status_change", "data": {"status": "loaded"}}
+        case Stopped(model=model):
+            return {"model": model, "event": "status_change", "data": {"status": "unloaded", "exit_code": 0}}
+        case Failed(model=model, reason=reason):
+            data = {"status": "unloaded", "exit_code": 1, "failed": True, "reason": reason.splitlines()[0]}
+            return {"model": model, "event": "status_change", "data": data}
+        case DownloadProgress(model=model, file=file, done=done, total=total):
+            progress = {"progress": {file: {"done": done, "total": total}}}
+            return {"model": model, "event": "download_progress", "data": progress}
+        case DownloadFinished(model=model):
+            return {"model": model, "event": "download_finished", "data": {}}
+        case DownloadFailed(model=model, reason=reason):
+            return {"model": model, "event": "download_failed", "data": {"reason": reason}}
+        case ModelRemoved(model=model):
+            return {"model": model, "event": "model_remove", "data": {}}
+        case Reloaded():
+            return {"model": "*", "event": "models_reload"}
+    return None
+
+
 # ---------------------------------------------------------------------------------------------- api
 
 
@@ -112,6 +153,7 @@ class Api:
         # Windows llama-server reported on `/props` once loaded, with the profile they were read for.
         self._learned: dict[str, tuple[ResolvedProfile, Window]] = {}
         self._session: aiohttp.ClientSession | None = None
+        self.manager = ModelManager(controller)
         self._entries()
         controller.subscribe(self._on_event)
 
@@ -130,6 +172,7 @@ class Api:
                     "owned_by": "llamacpp",
                     "aliases": list(profile.aliases),
                     "description": profile.description,
+                    "can_remove": profile.removable,
                     **self._context_fields(profile),
                 }
             self._static, self._config = static, config
@@ -220,6 +263,9 @@ class Api:
         router = app.router
         router.add_get("/v1/models", self.models)
         router.add_get("/models", self.native_models)
+        router.add_post("/models", self.add_model)
+        router.add_delete("/models", self.remove_model)
+        router.add_get("/models/sse", self.models_sse)
         router.add_get("/props", self.props)
         router.add_get("/v1/models/{model:.+}", self.model)
         router.add_post("/models/load", self.load)
@@ -247,6 +293,7 @@ class Api:
             task.cancel()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=5)
+        await self.manager.close()
         if self._session is not None:
             await self._session.close()
 
@@ -294,7 +341,40 @@ class Api:
         return web.json_response(self.models_payload())
 
     async def native_models(self, _: web.Request) -> web.Response:
-        return web.json_response(self.models_payload(native=True))
+        payload = self.models_payload(native=True)
+        payload["data"].extend(self.manager.pending())
+        return web.json_response(payload)
+
+    async def add_model(self, request: web.Request) -> web.Response:
+        """`POST /models {"model": "<org>/<repo>[:<quant>]"}` (router mode's "Download Model"): the
+        download starts and this answers at once; `/events` and `/models/sse` follow it, and the
+        model is listed as `downloading` until its profile is in place."""
+        model, payload = model_in_body(await request.read())
+        request[RECORD].model = model
+        name = await self.manager.add(payload, self._reloader(request))
+        return web.json_response({"success": True, "model": name, "status": {"value": "downloading"}})
+
+    async def remove_model(self, request: web.Request) -> web.Response:
+        """`DELETE /models?model=<name>` (router mode's "Delete Model"): removes a profile POST /models
+        created, and with `?delete_files=1` its files in the Hugging Face cache; a hand-written profile
+        is refused (403)."""
+        model = request.query.get("model")
+        if not model:
+            raise RouterError(400, "add ?model=<name> to say which model to remove", code="missing_model")
+        request[RECORD].model = model
+        answer = await self.manager.remove(
+            model, self._reloader(request), delete_files=_flag(request, "delete_files")
+        )
+        return web.json_response(answer)
+
+    @staticmethod
+    def _reloader(request: web.Request) -> Callable[[str], Awaitable[bool]]:
+        reloader = request.app.get(RELOADER)
+        if reloader is None:
+            raise RouterError(
+                503, "models cannot be added or removed without the config reloader", code="unavailable"
+            )
+        return reloader.reload
 
     async def props(self, request: web.Request) -> web.StreamResponse:
         """`/props?model=<name>`: that model's own `/props`. Bare `/props` answers as llama-server's
@@ -442,20 +522,50 @@ class Api:
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         """Lifecycle events as SSE: a snapshot of every model's status first, then `loading`, `ready`
-        (with `load_seconds`), `stopping` (with its reason), `stopped`, `failed` (with the log tail).
+        (with `load_seconds`), `stopping` (with its reason), `stopped`, `failed` (with the log tail),
+        and the downloads of POST /models (`download_progress`, `download_finished`, ...).
         With `?requests=1` also `requests`: what waits and runs, and the activity rows of requests
         that ended (the dashboard's feed; sent a few times a second at most)."""
+        with_requests = _flag(request, "requests")
+
+        def translate(event: Event) -> dict[str, Any] | None:
+            if not with_requests and isinstance(event, RequestsChanged):
+                return None
+            return event.json()
+
+        snapshot = {
+            "event": "snapshot",
+            "time": time.time(),
+            "models": [
+                {"model": view.name, "status": self._status(view)} for view in self.controller.views()
+            ],
+        }
+        return await self._stream_events(request, translate, snapshot)
+
+    async def models_sse(self, request: web.Request) -> web.StreamResponse:
+        """llama-server router mode's `/models/sse`: status changes and download progress in its
+        shapes (`{"model", "event", "data"}`)."""
+        return await self._stream_events(request, native_event)
+
+    async def _stream_events(
+        self,
+        request: web.Request,
+        translate: Callable[[Event], dict[str, Any] | None],
+        first: dict[str, Any] | None = None,
+    ) -> web.StreamResponse:
+        """Send lifecycle events as SSE `data:` lines (as `translate` words them; None: skipped)
+        until the client leaves or the router shuts down."""
         mark_long_lived(request)
         queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize=1000)
         overflow = False
-        with_requests = _flag(request, "requests")
 
         def listener(event: Event) -> None:
             nonlocal overflow
-            if not with_requests and isinstance(event, RequestsChanged):
+            payload = translate(event)
+            if payload is None:
                 return
             try:
-                queue.put_nowait(event.json())
+                queue.put_nowait(payload)
             except asyncio.QueueFull:
                 overflow = True  # a reader this slow is dropped rather than buffered without bound
 
@@ -464,14 +574,8 @@ class Api:
         self._event_queues.add(queue)
         try:
             await response.prepare(request)
-            snapshot = {
-                "event": "snapshot",
-                "time": time.time(),
-                "models": [
-                    {"model": view.name, "status": self._status(view)} for view in self.controller.views()
-                ],
-            }
-            await response.write(b"data: " + json.dumps(snapshot).encode() + b"\n\n")
+            if first is not None:
+                await response.write(b"data: " + json.dumps(first).encode() + b"\n\n")
             while not self._closing and not overflow:
                 try:
                     event = await asyncio.wait_for(queue.get(), KEEPALIVE)

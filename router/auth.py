@@ -29,7 +29,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 OPEN_PATHS = frozenset({"/health", "/", "/ui"})
 OPEN_PREFIXES = ("/ui/",)  # the dashboard's static files: the page asks for a key itself
 # Control endpoints: they start and stop processes or reach an upstream's own API directly.
-ADMIN_POST_PATHS = frozenset({"/models/load", "/models/unload"})
+ADMIN_POST_PATHS = frozenset({"/models/load", "/models/unload", "/models"})  # POST /models downloads
+ADMIN_DELETE_PATHS = frozenset({"/models"})  # removes a model POST /models added
 ADMIN_POST_PREFIXES = ("/requests/",)  # cancelling a request
 ADMIN_PATHS = frozenset({"/unload", "/upstream"})  # any method (llama-swap unloads with a GET)
 
@@ -126,6 +127,8 @@ def is_admin_request(request: web.Request) -> bool:
     path = request.path
     if path in ADMIN_PATHS or path.startswith("/upstream/"):
         return True
+    if request.method == "DELETE":
+        return path in ADMIN_DELETE_PATHS
     return request.method == "POST" and (path in ADMIN_POST_PATHS or path.startswith(ADMIN_POST_PREFIXES))
 
 

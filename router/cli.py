@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from . import __version__
 from .config import (
     ConfigError,
+    ResolvedProfile,
     RouterConfig,
     ServerConfig,
     load_config,
@@ -87,6 +88,35 @@ def describe_profile(config: RouterConfig, name: str) -> list[tuple[str, str]]:
         lines.append(("mmproj", str(profile.mmproj_path)))
     command = " ".join(profile.command("127.0.0.1", 0)).replace(" --port 0", " --port <auto>")
     lines.append(("command", command))
+    if profile.source is not None and profile.source != config.path:
+        made = " (created by POST /models)" if profile.removable else ""
+        lines.append(("file", f"{profile.source}{made}"))
+    lines.extend(describe_context(profile))
+    return lines
+
+
+def describe_context(profile: ResolvedProfile) -> list[tuple[str, str]]:
+    """The `check` line of a profile's context window, and a warning when it is under `min_context`."""
+    from .context_window import profile_window
+
+    window = profile_window(profile)
+    if window is None:
+        return [("context", "the model's training length (not in its file): known once loaded")]
+    if window.source == "configured":
+        how = "context_length"
+    elif window.slots == 1:
+        how = "1 slot"
+    else:
+        how = f"{window.total} {'shared by' if window.unified else 'split between'} {window.slots} slots"
+    lines = [("context", f"{window.per_request} tokens per request ({how})")]
+    if profile.min_context is not None and window.per_request < profile.min_context:
+        lines.append(
+            (
+                "warning",
+                f"{window.per_request} tokens per request is under min_context {profile.min_context}: "
+                "raise -c, lower --parallel or add --kv-unified",
+            )
+        )
     return lines
 
 

@@ -11,7 +11,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -34,6 +34,12 @@ _VERBOSITY_FLAGS = (
 RETIRED_SERVER_KEYS = {
     "fast_lane": "every request now takes the one request path; remove the key",
 }
+
+# Profiles may also live in files of their own in this folder beside profiles.yaml; those that
+# POST /models writes say `created_by: llama-router`, and only those may DELETE /models remove.
+PROFILES_DIR = "profiles.d"
+CREATED_BY_ROUTER = "llama-router"
+LoadingFeedback = Literal["comments", "reasoning"]
 
 log = logging.getLogger("llama_router.config")
 
@@ -139,6 +145,16 @@ class ServerConfig(_Strict):
         ge=0,
         description="seconds between SSE ': loading' comments to a stream waiting for its model (0: off)",
     )
+    loading_feedback: LoadingFeedback = Field(
+        default="comments",
+        description="how a streamed chat waiting for its model hears of it: SSE 'comments' (invisible), "
+        "or 'reasoning' (reasoning_content deltas chat UIs show as thinking)",
+    )
+    min_context: int | None = Field(
+        default=None,
+        gt=0,
+        description="tokens per request profiles' clients need; `check` warns about smaller windows",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -187,6 +203,12 @@ class Profile(_Strict):
     )
     footprint: dict[str, int] | None = Field(
         default=None, description="MiB per device ('ram', 'gpu0', ...), overriding estimate and learning"
+    )
+    loading_feedback: LoadingFeedback | None = Field(
+        default=None, description="overrides server.loading_feedback"
+    )
+    min_context: int | None = Field(
+        default=None, gt=0, description="tokens per request its clients need (default: server.min_context)"
     )
 
     @field_validator("footprint")
@@ -272,6 +294,18 @@ class Config(_Strict):
         return self
 
 
+class ProfilesFile(_Strict):
+    """A file in `profiles.d/`: more profiles, kept apart from `profiles.yaml` (the router writes
+    the profiles POST /models creates there, so the user's own file and its comments are never
+    rewritten)."""
+
+    created_by: str | None = Field(
+        default=None,
+        description="'llama-router' in the files POST /models wrote (DELETE /models removes those)",
+    )
+    profiles: dict[str, Profile] = Field(default_factory=dict, description="profiles, as in profiles.yaml")
+
+
 class ResolvedProfile(BaseModel):
     """A profile with its files found: what the supervisor needs to spawn it."""
 
@@ -298,6 +332,10 @@ class ResolvedProfile(BaseModel):
     hf: str | None = None  # the Hugging Face reference it came from, for display
     context_length: int | None = None
     problem: str | None = None  # why it cannot run (a file not found); served as failed, the others run
+    loading_feedback: LoadingFeedback = "comments"
+    min_context: int | None = None
+    source: Path | None = None  # the file that defines it (profiles.yaml or one in profiles.d)
+    removable: bool = False  # created by POST /models: DELETE /models may remove it
 
     @property
     def user_alias(self) -> str | None:
@@ -392,13 +430,13 @@ def _local_path(value: str | Path, base: Path) -> Path:
 
 
 def _model_files(
-    name: str, profile: Profile, config_path: Path, problems: list[str]
+    name: str, profile: Profile, config_path: Path, problems: list[str], base: Path
 ) -> tuple[Path, tuple[Path, ...], Path | None, str | None]:
-    """The model file (all shards) and projector of a profile, local or from the Hugging Face cache.
+    """The model file (all shards) and projector of a profile, local (relative to `base`, the folder
+    of the file that defines it) or from the Hugging Face cache.
 
     Never downloads: a Hugging Face file missing from the cache is a problem that says to pull it.
     """
-    base = config_path.parent
     if profile.hf is None:
         assert profile.model is not None
         model_path = _local_path(profile.model, base)
@@ -439,12 +477,25 @@ def read_yaml(path: str | Path) -> tuple[Any, Path]:
         raise ConfigError(f"{path}: {where}invalid YAML: {problem}") from None
 
 
-def validate_schema(data: Any, path: Path) -> Config:
-    """Check the file's structure only (no files looked up): what `pull` needs before models exist."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: <top>: expected a mapping with 'server' and 'profiles' keys")
+def profiles_dir(path: Path) -> Path:
+    """The `profiles.d/` folder beside a `profiles.yaml`."""
+    return path.parent / PROFILES_DIR
+
+
+def config_files(path: Path) -> list[Path]:
+    """Every file a config is read from: `profiles.yaml`, then `profiles.d/*.yaml` by name."""
+    folder = profiles_dir(path)
     try:
-        return Config.model_validate(data)
+        extra = sorted(p for p in folder.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+    except OSError:  # no folder (the usual case), or one that cannot be read
+        extra = []
+    return [path, *extra]
+
+
+def _check(model: type[_Strict], data: Any, path: Path) -> Any:
+    """`data` validated as `model`; ConfigError naming the file, key paths and problems if not."""
+    try:
+        return model.model_validate(data)
     except ValidationError as exc:
         messages = [_format_error(err["loc"], err["msg"]) for err in exc.errors()]
         raise ConfigError(f"{path}: " + "; ".join(messages)) from None
@@ -452,19 +503,54 @@ def validate_schema(data: Any, path: Path) -> Config:
         raise ConfigError(f"{path}: {exc}") from None
 
 
+def _validate(data: Any, path: Path) -> tuple[Config, dict[str, tuple[Path, bool]]]:
+    """The whole config (`profiles.yaml` and `profiles.d/`), and each profile's file and whether the
+    router created it."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: <top>: expected a mapping with 'server' and 'profiles' keys")
+    origins: dict[str, tuple[Path, bool]] = {}
+    own = data.get("profiles")
+    if isinstance(own, dict):
+        origins = {str(name): (path, False) for name in own}
+    merged: dict[Any, Any] = dict(own) if isinstance(own, dict) else {}
+    extended = False
+    for extra in config_files(path)[1:]:
+        content, extra = read_yaml(extra)
+        if content is None:
+            continue  # an empty file
+        if not isinstance(content, dict):
+            raise ConfigError(f"{extra}: <top>: expected a mapping with a 'profiles' key")
+        found = _check(ProfilesFile, content, extra)
+        for name in found.profiles:
+            if name in origins:
+                raise ConfigError(f"{extra}: profiles.{name}: already defined in {origins[name][0]}")
+            origins[name] = (extra, found.created_by == CREATED_BY_ROUTER)
+            merged[name] = content["profiles"][name]
+            extended = True
+    if extended:
+        data = {**data, "profiles": merged}
+    return _check(Config, data, path), origins
+
+
+def validate_schema(data: Any, path: Path) -> Config:
+    """Check the files' structure only (no files looked up): what `pull` needs before models exist."""
+    return _validate(data, path)[0]
+
+
 def parse_config(data: Any, path: Path, *, keep_unrunnable: bool = False) -> RouterConfig:
     """Validate already-parsed YAML data; `path` is used for messages and relative file names.
 
     A profile whose files are missing (model, projector, binary) is a ConfigError, unless
     `keep_unrunnable`: then it is kept with its `problem`, so a router serves the others."""
-    config = validate_schema(data, path)
-    base = path.parent
+    config, origins = _validate(data, path)
     all_problems: list[str] = []
     resolved: dict[str, ResolvedProfile] = {}
     names: dict[str, str] = {}
     for name, profile in config.profiles.items():
         problems: list[str] = []
-        model_path, model_files, mmproj_path, hf = _model_files(name, profile, path, problems)
+        source, removable = origins.get(name, (path, False))
+        base = source.parent
+        model_path, model_files, mmproj_path, hf = _model_files(name, profile, path, problems, base)
         binary = _find_binary(profile.binary, base)
         if binary is None:
             where = (
@@ -495,8 +581,14 @@ def parse_config(data: Any, path: Path, *, keep_unrunnable: bool = False) -> Rou
             fallback=tuple(profile.fallback),
             footprint_mib=profile.footprint,
             context_length=profile.context_length,
-            problem=f"{path}: " + "; ".join(problems) if problems else None,
+            problem=f"{source}: " + "; ".join(problems) if problems else None,
+            loading_feedback=profile.loading_feedback or config.server.loading_feedback,
+            min_context=profile.min_context or config.server.min_context,
+            source=source,
+            removable=removable,
         )
+        if source != path:  # the file names the profile's problems, as `path` names the others
+            problems = [f"{source}: {problem}" for problem in problems]
         all_problems += problems
         names[name] = name
         for alias in profile.aliases:

@@ -175,6 +175,48 @@ class RequestsChanged(Event):
     activity_dropped: int  # rows written but left out of `activity`
 
 
+# ---------------------------------------------------------------------------------------------- model manager
+
+
+@dataclass(frozen=True)
+class DownloadProgress(Event):
+    """Bytes of one file of a model that POST /models downloads (`total`: None when not known)."""
+
+    kind: ClassVar[str] = "download_progress"
+    model: str
+    file: str
+    done: int
+    total: int | None
+
+
+@dataclass(frozen=True)
+class DownloadFinished(Event):
+    """A POST /models download is in the cache and its profile in `profiles.d/`."""
+
+    kind: ClassVar[str] = "download_finished"
+    model: str
+    files: list[str]
+    profile_file: str
+
+
+@dataclass(frozen=True)
+class DownloadFailed(Event):
+    """A POST /models download failed or was cancelled; no profile was written."""
+
+    kind: ClassVar[str] = "download_failed"
+    model: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ModelRemoved(Event):
+    """DELETE /models removed a profile the router had created (and, if asked, its cached files)."""
+
+    kind: ClassVar[str] = "model_removed"
+    model: str
+    deleted_files: list[str]
+
+
 # ---------------------------------------------------------------------------------------------- config
 
 

@@ -24,6 +24,7 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 _REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _SHARD_RE = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$", re.IGNORECASE)
@@ -36,6 +37,10 @@ MMPROJ_PREFERENCE = ("F16", "BF16", "F32", "Q8_0")
 
 class HubError(Exception):
     """A Hugging Face reference that cannot be resolved; the message names the repo and file."""
+
+
+class Cancelled(Exception):
+    """A download that was asked to stop (raised from its progress callback)."""
 
 
 @dataclass(frozen=True)
@@ -301,6 +306,8 @@ def resolve_cached(ref: HfRef) -> ResolvedHf:
 # --------------------------------------------------------------------------------------- the Hub
 
 Progress = Callable[[str], None]
+# Bytes of one file: (file in the repo, bytes so far, total bytes or None); may raise to cancel.
+ByteProgress = Callable[[str, int, int | None], None]
 
 
 def endpoint() -> str | None:
@@ -308,28 +315,68 @@ def endpoint() -> str | None:
     return os.environ.get("HF_ENDPOINT") or None
 
 
-def pull(ref: HfRef, *, progress_bars: bool = True, say: Progress | None = None) -> ResolvedHf:
-    """Download what `ref` needs into the cache (files already there are not fetched again)."""
+def remote_files(ref: HfRef) -> HfFiles:
+    """The files `ref` needs, chosen from the repo's listing on the Hub (nothing is downloaded)."""
     if offline():
         raise HubError(f"{ref.repo}: cannot download with HF_HUB_OFFLINE set; unset it to pull")
-    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub import HfApi
+
+    hub = endpoint()
+    try:
+        listing = HfApi(endpoint=hub).list_repo_files(ref.repo, revision=ref.revision)
+    except Exception as exc:
+        raise HubError(_explain(exc, ref, hub or "https://huggingface.co")) from None
+    return select_files(ref, listing, where=f"in the repo at revision {ref.revision!r}")
+
+
+def _byte_counter(name: str, report: ByteProgress) -> type[Any]:
+    """A tqdm class that reports a file's bytes to `report` instead of drawing a bar (huggingface_hub
+    takes progress only as a tqdm class); an exception from `report` ends the download."""
+    from tqdm import tqdm
+
+    class Counter(tqdm):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.pop("name", None)
+            super().__init__(*args, **{**kwargs, "disable": True})
+            self.done = int(kwargs.get("initial") or 0)
+            report(name, self.done, self.total)
+
+        def update(self, n: float | None = 1) -> bool | None:
+            self.done += int(n or 0)
+            report(name, self.done, self.total)
+            return None
+
+    return Counter
+
+
+def pull(
+    ref: HfRef,
+    *,
+    progress_bars: bool = True,
+    say: Progress | None = None,
+    progress: ByteProgress | None = None,
+) -> ResolvedHf:
+    """Download what `ref` needs into the cache (files already there are not fetched again);
+    `progress` hears of each file's bytes as they arrive, instead of the progress bars."""
+    from huggingface_hub import hf_hub_download
     from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
 
     cache = cache_dir()
     hub = endpoint()
-    api = HfApi(endpoint=hub)
     if progress_bars:
         enable_progress_bars()
     else:
         disable_progress_bars()
+    files = remote_files(ref)
     try:
-        listing = api.list_repo_files(ref.repo, revision=ref.revision)
-        files = select_files(ref, listing, where=f"in the repo at revision {ref.revision!r}")
         for name in files.all():
             if say is not None:
                 say(f"{ref.repo}: {name}")
-            hf_hub_download(ref.repo, name, revision=ref.revision, cache_dir=str(cache), endpoint=hub)
-    except HubError:
+            counter = _byte_counter(name, progress) if progress is not None else None
+            hf_hub_download(
+                ref.repo, name, revision=ref.revision, cache_dir=str(cache), endpoint=hub, tqdm_class=counter
+            )
+    except (HubError, Cancelled):
         raise
     except Exception as exc:
         raise HubError(_explain(exc, ref, hub or "https://huggingface.co")) from None
@@ -372,3 +419,32 @@ def _explain(exc: Exception, ref: HfRef, hub: str) -> str:
 def _first_line(exc: Exception) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+# --------------------------------------------------------------------------------------- removal
+
+
+def remove_cached(paths: Iterable[Path]) -> list[Path]:
+    """Delete files of the Hugging Face cache: each snapshot link given, and its blob once no other
+    snapshot of the repo links to it; empty snapshot folders go too. The files deleted are returned
+    (links whose blob another revision still uses free nothing, and are not listed)."""
+    deleted: list[Path] = []
+    for link in paths:
+        link = Path(link)
+        snapshots = next((parent for parent in link.parents if parent.name == "snapshots"), None)
+        if snapshots is None or not link.is_symlink():
+            continue  # not a file of the cache's layout: never touched
+        blob = link.resolve()
+        link.unlink()
+        others = [other for other in snapshots.rglob("*") if other.is_symlink() and other.resolve() == blob]
+        if not others and blob.is_file():
+            blob.unlink()
+            deleted.append(blob)
+        for folder in [link.parent, *link.parent.parents]:
+            if folder == snapshots:
+                break
+            try:
+                folder.rmdir()  # only when empty
+            except OSError:
+                break
+    return deleted

@@ -7,8 +7,9 @@ restarts changed ones when idle, drains and stops removed ones, and sends the `r
 and admin keys are resolved with the rest (a named key variable that is unset fails the reload) and put
 in force once the new config is applied.
 
-The watcher polls (no extra dependency): each second it compares the file's stat and, if that moved,
-its content hash, so an editor that rewrites the same bytes, or a `touch`, reloads nothing.
+The watcher polls (no extra dependency): each second it compares the files' stats (`profiles.yaml` and
+those in `profiles.d/` beside it) and, if one moved, their content hash, so an editor that rewrites
+the same bytes, or a `touch`, reloads nothing.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 from aiohttp import web
 
 from .auth import KeyRing, resolve_keys, warn_if_open
-from .config import ConfigError, RouterConfig, load_config
+from .config import ConfigError, RouterConfig, config_files, load_config
 from .controller import Controller
 from .events import ReloadFailed
 from .sdnotify import Notifier
@@ -35,22 +36,31 @@ log = logging.getLogger("llama_router.reload")
 WATCH_INTERVAL = 1.0  # seconds between two looks at the config file
 
 Loader = Callable[[], RouterConfig]
-_Signature = tuple[int, int, int, int] | None  # (device, inode, mtime_ns, size), None if unreadable
+# Per file of the config (profiles.yaml, then profiles.d/*.yaml): its name and (device, inode,
+# mtime_ns, size), None if unreadable.
+_Signature = tuple[tuple[str, tuple[int, int, int, int] | None], ...]
 
 
 def _signature(path: Path) -> _Signature:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+    found: list[tuple[str, tuple[int, int, int, int] | None]] = []
+    for file in config_files(path):
+        try:
+            st = file.stat()
+        except OSError:
+            found.append((str(file), None))
+            continue
+        found.append((str(file), (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)))
+    return tuple(found)
 
 
 def _digest(path: Path) -> str | None:
+    digest = hashlib.sha256()
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        for file in config_files(path):
+            digest.update(str(file).encode() + b"\0" + file.read_bytes())
     except OSError:
         return None
+    return digest.hexdigest()
 
 
 class ConfigReloader:

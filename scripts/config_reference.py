@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,9 @@ def _type_name(annotation: Any) -> str:
     text = getattr(annotation, "__name__", None) if not hasattr(annotation, "__args__") else None
     text = text or str(annotation)
     text = text.replace("typing.", "").replace("pathlib.", "").replace("NoneType", "None")
+    # A choice of words reads as the words: Literal['a', 'b'] -> 'a' | 'b'
+    text = re.sub(r"Optional\[Literal\[(.*?)\]\]", r"Literal[\1, None]", text)
+    text = re.sub(r"Literal\[(.*?)\]", lambda match: match[1].replace(", ", " | "), text)
     return text.replace("|", "\\|")
 
 

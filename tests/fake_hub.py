@@ -4,6 +4,7 @@ HEAD/GET with the `X-Repo-Commit`/`ETag` headers huggingface_hub checks, its err
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ class Repo:
     files: dict[str, bytes]
     token: str | None = None  # when set, requests must carry `Authorization: Bearer <token>`
     commit: str = ""
+    delay: float = 0.0  # seconds a file download takes (sent in pieces): a slow link
 
     def __post_init__(self) -> None:
         self.commit = self.commit or commit_of(self.files)
@@ -122,8 +124,39 @@ class FakeHub:
         }
         if request.method == "HEAD":
             return web.Response(headers=headers)
-        return web.Response(body=data, headers={k: v for k, v in headers.items() if k != "Content-Length"})
+        if not repo.delay:
+            return web.Response(
+                body=data, headers={k: v for k, v in headers.items() if k != "Content-Length"}
+            )
+        response = web.StreamResponse(headers=headers)
+        await response.prepare(request)
+        pieces = 10
+        step = -(-len(data) // pieces)
+        for start in range(0, len(data), step):
+            await asyncio.sleep(repo.delay / pieces)
+            await response.write(data[start : start + step])
+        await response.write_eof()
+        return response
 
     async def unknown(self, request: web.Request) -> web.Response:
         self.requests.append((request.method, request.path))
         return web.Response(status=404, text=f"fake hub: no route for {request.method} {request.path}")
+
+
+def _without_length(headers: dict[str, str]) -> dict[str, str]:
+    return {key: value for key, value in headers.items() if key != "Content-Length"}
+
+
+def hub_env(home: Path, hub_url: str, root: Path, **extra: str) -> dict[str, str]:
+    """The environment of a router or `llama-router pull` process that only talks to the fake Hub,
+    with its Hugging Face cache under `home`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    env.update(
+        HF_HOME=str(home / "hf"),
+        HF_HUB_CACHE=str(home / "hf" / "hub"),
+        HF_ENDPOINT=hub_url,
+        HF_HUB_DISABLE_TELEMETRY="1",
+        PYTHONPATH=str(root),
+        **extra,
+    )
+    return env

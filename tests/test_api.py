@@ -32,8 +32,8 @@ async def post_json(router: RunningRouter, path: str, payload: Any = None, **kwa
 
 
 async def statuses(router: RunningRouter) -> dict[str, str]:
-    """Each model's `status.value` as `/models` (Open WebUI's llama.cpp connection) reports it."""
-    status, listing = await get_json(router, "/models")
+    """Each model's `status.value` as `/v1/models` reports it (in the router's own words)."""
+    status, listing = await get_json(router, "/v1/models")
     assert status == 200, listing
     return {entry["id"]: entry["status"]["value"] for entry in listing["data"]}
 

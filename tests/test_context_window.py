@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from router.context_window import Window, learned, window
 from scripts.make_tiny_models import make_model
 
@@ -150,3 +152,33 @@ async def test_a_loaded_model_reports_what_its_props_say(
     async with router.session.post("/models/unload?wait=1", json={"model": "yarn"}) as response:
         assert response.status == 200
     assert (await listed(router))["yarn"]["context_length"] == 2048, "kept while the profile is unchanged"
+
+
+@pytest.mark.parametrize("key", ["profile", "server"])
+def test_check_warns_when_the_window_is_under_min_context(
+    tmp_path: Path, llama_server: Path, key: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import yaml
+
+    from router.cli import main
+
+    model = make_model(tmp_path / "m.gguf", seed=5, n_ctx_train=131072)
+    profile: dict[str, Any] = {"model": str(model), "binary": str(llama_server)}
+    server: dict[str, Any] = {"port": 0, "memory": {"ram": 4096, "gpus": []}}
+    if key == "profile":
+        profile["min_context"] = 65536
+    else:
+        server["min_context"] = 65536
+    profiles = {
+        "split": {**profile, "args": ["-c", "65536", "--parallel", "2"]},
+        "whole": {**profile, "args": ["-c", "131072", "--parallel", "2"]},
+    }
+    path = tmp_path / "profiles.yaml"
+    path.write_text(yaml.safe_dump({"server": server, "profiles": profiles}))
+    assert main(["check", "-c", str(path)]) == 0
+    out = capsys.readouterr().out
+    split = out[out.index("- split") : out.index("- whole")]
+    whole = out[out.index("- whole") :]
+    assert "32768 tokens per request (65536 split between 2 slots)" in split
+    assert "warning: 32768 tokens per request is under min_context 65536" in split
+    assert "65536 tokens per request" in whole and "warning" not in whole

@@ -5,7 +5,6 @@ fake Hub on loopback. Nothing here reaches the network."""
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from router import hub
 from router.config import ConfigError, load_config
 from tests.conftest import RouterFactory
 from tests.fake_hub import FakeHub, Repo, gguf_bytes, make_cache
+from tests.fake_hub import hub_env as fake_hub_env
 
 ROOT = Path(__file__).resolve().parent.parent
 REPO = "acme/tiny-GGUF"
@@ -210,16 +210,7 @@ def test_local_model_with_a_projector_path(tmp_path: Path) -> None:
 
 def hub_env(tmp_path: Path, hub_url: str, **extra: str) -> dict[str, str]:
     """The environment of a `llama-router pull` that only talks to the fake Hub."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
-    env.update(
-        HF_HOME=str(tmp_path / "hf"),
-        HF_HUB_CACHE=str(tmp_path / "hf" / "hub"),
-        HF_ENDPOINT=hub_url,
-        HF_HUB_DISABLE_TELEMETRY="1",
-        PYTHONPATH=str(ROOT),
-        **extra,
-    )
-    return env
+    return fake_hub_env(tmp_path, hub_url, ROOT, **extra)
 
 
 async def run_cli(*args: str, env: dict[str, str], timeout: float = 60) -> tuple[int, str, str]:

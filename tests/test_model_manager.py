@@ -1,0 +1,221 @@
+"""Open WebUI's llama.cpp connection manages models: `POST /models` downloads a Hugging Face GGUF (from
+a fake Hub on loopback) into the cache and makes it a profile in `profiles.d/`, with its progress on
+`/events` and `/models/sse`; `DELETE /models?model=…` removes only such profiles. The router is the
+real `llama-router serve` process, so huggingface_hub reads the environment as it would in service."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+
+from tests.fake_hub import FakeHub, Repo, hub_env
+from tests.router_process import ROOT, RouterProcess
+
+REPO = "acme/tiny-GGUF"
+MODEL = f"{REPO}:Q8_0"
+ADMIN = {"Authorization": "Bearer admin-key"}
+USER = {"Authorization": "Bearer user-key"}
+ARGS = ["-c", "512", "--parallel", "1", "--threads", "1"]
+USER_YAML = """# My models. This comment must survive anything the router does.
+server:
+  api_keys: [user-key]
+  admin_keys: [admin-key]
+  host: 127.0.0.1
+  state_dir: {state}
+profiles:
+  mine:               # hand-written
+    model: {model}
+    binary: {binary}
+    args: {args}
+"""
+
+
+class EventStream:
+    """An SSE stream read in the background: its `data:` events, in order."""
+
+    def __init__(self, session: aiohttp.ClientSession, url: str) -> None:
+        self.events: list[dict[str, Any]] = []
+        self._changed = asyncio.Event()
+        self._task = asyncio.create_task(self._read(session, url))
+
+    async def _read(self, session: aiohttp.ClientSession, url: str) -> None:
+        async with session.get(url, headers=USER, timeout=aiohttp.ClientTimeout(total=None)) as response:
+            assert response.status == 200
+            async for raw in response.content:
+                line = raw.decode().strip()
+                if line.startswith("data: "):
+                    self.events.append(json.loads(line[len("data: ") :]))
+                    self._changed.set()
+
+    async def wait_for(self, match: Callable[[dict[str, Any]], bool], timeout: float = 30) -> dict[str, Any]:
+        async with asyncio.timeout(timeout):
+            while True:
+                found = next((event for event in self.events if match(event)), None)
+                if found is not None:
+                    return found
+                self._changed.clear()
+                await self._changed.wait()
+
+    async def close(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+
+@pytest.fixture
+async def fake_hub(tiny_models: tuple[Path, Path]) -> AsyncIterator[FakeHub]:
+    files = {
+        "tiny-Q8_0.gguf": tiny_models[0].read_bytes(),
+        "tiny-Q4_K_M.gguf": tiny_models[1].read_bytes(),
+        "README.md": b"# tiny",
+    }
+    hub = await FakeHub({REPO: Repo(files), "acme/slow-GGUF": Repo(files, delay=1.5)}).start()
+    yield hub
+    await hub.close()
+
+
+@pytest.fixture
+async def router(
+    tmp_path: Path,
+    fake_hub: FakeHub,
+    tiny_models: tuple[Path, Path],
+    llama_server: Path,
+    router_processes: list[RouterProcess],
+) -> RouterProcess:
+    config = tmp_path / "etc" / "profiles.yaml"
+    config.parent.mkdir()
+    config.write_text(
+        USER_YAML.format(
+            state=tmp_path / "state", model=tiny_models[0], binary=llama_server, args=json.dumps(ARGS)
+        )
+    )
+    process = RouterProcess(config, env=hub_env(tmp_path, fake_hub.url, ROOT))
+    router_processes.append(process)
+    return await process.start()
+
+
+async def models(session: aiohttp.ClientSession, url: str) -> dict[str, dict[str, Any]]:
+    async with session.get(f"{url}/models", headers=USER) as response:
+        assert response.status == 200
+        return {entry["id"]: entry for entry in (await response.json())["data"]}
+
+
+async def test_download_becomes_a_profile_that_serves_and_can_be_removed(
+    router: RouterProcess, fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    user_yaml = router.config.read_text()
+    cache = tmp_path / "hf" / "hub"
+    async with aiohttp.ClientSession() as session:
+        events = EventStream(session, f"{router.url}/events")
+        native = EventStream(session, f"{router.url}/models/sse")
+        await events.wait_for(lambda e: e["event"] == "snapshot")
+        body = {"model": MODEL, "args": ARGS}
+
+        async with session.post(f"{router.url}/models", json=body) as response:
+            assert response.status == 401, "no key"
+        async with session.post(f"{router.url}/models", json=body, headers=USER) as response:
+            assert response.status == 403, "an API key is not an admin key"
+        async with session.post(f"{router.url}/models", json=body, headers=ADMIN) as response:
+            assert response.status == 200, await response.text()
+            assert await response.json() == {
+                "success": True,
+                "model": MODEL,
+                "status": {"value": "downloading"},
+            }
+
+        finished = await events.wait_for(lambda e: e["event"] in ("download_finished", "download_failed"))
+        assert finished["event"] == "download_finished", finished
+        size = len(fake_hub.repos[REPO].files["tiny-Q8_0.gguf"])
+        progress = [e for e in events.events if e["event"] == "download_progress"]
+        assert progress and progress[-1] == {**progress[-1], "model": MODEL, "file": "tiny-Q8_0.gguf"}
+        assert (progress[-1]["done"], progress[-1]["total"]) == (size, size)
+        assert progress.index(progress[-1]) < events.events.index(finished)
+        await native.wait_for(lambda e: e["event"] == "download_finished" and e["model"] == MODEL)
+        [last] = [e for e in native.events if e["event"] == "download_progress"][-1:]
+        assert last["data"]["progress"]["tiny-Q8_0.gguf"] == {"done": size, "total": size}
+
+        profile_file = Path(finished["profile_file"])
+        assert profile_file.parent == router.config.parent / "profiles.d"
+        written = yaml.safe_load(profile_file.read_text())
+        assert written["created_by"] == "llama-router"
+        assert written["profiles"][MODEL]["hf"] == MODEL
+        assert router.config.read_text() == user_yaml, "the user's file and its comments are untouched"
+        assert finished["files"][0].startswith(str(cache)), "downloaded into the Hugging Face cache"
+
+        listed = await models(session, router.url)
+        assert (listed[MODEL]["can_remove"], listed["mine"]["can_remove"]) == (True, False)
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+        async with session.post(f"{router.url}/v1/chat/completions", json=chat, headers=USER) as response:
+            assert response.status == 200, await response.text()
+            assert (await response.json())["model"] == MODEL
+
+        async with session.post(f"{router.url}/models", json=body, headers=ADMIN) as response:
+            assert response.status == 400
+            assert (await response.json())["error"]["code"] == "model_exists"
+
+        delete = f"{router.url}/models"
+        async with session.delete(delete, params={"model": "mine"}, headers=ADMIN) as response:
+            assert response.status == 403
+            error = (await response.json())["error"]
+            assert error["code"] == "model_not_removable" and str(router.config) in error["message"]
+        async with session.delete(
+            delete, params={"model": MODEL, "delete_files": "1"}, headers=USER
+        ) as response:
+            assert response.status == 403, "removing needs the admin key too"
+        async with session.delete(
+            delete, params={"model": MODEL, "delete_files": "1"}, headers=ADMIN
+        ) as response:
+            assert response.status == 200, await response.text()
+            answer = await response.json()
+        assert answer["success"] is True and len(answer["deleted_files"]) == 1
+        assert not Path(answer["deleted_files"][0]).exists()
+        assert not profile_file.exists()
+        assert MODEL not in await models(session, router.url)
+        assert "mine" in await models(session, router.url)
+        assert router.config.read_text() == user_yaml
+        await events.wait_for(lambda e: e["event"] == "model_removed" and e["model"] == MODEL)
+        await native.wait_for(lambda e: e["event"] == "model_remove" and e["model"] == MODEL)
+        await events.close()
+        await native.close()
+
+
+async def test_downloads_that_cannot_happen_are_refused_and_one_under_way_can_be_cancelled(
+    router: RouterProcess,
+) -> None:
+    async with aiohttp.ClientSession() as session:
+        for body, code in (
+            ({"model": "acme/missing-GGUF"}, "model_not_downloadable"),
+            ({"model": f"{REPO}:IQ1_S"}, "model_not_downloadable"),
+            ({"model": "not a repo"}, "invalid_request"),
+            ({"model": "mine"}, "invalid_request"),
+        ):
+            async with session.post(f"{router.url}/models", json=body, headers=ADMIN) as response:
+                assert response.status == 400, body
+                error = (await response.json())["error"]
+                assert error["code"] == code, (body, error)
+        assert list(await models(session, router.url)) == ["mine"]
+
+        events = EventStream(session, f"{router.url}/events")
+        await events.wait_for(lambda e: e["event"] == "snapshot")
+        slow = "acme/slow-GGUF:Q8_0"
+        async with session.post(f"{router.url}/models", json={"model": slow}, headers=ADMIN) as response:
+            assert response.status == 200
+        listed = await models(session, router.url)
+        assert listed[slow]["status"]["value"] == "downloading"
+        async with session.delete(f"{router.url}/models", params={"model": slow}, headers=ADMIN) as response:
+            assert response.status == 200, await response.text()
+        failed = await events.wait_for(lambda e: e["event"] == "download_failed")
+        assert failed["model"] == slow and "cancelled" in failed["reason"]
+        assert list(await models(session, router.url)) == ["mine"]
+        assert not (router.config.parent / "profiles.d").exists() or not any(
+            (router.config.parent / "profiles.d").iterdir()
+        )
+        await events.close()
