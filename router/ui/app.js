@@ -434,15 +434,19 @@ const STOP_CAUSES = { swap: "swap", ttl: "TTL", budget: "budget", out_of_memory:
 
 function renderTimeline() {
   if (!state.overview) return;
-  const windowSeconds = Number($("#timeline-window").value);
   const now = Date.now() / 1000;
+  const chosen = $("#timeline-window").value;
+  const first = Math.min(...state.timeline.filter((e) => e.model).map((e) => e.time));
+  // "auto": from the first event kept to now, so a young router's few seconds fill the strip.
+  const windowSeconds = chosen === "auto" ? Math.min(3600, Math.max(30, Number.isFinite(first) ? (now - first) * 1.1 : 300)) : Number(chosen);
   const start = now - windowSeconds;
   const models = state.overview.models.map((m) => m.model);
   const width = Math.max(600, $("#timeline-strip").clientWidth - 24);
   const left = 120;
   const lane = 30;
   const height = 26 + lane * models.length + 18;
-  const x = (t) => left + ((Math.max(t, start) - start) / windowSeconds) * (width - left - 10);
+  const right = 90; // room for the last cause written beside "now"
+  const x = (t) => left + ((Math.max(t, start) - start) / windowSeconds) * (width - left - right);
   const svg = s("svg", { viewBox: `0 0 ${width} ${height}`, height, role: "img" });
   const ticks = 6;
   for (let i = 0; i <= ticks; i++) {
@@ -454,7 +458,7 @@ function renderTimeline() {
   models.forEach((model, index) => {
     const y = 24 + index * lane;
     svg.append(s("text", { x: 0, y: y + 15, class: "lane-label" }, model));
-    svg.append(s("rect", { x: left, y: y + 4, width: width - left - 10, height: 14, fill: "#f4f5f7", rx: 3 }));
+    svg.append(s("rect", { x: left, y: y + 4, width: width - left - right, height: 14, fill: "#f4f5f7", rx: 3 }));
     let phase = null;
     let since = start;
     const draw = (until) => {
@@ -788,6 +792,7 @@ async function sendChat(event) {
         }
         if (delta.content) {
           $("#chat-state").textContent = "";
+          reply.dataset.chunks = String(Number(reply.dataset.chunks || 0) + 1);
           answer += delta.content;
           out.textContent = answer;
           $("#chat-log").scrollTop = $("#chat-log").scrollHeight;

@@ -1,0 +1,363 @@
+"""The dashboard in a real browser: headless Chromium (scripts/cdp.py) against a running router with real
+tiny llama-servers. Each test clicks and reads what a person would, and saves a screenshot of its panel
+(to `$LLAMA_ROUTER_SCREENSHOTS` when set, else a pytest temporary folder, printed at the end).
+
+Without Chromium (Debian's `chromium` package; `scripts/setup.sh` installs it as root) these tests skip."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from scripts.cdp import Browser, Page, chromium, find_chromium
+
+from .conftest import RouterFactory, RunningRouter, fake_profile, wait_until
+from .test_api import CHAT, chat_body, post_json
+from .test_dashboard import demo_profiles
+
+CHROMIUM = find_chromium()
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="no Chromium to drive: install Debian's `chromium` package (scripts/setup.sh does, as root) "
+    "or set $CHROMIUM",
+)
+
+
+@pytest.fixture(scope="session")
+def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    wanted = os.environ.get("LLAMA_ROUTER_SCREENSHOTS")
+    folder = Path(wanted) if wanted else tmp_path_factory.mktemp("dashboard-screenshots")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    async with chromium(CHROMIUM) as running:
+        yield running
+
+
+@pytest.fixture
+def demo(tiny_models: tuple[Path, Path], llama_server: Path) -> dict[str, Any]:
+    return demo_profiles(tiny_models, llama_server)
+
+
+async def open_panel(browser: Browser, router: RunningRouter, panel: str, key: str | None = None) -> Page:
+    """The dashboard on `panel`, once it follows the router's events and has drawn the models."""
+    page = await browser.new_page()
+    await page.goto(f"{router.url}/ui/#{panel}")
+    if key is not None:
+        await enter_key(page, key)
+    await page.wait_for("document.querySelector('#live:not(.off)')", what="the live event stream")
+    await page.wait_for("document.querySelectorAll('.card.model').length > 0", what="the models")
+    return page
+
+
+async def enter_key(page: Page, key: str) -> None:
+    await page.wait_for("document.querySelector('#key-dialog[open]')", what="the key prompt")
+    await page.evaluate(f"document.querySelector('#key-input').value = {json.dumps(key)}")
+    await page.click("#key-form button[type=submit]")
+
+
+async def status_on_screen(page: Page, model: str, status: str, timeout: float = 20.0) -> None:
+    await page.wait_for(
+        f'document.querySelector(\'.card.model[data-model="{model}"] .badge[data-status="{status}"]\')',
+        timeout,
+        what=f"{model} shown as {status}",
+    )
+
+
+async def each(page: Page, selector: str, what: str = "e.textContent") -> list[Any]:
+    """`what` (a JavaScript expression of `e`) for each element `selector` finds, in page order."""
+    return list(
+        await page.evaluate(f"[...document.querySelectorAll({json.dumps(selector)})].map(e => {what})")
+    )
+
+
+async def choose(page: Page, select: str, value: str) -> None:
+    """Pick `value` in a <select>, as a person would (its change handler runs)."""
+    await page.evaluate(
+        f"(() => {{ const s = document.querySelector({json.dumps(select)}); s.value = {json.dumps(value)};"
+        " s.dispatchEvent(new Event('change')); })()"
+    )
+
+
+def no_cors_post(url: str, body: dict[str, Any]) -> str:
+    """A page script POSTing `body` as any page may: no preflight, its answer unread."""
+    return (
+        f"fetch({json.dumps(url)}, {{method: 'POST', mode: 'no-cors', body: {json.dumps(json.dumps(body))}}})"
+    )
+
+
+async def shoot(page: Page, folder: Path, name: str) -> None:
+    path = await page.screenshot(folder / f"{name}.png")
+    assert path.stat().st_size > 10_000, "a screenshot of a drawn page"
+    print(f"screenshot: {path}")
+    assert page.errors == [], f"the page reported errors: {page.errors}"
+
+
+# ---------------------------------------------------------------------------------------------- panels
+
+
+async def test_devices_and_models_panels_show_both_demo_profiles(
+    start_router: RouterFactory, demo: dict[str, Any], browser: Browser, screenshots: Path
+) -> None:
+    router = await start_router(demo)
+    assert (await post_json(router, "/models/load?wait=1", {"model": "demo-a"}))[0] == 200
+    page = await open_panel(browser, router, "devices")
+    await page.wait_for(
+        "document.querySelector('.device[data-device=ram] tr[data-model=demo-a] .source-learned')",
+        what="demo-a stacked in the RAM budget with its learned footprint",
+    )
+    segments = await each(page, ".device .segment")
+    assert len(segments) == 1 and segments[0].startswith("demo-a ")
+    cached = await each(page, "#readahead tr", "e.dataset.model")
+    assert cached == ["demo-a", "demo-b"], "both profiles' files in the page-cache list"
+    await shoot(page, screenshots, "devices")
+
+    await page.evaluate("location.hash = '#models'")
+    await status_on_screen(page, "demo-a", "loaded")
+    await status_on_screen(page, "demo-b", "unloaded")
+    names = await each(page, ".card.model", "e.dataset.model")
+    assert names == ["demo-a", "demo-b"]
+    footprint = await page.evaluate(
+        "document.querySelector('.card.model[data-model=demo-b] .source-estimated').textContent"
+    )
+    assert footprint == "estimated", "never loaded: its footprint is the GGUF estimate"
+    await shoot(page, screenshots, "models")
+
+
+async def test_clicking_load_and_unload_changes_the_state_on_screen(
+    start_router: RouterFactory, demo: dict[str, Any], browser: Browser, screenshots: Path
+) -> None:
+    router = await start_router(demo)
+    page = await open_panel(browser, router, "models")
+    await status_on_screen(page, "demo-b", "unloaded")
+    await page.click('.card.model[data-model="demo-b"] button.load')
+    await status_on_screen(page, "demo-b", "loaded")
+    assert router.controller.view("demo-b").state.value == "ready"
+    load_time = await page.evaluate(
+        "document.querySelector('.card.model[data-model=demo-b] dl').textContent.includes('load time')"
+    )
+    assert load_time
+    await shoot(page, screenshots, "models-after-load")
+
+    await page.click('.card.model[data-model="demo-b"] button.unload')
+    await status_on_screen(page, "demo-b", "unloaded")
+    assert router.controller.view("demo-b").state.value == "cold"
+
+
+async def test_a_playground_chat_streams_text_and_shows_the_model_loading(
+    start_router: RouterFactory, demo: dict[str, Any], browser: Browser, screenshots: Path
+) -> None:
+    # Loading comments from the first 10 ms on, so the swap-in shows even for a tiny model.
+    router = await start_router(demo, loading_comment_interval=0.01)
+    page = await open_panel(browser, router, "playground")
+    await choose(page, "#chat-model", "demo-b")
+    await page.evaluate(
+        """(() => {
+            const state = document.querySelector('#chat-state');
+            window.chatStates = [];
+            new MutationObserver(() => {
+                const text = state.textContent;
+                if (text && window.chatStates.at(-1) !== text) window.chatStates.push(text);
+            }).observe(state, {childList: true, characterData: true, subtree: true});
+            document.querySelector('#chat-max').value = '24';
+            document.querySelector('#chat-input').value = 'Tell me a story';
+        })()"""
+    )
+    await page.click("#chat-send")
+    await page.wait_for("document.querySelector('.msg.assistant.done')", 60, what="the answer to end")
+    reply = await page.evaluate(
+        """(() => {
+            const reply = document.querySelector('.msg.assistant.done');
+            return {error: reply.classList.contains('error'), text: reply.querySelector('.text').textContent,
+                    chunks: Number(reply.dataset.chunks), stats: reply.querySelector('.stats').textContent};
+        })()"""
+    )
+    assert not reply["error"], reply
+    assert reply["text"], "the model's words are on the page"
+    assert reply["chunks"] > 1, "the answer arrived as a stream of pieces"
+    assert "generated" in reply["stats"]
+    states = await page.evaluate("window.chatStates")
+    assert any(state.startswith("loading demo-b") for state in states), states
+    assert router.controller.view("demo-b").state.value == "ready"
+    await shoot(page, screenshots, "playground")
+
+
+async def test_an_activity_row_appears_with_token_counts(
+    start_router: RouterFactory, demo: dict[str, Any], browser: Browser, screenshots: Path
+) -> None:
+    router = await start_router(demo)
+    page = await open_panel(browser, router, "activity")
+    await page.wait_for("!document.querySelector('#activity-empty').hidden", what="the empty activity log")
+    status, answer = await router.chat("demo", max_tokens=6)
+    assert status == 200
+    usage = answer["usage"]
+    row = await page.wait_for(
+        """(() => {
+            const row = document.querySelector('#activity-table tr[data-model=demo]');
+            return row && {prompt: row.querySelector('.prompt').textContent,
+                           generated: row.querySelector('.generated').textContent,
+                           cells: [...row.children].map(c => c.textContent)};
+        })()""",
+        what="the request's row",
+    )
+    assert row["prompt"] == str(usage["prompt_tokens"])
+    assert row["generated"] == str(usage["completion_tokens"])
+    assert row["cells"][1] == "demo → demo-a" and row["cells"][3] == "200"
+    await router.chat("nope")
+    await page.wait_for("document.querySelector('#activity-table tr[data-model=nope]')", what="the 404's row")
+    await choose(page, "#activity-status", "error")
+    await page.wait_for("!document.querySelector('#activity-table tr[data-model=demo]')", what="the filter")
+    assert await each(page, "#activity-table tbody tr", "e.dataset.model") == ["nope"]
+    await choose(page, "#activity-status", "")
+    await page.wait_for(
+        "document.querySelector('#activity-table tr[data-model=demo]')", what="all rows again"
+    )
+    await shoot(page, screenshots, "activity")
+
+
+async def test_the_queue_lists_a_waiting_request_and_cancel_ends_it(
+    start_router: RouterFactory, demo: dict[str, Any], dummy_model: Path, browser: Browser, screenshots: Path
+) -> None:
+    slow = fake_profile(
+        dummy_model, "--load-delay", "60", footprint={"ram": 16}, description="loads for a minute"
+    )
+    router = await start_router({**demo, "slow": slow})
+    page = await open_panel(browser, router, "queue")
+    client = asyncio.ensure_future(router.session.post(CHAT, json=chat_body("slow")))
+    await page.wait_for(
+        "document.querySelector('#queue-table tr[data-model=slow] .state').textContent === 'waiting'",
+        what="the waiting request",
+    )
+    assert await page.evaluate("document.querySelector('#queue-count').textContent") == "1/1"
+    await shoot(page, screenshots, "queue")
+    await page.click("#queue-table tr[data-model=slow] button.cancel")
+    with pytest.raises(aiohttp.ClientError):
+        response = await asyncio.wait_for(client, 10)
+        await response.read()
+    await page.wait_for("!document.querySelector('#queue-table tr[data-model=slow]')", what="the row to go")
+    await wait_until(lambda: router.controller.queue_depth == 0, what="the queue to empty")
+
+
+async def test_timeline_logs_and_config_panels(
+    start_router: RouterFactory,
+    demo: dict[str, Any],
+    browser: Browser,
+    screenshots: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="llama_router")  # as `serve` logs by default
+    router = await start_router(demo)
+    for path, model in (("/models/load?wait=1", "demo-a"), ("/models/unload?wait=1", "demo-a")):
+        assert (await post_json(router, path, {"model": model}))[0] == 200
+    assert (await router.chat("demo-b"))[0] == 200
+    page = await open_panel(browser, router, "timeline")
+    await page.wait_for(
+        "[...document.querySelectorAll('#timeline-strip .mark text')].some(t => t.textContent === 'unload')",
+        what="the unload written on the strip",
+    )
+    phases = await each(page, "#timeline-strip rect.phase", "e.dataset.model + ':' + e.classList[1]")
+    assert {"demo-a:loaded", "demo-b:loaded"} <= set(phases), phases
+    causes = await each(page, "#timeline-table tbody tr", "e.children[3].textContent")
+    assert "unload" in causes
+    await shoot(page, screenshots, "timeline")
+
+    await page.evaluate("location.hash = '#logs'")
+    await page.wait_for(
+        "document.querySelector('#log').textContent.includes('demo-b ready in')", what="router log"
+    )
+    await choose(page, "#log-source", "demo-b")
+    await page.wait_for(
+        "document.querySelector('#log').textContent.includes('[llama-router] starting:')", what="demo-b's log"
+    )
+    await router.chat("demo-b")
+    await page.wait_for(
+        "document.querySelector('#log').textContent.split('[llama-router] starting:').length == 2"
+        " && document.querySelector('#log').textContent.match(/slot .*release/g)?.length >= 2",
+        what="the second request's lines, followed live",
+    )
+    await shoot(page, screenshots, "logs")
+
+    await page.evaluate("location.hash = '#config'")
+    await page.wait_for(
+        "document.querySelectorAll('#config-profiles .card').length === 2", what="the profiles"
+    )
+    text = await page.evaluate("document.querySelector('#panel-config').textContent")
+    assert str(router.config.path) in text and "--ctx-size 2048" in text
+    await shoot(page, screenshots, "config")
+
+
+# ---------------------------------------------------------------------------------------------- security
+
+
+async def test_a_cross_origin_post_is_refused(
+    start_router: RouterFactory, demo: dict[str, Any], browser: Browser, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="llama_router.access")
+    router = await start_router(demo)
+
+    async def evil_page(_: web.Request) -> web.Response:
+        return web.Response(text="<!doctype html><title>another site</title>", content_type="text/html")
+
+    app = web.Application()
+    app.router.add_get("/", evil_page)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        page = await browser.new_page()
+        await page.goto(f"http://localhost:{port}/")
+        attacks = {
+            "/models/load": {"model": "demo-b"},
+            CHAT: chat_body("demo-b", max_tokens=4),
+        }
+        for path, body in attacks.items():
+            kind = await page.evaluate(no_cors_post(router.url + path, body) + ".then(r => r.type)")
+            assert kind == "opaque", "the request went out"
+        refused = [
+            record.__dict__["fields"]
+            for record in caplog.records
+            if record.name == "llama_router.access" and record.__dict__["fields"]["path"] in attacks
+        ]
+        assert [(entry["path"], entry["status"]) for entry in refused] == [("/models/load", 403), (CHAT, 403)]
+        assert router.controller.view("demo-b").state.value == "cold", "nothing was loaded"
+        assert page.errors == []
+    finally:
+        await runner.cleanup()
+
+    # The same request from the dashboard's own page is served: the origin made the difference.
+    own = await open_panel(browser, router, "models")
+    await own.evaluate(no_cors_post("/models/load?wait=1", attacks["/models/load"]))
+    assert router.controller.view("demo-b").state.value == "ready"
+
+
+async def test_with_keys_the_page_asks_for_one_and_load_needs_the_admin_key(
+    start_router: RouterFactory, demo: dict[str, Any], browser: Browser
+) -> None:
+    router = await start_router(demo, api_keys=["user-key"], admin_keys=["admin-key"])
+    page = await open_panel(browser, router, "models", key="user-key")
+    assert await page.evaluate("sessionStorage.getItem('llama-router-key')") == "user-key"
+    await page.click('.card.model[data-model="demo-b"] button.load')
+    toast = await page.wait_for("document.querySelector('.toast.bad')?.textContent", what="the refusal")
+    assert "admin key" in toast
+    assert router.controller.view("demo-b").state.value == "cold"
+
+    await page.click("#forget-key")
+    await enter_key(page, "admin-key")
+    await page.wait_for("document.querySelector('#live:not(.off)')", what="the stream with the admin key")
+    await page.click('.card.model[data-model="demo-b"] button.load')
+    await status_on_screen(page, "demo-b", "loaded")
+    assert page.errors == []
