@@ -42,6 +42,7 @@ from .events import (
 )
 from .footprint import BufferTally, FootprintStore, estimate
 from .memory import MIB, detect_devices, nvml_usage_by_pid, page_in
+from .request_rules import SlotWatch, slot_work
 from .scheduler import (
     Decision,
     Dispatch,
@@ -134,6 +135,8 @@ class Controller:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._session: aiohttp.ClientSession | None = None
         self._socket_dir: Path | None = None  # upstreams' Unix sockets, private to the router
+        self._slot_watches: dict[Upstream, SlotWatch] = {}
+        self._slot_reads: dict[Upstream, asyncio.Future[None]] = {}
 
     def _budget(self) -> dict[str, int]:
         budget = {device.name: device.budget for device in self.devices}
@@ -476,6 +479,8 @@ class Controller:
         reason = upstream.exit_reason(when)
         if self.upstreams.get(name) is upstream:
             del self.upstreams[name]
+        self._slot_watches.pop(upstream, None)
+        self._slot_reads.pop(upstream, None)
         out_of_memory = state is State.STARTING and any(OUT_OF_MEMORY.search(line) for line in upstream.log)
         if state is State.STOPPING:
             log.info("%s stopped", name)
@@ -523,6 +528,33 @@ class Controller:
                     )
             for gone in [upstream for upstream in misses if upstream.gone.is_set()]:
                 del misses[gone]
+
+    async def still_working(self, upstream: Upstream, silent: float) -> bool:
+        """Asked when a request has had nothing from `upstream` for `silent` seconds: whether the
+        upstream is at work (its slots show progress), so the request is queued behind others, not
+        stalled. One reading of `/slots` answers every request that asks at about the same time."""
+        watch = self._slot_watches.setdefault(upstream, SlotWatch())
+        if watch.due(self.now(), silent):
+            reading = self._slot_reads.get(upstream)
+            if reading is None or reading.done():
+                reading = asyncio.ensure_future(self._read_slots(upstream, watch, silent))
+                self._slot_reads[upstream] = reading
+            await asyncio.shield(reading)  # a request that goes away leaves the reading to the others
+        return watch.working(self.now(), silent)
+
+    async def _read_slots(self, upstream: Upstream, watch: SlotWatch, timeout: float) -> None:
+        """Read the upstream's `/slots` into `watch`; no answer within `timeout` reads as no work."""
+        assert self._session is not None
+        work = None
+        try:
+            session = upstream.client(self._session)
+            limit = aiohttp.ClientTimeout(total=timeout)
+            async with session.get(f"{upstream.base_url}/slots", timeout=limit) as response:
+                if response.status == 200:
+                    work = slot_work(await response.json(content_type=None))
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            log.debug("no /slots from %s: %s", upstream.profile.name, exc)
+        watch.read(work, self.now())
 
     async def upstream_refused(self, upstream: Upstream, patience: float = 2.0) -> bool:
         """A connection to `upstream` was refused. If its process has died, wait until the router has

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -52,7 +53,7 @@ from .request_rules import (
     stalled,
     upstream_head,
 )
-from .upstream_http import Answer, UpstreamError, UpstreamPool, UpstreamTimeout
+from .upstream_http import Answer, Pieces, UpstreamError, UpstreamPool, UpstreamTimeout
 
 log = logging.getLogger("llama_router.proxy")
 
@@ -215,6 +216,7 @@ class Proxy:
                     head,
                     body,
                     timeout=limit,
+                    patience=functools.partial(self.controller.still_working, upstream),
                     no_body=method == "HEAD",
                     fresh=attempt > 1,
                 )
@@ -284,7 +286,8 @@ class Proxy:
             response = web.StreamResponse(status=upstream.status, headers=headers)
             is_sse = upstream.content_type.startswith("text/event-stream")
             await response.prepare(request)
-            await self._pump(request, response, lease, upstream.pieces(), rename, is_sse)
+            chunks = upstream.pieces(stall_limit(self.controller.config.server, first_byte=False))
+            await self._pump(request, response, lease, chunks, rename, is_sse)
             return response
         finally:
             upstream.release()
@@ -294,35 +297,31 @@ class Proxy:
         request: web.Request,
         response: web.StreamResponse,
         lease: Lease,
-        chunks: AsyncIterator[bytes],
+        chunks: Pieces,
         rename: ModelRenamer | None,
         is_sse: bool,
+        first: bytes | None = None,
     ) -> None:
-        """Copy the upstream's chunks to the client as they come; end with an error event (SSE) or a
-        cut connection (other streams) when the upstream fails mid-way."""
+        """Copy the upstream's chunks (`first`, if one was read already) to the client as they come;
+        end with an error event (SSE) or a cut connection (other streams) when the upstream fails
+        mid-way. The stall limit counts only waits for the upstream, never writes to a slow client."""
         tail = UsageTail()
         record = request[RECORD]
         server = self.controller.config.server
-        loop = asyncio.get_running_loop()
-        limit = stall_limit(server, first_byte=False)
         try:
-            # The stall timer runs only while waiting for the upstream, never while writing to a slow client.
-            async with asyncio.timeout(limit) as timer:
-                async for chunk in chunks:
-                    timer.reschedule(None)
-                    if record.first_byte is None:
-                        record.first_byte = time.perf_counter()
-                    tail.feed(chunk)
-                    data = rename.feed(chunk) if rename is not None else chunk
-                    if data:
-                        await response.write(data)
-                    limit = stall_limit(server, first_byte=True)
-                    timer.reschedule(loop.time() + limit)
+            async for chunk in chunks if first is None else _prepend(first, chunks):
+                if record.first_byte is None:
+                    record.first_byte = time.perf_counter()
+                tail.feed(chunk)
+                data = rename.feed(chunk) if rename is not None else chunk
+                if data:
+                    await response.write(data)
+                chunks.timeout = stall_limit(server, first_byte=True)
             if rename is not None and (rest := rename.flush()):
                 await response.write(rest)
-        except (TimeoutError, UpstreamError) as exc:
-            if timer.expired() or isinstance(exc, UpstreamTimeout):
-                error = self._stalled(lease, limit)
+        except UpstreamError as exc:
+            if isinstance(exc, UpstreamTimeout):
+                error = self._stalled(lease, chunks.timeout or 0)
             else:
                 error = failed_mid_answer(lease.profile, exc)
             log.warning("%s", error.message)
@@ -441,7 +440,7 @@ class Proxy:
                 error = failed_mid_answer(lease.profile, exc)
                 await self._fail_stream(request, response, error.body(), error.code)
                 return
-            await self._pump(request, response, lease, _prepend(first, chunks), rename, is_sse)
+            await self._pump(request, response, lease, chunks, rename, is_sse, first)
 
     async def _error_of(self, upstream: Answer) -> dict[str, Any]:
         """An upstream's error answer as an OpenAI error object (its own when it sent one)."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import TypeAlias, cast
 
@@ -34,6 +34,9 @@ IDLE_TIMEOUT = 4.0
 CONNECT_TIMEOUT = 10.0
 # Where an upstream listens: (host, port), or the path of a Unix socket.
 Address: TypeAlias = tuple[str, int] | str
+# Asked when an upstream has sent nothing for the given seconds: True to wait that long again (it is
+# busy, with this request queued behind others), False to give up with an UpstreamTimeout.
+Patience: TypeAlias = Callable[[float], Awaitable[bool]]
 
 
 class UpstreamError(Exception):
@@ -348,6 +351,7 @@ class Answer:
         "chunked",
         "content_length",
         "content_type",
+        "patience",
         "raw_headers",
         "reason",
         "status",
@@ -369,6 +373,7 @@ class Answer:
         self._error: UpstreamError | None = None
         self._released = False
         self.buffered = 0
+        self.patience: Patience | None = None
 
     # -------------------------------------------------------------------------------- fed by the protocol
 
@@ -407,6 +412,8 @@ class Answer:
         return CIMultiDictProxy(CIMultiDict(self.raw_headers))
 
     async def _wait(self, timeout: float | None) -> None:
+        """Wait for the exchange to move on; after `timeout` seconds of silence, UpstreamTimeout unless
+        `patience` says to wait on (then it returns, and the caller looks again and waits again)."""
         waiter = self._conn.loop.create_future()
         self._waiter = waiter
         timer = None
@@ -414,6 +421,9 @@ class Answer:
             timer = self._conn.loop.call_later(timeout, self._timed_out, waiter, timeout)
         try:
             await waiter
+        except UpstreamTimeout:
+            if timeout is None or self.patience is None or not await self.patience(timeout):
+                raise
         finally:
             if timer is not None:
                 timer.cancel()
@@ -445,7 +455,8 @@ class Answer:
         return decode_chunked(data) if self.chunked and data else data
 
     def pieces(self, timeout: float | None = None) -> Pieces:
-        """The body's data as it arrives; `timeout` bounds each wait for more of it."""
+        """The body's data as it arrives; `timeout` (its `timeout` attribute, which may change)
+        bounds each wait for more of it."""
         return Pieces(self, timeout=timeout)
 
     def release(self) -> None:
@@ -472,19 +483,19 @@ class Answer:
 class Pieces:
     """Async iterator over an answer's body (see `Answer.pieces`)."""
 
-    __slots__ = ("_answer", "_decode", "_timeout")
+    __slots__ = ("_answer", "_decode", "timeout")
 
     def __init__(self, answer: Answer, *, timeout: float | None) -> None:
         self._answer = answer
         self._decode: Callable[[bytes], bytes] | None = decode_chunked if answer.chunked else None
-        self._timeout = timeout
+        self.timeout = timeout
 
     def __aiter__(self) -> Pieces:
         return self
 
     async def __anext__(self) -> bytes:
         while True:
-            piece = await self._answer.next_piece(self._timeout)
+            piece = await self._answer.next_piece(self.timeout)
             if piece is None:
                 raise StopAsyncIteration
             if self._decode is not None:
@@ -566,17 +577,19 @@ class UpstreamPool:
         body: bytes | None,
         *,
         timeout: float | None = None,
+        patience: Patience | None = None,
         no_body: bool = False,
         fresh: bool = False,
     ) -> Answer:
         """Send one request (`head`: request line and headers, blank line included) and wait for
-        the answer's head; `timeout` bounds that wait; `fresh`: on a new connection. Cancelling
-        closes the connection."""
+        the answer's head; `timeout` bounds each wait for it, and for the body later, unless
+        `patience` lets it go on; `fresh`: on a new connection. Cancelling closes the connection."""
         conn = (None if fresh else self._reuse(address)) or await self._connect(address)
         answer = Answer(conn, self)
+        answer.patience = patience
         try:
             conn.start(answer, head + body if body else head, no_body=no_body)
-            if answer.status == 0:
+            while answer.status == 0:
                 if answer._error is not None:
                     raise answer._error
                 await answer._wait(timeout)
