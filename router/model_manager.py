@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -89,6 +90,13 @@ class ModelManager:
         ]
         if taken:
             raise RouterError(400, f"model {taken[0]!r} already exists", code="model_exists")
+        folder = profiles_dir(config.path)
+        if not os.access(folder if folder.exists() else folder.parent, os.W_OK):
+            raise RouterError(
+                503,
+                f"{folder} is not writable by the router: the new profile could not be saved",
+                code="unavailable",
+            )
         ref = hub.HfRef.parse(checked.hf or "", checked.hf_file, checked.hf_revision, checked.mmproj)
         download = Download(name, ref, profile)
         self.downloads[name] = download  # taken while the Hub is asked
