@@ -9,8 +9,10 @@ client of `upstream_http`.
 A streamed request that has to wait for its model (a load, a swap) gets its `200 text/event-stream`
 answer early, with an SSE comment line (`: loading <model> …`) every `loading_comment_interval`
 seconds until the upstream's first chunk: proxies and clients with idle timeouts keep the connection,
-and SSE parsers ignore comments, so nothing enters the model's output. A failure after that point can
-no longer change the status, so it arrives as an OpenAI-shaped `data: {"error": ...}` event.
+and SSE parsers ignore comments, so nothing enters the model's output (`loading_feedback: reasoning`
+sends a chat's loading progress as `reasoning_content` deltas instead; see loading_feedback.py). A
+failure after that point can no longer change the status, so it arrives as an OpenAI-shaped
+`data: {"error": ...}` event.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -29,6 +31,7 @@ from aiohttp import web
 from .access_log import RECORD
 from .controller import Controller, Lease
 from .errors import RouterError, error_body
+from .loading_feedback import CHAT_PATHS, LoadingFeedback
 from .request_rules import (
     EXIT_GRACE,
     SSE_HEADERS,
@@ -53,6 +56,7 @@ from .request_rules import (
     stalled,
     upstream_head,
 )
+from .scheduler import ProfileView
 from .upstream_http import Answer, Pieces, UpstreamError, UpstreamPool, UpstreamTimeout
 
 log = logging.getLogger("llama_router.proxy")
@@ -148,6 +152,7 @@ class Proxy:
             record.model = profile
         started = asyncio.get_running_loop().time()
         if stream and self.loading_interval > 0 and not self.controller.accepting(profile):
+            position = self.controller.view(profile).waiting + 1  # its place in the model's queue
             acquiring = asyncio.ensure_future(self.controller.acquire(profile))
             try:
                 await asyncio.wait({acquiring}, timeout=self.loading_interval)
@@ -155,9 +160,9 @@ class Proxy:
                 _abandon(acquiring, self.controller)
                 raise
             if not acquiring.done():
-                name = requested or profile
+                feedback = self._feedback(request, profile, requested or profile, position)
                 return await self._stream_while_waiting(
-                    request, profile, name, acquiring, body, path, requested, started
+                    request, profile, feedback, acquiring, body, path, requested, started
                 )
             lease = self._lease(request, acquiring, started)
         else:
@@ -337,18 +342,35 @@ class Proxy:
 
     # ------------------------------------------------------------------------------------------ feedback
 
-    async def _with_comments(
-        self, response: web.StreamResponse, task: asyncio.Future[T], what: str, started: float
+    def _feedback(self, request: web.Request, profile: str, name: str, position: int) -> LoadingFeedback:
+        """How this waiting stream hears of its model's progress (see loading_feedback.py)."""
+        config = self.controller.config.profiles.get(profile)
+        chat = request.path in CHAT_PATHS
+        return LoadingFeedback(
+            name, chat and config is not None and config.loading_feedback == "reasoning", position
+        )
+
+    def _view(self, profile: str) -> ProfileView | None:
+        try:
+            return self.controller.view(profile)
+        except KeyError:  # removed by a reload meanwhile
+            return None
+
+    async def _with_feedback(
+        self,
+        response: web.StreamResponse,
+        task: asyncio.Future[T],
+        message: Callable[[float], bytes],
+        started: float,
     ) -> T:
-        """Await `task`, writing an SSE comment every `loading_interval` seconds until it is done."""
+        """Await `task`, writing `message(seconds waited)` every `loading_interval` seconds meanwhile."""
         loop = asyncio.get_running_loop()
         try:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=self.loading_interval)
                 if done:
                     return task.result()
-                elapsed = loop.time() - started
-                await response.write(f": {what} … {elapsed:.0f}s\n\n".encode())
+                await response.write(message(loop.time() - started))
         except BaseException:
             if not task.done():
                 task.cancel()
@@ -358,31 +380,41 @@ class Proxy:
         self,
         request: web.Request,
         profile: str,
-        name: str,
+        feedback: LoadingFeedback,
         acquiring: asyncio.Future[Lease],
         body: bytes | None,
         path: str | None,
         requested: str | None,
         started: float,
     ) -> web.StreamResponse:
-        """Answer a streamed request whose model is not ready yet: SSE comments while it loads (and
-        until its first chunk), then the upstream's stream; failures become error events."""
+        """Answer a streamed request whose model is not ready yet: progress while it loads (SSE
+        comments, or reasoning deltas), comments until its first chunk, then the upstream's stream;
+        failures become error events."""
         response = web.StreamResponse(status=200, headers=SSE_HEADERS)
         lease: Lease | None = None
+        loop = asyncio.get_running_loop()
         try:
             await response.prepare(request)
-            loading = f"loading {name}"
-            await response.write(f": {loading} …\n\n".encode())
+            await response.write(feedback.begin())
             retried = False
             while True:
                 try:
-                    lease = await self._with_comments(response, acquiring, loading, started)
+                    lease = await self._with_feedback(
+                        response,
+                        acquiring,
+                        lambda elapsed: feedback.loading(elapsed, self._view(profile)),
+                        started,
+                    )
                 except RouterError as exc:
                     self._waited(request, started)
                     return await self._fail_stream(request, response, exc.body(), exc.code)
                 self._waited(request, started)
+                if ready := feedback.ready(loop.time() - started):
+                    await response.write(ready)
                 try:
-                    await self._relay_started(request, response, lease, body, path, requested, name, started)
+                    await self._relay_started(
+                        request, response, lease, body, path, requested, feedback, started
+                    )
                     return response
                 except _UpstreamGone:
                     self.controller.release(lease)
@@ -406,15 +438,14 @@ class Proxy:
         body: bytes | None,
         path: str | None,
         requested: str | None,
-        name: str,
+        feedback: LoadingFeedback,
         started: float,
     ) -> None:
         """Relay the upstream's answer into a stream whose 200 and SSE headers are already sent."""
         rename = _renamer(lease, requested)
-        waiting = f"waiting for {name}"
         try:
             opening = asyncio.ensure_future(self._send(request, lease, body, path))
-            upstream = await self._with_comments(response, opening, waiting, started)
+            upstream = await self._with_feedback(response, opening, feedback.waiting, started)
         except RouterError as exc:
             await self._fail_stream(request, response, exc.body(), exc.code)
             return
@@ -426,8 +457,8 @@ class Proxy:
             limit = stall_limit(self.controller.config.server, first_byte=False)
             chunks = upstream.pieces(timeout=limit)
             try:
-                first = await self._with_comments(
-                    response, asyncio.ensure_future(chunks.__anext__()), waiting, started
+                first = await self._with_feedback(
+                    response, asyncio.ensure_future(chunks.__anext__()), feedback.waiting, started
                 )
             except StopAsyncIteration:
                 await response.write_eof()

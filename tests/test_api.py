@@ -10,9 +10,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 from gguf import GGUFReader
 
 from router.app import API
+from router.config import load_config
 from router.context_window import training_length
 from scripts.make_tiny_models import make_model
 
@@ -501,3 +503,19 @@ async def test_shutting_down_ends_open_event_and_log_streams(
         assert (await asyncio.wait_for(events.read(), 5)).strip() == b"", "the event stream ended"
         assert await asyncio.wait_for(logs.read(), 5) == b"", "the log stream ended"
     assert (api.event_subscribers, api.log_followers) == (0, 0)
+
+
+def test_loading_feedback_is_set_server_wide_and_per_profile(tmp_path: Path, dummy_model: Path) -> None:
+    path = tmp_path / "profiles.yaml"
+    profiles = {"a": fake_profile(dummy_model), "b": fake_profile(dummy_model, loading_feedback="comments")}
+    path.write_text(yaml.safe_dump({"server": {"loading_feedback": "reasoning"}, "profiles": profiles}))
+    config = load_config(path)
+    assert (config.profiles["a"].loading_feedback, config.profiles["b"].loading_feedback) == (
+        "reasoning",
+        "comments",
+    )
+    path.write_text(yaml.safe_dump({"server": {"loading_feedback": "thoughts"}, "profiles": profiles}))
+    with pytest.raises(
+        Exception, match=r"server.loading_feedback: Input should be 'comments' or 'reasoning'"
+    ):
+        load_config(path)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +140,62 @@ async def test_openai_sdk_with_keys_and_across_a_slow_load(
         with pytest.raises(openai.APIError, match="failed to load model"):
             async for _ in stream:
                 pass
+
+
+async def test_openai_sdk_reads_loading_progress_as_reasoning_never_as_content(
+    start_router: RouterFactory, dummy_model: Path
+) -> None:
+    """`loading_feedback: reasoning`: what a chat UI shows as thinking while the model loads; the
+    SDK parses it as `delta.reasoning_content` and the answer's content is the model's alone."""
+    router = await start_router(
+        {
+            "slow": fake_profile(dummy_model, "--load-delay", "0.8", loading_feedback="reasoning"),
+            "quiet": fake_profile(dummy_model, "--load-delay", "0.5"),
+        },
+        loading_comment_interval=0.1,
+    )
+
+    async def stream(client: openai.AsyncOpenAI, model: str) -> tuple[str, str, list[Any]]:
+        chunks = [
+            chunk
+            async for chunk in await client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "hi"}], stream=True
+            )
+        ]
+        deltas = [chunk.choices[0].delta for chunk in chunks if chunk.choices]
+        reasoning = "".join(getattr(delta, "reasoning_content", None) or "" for delta in deltas)
+        content = "".join(delta.content or "" for delta in deltas)
+        return reasoning, content, chunks
+
+    async with sdk(router) as client:
+        (first, content, chunks), (second, other, _) = await asyncio.gather(
+            stream(client, "slow"), stream(client, "slow")
+        )
+        assert content == other == "Hello from fake-model. (1) (2) (3) (4)", "the answer is untouched"
+        assert all(chunk.model == "slow" for chunk in chunks)
+        lines = first.strip().splitlines()
+        assert lines[0] == "Loading slow…"
+        assert lines[-1].startswith("slow is loaded after ")
+        places = {re.findall(r"\((\w+) in its queue of 2\)", text)[-1] for text in (first, second)}
+        assert places == {"1st", "2nd"}, (first, second)
+        waited = [int(line.rsplit("… ", 1)[1].removesuffix(" s")) for line in lines if "queue" in line]
+        assert waited == sorted(waited), "seconds waited only grow"
+        assert not any(
+            getattr(delta, "reasoning_content", None) and delta.content
+            for chunk in chunks
+            if chunk.choices
+            for delta in [chunk.choices[0].delta]
+        )
+
+        reasoning, content, _ = await stream(client, "quiet")
+        assert reasoning == "" and content.startswith("Hello from"), "comments by default"
+
+    # Other streams than chat completions keep to comments.
+    await router.session.post("/models/unload?wait=1", json={"model": "slow"})
+    body = {"model": "slow", "prompt": "hi", "stream": True}
+    async with router.session.post("/v1/completions", json=body) as response:
+        raw = (await response.read()).decode()
+    assert "reasoning_content" not in raw and ": loading slow …" in raw
 
 
 # ---------------------------------------------------------------------------------------------- Open WebUI
