@@ -15,14 +15,18 @@ command -v c++ >/dev/null || need_apt+=(build-essential)
 command -v git >/dev/null || need_apt+=(git)
 # systemd-analyze (and /bin/kill, which the unit's ExecReload names) lets the tests verify the systemd
 # unit: installed where we can (root with apt-get); elsewhere tests/test_systemd.py skips that check.
+# Chromium drives the dashboard's browser tests (tests/test_dashboard_browser.py); without it they skip.
 optional_apt=()
 command -v systemd-analyze >/dev/null || optional_apt+=(systemd)
 [ -x /bin/kill ] || optional_apt+=(procps)
+command -v chromium >/dev/null || command -v chromium-browser >/dev/null || [ -n "${CHROMIUM:-}" ] \
+  || optional_apt+=(chromium)
 if [ ${#optional_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     need_apt+=("${optional_apt[@]}")
   else
-    echo "setup: not installing ${optional_apt[*]} (needs root and apt-get); the systemd unit check will skip" >&2
+    echo "setup: not installing ${optional_apt[*]} (needs root and apt-get); the systemd unit check" \
+      "and the dashboard's browser tests will skip" >&2
   fi
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then

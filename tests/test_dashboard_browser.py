@@ -111,28 +111,30 @@ async def shoot(page: Page, folder: Path, name: str) -> None:
 async def test_devices_and_models_panels_show_both_demo_profiles(
     start_router: RouterFactory, demo: dict[str, Any], browser: Browser, screenshots: Path
 ) -> None:
-    router = await start_router(demo)
-    assert (await post_json(router, "/models/load?wait=1", {"model": "demo-a"}))[0] == 200
+    router = await start_router(demo, memory={"ram": 320})  # a budget the tiny models show up in
+    for model in ("demo-a", "demo-b"):
+        assert (await post_json(router, "/models/load?wait=1", {"model": model}))[0] == 200
     page = await open_panel(browser, router, "devices")
     await page.wait_for(
-        "document.querySelector('.device[data-device=ram] tr[data-model=demo-a] .source-learned')",
-        what="demo-a stacked in the RAM budget with its learned footprint",
+        "document.querySelectorAll('.device[data-device=ram] tr[data-model] .source-learned').length === 2",
+        what="both models stacked in the RAM budget with their learned footprints",
     )
     segments = await each(page, ".device .segment")
-    assert len(segments) == 1 and segments[0].startswith("demo-a ")
+    assert sorted(segment.split()[0] for segment in segments) == ["demo-a", "demo-b"]
     cached = await each(page, "#readahead tr", "e.dataset.model")
     assert cached == ["demo-a", "demo-b"], "both profiles' files in the page-cache list"
     await shoot(page, screenshots, "devices")
 
+    await post_json(router, "/models/unload?wait=1", {"model": "demo-b"})
     await page.evaluate("location.hash = '#models'")
     await status_on_screen(page, "demo-a", "loaded")
     await status_on_screen(page, "demo-b", "unloaded")
     names = await each(page, ".card.model", "e.dataset.model")
     assert names == ["demo-a", "demo-b"]
     footprint = await page.evaluate(
-        "document.querySelector('.card.model[data-model=demo-b] .source-estimated').textContent"
+        "document.querySelector('.card.model[data-model=demo-b] [class*=source-]').textContent"
     )
-    assert footprint == "estimated", "never loaded: its footprint is the GGUF estimate"
+    assert footprint == "learned", "its footprint is what llama-server said it used"
     await shoot(page, screenshots, "models")
 
 
@@ -258,19 +260,21 @@ async def test_timeline_logs_and_config_panels(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="llama_router")  # as `serve` logs by default
-    router = await start_router(demo)
-    for path, model in (("/models/load?wait=1", "demo-a"), ("/models/unload?wait=1", "demo-a")):
-        assert (await post_json(router, path, {"model": model}))[0] == 200
+    router = await start_router(demo, max_resident=1)  # one model at a time: demo-b swaps demo-a out
+    assert (await post_json(router, "/models/load?wait=1", {"model": "demo-a"}))[0] == 200
+    assert (await router.chat("demo-b"))[0] == 200
+    assert (await post_json(router, "/models/unload?wait=1", {"model": "demo-b"}))[0] == 200
     assert (await router.chat("demo-b"))[0] == 200
     page = await open_panel(browser, router, "timeline")
     await page.wait_for(
-        "[...document.querySelectorAll('#timeline-strip .mark text')].some(t => t.textContent === 'unload')",
-        what="the unload written on the strip",
+        "[...document.querySelectorAll('#timeline-strip .mark text')].map(t => t.textContent).join()"
+        " === 'swap,unload'",
+        what="the swap and the unload written on the strip",
     )
     phases = await each(page, "#timeline-strip rect.phase", "e.dataset.model + ':' + e.classList[1]")
     assert {"demo-a:loaded", "demo-b:loaded"} <= set(phases), phases
     causes = await each(page, "#timeline-table tbody tr", "e.children[3].textContent")
-    assert "unload" in causes
+    assert [cause for cause in causes if cause] == ["unload", "swap"], "newest first"
     await shoot(page, screenshots, "timeline")
 
     await page.evaluate("location.hash = '#logs'")
@@ -278,14 +282,12 @@ async def test_timeline_logs_and_config_panels(
         "document.querySelector('#log').textContent.includes('demo-b ready in')", what="router log"
     )
     await choose(page, "#log-source", "demo-b")
-    await page.wait_for(
-        "document.querySelector('#log').textContent.includes('[llama-router] starting:')", what="demo-b's log"
-    )
+    released = "(document.querySelector('#log').textContent.match(/slot +release/g) || []).length"
+    before = await page.wait_for(released, what="demo-b's log with its requests so far")
     await router.chat("demo-b")
     await page.wait_for(
-        "document.querySelector('#log').textContent.split('[llama-router] starting:').length == 2"
-        " && document.querySelector('#log').textContent.match(/slot .*release/g)?.length >= 2",
-        what="the second request's lines, followed live",
+        f"{released} === {before + 1}",
+        what="the new request's lines, followed live",
     )
     await shoot(page, screenshots, "logs")
 

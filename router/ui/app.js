@@ -438,7 +438,7 @@ function renderTimeline() {
   const chosen = $("#timeline-window").value;
   const first = Math.min(...state.timeline.filter((e) => e.model).map((e) => e.time));
   // "auto": from the first event kept to now, so a young router's few seconds fill the strip.
-  const windowSeconds = chosen === "auto" ? Math.min(3600, Math.max(30, Number.isFinite(first) ? (now - first) * 1.1 : 300)) : Number(chosen);
+  const windowSeconds = chosen === "auto" ? Math.min(3600, Math.max(5, Number.isFinite(first) ? (now - first) * 1.1 : 300)) : Number(chosen);
   const start = now - windowSeconds;
   const models = state.overview.models.map((m) => m.model);
   const width = Math.max(600, $("#timeline-strip").clientWidth - 24);
@@ -448,12 +448,11 @@ function renderTimeline() {
   const right = 90; // room for the last cause written beside "now"
   const x = (t) => left + ((Math.max(t, start) - start) / windowSeconds) * (width - left - right);
   const svg = s("svg", { viewBox: `0 0 ${width} ${height}`, height, role: "img" });
-  const ticks = 6;
-  for (let i = 0; i <= ticks; i++) {
-    const t = start + (windowSeconds * i) / ticks;
+  // Ticks on round times: whole seconds, then minutes, as the window grows.
+  const step = [1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800].find((n) => windowSeconds / n <= 7) || 3600;
+  for (let t = Math.ceil(start / step) * step; t <= now; t += step) {
     svg.append(s("line", { x1: x(t), x2: x(t), y1: 18, y2: height - 14, stroke: "#eef0f3" }));
-    const anchor = i === 0 ? "start" : i === ticks ? "end" : "middle";
-    svg.append(s("text", { x: x(t), y: 12, "text-anchor": anchor, class: "axis" }, clock(t)));
+    svg.append(s("text", { x: x(t), y: 12, "text-anchor": "middle", class: "axis" }, clock(t)));
   }
   models.forEach((model, index) => {
     const y = 24 + index * lane;
