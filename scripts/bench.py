@@ -46,6 +46,7 @@ from router.config import ServerConfig  # noqa: E402
 from scripts.bench_swap import ARGS as REAL_ARGS  # noqa: E402
 from scripts.bench_thrash import client as closed_loop_client  # noqa: E402
 from scripts.benchlib import chat, latency_summary, running_router, swap_figures  # noqa: E402
+from scripts.cdp import PAGE_MODES, page_open  # noqa: E402
 from scripts.reference_proxies import (  # noqa: E402
     find_nginx,
     forwarder_in_front,
@@ -143,7 +144,9 @@ async def overhead_and_streaming(
                 measured = dict(targets)
                 if args.references:
                     described = await _start_references(references, upstream_port, workdir, measured)
-                results["overhead"] = await _overhead(measured, args)
+                async with page_open(router.url, args.page) as page:
+                    results["overhead"] = await _overhead(measured, args)
+                results["overhead"]["page"] = page
                 if described:
                     results["overhead"]["references"] = described
         if "streaming" in sections:
@@ -539,6 +542,13 @@ def main(argv: list[str] | None = None) -> int:
         "--upstream-args", help=f"`real`: llama-server arguments (default: {' '.join(REAL_ARGS)!r})"
     )
     parser.add_argument("--router-log-level", default="INFO", help="the router's --log-level (default INFO)")
+    parser.add_argument(
+        "--page",
+        choices=PAGE_MODES,
+        default="none",
+        help="overhead: follow the router as the dashboard does during the run: an SSE client on "
+        "/events?requests=1, or the page itself in a headless Chromium (default: none)",
+    )
     parser.add_argument("--json-out", type=Path, help="also write the JSON here")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (configs, router logs)")
     parser.add_argument("--py-spy", metavar="FILE", help="record the router under load (.svg, or .txt raw)")

@@ -21,7 +21,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -277,13 +277,63 @@ async def chromium(binary: str | None = None, **options: Any) -> AsyncIterator[B
         await browser.close()
 
 
-async def watch_dashboard(url: str, ready: Callable[[], None] | None = None) -> None:
-    """Keep the dashboard at `url` open in a headless Chromium until cancelled (the benchmark's
-    "page open" runs); `ready` is called once the page follows the router's events."""
+PAGE_MODES = ("none", "events", "browser")
+
+
+@contextlib.asynccontextmanager
+async def page_open(url: str, mode: str) -> AsyncIterator[dict[str, Any]]:
+    """For the length of the block, follow the router at `url` as the dashboard does: `events`, an
+    SSE client on `/events?requests=1`; `browser`, the page itself in a headless Chromium; `none`,
+    nothing. Yields what it saw (events read), filled in as it goes."""
+    seen: dict[str, Any] = {"mode": mode, "events": 0}
+    if mode == "none":
+        yield seen
+        return
+    ready = asyncio.Event()
+    if mode == "events":
+        task = asyncio.ensure_future(_follow_events(url, ready, seen))
+    elif mode == "browser":
+        task = asyncio.ensure_future(_follow_in_browser(url, ready, seen))
+    else:
+        raise ValueError(f"page mode {mode!r}: use one of {', '.join(PAGE_MODES)}")
+    waiting = asyncio.ensure_future(ready.wait())
+    await asyncio.wait({task, waiting}, timeout=60, return_when=asyncio.FIRST_COMPLETED)
+    if not ready.is_set():
+        waiting.cancel()
+        task.cancel()
+        why = task.exception() if task.done() and not task.cancelled() else "nothing within 60 s"
+        raise RuntimeError(f"the {mode} follower did not start: {why}")
+    try:
+        yield seen
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def _follow_events(url: str, ready: asyncio.Event, seen: dict[str, Any]) -> None:
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
+    async with (
+        aiohttp.ClientSession(timeout=timeout) as session,
+        session.get(url.rstrip("/") + "/events", params={"requests": "1"}) as response,
+    ):
+        async for line in response.content:
+            if line.startswith(b"data: "):
+                seen["events"] += 1
+                json.loads(line[6:])
+                ready.set()
+
+
+async def _follow_in_browser(url: str, ready: asyncio.Event, seen: dict[str, Any]) -> None:
     async with chromium() as browser:
         page = await browser.new_page()
         await page.goto(url.rstrip("/") + "/ui/#activity")
         await page.wait_for("document.querySelector('#live:not(.off)')", what="the live event stream")
-        if ready is not None:
-            ready()
-        await asyncio.Event().wait()
+        ready.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            seen["activity_rows_on_page"] = await page.evaluate(
+                "document.querySelectorAll('#activity-table tbody tr').length"
+            )
+            seen["page_errors"] = page.errors
