@@ -22,6 +22,7 @@ from .access_log import IN_FLIGHT, RECORD, InFlight, log_request
 from .api import Api
 from .auth import KeyRing, Keys, auth_middleware, resolve_keys, warn_if_open
 from .browser_guard import browser_guard
+from .client_limits import LINGER, MIB, CappedSite, body_limits, connection_cap, raise_fd_limit
 from .config import RouterConfig
 from .controller import Controller
 from .dashboard import Dashboard
@@ -126,8 +127,12 @@ def build_app(config: RouterConfig) -> web.Application:
         each_request(in_flight, metrics, dashboard),
         browser_guard(key_ring, lambda: controller.config.server.host),
         auth_middleware(key_ring),
+        body_limits(
+            lambda: int(controller.config.server.max_body_mb * MIB),
+            lambda: controller.config.server.body_timeout,
+        ),
     ]
-    app = web.Application(middlewares=middlewares, client_max_size=256 * 1024 * 1024)
+    app = web.Application(middlewares=middlewares, client_max_size=int(config.server.max_body_mb * MIB))
 
     def strip_auth_while_keys_are_set(keys: Keys) -> None:
         proxy.strip_auth = keys.enabled
@@ -206,11 +211,17 @@ class RouterServer:
         )
         self.app[RELOADER] = self.reloader
         self.runner = web.AppRunner(
-            self.app, handler_cancellation=True, access_log=None, shutdown_timeout=_CANCEL_GRACE
+            self.app,
+            handler_cancellation=True,
+            access_log=None,
+            shutdown_timeout=_CANCEL_GRACE,
+            keepalive_timeout=config.server.idle_timeout,  # also bounds the wait for a first request
+            lingering_time=LINGER,
         )
         self.should_exit = asyncio.Event()
         self.force_exit = asyncio.Event()  # stop waiting for requests in flight
         self.urls = ""
+        self.max_connections = 0  # client connections open at once (set when it starts listening)
         self._reloads: set[asyncio.Task[Any]] = set()
 
     @property
@@ -225,9 +236,15 @@ class RouterServer:
     async def start(self) -> None:
         """Start the controller and listen on the configured host and port."""
         server = self.config.server
+        fd_limit = raise_fd_limit()
+        self.max_connections = connection_cap(server.max_connections, fd_limit)
+        log.debug("open files: up to %d; client connections: up to %d", fd_limit, self.max_connections)
         try:
             await self.runner.setup()
-            await web.TCPSite(self.runner, server.host, server.port, reuse_address=True).start()
+            site = CappedSite(
+                self.runner, server.host, server.port, limit=self.max_connections, reuse_address=True
+            )
+            await site.start()
         except BaseException:
             await self.runner.cleanup()
             raise

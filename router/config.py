@@ -127,6 +127,25 @@ class ServerConfig(_Strict):
         default=30.0, ge=0, description="seconds SIGTERM waits for requests in flight before stopping"
     )
     watch_config: bool = Field(default=True, description="reload this file when it changes on disk")
+    max_body_mb: float = Field(
+        default=32.0,
+        gt=0,
+        description="largest request body in MiB; a bigger Content-Length gets 413 before it is read",
+    )
+    max_connections: int | None = Field(
+        default=None,
+        ge=1,
+        description="client connections open at once; more get 503 (default: half the open-file "
+        "limit, up to 8192; needs a restart)",
+    )
+    idle_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        description="seconds a client connection may go without sending a whole request head",
+    )
+    body_timeout: float = Field(
+        default=30.0, gt=0, description="seconds a request body may go without a byte (then 408)"
+    )
     log_lines: int = Field(default=1000, ge=10, description="lines of upstream output kept per profile")
     api_keys: list[str] = Field(
         default_factory=list, description="Bearer keys clients must send (none: no auth except admin)"

@@ -67,6 +67,9 @@ def model_in_body(body: bytes) -> tuple[str, dict[str, Any]]:
         payload = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RouterError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    except (RecursionError, ValueError) as exc:  # the client's body, not the router's fault
+        why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise RouterError(400, f"request body cannot be read as JSON: {why}", code="invalid_json") from None
     if not isinstance(payload, dict):
         raise RouterError(400, "request body must be a JSON object", code="invalid_json")
     model = payload.get("model")

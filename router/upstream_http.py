@@ -32,6 +32,7 @@ MAX_CHUNK_LINE = 4096  # bytes of a chunk-size line, extensions included
 # and a request sent just as the server closes would fail for no good reason.
 IDLE_TIMEOUT = 4.0
 CONNECT_TIMEOUT = 10.0
+JOIN_BODY_UP_TO = 64 * 1024  # bytes of body sent in one write with the head
 # Where an upstream listens: (host, port), or the path of a Unix socket.
 Address: TypeAlias = tuple[str, int] | str
 # Asked when an upstream has sent nothing for the given seconds: True to wait that long again (it is
@@ -151,7 +152,7 @@ class _Connection(asyncio.Protocol):
 
     # ---------------------------------------------------------------------------------------- exchange
 
-    def start(self, answer: Answer, data: bytes, *, no_body: bool) -> None:
+    def start(self, answer: Answer, head: bytes, body: bytes | None, *, no_body: bool) -> None:
         assert self.transport is not None
         self.answer = answer
         self.uses += 1
@@ -159,7 +160,11 @@ class _Connection(asyncio.Protocol):
         self._no_body = no_body
         self._buffer = b""
         self._need = 0
-        self.transport.write(data)
+        if body and len(body) > JOIN_BODY_UP_TO:
+            self.transport.write(head)  # a large body is not copied to join its head
+            self.transport.write(body)
+        else:
+            self.transport.write(head + body if body else head)
 
     def _head(self, data: bytes) -> None:
         buffer = self._buffer + data if self._buffer else data
@@ -588,7 +593,7 @@ class UpstreamPool:
         answer = Answer(conn, self)
         answer.patience = patience
         try:
-            conn.start(answer, head + body if body else head, no_body=no_body)
+            conn.start(answer, head, body, no_body=no_body)
             while answer.status == 0:
                 if answer._error is not None:
                     raise answer._error

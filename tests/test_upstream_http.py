@@ -71,7 +71,7 @@ def _fed(parts: list[bytes], *, keep_streams: bool = False) -> tuple[Answer, lis
     conn = _Connection(loop, pool)
     conn.connection_made(_Transport())  # type: ignore[arg-type]
     answer = Answer(conn, pool)
-    conn.start(answer, b"GET / HTTP/1.1\r\n\r\n", no_body=False)
+    conn.start(answer, b"GET / HTTP/1.1\r\n\r\n", None, no_body=False)
     for part in parts:
         conn.data_received(part)
     pieces = list(answer._pieces)

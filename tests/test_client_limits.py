@@ -1,0 +1,186 @@
+"""What one client may hold, tried with real sockets on loopback: an oversized body is refused before
+it is read, a stalled body and an idle or trickling connection are closed, past the connection cap a
+client is told so (and `/health` still answers), and the open-file limit is raised at start."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import resource
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from tests.conftest import RouterFactory, RunningRouter, fake_profile
+from tests.router_process import RouterProcess, write_config
+
+TIMEOUT = 5.0
+
+
+@contextlib.asynccontextmanager
+async def connected(
+    router: RunningRouter,
+) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", router.port)
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+def head(method: str, path: str, *lines: str) -> bytes:
+    return "\r\n".join([f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", *lines, "", ""]).encode()
+
+
+async def answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], Any]:
+    """One HTTP answer with a length: status, headers (lowercased names) and the JSON body."""
+    raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+    lines = raw.decode("latin-1").split("\r\n")
+    headers = {
+        name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:] if line)
+    }
+    body = await asyncio.wait_for(reader.readexactly(int(headers["content-length"])), TIMEOUT)
+    return int(lines[0].split()[1]), headers, json.loads(body)
+
+
+async def closed(reader: asyncio.StreamReader) -> bool:
+    """Whether the router closed the connection (all that is left to read is the end)."""
+    try:
+        return await asyncio.wait_for(reader.read(), TIMEOUT) == b""
+    except ConnectionResetError:
+        return True
+
+
+async def test_a_body_over_the_limit_is_refused_before_it_is_read(
+    start_router: RouterFactory, dummy_model: Path
+) -> None:
+    router = await start_router({"m": fake_profile(dummy_model)}, max_body_mb=1)
+    async with connected(router) as (reader, writer):
+        writer.write(head("POST", "/v1/chat/completions", f"Content-Length: {200 * 1024 * 1024}"))
+        status, _, body = await answer(reader)  # no byte of the 200 MB was sent
+        assert status == 413 and body["error"]["code"] == "request_too_large"
+        assert "server.max_body_mb" in body["error"]["message"]
+        assert await closed(reader)
+    assert router.controller.upstreams == {}
+
+
+async def test_a_body_without_a_length_is_cut_off_at_the_limit(
+    start_router: RouterFactory, dummy_model: Path
+) -> None:
+    router = await start_router({"m": fake_profile(dummy_model)}, max_body_mb=1)
+    chunk = b"x" * 65536
+    async with connected(router) as (reader, writer):
+        writer.write(head("POST", "/v1/chat/completions", "Transfer-Encoding: chunked"))
+        with contextlib.suppress(ConnectionError):
+            for _ in range(20):  # 1.25 MiB
+                writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                await writer.drain()
+        status, _, body = await answer(reader)
+        assert status == 413 and body["error"]["code"] == "request_too_large"
+
+
+async def test_a_body_under_the_limit_is_served(start_router: RouterFactory, dummy_model: Path) -> None:
+    router = await start_router({"m": fake_profile(dummy_model)}, max_body_mb=1)
+    text = "word " * 150_000  # 750 KB
+    status, body = await router.chat("m", messages=[{"role": "user", "content": text}])
+    assert status == 200, body
+    assert body["usage"]["prompt_tokens"] == 150_000
+
+
+async def test_a_stalled_body_gets_408_and_its_connection_closed(
+    start_router: RouterFactory, dummy_model: Path
+) -> None:
+    router = await start_router({"m": fake_profile(dummy_model)}, body_timeout=0.3)
+    async with connected(router) as (reader, writer):
+        writer.write(head("POST", "/v1/chat/completions", "Content-Length: 1000") + b'{"model": "m"')
+        started = time.monotonic()
+        status, _, body = await answer(reader)
+        assert status == 408 and body["error"]["code"] == "request_timeout"
+        assert 0.3 <= time.monotonic() - started < 3
+        assert await closed(reader)
+
+
+async def test_idle_and_trickling_connections_are_closed(
+    start_router: RouterFactory, dummy_model: Path
+) -> None:
+    router = await start_router({"m": fake_profile(dummy_model)}, idle_timeout=0.5)
+    async with connected(router) as (idle, _):
+        started = time.monotonic()
+        assert await closed(idle)  # it never sent a request
+        assert time.monotonic() - started < 3
+    async with connected(router) as (reader, writer):
+        started = time.monotonic()
+        with contextlib.suppress(ConnectionError):
+            for byte in head("GET", "/health"):
+                writer.write(bytes([byte]))
+                await writer.drain()
+                await asyncio.sleep(0.1)  # a byte every 0.1 s: the whole head would take 4 s
+                if reader.at_eof() or time.monotonic() - started > 3:
+                    break
+        assert await closed(reader)
+        assert time.monotonic() - started < 3
+    async with connected(router) as (reader, writer):  # a kept-alive connection idles out after its answer
+        writer.write(head("GET", "/health"))
+        assert (await answer(reader))[0] == 200
+        assert await closed(reader)
+
+
+async def test_past_the_connection_cap_a_client_is_told_and_health_still_answers(
+    start_router: RouterFactory, dummy_model: Path
+) -> None:
+    router = await start_router({"m": fake_profile(dummy_model)}, max_connections=5)
+    async with contextlib.AsyncExitStack() as held:
+        for _ in range(5):
+            await held.enter_async_context(connected(router))
+        await asyncio.sleep(0.05)  # the router has accepted them
+        async with connected(router) as (reader, writer):
+            writer.write(head("GET", "/health"))
+            status, _, body = await answer(reader)
+            assert status == 200 and body == {"status": "ok"}
+            assert await closed(reader)
+        async with connected(router) as (reader, writer):
+            writer.write(head("POST", "/v1/chat/completions", "Content-Length: 2") + b"{}")
+            status, headers, body = await answer(reader)
+            assert status == 503 and body["error"]["code"] == "too_many_connections"
+            assert headers["retry-after"] == "1"
+            assert await closed(reader)
+    await asyncio.sleep(0.05)  # the router has seen them go
+    status, body = await router.chat("m")
+    assert status == 200, body
+
+
+async def test_a_body_the_json_parser_cannot_take_is_a_400(
+    start_router: RouterFactory, dummy_model: Path
+) -> None:
+    router = await start_router({"m": fake_profile(dummy_model)})
+    for raw in (
+        '{"model": "m", "x": ' + "[" * 100_000 + "]" * 100_000 + "}",
+        '{"model": "m", "n": ' + "1" * 5000 + "}",
+    ):
+        async with router.session.post("/v1/chat/completions", data=raw) as response:
+            assert response.status == 400
+            assert (await response.json())["error"]["code"] == "invalid_json"
+    assert router.controller.upstreams == {}
+
+
+async def test_the_open_file_limit_is_raised_to_the_hard_one(
+    tmp_path: Path, dummy_model: Path, router_processes: list[RouterProcess]
+) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    config = write_config(tmp_path / "profiles.yaml", {"m": fake_profile(dummy_model)})
+    router = RouterProcess(config)
+    router_processes.append(router)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 256), hard))  # what the router inherits
+    try:
+        await router.start(wait_listening=False)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    await router.wait_log(lambda e: e.get("event") == "listening", what="listening")
+    raised = psutil.Process(router.pid).rlimit(psutil.RLIMIT_NOFILE)[0]
+    assert raised == hard or (hard == resource.RLIM_INFINITY and raised > 256)
