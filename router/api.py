@@ -271,8 +271,7 @@ class Api:
         router.add_post("/models/load", self.load)
         router.add_post("/models/unload", self.unload)
         router.add_get("/running", self.running)
-        router.add_post("/unload", self.unload_all)
-        router.add_get("/unload", self.unload_all)  # llama-swap's method
+        router.add_post("/unload", self.unload_all)  # POST only: a page's link or image cannot unload
         router.add_route("*", "/upstream", self.upstream)
         router.add_route("*", "/upstream/{tail:.*}", self.upstream)
         router.add_get("/events", self.events)

@@ -25,6 +25,7 @@ from .browser_guard import browser_guard
 from .client_limits import LINGER, MIB, CappedSite, body_limits, connection_cap, raise_fd_limit
 from .config import RouterConfig
 from .controller import Controller
+from .cors import cors_headers, cors_preflight
 from .dashboard import Dashboard
 from .errors import RouterError, error_response
 from .metrics import CONTENT_TYPE_LATEST as METRICS_CONTENT_TYPE
@@ -125,7 +126,8 @@ def build_app(config: RouterConfig) -> web.Application:
     # Keys are always checked: a reload may add keys to a router that started without any.
     middlewares: list[Any] = [
         each_request(in_flight, metrics, dashboard),
-        browser_guard(key_ring, lambda: controller.config.server.host),
+        browser_guard(key_ring, lambda: controller.config.server),
+        cors_preflight(lambda: controller.config.server.cors_origins),
         auth_middleware(key_ring),
         body_limits(
             lambda: int(controller.config.server.max_body_mb * MIB),
@@ -164,6 +166,7 @@ def build_app(config: RouterConfig) -> web.Application:
         await dashboard.close()
 
     app.on_startup.append(on_startup)
+    app.on_response_prepare.append(cors_headers(lambda: controller.config.server.cors_origins))
     app.on_shutdown.append(on_shutdown)
     app.on_cleanup.append(on_cleanup)
 

@@ -32,7 +32,7 @@ OPEN_PREFIXES = ("/ui/",)  # the dashboard's static files: the page asks for a k
 ADMIN_POST_PATHS = frozenset({"/models/load", "/models/unload", "/models"})  # POST /models downloads
 ADMIN_DELETE_PATHS = frozenset({"/models"})  # removes a model POST /models added
 ADMIN_POST_PREFIXES = ("/requests/",)  # cancelling a request
-ADMIN_PATHS = frozenset({"/unload", "/upstream"})  # any method (llama-swap unloads with a GET)
+ADMIN_PATHS = frozenset({"/unload", "/upstream"})  # any method
 
 
 @dataclass(frozen=True)

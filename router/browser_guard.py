@@ -6,11 +6,12 @@ router requests (a form POST, an image GET), and through DNS rebinding it can ev
 under a name of its own. So, while no keys are set:
 
 - a request whose `Host` is not one of the router's own names is refused (403 `host_not_allowed`):
-  IP addresses, `localhost` and `*.localhost`, the configured `server.host` and this machine's host
-  name are its own; a rebinding page's name is not;
-- a request that changes state (any method but GET, HEAD and OPTIONS, and llama-swap's GET
-  `/unload`) is refused (403 `cross_origin_refused`) when the browser says it comes from another
-  site (`Sec-Fetch-Site`) or its `Origin` is not the address it was sent to.
+  IP addresses, `localhost` and `*.localhost`, the configured `server.host`, the names in
+  `server.allowed_hosts` (a reverse proxy's, say) and this machine's host name are its own; a
+  rebinding page's name is not;
+- a request that changes state (any method but GET, HEAD and OPTIONS) is refused (403
+  `cross_origin_refused`) when the browser says it comes from another site (`Sec-Fetch-Site`) or
+  its `Origin` is not the address it was sent to, unless that origin is in `server.cors_origins`.
 
 With keys set, neither is needed: a page from elsewhere cannot know the key, and a browser will not
 send one across origins on its own. `/health` and the page's static files are always answered.
@@ -21,13 +22,15 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from functools import lru_cache
 from urllib.parse import urlsplit
 
 from aiohttp import web
 
 from .auth import KeyRing, is_admin_request, is_open
+from .config import ServerConfig
+from .cors import allowed_origin
 from .errors import error_response
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -53,9 +56,10 @@ def _machine_names() -> frozenset[str]:
     return frozenset(name for name in names if name)
 
 
-def own_host(host: str, listen_host: str) -> bool:
+def own_host(host: str, listen_host: str, allowed: Sequence[str] = ()) -> bool:
     """Whether `host` (a Host header) names this router rather than some other site's name that
-    resolves to it: any IP address, `localhost`, the listen address, this machine's names."""
+    resolves to it: any IP address, `localhost`, the listen address, the `allowed` names, this
+    machine's names."""
     name = host_name(host)
     if not name:
         return False
@@ -66,7 +70,9 @@ def own_host(host: str, listen_host: str) -> bool:
         pass
     if name == "localhost" or name.endswith(".localhost"):
         return True
-    return name == listen_host.lower() or name in _machine_names()
+    if name == listen_host.lower() or name in _machine_names():
+        return True
+    return any(name == host_name(other) for other in allowed)
 
 
 def foreign_origin(request: web.Request) -> bool:
@@ -85,32 +91,41 @@ def changes_state(request: web.Request) -> bool:
 
 
 def browser_guard(
-    ring: KeyRing, listen_host: Callable[[], str]
+    ring: KeyRing, settings: Callable[[], ServerConfig]
 ) -> Callable[..., Awaitable[web.StreamResponse]]:
-    """The middleware applying the module's rules while `ring` holds no keys; `listen_host` gives
-    `server.host` as it is now."""
+    """The middleware applying the module's rules while `ring` holds no keys; `settings` gives the
+    `server` section as it is now (a reload may change its names)."""
     checked: dict[str, bool] = {}  # Host values seen, and whether each is the router's own
+    checked_for: list[ServerConfig] = []  # the settings `checked` holds answers for
 
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         if ring.enabled or is_open(request.path):
             return await handler(request)
+        server = settings()
         host = request.headers.get("Host")
         if host is not None:
+            if not checked_for or checked_for[0] is not server:
+                checked.clear()
+                checked_for[:] = [server]
             own = checked.get(host)
             if own is None:
                 if len(checked) > 256:  # names are few; anything beyond is someone probing
                     checked.clear()
-                own = checked[host] = own_host(host, listen_host())
+                own = checked[host] = own_host(host, server.host, server.allowed_hosts)
             if not own:
                 return error_response(
                     403,
                     f"Host {host_name(host)!r} is not this router's name; without API keys only its own "
-                    "names (IP addresses, localhost, its host name) are served. Set server.api_keys to "
-                    "serve it under other names.",
+                    "names (IP addresses, localhost, its host name, server.allowed_hosts) are served. "
+                    "Add the name to server.allowed_hosts, or set server.api_keys.",
                     code="host_not_allowed",
                 )
-        if changes_state(request) and foreign_origin(request):
+        if (
+            changes_state(request)
+            and foreign_origin(request)
+            and not allowed_origin(request.headers.get("Origin"), server.cors_origins)
+        ):
             return error_response(
                 403,
                 f"{request.method} {request.path} from a page of another origin is refused while the router "

@@ -127,6 +127,16 @@ class ServerConfig(_Strict):
         default=30.0, ge=0, description="seconds SIGTERM waits for requests in flight before stopping"
     )
     watch_config: bool = Field(default=True, description="reload this file when it changes on disk")
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="more Host names served without API keys (a reverse proxy's); IP addresses, "
+        "localhost, server.host and the machine's names always are",
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="origins of web pages that may call the router from a browser ('*': any); "
+        "none by default",
+    )
     max_body_mb: float = Field(
         default=32.0,
         gt=0,

@@ -123,8 +123,19 @@ HOP_BY_HOP = frozenset(
 AUTH_HEADERS = frozenset({"authorization", "x-api-key"})
 # The router has the whole body in hand before it sends it: no upstream should wait for a go-ahead.
 REQUEST_ONLY = frozenset({"expect"})
-# Answer headers aiohttp writes itself for the client.
-ANSWER_DROP = HOP_BY_HOP | {"date", "server"}
+# llama-server's CORS headers (it allows every origin): the router sets its own policy (router/cors.py).
+UPSTREAM_CORS = frozenset(
+    {
+        "access-control-allow-origin",
+        "access-control-allow-credentials",
+        "access-control-allow-methods",
+        "access-control-allow-headers",
+        "access-control-expose-headers",
+        "access-control-max-age",
+    }
+)
+# Answer headers aiohttp writes itself for the client, and the upstream's CORS policy.
+ANSWER_DROP = HOP_BY_HOP | {"date", "server"} | UPSTREAM_CORS
 FALLBACK_HEADER = "X-Llama-Router-Fallback"  # "<asked for> -> <answered by>" when a fallback answers
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
