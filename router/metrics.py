@@ -9,14 +9,16 @@ nothing between scrapes.
 
 from __future__ import annotations
 
+import bisect
+import collections
 import contextlib
+import itertools
 import logging
 from collections.abc import Iterator
-from typing import Any
 
 import psutil
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .controller import Controller
@@ -104,6 +106,56 @@ class _LiveState(Collector):
         yield from (state, in_flight, waiting, resident, rss)
 
 
+class _RequestFigures(Collector):
+    """What each request for a model adds up to: requests by status, errors by code, tokens, and the
+    wait histogram. Plain numbers, bumped without a lock on the request path (all of it runs on the
+    event loop, as scrapes do) and turned into metric families when scraped."""
+
+    def __init__(self) -> None:
+        self.requests: collections.Counter[tuple[str, int]] = collections.Counter()
+        self.errors: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.tokens: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.waits: dict[str, list[float]] = {}  # per model: a count per bucket (+Inf last), then the sum
+
+    def waited(self, model: str, seconds: float) -> None:
+        row = self.waits.get(model)
+        if row is None:
+            row = self.waits[model] = [0] * (len(WAIT_BUCKETS) + 2)
+        row[bisect.bisect_left(WAIT_BUCKETS, seconds)] += 1
+        row[-1] += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "llama_router_requests", "Requests answered, by model and HTTP status", labels=["model", "status"]
+        )
+        for (model, status), count in self.requests.items():
+            requests.add_metric([model, str(status)], count)
+        errors = CounterMetricFamily(
+            "llama_router_errors",
+            "Failed requests by model and error code (including streams that failed after their start)",
+            labels=["model", "code"],
+        )
+        for (model, code), count in self.errors.items():
+            errors.add_metric([model, code], count)
+        tokens = CounterMetricFamily(
+            "llama_router_tokens",
+            "Tokens reported in answers' usage, by kind (prompt or completion)",
+            labels=["model", "kind"],
+        )
+        for (model, kind), count in self.tokens.items():
+            tokens.add_metric([model, kind], count)
+        waits = HistogramMetricFamily(
+            "llama_router_wait_seconds",
+            "Seconds a request waited for its model (queue and load) before it was sent or failed",
+            labels=["model"],
+        )
+        bounds = [*(str(float(bound)) for bound in WAIT_BUCKETS), "+Inf"]
+        for model, row in self.waits.items():
+            cumulative = itertools.accumulate(row[:-1])
+            waits.add_metric([model], list(zip(bounds, cumulative, strict=True)), sum_value=row[-1])
+        yield from (requests, errors, tokens, waits)
+
+
 class Metrics:
     """The router's metrics; `render()` gives the Prometheus text exposition."""
 
@@ -111,18 +163,6 @@ class Metrics:
         self.controller = controller
         self.registry = CollectorRegistry()
         registry = self.registry
-        self.requests = Counter(
-            "llama_router_requests",
-            "Requests answered, by model and HTTP status",
-            ["model", "status"],
-            registry=registry,
-        )
-        self.errors = Counter(
-            "llama_router_errors",
-            "Failed requests by model and error code (including streams that failed after their start)",
-            ["model", "code"],
-            registry=registry,
-        )
         self.loads = Counter("llama_router_loads", "Loads started", ["model"], registry=registry)
         self.load_seconds = Histogram(
             "llama_router_load_seconds",
@@ -144,19 +184,6 @@ class Metrics:
             "llama_router_swaps",
             "Times the model was stopped to make room for another",
             ["model"],
-            registry=registry,
-        )
-        self.wait_seconds = Histogram(
-            "llama_router_wait_seconds",
-            "Seconds a request waited for its model (queue and load) before it was sent or failed",
-            ["model"],
-            buckets=WAIT_BUCKETS,
-            registry=registry,
-        )
-        self.tokens = Counter(
-            "llama_router_tokens",
-            "Tokens reported in answers' usage, by kind (prompt or completion)",
-            ["model", "kind"],
             registry=registry,
         )
         self.context_operations = Counter(
@@ -197,10 +224,9 @@ class Metrics:
             registry=registry,
         )
         registry.register(_LiveState(controller))
+        self._figures = _RequestFigures()
+        registry.register(self._figures)
         self._loading: set[str] = set()
-        self._requests: dict[tuple[str, int], Any] = {}
-        self._waits: dict[str, Any] = {}
-        self._tokens: dict[str, tuple[Any, Any]] = {}
         self._unsubscribe = controller.subscribe(self._on_event)
 
     def close(self) -> None:
@@ -211,38 +237,20 @@ class Metrics:
 
     # ------------------------------------------------------------------------------------------ feeds
 
-    # Labelled children are looked up in dicts of their own: `labels()` takes a lock and builds its key
-    # on every call, which showed in profiles of the proxy under load.
-
     def request_done(self, record: RequestRecord) -> None:
         """Count a request for a model as it ends: its status, error, wait and tokens."""
+        figures = self._figures
         model = record.profile or UNKNOWN_MODEL
-        key = (model, record.status)
-        child = self._requests.get(key)
-        if child is None:
-            child = self._requests[key] = self.requests.labels(model, str(record.status))
-        child.inc()
+        figures.requests[model, record.status] += 1
         if record.error is not None:
-            self.errors.labels(model, record.error).inc()
+            figures.errors[model, record.error] += 1
         if record.waited is not None:
-            wait = self._waits.get(model)
-            if wait is None:
-                wait = self._waits[model] = self.wait_seconds.labels(model)
-            wait.observe(record.waited)
+            figures.waited(model, record.waited)
         if record.usage is not None:
-            self._count_tokens(record.served_by or model, *record.usage)
-
-    def _count_tokens(self, model: str, prompt: int, completion: int) -> None:
-        children = self._tokens.get(model)
-        if children is None:
-            children = self._tokens[model] = (
-                self.tokens.labels(model, "prompt"),
-                self.tokens.labels(model, "completion"),
-            )
-        if prompt:
-            children[0].inc(prompt)
-        if completion:
-            children[1].inc(completion)
+            served_by = record.served_by or model
+            prompt, completion = record.usage
+            figures.tokens[served_by, "prompt"] += prompt
+            figures.tokens[served_by, "completion"] += completion
 
     def _on_event(self, event: Event) -> None:
         match event:
