@@ -15,6 +15,7 @@ import contextlib
 import itertools
 import logging
 from collections.abc import Iterator
+from typing import Any
 
 import psutil
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -125,25 +126,24 @@ class _RequestFigures(Collector):
         row[-1] += seconds
 
     def collect(self) -> Iterator[Metric]:
-        requests = CounterMetricFamily(
-            "llama_router_requests", "Requests answered, by model and HTTP status", labels=["model", "status"]
+        yield _counter(
+            "llama_router_requests",
+            "Requests answered, by model and HTTP status",
+            ["model", "status"],
+            self.requests,
         )
-        for (model, status), count in self.requests.items():
-            requests.add_metric([model, str(status)], count)
-        errors = CounterMetricFamily(
+        yield _counter(
             "llama_router_errors",
             "Failed requests by model and error code (including streams that failed after their start)",
-            labels=["model", "code"],
+            ["model", "code"],
+            self.errors,
         )
-        for (model, code), count in self.errors.items():
-            errors.add_metric([model, code], count)
-        tokens = CounterMetricFamily(
+        yield _counter(
             "llama_router_tokens",
             "Tokens reported in answers' usage, by kind (prompt or completion)",
-            labels=["model", "kind"],
+            ["model", "kind"],
+            self.tokens,
         )
-        for (model, kind), count in self.tokens.items():
-            tokens.add_metric([model, kind], count)
         waits = HistogramMetricFamily(
             "llama_router_wait_seconds",
             "Seconds a request waited for its model (queue and load) before it was sent or failed",
@@ -153,7 +153,16 @@ class _RequestFigures(Collector):
         for model, row in self.waits.items():
             cumulative = itertools.accumulate(row[:-1])
             waits.add_metric([model], list(zip(bounds, cumulative, strict=True)), sum_value=row[-1])
-        yield from (requests, errors, tokens, waits)
+        yield waits
+
+
+def _counter(
+    name: str, documentation: str, labels: list[str], counts: collections.Counter[Any]
+) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation, labels=labels)
+    for key, count in counts.items():
+        family.add_metric([str(part) for part in key], count)
+    return family
 
 
 class Metrics:
