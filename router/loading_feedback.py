@@ -36,7 +36,7 @@ class LoadingFeedback:
 
     model: str  # the id the client asked for
     reasoning: bool  # reasoning_content deltas (a chat completion with `loading_feedback: reasoning`)
-    position: int  # the request's place in its model's queue when it arrived (1: first)
+    position: int = 1  # the request's place in its model's queue when it joined it (1: first)
     _id: str = field(default_factory=lambda: "chatcmpl-loading-" + secrets.token_hex(8))
     _first: bool = True
 

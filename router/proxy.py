@@ -152,15 +152,14 @@ class Proxy:
             record.model = profile
         started = asyncio.get_running_loop().time()
         if stream and self.loading_interval > 0 and not self.controller.accepting(profile):
-            position = self.controller.view(profile).waiting + 1  # its place in the model's queue
-            acquiring = asyncio.ensure_future(self.controller.acquire(profile))
+            feedback = self._feedback(request, profile, requested or profile)
+            acquiring = asyncio.ensure_future(self._acquire_in_line(profile, feedback))
             try:
                 await asyncio.wait({acquiring}, timeout=self.loading_interval)
             except asyncio.CancelledError:
                 _abandon(acquiring, self.controller)
                 raise
             if not acquiring.done():
-                feedback = self._feedback(request, profile, requested or profile, position)
                 return await self._stream_while_waiting(
                     request, profile, feedback, acquiring, body, path, requested, started
                 )
@@ -342,13 +341,17 @@ class Proxy:
 
     # ------------------------------------------------------------------------------------------ feedback
 
-    def _feedback(self, request: web.Request, profile: str, name: str, position: int) -> LoadingFeedback:
+    def _feedback(self, request: web.Request, profile: str, name: str) -> LoadingFeedback:
         """How this waiting stream hears of its model's progress (see loading_feedback.py)."""
         config = self.controller.config.profiles.get(profile)
         chat = request.path in CHAT_PATHS
-        return LoadingFeedback(
-            name, chat and config is not None and config.loading_feedback == "reasoning", position
-        )
+        return LoadingFeedback(name, chat and config is not None and config.loading_feedback == "reasoning")
+
+    async def _acquire_in_line(self, profile: str, feedback: LoadingFeedback) -> Lease:
+        """Acquire `profile`, noting the request's place in its queue in the very step it joins it
+        (the controller queues it before its first await), so requests arriving together differ."""
+        feedback.position = self.controller.view(profile).waiting + 1
+        return await self.controller.acquire(profile)
 
     def _view(self, profile: str) -> ProfileView | None:
         try:
@@ -423,7 +426,7 @@ class Proxy:
                         error = exited_twice(profile)
                         return await self._fail_stream(request, response, error.body(), error.code)
                     retried = True
-                    acquiring = asyncio.ensure_future(self.controller.acquire(profile))
+                    acquiring = asyncio.ensure_future(self._acquire_in_line(profile, feedback))
         finally:
             if lease is not None:
                 self.controller.release(lease)

@@ -191,7 +191,8 @@ async def test_openai_sdk_reads_loading_progress_as_reasoning_never_as_content(
         assert reasoning == "" and content.startswith("Hello from"), "comments by default"
 
     # Other streams than chat completions keep to comments.
-    await router.session.post("/models/unload?wait=1", json={"model": "slow"})
+    async with router.session.post("/models/unload?wait=1", json={"model": "slow"}) as response:
+        assert response.status == 200
     body = {"model": "slow", "prompt": "hi", "stream": True}
     async with router.session.post("/v1/completions", json=body) as response:
         raw = (await response.read()).decode()
