@@ -16,6 +16,7 @@ import time
 
 from aiohttp import web
 
+from .errors import printable
 from .request_rules import CLIENT_CLOSED, RequestRecord
 
 log = logging.getLogger("llama_router.access")
@@ -72,6 +73,8 @@ def log_request(record: RequestRecord, request: web.Request) -> None:
     duration_ms = (time.perf_counter() - record.started) * 1000
     # A model named in the path or the query, by endpoints that did not record one.
     model = record.model or request.query.get("model") or request.match_info.get("model")
+    if model is not None and model is not record.model:
+        model = printable(model)  # (the record's is made safe by the router's outer middleware)
     fields = {
         "method": record.method,
         "path": path,

@@ -28,7 +28,7 @@ from .access_log import RECORD, mark_long_lived
 from .config import ResolvedProfile
 from .context_window import Window, learned, profile_window
 from .controller import Controller
-from .errors import RouterError
+from .errors import RouterError, printable
 from .events import (
     DownloadFailed,
     DownloadFinished,
@@ -506,12 +506,13 @@ class Api:
     async def upstream(self, request: web.Request) -> web.StreamResponse:
         """`/upstream/<model>/<path>`: any method, path and query sent as they are to that model's own
         llama-server (loaded first if needed), for its web UI, `/slots`, `/metrics` and the like."""
-        rest = request.rel_url.raw_path[len("/upstream") :].lstrip("/")
-        segment, _, tail = rest.partition("/")
-        if not segment:
+        # One path: the raw one, split into segments, each decoded to route it (as aiohttp matched it);
+        # the rest is forwarded as it came. `%2F` inside the first two segments names nothing.
+        parts = request.rel_url.raw_path.split("/", 3)  # "", "upstream", <model>, <path>
+        if len(parts) < 3 or unquote(parts[1]) != "upstream" or not parts[2]:
             raise RouterError(404, "name a model: /upstream/<model>/<path>", code="not_found")
-        name = self.proxy.profile_for(unquote(segment))
-        path = "/" + tail
+        name = self.proxy.profile_for(unquote(parts[2]))
+        path = "/" + (parts[3] if len(parts) > 3 else "")
         if request.rel_url.raw_query_string:
             path += "?" + request.rel_url.raw_query_string
         body = await request.read() if request.body_exists else None
@@ -653,4 +654,6 @@ class Api:
         probing for other server types (`/api/tags`, `/api/v1/models`) are not misled."""
         if request.method == "GET" and request.query.get("model"):
             return await self.proxy.handle_get(request)
-        raise RouterError(404, f"no such endpoint: {request.method} {request.path}", code="not_found")
+        raise RouterError(
+            404, f"no such endpoint: {request.method} {printable(request.path)}", code="not_found"
+        )

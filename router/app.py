@@ -20,14 +20,14 @@ from aiohttp import web
 
 from .access_log import IN_FLIGHT, RECORD, InFlight, log_request
 from .api import Api
-from .auth import KeyRing, Keys, auth_middleware, resolve_keys, warn_if_open
-from .browser_guard import browser_guard
+from .auth import KeyRing, Keys, auth_middleware, key_accepted, resolve_keys, warn_if_open
+from .browser_guard import browser_guard, own_host
 from .client_limits import LINGER, MIB, CappedSite, body_limits, connection_cap, raise_fd_limit
 from .config import RouterConfig
 from .controller import Controller
 from .cors import cors_headers, cors_preflight
 from .dashboard import Dashboard
-from .errors import RouterError, error_response
+from .errors import RouterError, error_response, printable
 from .metrics import CONTENT_TYPE_LATEST as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .proxy import Proxy
@@ -55,9 +55,10 @@ def _error_response(request: web.Request, exc: Exception) -> web.StreamResponse:
     if isinstance(exc, RouterError):
         return exc.response()
     if isinstance(exc, web.HTTPException):
-        message = f"{exc.reason}: {request.method} {request.path}" if exc.status in (404, 405) else exc.text
+        path = printable(request.path)
+        message = f"{exc.reason}: {request.method} {path}" if exc.status in (404, 405) else exc.text
         return error_response(exc.status, message or exc.reason, code=_HTTP_CODES.get(exc.status))
-    log.error("unhandled error on %s %s", request.method, request.path, exc_info=exc)
+    log.error("unhandled error on %s %s", request.method, printable(request.path), exc_info=exc)
     return error_response(500, "internal router error; see the router's log", code="internal_error")
 
 
@@ -70,7 +71,8 @@ def each_request(in_flight: InFlight, metrics: Metrics, dashboard: Dashboard) ->
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        record = RequestRecord(request.method, request.path, time.perf_counter())
+        # The path (decoded) and the model are the client's words: escaped and capped for every reader.
+        record = RequestRecord(request.method, printable(request.path), time.perf_counter())
         request[RECORD] = record
         in_flight.begin()
         dashboard.request_started(request)
@@ -105,6 +107,8 @@ def each_request(in_flight: InFlight, metrics: Metrics, dashboard: Dashboard) ->
                 in_flight.end()
             if response is not None and response.prepared:
                 record.sent = response.body_length
+            if record.model is not None:
+                record.model = printable(record.model)
             if record.for_model:
                 metrics.request_done(record)
             dashboard.request_ended(request, record)
@@ -171,10 +175,16 @@ def build_app(config: RouterConfig) -> web.Application:
     app.on_cleanup.append(on_cleanup)
 
     async def health(request: web.Request) -> web.Response:
+        """Up or not, for anyone; the reload state (the config's path, its errors) only for a client
+        with a key, or, without keys, one that names the router by one of its own names."""
         body: dict[str, Any] = {"status": "ok"}
-        reload = reload_status(request.app)
-        if reload is not None:
-            body["reload"] = reload
+        server = controller.config.server
+        if key_accepted(key_ring, request) or (
+            not key_ring.enabled and own_host(request.host, server.host, server.allowed_hosts)
+        ):
+            reload = reload_status(request.app)
+            if reload is not None:
+                body["reload"] = reload
         return web.json_response(body)
 
     async def metrics_page(_: web.Request) -> web.Response:

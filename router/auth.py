@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from .config import ConfigError, ServerConfig
-from .errors import error_response
+from .errors import error_response, printable
 
 log = logging.getLogger("llama_router")
 
@@ -142,6 +142,12 @@ def presented_key(request: web.Request) -> bytes | None:
     return api_key.encode() if api_key else None
 
 
+def key_accepted(ring: KeyRing, request: web.Request) -> bool:
+    """Whether `request` carries one of the keys in force (an API or an admin key)."""
+    key = presented_key(request)
+    return key is not None and (_matches(key, ring.keys.api) or _matches(key, ring.keys.admin))
+
+
 def _matches(key: bytes, accepted: Iterable[bytes]) -> bool:
     # Compare against every key, so the time taken says nothing about which one nearly matched.
     found = False
@@ -167,11 +173,15 @@ def auth_middleware(ring: KeyRing) -> Callable[[web.Request, Handler], Awaitable
         key = presented_key(request)
         if keys.admin and is_admin_request(request):
             if key is None:
-                return _unauthorized(f"{request.path} needs an admin key: send 'Authorization: Bearer <key>'")
+                return _unauthorized(
+                    f"{printable(request.path)} needs an admin key: send 'Authorization: Bearer <key>'"
+                )
             if not _matches(key, keys.admin):
                 if _matches(key, keys.api):
                     return error_response(
-                        403, f"{request.path} needs an admin key, not an API key", code="admin_key_required"
+                        403,
+                        f"{printable(request.path)} needs an admin key, not an API key",
+                        code="admin_key_required",
                     )
                 return _unauthorized("invalid admin key")
             return await handler(request)

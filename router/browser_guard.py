@@ -31,7 +31,7 @@ from aiohttp import web
 from .auth import KeyRing, is_admin_request, is_open
 from .config import ServerConfig
 from .cors import allowed_origin
-from .errors import error_response
+from .errors import error_response, printable
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -116,7 +116,8 @@ def browser_guard(
             if not own:
                 return error_response(
                     403,
-                    f"Host {host_name(host)!r} is not this router's name; without API keys only its own "
+                    f"Host '{printable(host_name(host))}' is not this router's name; without API keys only "
+                    "its own "
                     "names (IP addresses, localhost, its host name, server.allowed_hosts) are served. "
                     "Add the name to server.allowed_hosts, or set server.api_keys.",
                     code="host_not_allowed",
@@ -128,8 +129,8 @@ def browser_guard(
         ):
             return error_response(
                 403,
-                f"{request.method} {request.path} from a page of another origin is refused while the router "
-                "runs without API keys",
+                f"{request.method} {printable(request.path)} from a page of another origin is refused while "
+                "the router runs without API keys",
                 code="cross_origin_refused",
             )
         return await handler(request)

@@ -19,6 +19,24 @@ _TYPES = {
 }
 
 
+# Characters of a client's value (a model name, a path) echoed in an error message or a log line.
+ECHO_LIMIT = 200
+
+
+def printable(value: object, limit: int = ECHO_LIMIT) -> str:
+    """A client's value made safe to echo in an error or a log line: characters that are not
+    printable (line breaks, escapes, bidirectional overrides) written as Python escapes, so a value
+    cannot forge a log line or a terminal's state, and cut to `limit` characters, saying how long it
+    was."""
+    text = str(value)
+    if len(text) <= limit and text.isprintable():
+        return text
+    cut = text[:limit]
+    if not cut.isprintable():
+        cut = "".join(char if char.isprintable() else ascii(char)[1:-1] for char in cut)
+    return cut if len(text) <= limit else f"{cut}… ({len(text)} characters)"
+
+
 class RouterError(Exception):
     """An error to answer a client with; carries the HTTP status and OpenAI error fields."""
 

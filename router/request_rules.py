@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .errors import RouterError
+from .errors import RouterError, printable
 from .upstream_http import ConnectFailed, ConnectionDropped, UpstreamError
 
 if TYPE_CHECKING:
@@ -97,7 +97,9 @@ def profile_for(config: RouterConfig, model: str) -> str:
     name = config.names.get(model)
     if name is None:
         known = ", ".join(sorted(config.names))
-        raise RouterError(404, f"model {model!r} not found; known models: {known}", code="model_not_found")
+        raise RouterError(
+            404, f"model '{printable(model)}' not found; known models: {known}", code="model_not_found"
+        )
     return name
 
 

@@ -222,7 +222,7 @@ async def test_loading_another_model_swaps_and_unload_all_stops_everything(
     assert set((await statuses(router)).values()) == {"unloaded"}
     assert upstream_processes() == []
     await post_json(router, "/models/load?wait=1", {"model": "a"})
-    status, body = await get_json(router, "/unload", params={"wait": "1"})  # llama-swap's GET
+    status, body = await post_json(router, "/unload?wait=1")
     assert (status, body["unloading"]) == (200, ["a"])
     assert upstream_processes() == []
 

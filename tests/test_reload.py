@@ -328,7 +328,8 @@ async def test_a_reload_naming_an_unset_key_variable_keeps_the_old_keys(
     assert (await get_status(router.url, "/v1/models"))[0] == 401
     assert (await get_status(router.url, "/v1/models", "new-key"))[0] == 401
     assert (await get_status(router.url, "/v1/models", "old-key"))[0] == 200
-    status, health = await get_status(router.url, "/health")
+    assert await get_status(router.url, "/health") == (200, {"status": "ok"})  # no key: up, no more
+    status, health = await get_status(router.url, "/health", "old-key")
     assert status == 200 and health["reload"]["generation"] == 0
     error = health["reload"]["last_error"]
     assert error["trigger"] == "SIGHUP" and "server.api_keys_env" in error["message"]
