@@ -19,6 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from .request_rules import RequestRecord
+
 log = logging.getLogger("llama_router.activity")
 
 MAX_ROWS = 10_000  # rows kept; the oldest are dropped past it
@@ -57,6 +59,46 @@ _SCHEMA = (
     + ")"
 )
 _INSERT = f"INSERT INTO activity ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+
+
+def row_for(record: RequestRecord, *, client: str | None, key: str | None) -> ActivityRow:
+    """The activity row of a request that has just ended.
+
+    Token counts come from the answer's `usage`, else llama-server's `timings`; speeds from the
+    timings. Time to first token is measured for streamed answers (arrival to the first chunk from
+    the upstream); for whole answers it is the wait for the model plus the upstream's prompt time."""
+    now = time.perf_counter()
+    duration = now - record.started
+    timings, usage = record.timings, record.usage
+    prompt = usage[0] if usage else (timings.cache_n + timings.prompt_n if timings else None)
+    generated = usage[1] if usage else (timings.predicted_n if timings else None)
+    ttft: float | None = None
+    if record.first_byte is not None:
+        ttft = record.first_byte - record.started
+    elif timings is not None:
+        ttft = (record.waited or 0.0) + timings.prompt_ms / 1000
+    return ActivityRow(
+        time=round(time.time() - duration, 3),
+        model=record.model or record.profile or "",
+        served_by=record.served_by,
+        path=record.path,
+        status=record.status,
+        error=record.error,
+        prompt_tokens=prompt,
+        cached_tokens=timings.cache_n if timings else None,
+        prefill_tps=_rate(timings.prompt_n, timings.prompt_ms) if timings else None,
+        generated_tokens=generated,
+        decode_tps=_rate(timings.predicted_n, timings.predicted_ms) if timings else None,
+        ttft_ms=round(ttft * 1000, 2) if ttft is not None else None,
+        duration_ms=round(duration * 1000, 2),
+        waited_ms=round(record.waited * 1000, 2) if record.waited is not None else None,
+        key=key,
+        client=client,
+    )
+
+
+def _rate(tokens: int, ms: float) -> float | None:
+    return round(tokens * 1000 / ms, 1) if ms > 0 and tokens > 0 else None
 
 
 def status_filter(status: str | None) -> tuple[str, list[Any]]:

@@ -36,13 +36,22 @@ from typing import Any
 from aiohttp import web
 
 from .access_log import RECORD
-from .activity import ActivityRow, ActivityStore
+from .activity import ActivityStore, row_for
 from .api import Api, FollowableLog
 from .auth import KeyRing, Keys, presented_key
 from .config import ResolvedProfile, RouterConfig
 from .controller import Controller, state_dir
 from .errors import RouterError
-from .events import Event, Failed, FootprintLearned, Ready, Reloaded, RequestsChanged, Unhealthy
+from .events import (
+    DownloadProgress,
+    Event,
+    Failed,
+    FootprintLearned,
+    Ready,
+    Reloaded,
+    RequestsChanged,
+    Unhealthy,
+)
 from .logging_setup import TEXT_FORMAT
 from .metrics import status_value
 from .pagecache import cached_bytes
@@ -118,46 +127,6 @@ def key_labels(keys: Keys) -> dict[bytes, str]:
     labels = {key: f"admin-{index}" for index, key in enumerate(keys.admin, 1)}
     labels.update({key: f"api-{index}" for index, key in enumerate(keys.api, 1)})
     return labels
-
-
-def activity_row(record: RequestRecord, *, client: str | None, key: str | None) -> ActivityRow:
-    """The activity row of a request that has just ended.
-
-    Token counts come from the answer's `usage`, else llama-server's `timings`; speeds from the
-    timings. Time to first token is measured for streamed answers (arrival to the first chunk from
-    the upstream); for whole answers it is the wait for the model plus the upstream's prompt time."""
-    now = time.perf_counter()
-    duration = now - record.started
-    timings, usage = record.timings, record.usage
-    prompt = usage[0] if usage else (timings.cache_n + timings.prompt_n if timings else None)
-    generated = usage[1] if usage else (timings.predicted_n if timings else None)
-    ttft: float | None = None
-    if record.first_byte is not None:
-        ttft = record.first_byte - record.started
-    elif timings is not None:
-        ttft = (record.waited or 0.0) + timings.prompt_ms / 1000
-    return ActivityRow(
-        time=round(time.time() - duration, 3),
-        model=record.model or record.profile or "",
-        served_by=record.served_by,
-        path=record.path,
-        status=record.status,
-        error=record.error,
-        prompt_tokens=prompt,
-        cached_tokens=timings.cache_n if timings else None,
-        prefill_tps=_rate(timings.prompt_n, timings.prompt_ms) if timings else None,
-        generated_tokens=generated,
-        decode_tps=_rate(timings.predicted_n, timings.predicted_ms) if timings else None,
-        ttft_ms=round(ttft * 1000, 2) if ttft is not None else None,
-        duration_ms=round(duration * 1000, 2),
-        waited_ms=round(record.waited * 1000, 2) if record.waited is not None else None,
-        key=key,
-        client=client,
-    )
-
-
-def _rate(tokens: int, ms: float) -> float | None:
-    return round(tokens * 1000 / ms, 1) if ms > 0 and tokens > 0 else None
 
 
 class _RouterLogHandler(logging.Handler):
@@ -259,7 +228,7 @@ class Dashboard:
             if self.keys.enabled:
                 presented = presented_key(request)
                 key = self._labels.get(presented) if presented is not None else None
-            self.activity.add(activity_row(record, client=request.remote, key=key))
+            self.activity.add(row_for(record, client=request.remote, key=key))
             self._changed()
 
     def _keys_changed(self, keys: Keys) -> None:
@@ -339,7 +308,7 @@ class Dashboard:
     # ------------------------------------------------------------------------------------------ events
 
     def _on_event(self, event: Event) -> None:
-        if isinstance(event, RequestsChanged):
+        if isinstance(event, (RequestsChanged, DownloadProgress)):  # not what the timeline is for
             return
         self.timeline.append(event.json())
         match event:

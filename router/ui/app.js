@@ -255,6 +255,7 @@ function onEvent(event) {
     addActivity(event.activity, event.activity_dropped);
     return;
   }
+  if (event.event === "download_progress") return; // many a second while a model downloads
   state.timeline.push(event);
   if (state.timeline.length > 1000) state.timeline.splice(0, state.timeline.length - 1000);
   if (event.event === "reloaded" || event.event === "config_error") loadConfig();
