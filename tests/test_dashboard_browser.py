@@ -139,23 +139,33 @@ async def test_devices_and_models_panels_show_both_demo_profiles(
 
 
 async def test_clicking_load_and_unload_changes_the_state_on_screen(
-    start_router: RouterFactory, demo: dict[str, Any], browser: Browser, screenshots: Path
+    start_router: RouterFactory,
+    tiny_models: tuple[Path, Path],
+    llama_server: Path,
+    browser: Browser,
+    screenshots: Path,
 ) -> None:
-    router = await start_router(demo)
+    router = await start_router(demo_profiles(tiny_models, llama_server, ttl=600))  # demo-a's ttl
     page = await open_panel(browser, router, "models")
-    await status_on_screen(page, "demo-b", "unloaded")
-    await page.click('.card.model[data-model="demo-b"] button.load')
-    await status_on_screen(page, "demo-b", "loaded")
-    assert router.controller.view("demo-b").state.value == "ready"
-    load_time = await page.evaluate(
-        "document.querySelector('.card.model[data-model=demo-b] dl').textContent.includes('load time')"
+    for model in ("demo-a", "demo-b"):
+        await status_on_screen(page, model, "unloaded")
+        await page.click(f'.card.model[data-model="{model}"] button.load')
+        await status_on_screen(page, model, "loaded")
+        assert router.controller.view(model).state.value == "ready"
+    figures = await page.evaluate(
+        "Object.fromEntries([...document.querySelectorAll('.card.model[data-model=demo-a] dt')]"
+        ".map(dt => [dt.textContent, dt.nextElementSibling.textContent]))"
     )
-    assert load_time
-    await shoot(page, screenshots, "models-after-load")
+    assert figures["load time"] != "–" and figures["loads · restarts"] == "1 · 0", figures
+    assert figures["ttl"].startswith("unloads in "), figures
+    await shoot(page, screenshots, "models-loaded")
 
     await page.click('.card.model[data-model="demo-b"] button.unload')
     await status_on_screen(page, "demo-b", "unloaded")
     assert router.controller.view("demo-b").state.value == "cold"
+    await page.click("#unload-all")
+    await status_on_screen(page, "demo-a", "unloaded")
+    assert router.controller.view("demo-a").state.value == "cold"
 
 
 async def test_a_playground_chat_streams_text_and_shows_the_model_loading(
