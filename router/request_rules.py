@@ -61,10 +61,94 @@ MODEL_POST_PATHS = (
 MODEL_GET_PATHS = ("/slots", "/lora-adapters")
 
 
+# Bodies up to this size are parsed whole; a larger one (an image, a long document) is only scanned
+# for its structure and its top-level fields (`top_level_fields`), so that reading its `model` costs
+# no second and third copy of it (parsing builds a decoded copy and then its strings), and llama-server
+# parses it once.
+WHOLE_PARSE_UP_TO = 1 << 20
+SMALL_VALUE = 64 * 1024  # bytes of a top-level value `top_level_fields` decodes; larger ones are skipped
+_SPACE = re.compile(rb"[ \t\n\r]*+")
+_STRING = re.compile(rb'"(?:[^"\\\x00-\x1f]++|\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4}))*+"')
+_SCALAR = re.compile(rb"-?(?:0|[1-9][0-9]*+)(?:\.[0-9]++)?+(?:[eE][+-]?+[0-9]++)?+|true|false|null")
+_BETWEEN = re.compile(rb'[^"\[\]{}]++')  # what lies between strings and brackets in a container
+_BETWEEN_OK = re.compile(rb"(?:[ \t\n\r,:]++|-?[0-9][0-9.eE+-]*+|true|false|null)*+")
+
+
+def top_level_fields(body: bytes) -> dict[str, Any]:
+    """The fields of a JSON object whose values are short scalars or strings (objects, arrays and
+    long strings are skipped), without building the rest: the whole is scanned for its structure
+    (strings, brackets, tokens between them). ValueError when it is not a well-formed object."""
+    pos = _SPACE.match(body).end()  # type: ignore[union-attr]
+    if body[pos : pos + 1] != b"{":
+        raise ValueError("not a JSON object")
+    pos = _SPACE.match(body, pos + 1).end()  # type: ignore[union-attr]
+    fields: dict[str, Any] = {}
+    if body[pos : pos + 1] == b"}":
+        pos += 1
+    else:
+        while True:
+            key = _STRING.match(body, pos)
+            if key is None:
+                raise ValueError(f"expected a key at byte {pos}")
+            pos = _SPACE.match(body, key.end()).end()  # type: ignore[union-attr]
+            if body[pos : pos + 1] != b":":
+                raise ValueError(f"expected ':' at byte {pos}")
+            start = _SPACE.match(body, pos + 1).end()  # type: ignore[union-attr]
+            pos = _value_end(body, start)
+            if pos - start <= SMALL_VALUE and body[start : start + 1] not in (b"[", b"{"):
+                fields[json.loads(key.group())] = json.loads(body[start:pos])
+            pos = _SPACE.match(body, pos).end()  # type: ignore[union-attr]
+            separator = body[pos : pos + 1]
+            pos = _SPACE.match(body, pos + 1).end()  # type: ignore[union-attr]
+            if separator == b"}":
+                break
+            if separator != b",":
+                raise ValueError(f"expected ',' or '}}' at byte {pos}")
+    if pos != len(body):
+        raise ValueError(f"extra data at byte {pos}")
+    return fields
+
+
+def _value_end(body: bytes, pos: int) -> int:
+    """Where the JSON value starting at `pos` ends (one level of brackets at a time, no recursion)."""
+    first = body[pos : pos + 1]
+    if first not in (b"[", b"{"):
+        found = (_STRING if first == b'"' else _SCALAR).match(body, pos)
+        if found is None:
+            raise ValueError(f"expected a value at byte {pos}")
+        return found.end()
+    closers: list[int] = []
+    while True:
+        char = body[pos] if pos < len(body) else -1
+        if char in (0x5B, 0x7B):  # [ {
+            closers.append(char + 2)  # ] }
+            pos += 1
+        elif char in (0x5D, 0x7D):
+            if not closers or closers.pop() != char:
+                raise ValueError(f"unbalanced {chr(char)!r} at byte {pos}")
+            pos += 1
+            if not closers:
+                return pos
+        elif char == 0x22:  # "
+            found = _STRING.match(body, pos)
+            if found is None:
+                raise ValueError(f"unterminated or malformed string at byte {pos}")
+            pos = found.end()
+        elif char < 0:
+            raise ValueError("unexpected end of the body")
+        else:
+            between = _BETWEEN.match(body, pos)
+            assert between is not None
+            if _BETWEEN_OK.match(body, pos, between.end()).end() != between.end():  # type: ignore[union-attr]
+                raise ValueError(f"unexpected characters at byte {pos}")
+            pos = between.end()
+
+
 def model_in_body(body: bytes) -> tuple[str, dict[str, Any]]:
-    """The `model` a JSON body names, and the body parsed; RouterError 400 for malformed or missing."""
+    """The `model` a JSON body names, and the body parsed (for a large one, its top-level fields);
+    RouterError 400 for malformed or missing."""
     try:
-        payload = json.loads(body)
+        payload = json.loads(body) if len(body) <= WHOLE_PARSE_UP_TO else top_level_fields(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RouterError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
     except (RecursionError, ValueError) as exc:  # the client's body, not the router's fault

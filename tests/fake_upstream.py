@@ -666,7 +666,7 @@ class FakeUpstream:
             finally:
                 self.in_flight -= 1
 
-        app = web.Application(middlewares=[gate])
+        app = web.Application(middlewares=[gate], client_max_size=1 << 30)  # as llama-server: no 1 MiB cap
         r = app.router
         r.add_get("/health", self.health)
         r.add_get("/v1/health", self.health)

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import pytest
 
+from router.request_rules import SMALL_VALUE, top_level_fields
 from tests.conftest import RouterFactory, RunningRouter, fake_profile
 from tests.router_process import RouterProcess, write_config
 
@@ -184,3 +186,56 @@ async def test_the_open_file_limit_is_raised_to_the_hard_one(
     await router.wait_log(lambda e: e.get("event") == "listening", what="listening")
     raised = psutil.Process(router.pid).rlimit(psutil.RLIMIT_NOFILE)[0]
     assert raised == hard or (hard == resource.RLIM_INFINITY and raised > 256)
+
+
+async def test_a_large_body_is_read_for_its_model_without_parsing_it_whole(
+    start_router: RouterFactory, dummy_model: Path
+) -> None:
+    router = await start_router({"m": fake_profile(dummy_model)}, max_body_mb=8)
+    text = "word " * 600_000  # 3 MB: scanned, not parsed, by the router; parsed by the upstream
+    status, body = await router.chat("m", messages=[{"role": "user", "content": text}], max_tokens=3)
+    assert status == 200, body
+    assert body["usage"]["prompt_tokens"] == 600_000 and body["model"] == "m"
+    broken = '{"model": "m", "messages": [{"role": "user", "content": "' + text + '"}]'  # no closing brace
+    async with router.session.post("/v1/chat/completions", data=broken) as response:
+        assert response.status == 400
+        assert (await response.json())["error"]["code"] == "invalid_json"
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {
+            "model": "m",
+            "stream": True,
+            "n": -1.5e-3,
+            "x": None,
+            "s": 'q"\\\n é 😀',
+            "tools": [{"a": [1, {}]}],
+        },
+        {"model": "m", "input": [[1, 2.5], [True, False, None]], "long": "x" * (SMALL_VALUE + 1)},
+        {},
+    ],
+)
+def test_the_scanned_top_level_fields_are_what_a_parser_reads(payload: dict[str, Any]) -> None:
+    small = {k: v for k, v in payload.items() if not isinstance(v, (list, dict)) and k != "long"}
+    for raw in (json.dumps(payload), json.dumps(payload, indent=2, ensure_ascii=False)):
+        assert top_level_fields(raw.encode()) == small
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"[1]",
+        b'{"m": 1',
+        b'{"m": 1,}',
+        b'{"m": 1} x',
+        b'{"a": [1}',
+        b'{"a": "\x01"}',
+        b'{"a": [@]}',
+        b'{"a" 1}',
+    ],
+)
+def test_a_scanned_body_that_is_not_a_json_object_is_refused(raw: bytes) -> None:
+    with pytest.raises(ValueError):
+        top_level_fields(raw)
