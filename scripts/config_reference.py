@@ -26,8 +26,9 @@ INTRO = """# profiles.yaml reference
 
 Generated from `router/config.py` by `scripts/config_reference.py`; do not edit by hand.
 Sizes are MiB, times are seconds. Relative paths are relative to the file's own directory.
-Every error names the file, the key path and the problem, and the router refuses to start with one
-(a live reload keeps the previous config instead).
+Every error names the file, the key path and the problem, and the router refuses to start with a
+syntax or schema error (a live reload keeps the previous config instead); a profile whose binary or
+model file is missing is served as failed while the others run, and `check` reports it.
 """
 
 
