@@ -5,7 +5,9 @@ Pure and synchronous on purpose: no asyncio, no I/O and no clock of its own (eve
 controller turns decisions into processes and HTTP.
 
 Resources are generic: each profile has a footprint (bytes per device: "ram", "gpu0", ...) and each
-device a budget; a "slots" device with one unit per profile caps how many models are resident.
+device a budget; a "slots" device with one unit per profile caps how many models are resident. A
+leased device ("rpc:<host:port>", a llama.cpp rpc-server, which serves one client at a time) holds
+one model at most, whatever its bytes: `fits` alone says so.
 Whatever the need (a waiting request, a measured footprint, an out-of-memory load), `choose_victims`
 alone decides which models make way. Refusals carry a `FailReason`; their HTTP status is the
 controller's business.
@@ -19,6 +21,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 Resources = Mapping[str, int]
+
+# Devices whose name starts so are leased whole to one model at a time (llama.cpp's rpc-server workers).
+LEASED_PREFIX = "rpc:"
 
 # An idle model that another one waits for is kept for its own clients' next request only this many
 # times their last gap (a request ending to the next one arriving), and at least GRACE_MIN seconds:
@@ -792,10 +797,8 @@ def choose_victims(
     for slot in evictable:
         if fits(need, left, budget):
             break
-        short = [
-            device for device, amount in need.items() if left.get(device, 0) + amount > budget.get(device, 0)
-        ]
-        if not any(slot.footprint.get(device, 0) > 0 for device in short):
+        lacking = [device for device, amount in need.items() if short(device, amount, left, budget)]
+        if not any(slot.footprint.get(device, 0) > 0 for device in lacking):
             continue
         _subtract(left, slot)
         victims.append(slot)
@@ -815,8 +818,22 @@ def idle_grace(gap: float | None) -> float:
     return max(GRACE_MIN, GRACE_GAPS * gap) if gap is not None else GRACE_MIN
 
 
+def leased(device: str) -> bool:
+    """Whether a device holds one model at most (an RPC worker serves one llama-server at a time)."""
+    return device.startswith(LEASED_PREFIX)
+
+
+def short(device: str, amount: int, used: Mapping[str, int], budget: Mapping[str, int]) -> bool:
+    """Whether `amount` more does not fit on `device` beside `used`. A leased device that anyone
+    holds has no room for another model at all, so a swap stops its holder before the next starts."""
+    held = used.get(device, 0)
+    if amount > 0 and leased(device) and held > 0:
+        return True
+    return held + amount > budget.get(device, 0)
+
+
 def fits(footprint: Resources, used: Mapping[str, int], budget: Mapping[str, int]) -> bool:
-    return all(used.get(device, 0) + amount <= budget.get(device, 0) for device, amount in footprint.items())
+    return not any(short(device, amount, used, budget) for device, amount in footprint.items())
 
 
 def _subtract(projected: dict[str, int], slot: _Slot) -> None:
