@@ -3,8 +3,9 @@
 
 The router runs as `llama-router serve` on three profiles of generated tiny models for the real
 llama-server, with room for one model at a time, so traffic to all three keeps it swapping. Client
-loops send a mix of non-streamed and streamed chats, model listings, unknown models, malformed bodies
-and streams dropped half-way; every `--kill-every` seconds a running upstream is SIGKILLed. Each
+loops send a mix of non-streamed and streamed chats, model listings, unknown models, malformed bodies,
+streams dropped half-way and hostile connections (an oversized body, a body that stalls, a connection
+left idle); every `--kill-every` seconds a running upstream is SIGKILLed. Each
 `--sample-every` seconds the router's RSS, open file descriptors, threads and upstream processes are
 sampled. At the end the router is stopped and every upstream it ever ran is checked to be gone.
 
@@ -40,6 +41,7 @@ MODELS = ("a", "b", "c")
 ARGS = ["--ctx-size", "512", "--parallel", "2", "--threads", "1"]
 SIZE_MIB = 100  # declared footprint of each model; the RAM budget holds one
 REQUEST_TIMEOUT = 120.0  # a request still unanswered after this counts as hung
+HOSTILE_PATIENCE = 40.0  # s a hostile connection waits for the router to answer and close it
 
 
 class Tally:
@@ -110,9 +112,34 @@ async def _one(session: aiohttp.ClientSession, url: str, rng: random.Random) -> 
         async with session.post(url + "/v1/chat/completions", data=b"{not json") as response:
             await response.read()
             return "expected 400 malformed" if response.status == 400 else f"http {response.status}"
+    if roll < 0.12:
+        return await _hostile(url, rng)
     model = rng.choice(MODELS)
     stream = roll < 0.55
     return await _chat(session, url, model, stream=stream, drop=stream and rng.random() < 0.1)
+
+
+async def _hostile(url: str, rng: random.Random) -> str:
+    """A client the limits are for, on a raw connection: an oversized body announced, a body that
+    stalls half-way, or a connection left idle. Each must end with its answer or a close."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    head = "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n\r\n"
+    kind = rng.choice(("oversized", "stalled body", "idle"))
+    try:
+        if kind == "oversized":
+            writer.write(head.format(1 << 30).encode())
+        elif kind == "stalled body":
+            writer.write(head.format(100).encode() + b'{"model": "a"')
+        answer = await asyncio.wait_for(reader.read(), HOSTILE_PATIENCE)  # to the router's close
+    except (TimeoutError, ConnectionError):
+        return f"{kind} connection not closed"
+    finally:
+        writer.close()
+    expected = {"oversized": b" 413 ", "stalled body": b" 408 ", "idle": b""}[kind]
+    if answer.split(b"\r\n", 1)[0][8:13] == expected or (not expected and not answer):
+        return f"expected {kind}: answered and closed"
+    return f"{kind}: {answer[:40]!r}"
 
 
 async def client_loop(url: str, seed: int, until: float, tally: Tally) -> None:
@@ -192,6 +219,9 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
             "memory": {"ram": SIZE_MIB + SIZE_MIB // 2},
             "wait_timeout": 60,
             "swap_delay": 1,
+            "upstream_sockets": True,  # the default (the benchmarks' helper turns it off)
+            "idle_timeout": 20,  # above aiohttp clients' 15 s keep-alive, short enough for the soak
+            "body_timeout": 5,
         }
         tally = Tally()
         samples: list[dict[str, Any]] = []
