@@ -337,7 +337,13 @@ class Api:
         }
 
     async def models(self, _: web.Request) -> web.Response:
-        return web.json_response(self.models_payload())
+        """The local models, then the peers' (`<peer>/<model>`, from their last listing: never waits)."""
+        payload = self.models_payload()
+        payload["data"].extend(self._peer_entries())
+        return web.json_response(payload)
+
+    def _peer_entries(self) -> list[dict[str, Any]]:
+        return self.controller.peers.entries(self.controller.config.names, int(self.controller.started_at))
 
     async def native_models(self, _: web.Request) -> web.Response:
         payload = self.models_payload(native=True)
@@ -396,7 +402,13 @@ class Api:
         )
 
     async def model(self, request: web.Request) -> web.Response:
-        name = self.proxy.profile_for(request.match_info["model"])
+        wanted = request.match_info["model"]
+        name = self.proxy.route_for(wanted)
+        if name not in self.controller.config.profiles:  # a peer's model
+            found = [entry for entry in self._peer_entries() if entry["id"] in (wanted, name)]
+            if not found:
+                raise RouterError(404, f"model '{printable(wanted)}' is not listed", code="model_not_found")
+            return web.json_response(found[0])
         return web.json_response(self.model_entry(self.controller.view(name)))
 
     async def running(self, _: web.Request) -> web.Response:
@@ -409,6 +421,7 @@ class Api:
                 "running": rows,
                 "budgets": self.controller.budgets(),
                 "memory_notes": self.controller.memory_notes,
+                "peers": self.controller.peers.describe(),
             }
         )
 
@@ -539,6 +552,7 @@ class Api:
             "models": [
                 {"model": view.name, "status": self._status(view)} for view in self.controller.views()
             ],
+            "peers": self.controller.peers.describe(),
         }
         return await self._stream_events(request, translate, snapshot)
 

@@ -88,6 +88,8 @@ def describe_profile(config: RouterConfig, name: str) -> list[tuple[str, str]]:
         lines.append(("mmproj", str(profile.mmproj_path)))
     command = " ".join(profile.command("127.0.0.1", 0)).replace(" --port 0", " --port <auto>")
     lines.append(("command", command))
+    if profile.rpc:
+        lines.append(("rpc", ", ".join(profile.rpc)))
     if profile.source is not None and profile.source != config.path:
         made = " (created by POST /models)" if profile.removable else ""
         lines.append(("file", f"{profile.source}{made}"))
@@ -140,6 +142,39 @@ def describe_budgets(devices: list[Device], notes: list[str]) -> list[str]:
     return lines
 
 
+def describe_workers(config: RouterConfig) -> list[str]:
+    """The `check` lines of the RPC workers: each one's budget, its models, and whether it answers
+    (a TCP connection within a short timeout)."""
+    from .rpc import probe_now
+
+    workers = list(config.server.memory.rpc)
+    if not workers:
+        return []
+    users: dict[str, list[str]] = {worker: [] for worker in workers}
+    for name, profile in config.profiles.items():
+        for worker in profile.rpc:
+            users[worker].append(name)
+    lines = ["rpc workers (each leased to one model at a time):"]
+    width = max(len(worker) for worker in workers)
+    for probe in probe_now(workers):
+        models = ", ".join(users[probe.worker]) or "no profile"
+        budget = config.server.memory.rpc[probe.worker]
+        lines.append(f"  {probe.worker:<{width}}  {budget} MiB  for {models}; {probe.describe()}")
+    return lines
+
+
+def describe_peers(config: RouterConfig) -> list[str]:
+    """The `check` lines of the peers: where each is and which models it is asked for."""
+    if not config.peers:
+        return []
+    lines = ["peers (models asked for as <peer>/<model>):"]
+    for name, peer in config.peers.items():
+        models = ", ".join(peer.models) if peer.models is not None else "discovered from its /v1/models"
+        key = "with its key" if peer.api_key is not None else "no key"
+        lines.append(f"  {name}  {peer.url}  {key}; models: {models}")
+    return lines
+
+
 def _check(args: argparse.Namespace) -> int:
     from .controller import Controller
     from .footprint import describe
@@ -149,6 +184,8 @@ def _check(args: argparse.Namespace) -> int:
     print(f"{config.path}: OK, {len(config.profiles)} profile(s)")
     print(f"  listen: http://{config.server.host}:{config.server.port}")
     for line in describe_budgets(controller.devices, controller.memory_notes):
+        print(f"  {line}")
+    for line in [*describe_workers(config), *describe_peers(config)]:
         print(f"  {line}")
     for name, profile in config.profiles.items():
         print(f"- {name}" + (f" (aliases: {', '.join(profile.aliases)})" if profile.aliases else ""))

@@ -8,19 +8,34 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from .scheduler import LEASED_PREFIX
 
 # Flags the router owns on every upstream's command line; a profile may not set them in `args`.
 RESERVED_ARGS = ("--host", "--port", "-m", "--model")
 # llama-server's own download flags: the router resolves `hf:` itself (offline, from the cache).
 HF_ARGS = ("-hf", "-hfr", "--hf-repo", "-hff", "--hf-file", "-mu", "--model-url", "-mmu", "--mmproj-url")
 MMPROJ_ARGS = ("-mm", "--mmproj")
+# llama.cpp's RPC workers are a profile's `rpc:` list: the router leases them, so it writes the flag.
+RPC_ARGS = ("--rpc",)
+# A peer's name prefixes its models (`<peer>/<model>`), so it holds no slash.
+PEER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _VERBOSITY_FLAGS = (
     "-lv",
     "--verbosity",
@@ -62,6 +77,22 @@ class MemoryConfig(_Strict):
     gpu_headroom: int = Field(default=512, ge=0, description="MiB kept free on each detected GPU")
     ram_headroom: int = Field(default=2048, ge=0, description="MiB of detected RAM kept free")
     nvml: bool = Field(default=True, description="read NVIDIA GPUs through NVML")
+    rpc: dict[str, int] = Field(
+        default_factory=dict,
+        description="MiB each llama.cpp rpc-server worker ('host:port') may hold; a profile's `rpc:` "
+        "workers need one",
+    )
+
+    @field_validator("rpc")
+    @classmethod
+    def _rpc_budgets(cls, rpc: dict[str, int]) -> dict[str, int]:
+        from .rpc import parse_worker
+
+        for worker, mib in rpc.items():
+            parse_worker(worker)
+            if mib < 0:
+                raise ValueError(f"{worker}: must be >= 0 MiB")
+        return rpc
 
     @field_validator("gpus")
     @classmethod
@@ -225,7 +256,14 @@ class Profile(_Strict):
         default=None, gt=0, description="unload after this many idle seconds (not for standby profiles)"
     )
     fallback: list[str] = Field(
-        default_factory=list, description="profiles that answer when this one is failed or cannot load"
+        default_factory=list,
+        description="profiles (or peer models, '<peer>/<model>') that answer when this one is failed "
+        "or cannot load",
+    )
+    rpc: list[str] = Field(
+        default_factory=list,
+        description="llama.cpp rpc-server workers ('host:port') the model is split across (adds "
+        "--rpc); each is leased to one model at a time",
     )
     keep_context: bool | None = Field(
         default=None, description="save slots' prompt caches before a stop, restore them after a start"
@@ -244,8 +282,11 @@ class Profile(_Strict):
     @classmethod
     def _footprint_devices(cls, footprint: dict[str, int] | None) -> dict[str, int] | None:
         for device, mib in (footprint or {}).items():
-            if device != "ram" and not (device.startswith("gpu") and device[3:].isdigit()):
-                raise ValueError(f"unknown device {device!r}; use 'ram', 'gpu0', 'gpu1', ...")
+            gpu = device.startswith("gpu") and device[3:].isdigit()
+            if device != "ram" and not gpu and not device.startswith(LEASED_PREFIX):
+                raise ValueError(
+                    f"unknown device {device!r}; use 'ram', 'gpu0', 'gpu1', ..., 'rpc:<host:port>'"
+                )
             if mib < 0:
                 raise ValueError(f"{device}: must be >= 0 MiB")
         return footprint
@@ -258,6 +299,17 @@ class Profile(_Strict):
             if flag in RESERVED_ARGS:
                 raise ValueError(f"{flag!r} is set by the router; remove it from args")
         return args
+
+    @field_validator("rpc")
+    @classmethod
+    def _rpc_workers(cls, rpc: list[str]) -> list[str]:
+        from .rpc import parse_worker
+
+        for worker in rpc:
+            parse_worker(worker)
+        if len(set(rpc)) != len(rpc):
+            raise ValueError("a worker is listed twice")
+        return rpc
 
     @field_validator("env", mode="before")
     @classmethod
@@ -293,6 +345,44 @@ class Profile(_Strict):
             raise ValueError(f"args: {', '.join(clash)} download by themselves; use 'hf:' instead")
         if self.mmproj is not False and flags & set(MMPROJ_ARGS):
             raise ValueError("args: --mmproj is set by the router when 'mmproj' is given; remove one")
+        if flags & set(RPC_ARGS):
+            raise ValueError(
+                "args: list the RPC workers under 'rpc:' (the router adds --rpc and leases them)"
+            )
+        return self
+
+
+class PeerConfig(_Strict):
+    """One entry of `peers:`: another OpenAI-compatible server whose models this router forwards to,
+    as `<peer>/<model>` (and by the bare name where only that peer has it)."""
+
+    url: str = Field(description="base URL: another llama-router, llama-swap, llama-server, vLLM, Ollama...")
+    api_key: str | None = Field(default=None, description="the peer's key, sent as Bearer")
+    api_key_env: str | None = Field(default=None, description="environment variable holding the peer's key")
+    models: list[str] | None = Field(
+        default=None, description="its models (default: discovered from its GET /v1/models)"
+    )
+    timeout: float = Field(
+        default=5.0,
+        gt=0,
+        description="seconds to connect, and to read its model list, before it counts as down",
+    )
+    refresh_interval: float = Field(
+        default=30.0, gt=0, description="seconds between background readings of its model list"
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        from .peers import parse_url
+
+        parse_url(url)
+        return url
+
+    @model_validator(mode="after")
+    def _one_key(self) -> PeerConfig:
+        if self.api_key is not None and self.api_key_env is not None:
+            raise ValueError("give either 'api_key' or 'api_key_env', not both")
         return self
 
 
@@ -301,6 +391,15 @@ class Config(_Strict):
 
     server: ServerConfig = Field(default_factory=ServerConfig)
     profiles: dict[str, Profile]
+    peers: dict[str, PeerConfig] = Field(default_factory=dict)
+
+    @field_validator("peers")
+    @classmethod
+    def _peer_names(cls, peers: dict[str, PeerConfig]) -> dict[str, PeerConfig]:
+        for name in peers:
+            if not PEER_NAME.fullmatch(name):
+                raise ValueError(f"{name!r}: a peer's name is letters, digits, '.', '_' and '-' (no '/')")
+        return peers
 
     @model_validator(mode="after")
     def _names_are_unique(self) -> Config:
@@ -316,10 +415,20 @@ class Config(_Strict):
                 owner[alias] = name
         for name, profile in self.profiles.items():
             for target in profile.fallback:
-                if target not in self.profiles:
-                    raise ValueError(f"profiles.{name}.fallback: {target!r} is not a profile")
+                peer = target.partition("/")[0] if "/" in target else None
+                if target not in self.profiles and peer not in self.peers:
+                    raise ValueError(
+                        f"profiles.{name}.fallback: {target!r} is neither a profile nor a peer's model "
+                        "('<peer>/<model>' with the peer under 'peers:')"
+                    )
                 if target == name:
                     raise ValueError(f"profiles.{name}.fallback: a profile cannot fall back to itself")
+            for worker in profile.rpc:
+                if worker not in self.server.memory.rpc:
+                    raise ValueError(
+                        f"profiles.{name}.rpc: worker {worker!r} has no budget; add it to "
+                        f"server.memory.rpc (MiB it may hold)"
+                    )
         return self
 
 
@@ -365,6 +474,7 @@ class ResolvedProfile(BaseModel):
     min_context: int | None = None
     source: Path | None = None  # the file that defines it (profiles.yaml or one in profiles.d)
     removable: bool = False  # created by POST /models: DELETE /models may remove it
+    rpc: tuple[str, ...] = ()  # llama.cpp rpc-server workers ("host:port") it is split across
 
     @property
     def user_alias(self) -> str | None:
@@ -401,7 +511,21 @@ class ResolvedProfile(BaseModel):
             "--model",
             str(self.model_path),
             *(["--mmproj", str(self.mmproj_path)] if self.mmproj_path is not None else []),
+            *(["--rpc", ",".join(self.rpc)] if self.rpc else []),
         ]
+
+
+class ResolvedPeer(BaseModel):
+    """A peer with its key read from the config or the environment."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    url: str
+    api_key: SecretStr | None  # never printed: repr and model_dump show it masked
+    models: tuple[str, ...] | None  # as configured; None: discovered
+    timeout: float
+    refresh_interval: float
 
 
 class RouterConfig(BaseModel):
@@ -413,6 +537,7 @@ class RouterConfig(BaseModel):
     server: ServerConfig
     profiles: dict[str, ResolvedProfile]
     names: dict[str, str]  # every accepted model id (names and aliases) -> profile name
+    peers: dict[str, ResolvedPeer] = Field(default_factory=dict)
 
     def resolve_name(self, model: str) -> str | None:
         """The profile that serves `model` (a profile name or an alias), or None."""
@@ -615,6 +740,7 @@ def parse_config(data: Any, path: Path, *, keep_unrunnable: bool = False) -> Rou
             min_context=profile.min_context or config.server.min_context,
             source=source,
             removable=removable,
+            rpc=tuple(profile.rpc),
         )
         if source != path:  # the file names the profile's problems, as `path` names the others
             problems = [f"{source}: {problem}" for problem in problems]
@@ -624,7 +750,28 @@ def parse_config(data: Any, path: Path, *, keep_unrunnable: bool = False) -> Rou
             names[alias] = name
     if all_problems and not keep_unrunnable:
         raise ConfigError(f"{path}: " + "; ".join(all_problems))
-    return RouterConfig(path=path, server=config.server, profiles=resolved, names=names)
+    peers = {name: _resolve_peer(name, peer, path) for name, peer in config.peers.items()}
+    return RouterConfig(path=path, server=config.server, profiles=resolved, names=names, peers=peers)
+
+
+def _resolve_peer(name: str, peer: PeerConfig, path: Path) -> ResolvedPeer:
+    """A peer with its key; a key variable that is named but unset is an error, as for api_keys_env."""
+    key = peer.api_key
+    if peer.api_key_env is not None:
+        key = os.environ.get(peer.api_key_env, "").strip()
+        if not key:
+            raise ConfigError(
+                f"{path}: peers.{name}.api_key_env: environment variable "
+                f"{peer.api_key_env!r} is unset or empty"
+            )
+    return ResolvedPeer(
+        name=name,
+        url=peer.url.rstrip("/"),
+        api_key=SecretStr(key) if key else None,
+        models=tuple(peer.models) if peer.models is not None else None,
+        timeout=peer.timeout,
+        refresh_interval=peer.refresh_interval,
+    )
 
 
 def load_config(path: str | Path, *, keep_unrunnable: bool = False) -> RouterConfig:

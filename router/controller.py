@@ -41,8 +41,10 @@ from .events import (
     context_event,
 )
 from .footprint import BufferTally, FootprintStore, estimate
-from .memory import MIB, detect_devices, nvml_usage_by_pid, page_in
+from .memory import MIB, Device, detect_devices, nvml_usage_by_pid, page_in, rpc_devices
+from .peers import PeerLink, Peers
 from .request_rules import SlotWatch, slot_work
+from .rpc import device_name, probe_all, unanswered, worker_of
 from .scheduler import (
     Decision,
     Dispatch,
@@ -91,14 +93,20 @@ OUT_OF_MEMORY = re.compile(
 
 @dataclass
 class Lease:
-    """A request's hold on a running upstream; release it when the answer has been sent."""
+    """A request's hold on a running upstream, or on a peer; release it when the answer has been sent."""
 
     request_id: int
-    profile: str
-    upstream: Upstream
+    profile: str  # the profile, or for a peer the route `<peer>/<model>`
+    upstream: Upstream | PeerLink
     waited: float
     released: bool = field(default=False)
     fallback_for: str | None = None  # the profile asked for, when a fallback serves instead
+    served_name: str = ""  # what the upstream calls the model in its answers
+    ask_as: str | None = None  # the `model` the request is sent with, when not the client's
+
+    @property
+    def peer(self) -> PeerLink | None:
+        return self.upstream if isinstance(self.upstream, PeerLink) else None
 
 
 class Controller:
@@ -114,7 +122,9 @@ class Controller:
             gpu_headroom_mib=memory.gpu_headroom,
             ram_headroom_mib=memory.ram_headroom,
             use_nvml=memory.nvml,
+            rpc_mib=memory.rpc,
         )
+        self.peers = Peers(config.peers, self.emit)
         self.footprints = FootprintStore(state_dir(config) / "footprints.json")
         self.scheduler = Scheduler(
             (self._spec(profile) for profile in config.profiles.values()), self._budget(), _rules(server)
@@ -171,6 +181,8 @@ class Controller:
                 summary["restarted"].append(name)
         summary["removed"] = [name for name in old.profiles if name not in config.profiles]
         self.config = config
+        self.devices = _with_rpc_budgets(self.devices, config)
+        self.peers.reconfigure(config.peers)
         self.contexts.forget_removed(config)
         for name in config.profiles:
             if name not in self.logs:
@@ -193,7 +205,7 @@ class Controller:
         return summary
 
     def initial_footprint(self, profile: ResolvedProfile) -> dict[str, int]:
-        return self._with_slot(self.footprint_and_source(profile)[0])
+        return self._with_claims(profile, self.footprint_and_source(profile)[0])
 
     def footprint_and_source(self, profile: ResolvedProfile) -> tuple[dict[str, int], str]:
         """A configured footprint, else one learned on an earlier load, else the GGUF estimate."""
@@ -205,8 +217,16 @@ class Controller:
             return learned, "learned"
         return estimate(profile, self.devices), "estimated"
 
-    def _with_slot(self, footprint: dict[str, int]) -> dict[str, int]:
-        return {**footprint, "slots": 1} if self.config.server.max_resident is not None else footprint
+    def _with_claims(self, profile: ResolvedProfile, footprint: dict[str, int]) -> dict[str, int]:
+        """A footprint with what a model holds besides bytes: a resident slot under `max_resident`,
+        and each of its RPC workers (at least a byte there, so the scheduler leases the worker even
+        before what it holds there is known)."""
+        claimed = dict(footprint)
+        if self.config.server.max_resident is not None:
+            claimed["slots"] = 1
+        for worker in profile.rpc:
+            claimed[device_name(worker)] = max(claimed.get(device_name(worker), 0), 1)
+        return claimed
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
@@ -225,6 +245,7 @@ class Controller:
                 self._read_ahead(profile)
         if self.config.server.health_check_interval > 0:
             self._prober = asyncio.ensure_future(self._probe_idle_upstreams())
+        await self.peers.start()
         self._apply(self.scheduler.tick(self.now()))  # preloads for standby profiles
 
     async def close(self, grace: float | None = None) -> None:
@@ -242,6 +263,7 @@ class Controller:
             self._timer.cancel()
         if self._session is not None:
             await self._session.close()
+        await self.peers.close()
         if self._socket_dir is not None:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
 
@@ -268,21 +290,26 @@ class Controller:
     # ------------------------------------------------------------------------------------------ requests
 
     async def acquire(self, profile: str, *, fallback: bool = True) -> Lease:
-        """Wait until `profile` runs and may take this request; raises RouterError otherwise.
+        """Wait until `profile` runs and may take this request; raises RouterError otherwise. A
+        peer's route (`<peer>/<model>`, no profile's name) is taken at once: the peer loads its own.
 
-        When the profile's model is failed or cannot be loaded, its `fallback` profiles are tried in
-        order; the lease then says which profile it was asked for."""
+        When the profile's model is failed or cannot be loaded, its `fallback` profiles (or peer
+        models) are tried in order; the lease then says which profile it was asked for."""
         config = self.config.profiles.get(profile)
-        if config is None:  # resolved just before a reload removed it
+        if config is None:
+            if self.peers.target(profile) is not None:
+                return self._take_peer(profile)
+            # resolved just before a reload removed it
             raise RouterError(404, f"model {profile!r} was removed from the config", code="model_not_found")
         chain = [profile, *config.fallback] if fallback else [profile]
         error: RouterError | None = None
         for index, name in enumerate(chain):
             last = index == len(chain) - 1
-            if not last and self.view(name).failed:
+            local = name in self.config.profiles
+            if not last and local and self.view(name).failed:
                 continue  # known broken: go straight to the fallback
             try:
-                lease = await self._acquire(name)
+                lease = await self._acquire(name) if local else self._take_peer(name)
             except RouterError as exc:
                 if last or exc.code not in FALLBACK_CODES:
                     raise
@@ -290,6 +317,8 @@ class Controller:
                 continue
             if name != profile:
                 lease.fallback_for = profile
+                if lease.ask_as is None:
+                    lease.ask_as = name  # a fallback is asked under its own name
                 log.warning(
                     "serving %r with fallback %r: %s", profile, name, error.message if error else "failed"
                 )
@@ -310,7 +339,9 @@ class Controller:
                 ready = self.upstreams.get(decision.profile)
                 if ready is not None:
                     self._arm_timer()
-                    return Lease(request_id, profile, ready, waited=self.now() - now)
+                    return Lease(
+                        request_id, profile, ready, self.now() - now, served_name=ready.profile.served_name
+                    )
         future: asyncio.Future[Upstream] = asyncio.get_running_loop().create_future()
         self._waiters[request_id] = future
         self._apply(decisions)
@@ -322,12 +353,21 @@ class Controller:
             self._waiters.pop(request_id, None)
             self._apply(self.scheduler.request_finished(request_id, self.now()))
             raise
-        return Lease(request_id, profile, upstream, waited=self.now() - now)
+        return Lease(
+            request_id, profile, upstream, self.now() - now, served_name=upstream.profile.served_name
+        )
+
+    def _take_peer(self, route: str) -> Lease:
+        link, model = self.peers.take(route)
+        return Lease(next(self._ids), route, link, 0.0, served_name=model, ask_as=model)
 
     def release(self, lease: Lease) -> None:
         if not lease.released:
             lease.released = True
-            self._apply(self.scheduler.request_finished(lease.request_id, self.now()))
+            if isinstance(lease.upstream, PeerLink):
+                self.peers.give_back(lease.upstream)
+            else:
+                self._apply(self.scheduler.request_finished(lease.request_id, self.now()))
 
     async def load(self, profile: str) -> None:
         """Load `profile` as a request would (making room if needed) and return once it is ready."""
@@ -424,12 +464,21 @@ class Controller:
             return
         self.footprints.put(upstream.profile, measured)
         self.emit(FootprintLearned(name, measured))
-        self._apply(self.scheduler.footprint_measured(name, self._with_slot(measured), self.now()))
+        self._apply(
+            self.scheduler.footprint_measured(name, self._with_claims(upstream.profile, measured), self.now())
+        )
 
     async def _start(self, name: str) -> None:
         profile = self.config.profiles.get(name)
         if profile is None:  # a reload removed it between the decision and now
             self._apply(self.scheduler.process_exited(name, self.now(), "removed from the config"))
+            return
+        if profile.rpc and (problem := unanswered(await probe_all(profile.rpc))):
+            reason = f"cannot load {name!r}: {problem}"
+            self.logs[name].append(f"[llama-router] {reason}")
+            log.warning("%s", reason)
+            self.emit(Failed(name, reason))
+            self._apply(self.scheduler.process_exited(name, self.now(), reason))
             return
         server = self.config.server
         upstream = Upstream(
@@ -492,8 +541,12 @@ class Controller:
         self._apply(self.scheduler.process_exited(name, self.now(), reason, out_of_memory=out_of_memory))
         upstream.gone.set()
 
-    def upstream_unhealthy(self, upstream: Upstream, reason: str) -> None:
-        """Restart an upstream that lives but does not work; its requests in flight end with an error."""
+    def upstream_unhealthy(self, upstream: Upstream | PeerLink, reason: str) -> None:
+        """Restart an upstream that lives but does not work; its requests in flight end with an error.
+        A peer is no process of ours: it is marked down until it answers again."""
+        if isinstance(upstream, PeerLink):
+            self.peers.failed(upstream, reason)
+            return
         name = upstream.profile.name
         if self.upstreams.get(name) is not upstream:
             return
@@ -591,7 +644,10 @@ class Controller:
         return self.scheduler.views()
 
     def accepting(self, profile: str) -> bool:
-        """Whether a request for `profile` arriving now would be sent to its upstream at once."""
+        """Whether a request for `profile` arriving now would be sent to its upstream at once (a
+        peer's route always is: the peer loads its models itself)."""
+        if profile not in self.config.profiles and self.peers.target(profile) is not None:
+            return True
         return self.scheduler.accepting(profile)
 
     @property
@@ -670,6 +726,13 @@ def private_dir() -> Path:
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     usable = runtime if runtime and len(runtime) < 64 and os.path.isdir(runtime) else None
     return Path(tempfile.mkdtemp(prefix="llama-router-", dir=usable))
+
+
+def _with_rpc_budgets(devices: list[Device], config: RouterConfig) -> list[Device]:
+    """The devices with the RPC workers' budgets of a (re)loaded config (they are only configured)."""
+    return [device for device in devices if worker_of(device.name) is None] + rpc_devices(
+        config.server.memory.rpc
+    )
 
 
 def _launch_identity(profile: ResolvedProfile) -> tuple[object, ...]:

@@ -101,6 +101,21 @@ class FootprintLearned(Event):
     bytes: dict[str, int]
 
 
+# ---------------------------------------------------------------------------------------------- peers
+
+
+@dataclass(frozen=True)
+class PeerChanged(Event):
+    """A peer (another server whose models this router forwards to) answered again (`up`) or failed
+    (`down`, with the reason); `latency`: seconds its last answer took to begin."""
+
+    kind: ClassVar[str] = "peer"
+    peer: str
+    state: str
+    reason: str
+    latency: float | None
+
+
 # ---------------------------------------------------------------------------------------------- prompt caches
 
 

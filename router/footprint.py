@@ -25,7 +25,8 @@ from typing import NamedTuple
 from .config import ResolvedProfile
 from .context_window import flag_value, int_setting, slots, switch, total_context
 from .gguf import GGUFError, GGUFHeader, read_header
-from .memory import MIB, Device
+from .memory import MIB, Device, is_gpu
+from .rpc import device_name
 
 log = logging.getLogger("llama_router.footprint")
 
@@ -68,11 +69,12 @@ _LOADED = re.compile(r"\bmodel loaded\b")
 # Buffer names of llama.cpp's backends: `<backend><k>` is the k-th GPU the process sees; Metal's are
 # `MTL<k>` (`Metal` before late 2025) with `_Mapped` / `_Private` variants; `<backend>_Split` holds
 # row-split weights spread over all GPUs; `CPU`, `CPU_Mapped`, `CPU_REPACK`, `AMX`, `<backend>_Host`
-# (pinned host memory) and the like are host RAM. Anything else (an RPC server's memory) is not here.
+# (pinned host memory) and the like are host RAM; `RPC<k>[<host:port>]` is on that RPC worker.
 _GPU_BUFFER = re.compile(r"^(?:CUDA|ROCm|Vulkan|SYCL|MUSA|CANN)(\d+)$")
 _METAL_BUFFER = re.compile(r"^(?:MTL(\d+)|Metal)(?:_Mapped|_Private)?$")
 _SPLIT_BUFFER = re.compile(r"^(?:CUDA|ROCm|SYCL|MUSA)_Split$")
 _HOST_BUFFER = re.compile(r"^(?:CPU(?:_\w+)?|AMX|\w+_Host)$")
+_RPC_BUFFER = re.compile(r"^RPC\d+\[(?P<worker>[^\]]+)\]$")
 # llama.cpp's LLM_FFN_EXPS_REGEX (common/common.h): the stacked per-expert FFN weights of a MoE layer,
 # not its router (`ffn_gate_inp`) nor its shared expert (`ffn_*_shexp`).
 EXPERTS_REGEX = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"
@@ -125,8 +127,10 @@ def estimate(profile: ResolvedProfile, devices: Sequence[Device]) -> dict[str, i
     if len(headers) > 1:  # a sharded model: metadata in the first file, tensors spread over all
         tensors = tuple(tensor for header in headers for tensor in header.tensors)
         headers[0] = dataclasses.replace(headers[0], tensors=tensors)
-    gpu_devices = [device.name for device in devices if device.name != "ram"]
-    footprint = _estimate_from_header(headers[0], profile.args, profile.env, gpu_devices)
+    gpu_devices = [device.name for device in devices if is_gpu(device.name)]
+    names = {device.name for device in devices}
+    workers = [device_name(worker) for worker in profile.rpc if device_name(worker) in names]
+    footprint = _estimate_from_header(headers[0], profile.args, profile.env, gpu_devices, workers)
     if profile.mmproj_path is not None and profile.mmproj_path.exists():
         # The projector goes to the first GPU unless told not to, else stays in RAM.
         gpus = [device for device in footprint if device.startswith("gpu")]
@@ -200,12 +204,19 @@ def _narrowed(devices: Sequence[str], value: str) -> list[str]:
 
 
 def _estimate_from_header(
-    header: GGUFHeader, args: Sequence[str], env: dict[str, str], gpu_devices: Sequence[str]
+    header: GGUFHeader,
+    args: Sequence[str],
+    env: dict[str, str],
+    gpu_devices: Sequence[str],
+    workers: Sequence[str] = (),
 ) -> dict[str, int]:
+    """`workers`: the devices of the profile's RPC workers, which llama.cpp puts before the local GPUs
+    when it spreads the offloaded layers (and numbers `--tensor-split` so)."""
     n_layer = int(header.arch_value("block_count", 0) or 0)
     gpus = _visible_gpus(env, gpu_devices)
+    offload = [*workers, *gpus]
     ngl_text = flag_value(args, "-ngl", "--gpu-layers", "--n-gpu-layers")
-    if not gpus or flag_value(args, "--device", "-dev") == "none":
+    if not offload or flag_value(args, "--device", "-dev") == "none":
         offloaded = 0
     elif ngl_text is None or ngl_text in ("auto", "all") or int(ngl_text) < 0:
         offloaded = n_layer + 1
@@ -242,12 +253,12 @@ def _estimate_from_header(
     ram_kv = sum(layer_kv[:first_gpu_layer])
 
     footprint = {"ram": placed["ram"] + ram_kv + RAM_MARGIN}
-    shares = _layer_shares(args, gpus) if offloaded > 0 else {}
-    for gpu in gpus:
-        share = shares.get(gpu, 0.0)
-        if share > 0 or gpu in placed:
+    shares = _layer_shares(args, offload) if offloaded > 0 else {}
+    for device in offload:
+        share = shares.get(device, 0.0)
+        if share > 0 or device in placed:
             layers = int((placed["layers"] + gpu_kv) * share)
-            footprint[gpu] = layers + placed.get(gpu, 0) + GPU_MARGIN
+            footprint[device] = layers + placed.get(device, 0) + GPU_MARGIN
     return footprint
 
 
@@ -316,7 +327,8 @@ def _pad(cells: int) -> int:
 
 
 def _layer_shares(args: Sequence[str], gpus: Sequence[str]) -> dict[str, float]:
-    """Each visible GPU's share of the offloaded layers: equal unless `--tensor-split` says otherwise."""
+    """Each offload device's share of the offloaded layers (visible GPUs, after RPC workers): equal
+    unless `--tensor-split` says otherwise."""
     split_text = flag_value(args, "-ts", "--tensor-split")
     weights = [float(x) for x in split_text.replace("/", ",").split(",")] if split_text else []
     weights = (weights + [0.0] * len(gpus))[: len(gpus)] if weights else [1.0] * len(gpus)
@@ -468,7 +480,8 @@ class BufferTally:
         label: str = "llama-server",
     ) -> None:
         self.devices = list(devices)
-        self.visible = _visible_gpus(env or {}, [device.name for device in devices if device.name != "ram"])
+        self.visible = _visible_gpus(env or {}, [device.name for device in devices if is_gpu(device.name)])
+        self.budgeted = {device.name for device in devices}
         self.shares = _layer_shares(args, self.visible)
         self.label = label
         self._loads: list[_Load] = []
@@ -513,8 +526,12 @@ class BufferTally:
 
     def _add(self, load: _Load, buffer: str, nbytes: int) -> None:
         """Put a buffer's bytes on the router's devices."""
+        rpc = _RPC_BUFFER.match(buffer)
         if _HOST_BUFFER.match(buffer):
             placed = {"ram": nbytes}
+        elif rpc is not None:
+            device = device_name(rpc["worker"])
+            placed = {device: nbytes} if device in self.budgeted else {}
         elif _SPLIT_BUFFER.match(buffer):
             placed = {gpu: int(nbytes * share) for gpu, share in self.shares.items() if share > 0}
         else:

@@ -22,12 +22,14 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import psutil
+
+from .rpc import device_name
 
 log = logging.getLogger("llama_router.memory")
 
@@ -233,8 +235,10 @@ def detect_devices(
     ram_headroom_mib: int,
     use_nvml: bool = True,
     host: Host | None = None,
+    rpc_mib: Mapping[str, int] | None = None,
 ) -> Detected:
-    """The devices and their budgets: configured numbers first, then what the machine reports."""
+    """The devices and their budgets: configured numbers first, then what the machine reports;
+    llama.cpp RPC workers (`rpc_mib`: MiB per "host:port") only as configured."""
     host = host or THIS_MACHINE
     unified = host.apple_silicon()
     devices: list[Device] = []
@@ -263,7 +267,20 @@ def detect_devices(
     else:
         total = host.ram_total()
         devices.append(Device("ram", total, max(0, total - ram_headroom_mib * MIB), "psutil"))
-    return Detected(devices, notes)
+    return Detected(devices + rpc_devices(rpc_mib or {}), notes)
+
+
+def rpc_devices(rpc_mib: Mapping[str, int]) -> list[Device]:
+    """The devices of llama.cpp RPC workers, with their configured budgets (MiB per "host:port")."""
+    return [
+        Device(device_name(worker), mib * MIB, mib * MIB, "config", detail="llama.cpp rpc-server")
+        for worker, mib in rpc_mib.items()
+    ]
+
+
+def is_gpu(device: str) -> bool:
+    """Whether a device is one of this machine's GPUs (not `ram`, nor an RPC worker)."""
+    return device.startswith("gpu")
 
 
 def nvml_usage_by_pid() -> dict[int, dict[str, int]]:

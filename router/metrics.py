@@ -105,6 +105,34 @@ class _LiveState(Collector):
                 with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                     rss.add_metric([view.name], psutil.Process(upstream.pid).memory_info().rss)
         yield from (state, in_flight, waiting, resident, rss)
+        yield from _peer_gauges(controller)
+
+
+def _peer_gauges(controller: Controller) -> Iterator[Metric]:
+    """Each peer's health: up or not, its last latency and success, its requests in flight."""
+    up = GaugeMetricFamily(
+        "llama_router_peer_up", "1 while the peer answers, 0 once it failed", labels=["peer"]
+    )
+    latency = GaugeMetricFamily(
+        "llama_router_peer_latency_seconds", "Seconds the peer's last answer took to begin", labels=["peer"]
+    )
+    success = GaugeMetricFamily(
+        "llama_router_peer_last_success_timestamp_seconds", "When the peer last answered", labels=["peer"]
+    )
+    in_flight = GaugeMetricFamily(
+        "llama_router_peer_in_flight_requests", "Requests being answered by the peer", labels=["peer"]
+    )
+    models = GaugeMetricFamily("llama_router_peer_models", "Models the peer lists", labels=["peer"])
+    for peer in controller.peers:
+        name = [peer.config.name]
+        up.add_metric(name, 1 if peer.state == "up" else 0)
+        in_flight.add_metric(name, peer.in_flight)
+        models.add_metric(name, len(peer.models or ()))
+        if peer.latency is not None:
+            latency.add_metric(name, peer.latency)
+        if peer.last_success is not None:
+            success.add_metric(name, peer.last_success)
+    yield from (up, latency, success, in_flight, models)
 
 
 class _RequestFigures(Collector):

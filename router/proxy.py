@@ -32,8 +32,10 @@ from .access_log import RECORD
 from .controller import Controller, Lease
 from .errors import RouterError, error_body
 from .loading_feedback import CHAT_PATHS, LoadingFeedback
+from .peers import PeerLink, with_model_query
 from .request_rules import (
     EXIT_GRACE,
+    PEER_DROP,
     SSE_HEADERS,
     ModelRenamer,
     Resend,
@@ -112,6 +114,10 @@ class Proxy:
         """The profile serving `model`, or a 404 that lists the known names."""
         return profile_for(self.controller.config, model)
 
+    def route_for(self, model: str) -> str:
+        """The profile serving `model`, else the route of a peer's model (`<peer>/<model>`), or a 404."""
+        return profile_for(self.controller.config, model, self.controller.peers)
+
     async def model_in_body(self, request: web.Request) -> tuple[str, dict[str, Any]]:
         """The profile a request's JSON body names, and the body parsed (recorded for the log)."""
         model, payload = model_in_body(await request.read())
@@ -124,7 +130,7 @@ class Proxy:
         body = await request.read()
         model, payload = model_in_body(body)
         record.model = model
-        profile = self.profile_for(model)
+        profile = self.route_for(model)
         stream = payload.get("stream") is True
         return await self.forward(request, profile, body, requested=model, stream=stream)
 
@@ -132,7 +138,7 @@ class Proxy:
         record = request[RECORD]
         record.for_model = True
         model = record.model = model_in_query(request.path, request.query.get("model"))
-        return await self.forward(request, self.profile_for(model), None, requested=model)
+        return await self.forward(request, self.route_for(model), None, requested=model)
 
     async def forward(
         self,
@@ -174,7 +180,7 @@ class Proxy:
         retried = False
         while True:
             try:
-                return await self._relay(request, lease, body, path, requested)
+                return await self._relay(request, lease, body, path, requested, stream)
             except _UpstreamGone:
                 if retried:
                     raise exited_twice(profile) from None
@@ -204,23 +210,36 @@ class Proxy:
     async def _send(self, request: web.Request, lease: Lease, body: bytes | None, path: str | None) -> Answer:
         """Send the request upstream and wait for its status; sent again only as `resend` allows."""
         request[RECORD].served_by = lease.profile
-        if lease.fallback_for is not None and body:
-            body = as_fallback(body, lease.profile)
+        if lease.ask_as is not None and body:
+            body = as_fallback(body, lease.ask_as)
         upstream = lease.upstream
         method = request.method
         target = path if path is not None else request.rel_url.raw_path_qs
-        head = upstream_head(method, target, upstream.authority, request.raw_headers, body, self.request_drop)
+        if isinstance(upstream, PeerLink):  # its own key, never the client's; the model as it names it
+            if lease.ask_as is not None and not body:
+                target = with_model_query(target, lease.ask_as)
+            head = upstream_head(
+                method, upstream.path_prefix + target, upstream.authority, request.raw_headers, body,
+                PEER_DROP, upstream.auth_header,
+            )  # fmt: skip
+            pool, patience = upstream.pool, None
+        else:
+            head = upstream_head(
+                method, target, upstream.authority, request.raw_headers, body, self.request_drop
+            )
+            pool, patience = self._pool, functools.partial(self.controller.still_working, upstream)
         limit = stall_limit(self.controller.config.server, first_byte=False)
         attempt = 1
         sent_before = False
+        sent_at = time.monotonic()
         while True:
             try:
-                return await self._pool.request(
+                answer = await pool.request(
                     upstream.address,
                     head,
                     body,
                     timeout=limit,
-                    patience=functools.partial(self.controller.still_working, upstream),
+                    patience=patience,
                     no_body=method == "HEAD",
                     fresh=attempt > 1,
                 )
@@ -233,21 +252,35 @@ class Proxy:
                     if await self._died(lease):
                         raise _UpstreamGone from None
                     if not resend_to_live(exc, attempt):
-                        raise not_taken(lease.profile, exc) from None
+                        raise self._failed(lease, not_taken(lease.profile, exc)) from None
                 elif action is Resend.NEVER:
-                    raise not_taken(lease.profile, exc) from None
+                    raise self._failed(lease, not_taken(lease.profile, exc)) from None
+            else:
+                if isinstance(upstream, PeerLink):
+                    self.controller.peers.answered(upstream, time.monotonic() - sent_at)
+                return answer
             attempt += 1
 
     def _stalled(self, lease: Lease, seconds: float) -> RouterError:
-        """An upstream sent nothing for `seconds`: have it restarted; the error for the client."""
-        error = stalled(lease.profile, seconds)
+        """An upstream sent nothing for `seconds`: have it restarted (a peer: marked down); the error
+        for the client."""
+        peer = lease.peer
+        error = stalled(lease.profile, seconds, peer=peer.name if peer is not None else None)
         self.controller.upstream_unhealthy(lease.upstream, error.message)
+        return error
+
+    def _failed(self, lease: Lease, error: RouterError) -> RouterError:
+        """An exchange with the upstream failed: a peer's health notes it; the error for the client."""
+        if isinstance(lease.upstream, PeerLink):
+            self.controller.peers.failed(lease.upstream, error.message)
         return error
 
     async def _died(self, lease: Lease) -> bool:
         """Whether the upstream's process has died, allowing it a moment: the kernel resets its
-        connections while it exits, just before the exit can be seen."""
+        connections while it exits, just before the exit can be seen. A peer is no process of ours."""
         upstream = lease.upstream
+        if isinstance(upstream, PeerLink):
+            return False
         if await self.controller.upstream_refused(upstream):
             return True
         with contextlib.suppress(asyncio.TimeoutError):
@@ -261,8 +294,23 @@ class Proxy:
         body: bytes | None,
         path: str | None,
         requested: str | None,
+        stream: bool = False,
     ) -> web.StreamResponse:
-        upstream = await self._send(request, lease, body, path)
+        if stream and lease.peer is not None and self.loading_interval > 0:
+            # A peer may be loading the model: its answer may be long in coming, and it may say
+            # nothing meanwhile. Past `loading_interval` the client gets its stream's head and
+            # comments, as for a local load.
+            opening = asyncio.ensure_future(self._send(request, lease, body, path))
+            try:
+                await asyncio.wait({opening}, timeout=self.loading_interval)
+            except asyncio.CancelledError:
+                _drop_opening(opening)
+                raise
+            if not opening.done():
+                return await self._stream_opening(request, lease, opening, requested or lease.profile)
+            upstream = opening.result()
+        else:
+            upstream = await self._send(request, lease, body, path)
         rename = _renamer(lease, requested)
         try:  # (not `async with`: one coroutine less per request)
             fallback = f"{lease.fallback_for} -> {lease.profile}" if lease.fallback_for is not None else None
@@ -274,7 +322,7 @@ class Proxy:
                 except UpstreamTimeout:
                     raise self._stalled(lease, limit) from None
                 except UpstreamError as exc:
-                    raise failed_mid_answer(lease.profile, exc) from None
+                    raise self._failed(lease, failed_mid_answer(lease.profile, exc)) from None
                 whole = web.Response(
                     status=upstream.status,
                     body=rename.whole(data) if rename is not None else data,
@@ -327,7 +375,7 @@ class Proxy:
             if isinstance(exc, UpstreamTimeout):
                 error = self._stalled(lease, chunks.timeout or 0)
             else:
-                error = failed_mid_answer(lease.profile, exc)
+                error = self._failed(lease, failed_mid_answer(lease.profile, exc))
             log.warning("%s", error.message)
             request[RECORD].error = error.code
             if not is_sse:
@@ -433,6 +481,23 @@ class Proxy:
             else:
                 _abandon(acquiring, self.controller)
 
+    async def _stream_opening(
+        self, request: web.Request, lease: Lease, opening: asyncio.Future[Answer], name: str
+    ) -> web.StreamResponse:
+        """Answer a stream whose upstream (a peer) has not answered yet: the head and comments now,
+        then its stream, as for a model that loads here."""
+        response = web.StreamResponse(status=200, headers=SSE_HEADERS)
+        feedback = LoadingFeedback(name, False)
+        try:
+            await response.prepare(request)
+            await response.write(feedback.begin())
+        except BaseException:
+            _drop_opening(opening)
+            raise
+        started = asyncio.get_running_loop().time()
+        await self._relay_started(request, response, lease, None, None, name, feedback, started, opening)
+        return response
+
     async def _relay_started(
         self,
         request: web.Request,
@@ -443,11 +508,14 @@ class Proxy:
         requested: str | None,
         feedback: LoadingFeedback,
         started: float,
+        opening: asyncio.Future[Answer] | None = None,
     ) -> None:
-        """Relay the upstream's answer into a stream whose 200 and SSE headers are already sent."""
+        """Relay the upstream's answer into a stream whose 200 and SSE headers are already sent
+        (`opening`: the request already sent, its answer awaited)."""
         rename = _renamer(lease, requested)
         try:
-            opening = asyncio.ensure_future(self._send(request, lease, body, path))
+            if opening is None:
+                opening = asyncio.ensure_future(self._send(request, lease, body, path))
             upstream = await self._with_feedback(response, opening, feedback.waiting, started)
         except RouterError as exc:
             await self._fail_stream(request, response, exc.body(), exc.code)
@@ -471,7 +539,7 @@ class Proxy:
                 await self._fail_stream(request, response, error.body(), error.code)
                 return
             except UpstreamError as exc:
-                error = failed_mid_answer(lease.profile, exc)
+                error = self._failed(lease, failed_mid_answer(lease.profile, exc))
                 await self._fail_stream(request, response, error.body(), error.code)
                 return
             await self._pump(request, response, lease, chunks, rename, is_sse, first)
@@ -509,7 +577,18 @@ def _serving(lease: Lease) -> bool:
 
 
 def _renamer(lease: Lease, requested: str | None) -> ModelRenamer | None:
-    return renamer(lease.upstream.profile.served_name, requested, fallback=lease.fallback_for is not None)
+    if lease.peer is not None and lease.fallback_for is not None:
+        # A peer's model answers a fallback under the name this router lists it by.
+        return renamer(lease.served_name, lease.profile, fallback=False)
+    return renamer(lease.served_name, requested, fallback=lease.fallback_for is not None)
+
+
+def _drop_opening(opening: asyncio.Future[Answer]) -> None:
+    """Give up a request sent to an upstream whose answer is no longer wanted."""
+    if not opening.done():
+        opening.cancel()
+    elif not opening.cancelled() and opening.exception() is None:
+        opening.result().release()
 
 
 async def _prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

@@ -5,14 +5,16 @@ metrics read what happened from one `RequestRecord` per request. Read top to bot
 the request path's contract:
 
 1. which paths name a model, and where (a POST's JSON body, a GET's `?model=`);
-2. how a model id becomes a profile (a profile name or an alias; anything else is a 404 naming the
-   known ones);
+2. how a model id becomes a profile (a profile name or an alias), else a peer's model (`<peer>/<model>`,
+   or a bare name one peer lists); anything else is a 404 naming the known ones;
 3. which headers pass in each direction (hop-by-hop ones never; the router's own keys not to the
-   upstream; `Expect` not, since the router holds the whole body before it sends it);
+   upstream, and the client's never to a peer, which gets its own; `Expect` not, since the router
+   holds the whole body before it sends it);
 4. how long an upstream may stay silent (the stall limits) unless its slots show it at work, and what
    the client is told then;
 5. when a request that failed on its way to the upstream is sent again, and when never;
 6. answers name the model the client asked for; a fallback is asked, and answers, under its own name;
+   a peer is asked under its own name for the model;
 7. token usage, read from the tail of an answer;
 8. the record of each request, kept from its first byte to its last.
 """
@@ -32,6 +34,7 @@ from .upstream_http import ConnectFailed, ConnectionDropped, UpstreamError
 
 if TYPE_CHECKING:
     from .config import RouterConfig, ServerConfig
+    from .peers import Peers
 
 # ---------------------------------------------------------------------------------------------- 1. paths
 
@@ -176,11 +179,16 @@ def model_in_query(path: str, model: str | None) -> str:
 # ---------------------------------------------------------------------------------------------- 2. names
 
 
-def profile_for(config: RouterConfig, model: str) -> str:
-    """The profile serving `model` (its name or one of its aliases), or a 404 listing the known names."""
+def profile_for(config: RouterConfig, model: str, peers: Peers | None = None) -> str:
+    """The profile serving `model` (its name or one of its aliases), or a 404 listing the known names.
+
+    With `peers`, a name no profile has may be a peer's (`<peer>/<model>`, or a bare name only one
+    peer lists): its route is returned. Local profiles always win."""
     name = config.names.get(model)
+    if name is None and peers:
+        name = peers.route(model)  # a 404 naming the candidates when several peers list it
     if name is None:
-        known = ", ".join(sorted(config.names))
+        known = ", ".join([*sorted(config.names), *(peers.known() if peers else [])])
         raise RouterError(
             404, f"model '{printable(model)}' not found; known models: {known}", code="model_not_found"
         )
@@ -205,7 +213,8 @@ HOP_BY_HOP = frozenset(
         "content-length",
     }
 )
-# The router's own keys mean nothing to an upstream: kept from it while the router checks keys.
+# The router's own keys mean nothing to an upstream: kept from it while the router checks keys. A peer
+# never gets the client's key, only its own (`peers.<name>.api_key`).
 AUTH_HEADERS = frozenset({"authorization", "x-api-key"})
 # The router has the whole body in hand before it sends it: no upstream should wait for a go-ahead.
 REQUEST_ONLY = frozenset({"expect"})
@@ -232,6 +241,9 @@ def request_drop(*, strip_auth: bool) -> frozenset[bytes]:
     return frozenset(name.encode() for name in drop)
 
 
+PEER_DROP = request_drop(strip_auth=True)  # a peer never sees the client's key
+
+
 def upstream_head(
     method: str,
     target: str,
@@ -239,10 +251,12 @@ def upstream_head(
     raw_headers: Any,
     body: bytes | None,
     drop: frozenset[bytes],
+    own: bytes = b"",
 ) -> bytes:
     """The request line and headers for the upstream: the client's headers less `drop`, the upstream's
-    Host (`authority`) and the length of the body the router holds."""
-    parts = [f"{method} {target} HTTP/1.1\r\nHost: {authority}\r\n".encode("latin-1")]
+    Host (`authority`), its `own` header lines (a peer's key) and the length of the body the router
+    holds."""
+    parts = [f"{method} {target} HTTP/1.1\r\nHost: {authority}\r\n".encode("latin-1"), own]
     for name, value in raw_headers:
         if name.lower() not in drop:
             parts += (name, b": ", value, b"\r\n")
@@ -328,9 +342,11 @@ class SlotWatch:
         return bool(self.work) and now - self.since < silent
 
 
-def stalled(profile: str, seconds: float) -> RouterError:
-    """The error of an upstream silent for its stall limit (the caller has it restarted)."""
-    message = f"model {profile!r} stalled: no output for {seconds:g}s; it is being restarted"
+def stalled(profile: str, seconds: float, *, peer: str | None = None) -> RouterError:
+    """The error of an upstream silent for its stall limit (the caller has it restarted, or marks
+    the `peer` it is on as down)."""
+    then = f"peer {peer!r} counts as down" if peer is not None else "it is being restarted"
+    message = f"model {profile!r} stalled: no output for {seconds:g}s; {then}"
     return RouterError(502, message, code="upstream_stalled")
 
 
@@ -407,22 +423,25 @@ class ModelRenamer:
     """
 
     def __init__(self, served: str, requested: str) -> None:
-        self.old = b'"model":' + json.dumps(served, ensure_ascii=False).encode()
-        self.new = b'"model":' + json.dumps(requested, ensure_ascii=False).encode()
+        old = json.dumps(served, ensure_ascii=False).encode()
+        new = json.dumps(requested, ensure_ascii=False).encode()
+        self.old, self.new = b'"model":' + old, b'"model":' + new
+        # As Python's json writes it (a peer may be any server): with a space after the colon.
+        self.old_spaced, self.new_spaced = b'"model": ' + old, b'"model": ' + new
         self._pending = b""
 
     def whole(self, data: bytes) -> bytes:
-        return data.replace(self.old, self.new)
+        return data.replace(self.old, self.new).replace(self.old_spaced, self.new_spaced)
 
     def feed(self, chunk: bytes) -> bytes:
         data = self._pending + chunk
         cut = data.rfind(b"\n") + 1
         self._pending = data[cut:]
-        return data[:cut].replace(self.old, self.new)
+        return self.whole(data[:cut])
 
     def flush(self) -> bytes:
         data, self._pending = self._pending, b""
-        return data.replace(self.old, self.new)
+        return self.whole(data)
 
 
 def renamer(served: str, requested: str | None, *, fallback: bool) -> ModelRenamer | None:

@@ -29,9 +29,9 @@ W1, W2 = "rpc:10.0.0.2:50052", "rpc:10.0.0.3:50052"
 BUDGET = {"ram": 64 * GIB, "gpu0": 24 * GIB, W1: 22 * GIB, W2: 22 * GIB}
 
 
-def make(footprints: dict[str, dict[str, int]], **rules: float) -> Driver:
+def make(footprints: dict[str, dict[str, int]], swap_delay: float = 0.0) -> Driver:
     specs = [ProfileSpec(name, footprint, load_timeout=10.0) for name, footprint in footprints.items()]
-    return Driver(Scheduler(specs, BUDGET, Rules(drain_timeout=30.0, **rules)))
+    return Driver(Scheduler(specs, BUDGET, Rules(drain_timeout=30.0, swap_delay=swap_delay)))
 
 
 def test_only_rpc_devices_are_leased() -> None:

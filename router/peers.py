@@ -1,0 +1,407 @@
+"""Peers: other OpenAI-compatible servers (another llama-router, llama-swap, llama-server, vLLM,
+Ollama...) whose models this router forwards to.
+
+A peer's model is asked for as `<peer>/<model>`, or by its bare name when no local profile or alias
+has that name and only one peer lists it. A peer is another kind of upstream behind the same request
+path (router/proxy.py): the same rules, stall limits, loading comments and error events; what differs
+is how a request is written to it (its Host, its own key instead of the client's, its path prefix and
+the model's name on the peer) and that a failure is the peer's health, not a process to restart.
+
+Model lists are read in the background (`GET /v1/models`, every `refresh_interval`, within `timeout`)
+and kept, so listing models never waits on a slow or dead peer. Entries a peer itself got from its
+own peers (a llama-router marks them with `peer`) are left out: models are forwarded one hop, so
+routers that peer with each other never list each other's lists back and forth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import urllib.parse
+from collections.abc import Callable, Container, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from .config import ResolvedPeer
+from .errors import RouterError, printable
+from .events import Event, PeerChanged
+from .upstream_http import UpstreamPool
+
+log = logging.getLogger("llama_router.peers")
+
+# Fields of a `/v1/models` entry that give a model's context length, in the order they are trusted:
+# llama-router's and LM Studio's, llama-server's, its `meta`, vLLM's.
+_CONTEXT_FIELDS = ("context_length", "n_ctx", "max_model_len")
+
+
+@dataclass(frozen=True)
+class PeerUrl:
+    """Where a peer listens: host, port and the path its OpenAI API hangs under (`/v1/...` is added)."""
+
+    host: str
+    port: int
+    prefix: str  # "" or "/some/path", never ending in "/"
+
+    @property
+    def authority(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def __str__(self) -> str:
+        return f"http://{self.authority}{self.prefix}"
+
+
+def parse_url(url: str) -> PeerUrl:
+    """A peer's `url`, checked: plain `http://host[:port][/path]`; ValueError otherwise."""
+    parts = urllib.parse.urlsplit(url.strip())
+    if parts.scheme != "http":
+        why = "https is not supported yet; reach the peer over http" if parts.scheme == "https" else ""
+        raise ValueError(f"{url!r}: expected http://host[:port][/path]{'; ' + why if why else ''}")
+    if not parts.hostname:
+        raise ValueError(f"{url!r}: no host")
+    if parts.username or parts.password:
+        raise ValueError(f"{url!r}: put the peer's key in api_key or api_key_env, not in the URL")
+    if parts.query or parts.fragment:
+        raise ValueError(f"{url!r}: no query or fragment, only http://host[:port][/path]")
+    try:
+        port = parts.port or 80
+    except ValueError as exc:
+        raise ValueError(f"{url!r}: {exc}") from None
+    return PeerUrl(parts.hostname, port, parts.path.rstrip("/"))
+
+
+def with_model_query(target: str, model: str) -> str:
+    """A request target whose `?model=` names the model as the peer calls it."""
+    path, mark, query = target.partition("?")
+    if not mark:
+        return target
+    pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+    pairs = [(key, model if key == "model" else value) for key, value in pairs]
+    return f"{path}?{urllib.parse.urlencode(pairs)}"
+
+
+class PeerLink:
+    """What a request's lease holds for a peer: its address, how a request to it is written, and
+    its own connection pool (its connect timeout is the peer's `timeout`)."""
+
+    stopping = False  # a peer is never being stopped by this router
+
+    def __init__(self, name: str, url: PeerUrl, key: str | None, timeout: float) -> None:
+        self.name = name
+        self.url = url
+        self.address = (url.host, url.port)
+        self.authority = url.authority
+        self.path_prefix = url.prefix
+        # The peer's own key, never the client's (the proxy drops those).
+        self.auth_header = f"Authorization: Bearer {key}\r\n".encode("latin-1") if key else b""
+        self.pool = UpstreamPool(connect_timeout=timeout)
+        self.gone = asyncio.Event()  # never set: a peer is no process of ours
+
+    def is_alive(self) -> bool:
+        return True
+
+
+@dataclass
+class PeerModel:
+    """One model a peer lists: its id there and what its entry said."""
+
+    id: str
+    context_length: int | None = None
+    status: dict[str, Any] | None = None
+
+
+@dataclass
+class Peer:
+    """A peer's settings, link, known models and health."""
+
+    config: ResolvedPeer
+    link: PeerLink
+    models: dict[str, PeerModel] | None = None  # None: not known yet
+    state: str = "unknown"  # "up" once it answered, "down" once it failed, until it answers again
+    last_success: float | None = None  # wall-clock time of its last answer
+    last_error: str | None = None
+    last_error_at: float | None = None
+    latency: float | None = None  # seconds its last answer took to begin
+    in_flight: int = 0
+    listed_at: float | None = None  # wall-clock time its model list was last read
+    refresher: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    def describe(self) -> dict[str, Any]:
+        """The peer for `/running` and the dashboard: health, latency, models."""
+        return {
+            "peer": self.config.name,
+            "url": str(self.link.url),
+            "state": self.state,
+            "last_success": self.last_success,
+            "last_error": self.last_error,
+            "last_error_at": self.last_error_at,
+            "latency": self.latency,
+            "in_flight": self.in_flight,
+            "models": sorted(self.models) if self.models is not None else None,
+            "models_listed_at": self.listed_at,
+        }
+
+
+def _context_length(entry: dict[str, Any]) -> int | None:
+    for key in _CONTEXT_FIELDS:
+        value = entry.get(key)
+        if type(value) is int and value > 0:
+            return value
+    meta = entry.get("meta")
+    value = meta.get("n_ctx") if isinstance(meta, dict) else None
+    return value if type(value) is int and value > 0 else None
+
+
+def read_model_list(payload: object) -> dict[str, PeerModel]:
+    """The models of a peer's `/v1/models` answer, less those it forwards to its own peers."""
+    data = payload.get("data") if isinstance(payload, dict) else None
+    if not isinstance(data, list):
+        raise ValueError("its /v1/models answer has no 'data' list")
+    models: dict[str, PeerModel] = {}
+    for entry in data:
+        if not isinstance(entry, dict) or not isinstance(entry.get("id"), str) or "peer" in entry:
+            continue
+        status = entry.get("status")
+        models[entry["id"]] = PeerModel(
+            entry["id"], _context_length(entry), status if isinstance(status, dict) else None
+        )
+    return models
+
+
+class Peers:
+    """Every configured peer: name resolution, model lists, health, and the links leases hold."""
+
+    def __init__(self, peers: dict[str, ResolvedPeer], emit: Callable[[Event], None]) -> None:
+        self._emit = emit
+        self._peers: dict[str, Peer] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._running = False
+        self._closing: set[asyncio.Future[None]] = set()
+        self.reconfigure(peers)
+
+    def __bool__(self) -> bool:
+        return bool(self._peers)
+
+    def __iter__(self) -> Iterator[Peer]:
+        return iter(self._peers.values())
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+
+    def reconfigure(self, peers: dict[str, ResolvedPeer]) -> None:
+        """Adopt a (re)loaded config: a peer whose settings did not change keeps its models and
+        health; a changed or new one starts afresh; a removed one stops being asked."""
+        current: dict[str, Peer] = {}
+        for name, config in peers.items():
+            old = self._peers.pop(name, None)
+            if old is not None and old.config == config:
+                current[name] = old
+                continue
+            if old is not None:
+                self._retire(old)
+            key = config.api_key.get_secret_value() if config.api_key is not None else None
+            peer = Peer(config, PeerLink(name, parse_url(config.url), key, config.timeout))
+            if config.models is not None:
+                peer.models = {model: PeerModel(model) for model in config.models}
+            current[name] = peer
+        for old in self._peers.values():
+            self._retire(old)
+        self._peers = current
+        if self._running:
+            for peer in current.values():
+                self._refresh_in_background(peer)
+
+    def _retire(self, peer: Peer) -> None:
+        if peer.refresher is not None:
+            peer.refresher.cancel()
+        closing = asyncio.ensure_future(peer.link.pool.close())
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
+
+    async def start(self) -> None:
+        """Read every peer's model list now and every `refresh_interval` after, in the background."""
+        self._running = True
+        for peer in self._peers.values():
+            self._refresh_in_background(peer)
+
+    async def close(self) -> None:
+        self._running = False
+        for peer in self._peers.values():
+            if peer.refresher is not None:
+                peer.refresher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await peer.refresher
+            await peer.link.pool.close()
+        if self._session is not None:
+            await self._session.close()
+
+    def _refresh_in_background(self, peer: Peer) -> None:
+        if peer.refresher is None or peer.refresher.done():
+            peer.refresher = asyncio.ensure_future(self._keep_listed(peer))
+
+    async def _keep_listed(self, peer: Peer) -> None:
+        while True:
+            await self.refresh(peer)
+            await asyncio.sleep(peer.config.refresh_interval)
+
+    async def refresh(self, peer: Peer) -> None:
+        """Read the peer's `/v1/models` within its `timeout`; a failure keeps the last list known."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(trust_env=False)
+        config = peer.config
+        headers = {"Authorization": f"Bearer {config.api_key.get_secret_value()}"} if config.api_key else {}
+        url = f"{peer.link.url}/v1/models"
+        started = time.monotonic()
+        try:
+            timeout = aiohttp.ClientTimeout(total=config.timeout)
+            async with self._session.get(url, headers=headers, timeout=timeout) as response:
+                text = await response.text()
+                if response.status != 200:
+                    raise ValueError(f"GET /v1/models answered {response.status}: {text[:200]}")
+                models = read_model_list(json.loads(text))
+        except (aiohttp.ClientError, TimeoutError, ValueError, UnicodeDecodeError) as exc:
+            why = f"no model list within {config.timeout:g}s" if isinstance(exc, TimeoutError) else str(exc)
+            self.failed(peer.link, why or type(exc).__name__)
+            return
+        if config.models is None:
+            peer.models = models
+        else:  # the configured list, with what the peer says of each
+            peer.models = {model: models.get(model, PeerModel(model)) for model in config.models}
+        peer.listed_at = time.time()
+        self.answered(peer.link, time.monotonic() - started)
+
+    # ------------------------------------------------------------------------------------------ health
+
+    def answered(self, link: PeerLink, seconds: float) -> None:
+        """The peer answered (a request's head, or its model list) after `seconds`."""
+        peer = self._peers.get(link.name)
+        if peer is None or peer.link is not link:
+            return
+        peer.last_success = time.time()
+        peer.latency = round(seconds, 6)
+        if peer.state != "up":
+            peer.state = "up"
+            log.info("peer %s is up (%s), answering in %.3fs", link.name, link.url, seconds)
+            self._emit(PeerChanged(link.name, "up", "", peer.latency))
+
+    def failed(self, link: PeerLink, reason: str) -> None:
+        """Talking to the peer failed: it counts as down until it answers again."""
+        peer = self._peers.get(link.name)
+        if peer is None or peer.link is not link:
+            return
+        peer.last_error, peer.last_error_at = reason, time.time()
+        if peer.state != "down":
+            peer.state = "down"
+            log.warning("peer %s (%s) is down: %s", link.name, link.url, reason)
+            self._emit(PeerChanged(link.name, "down", reason, peer.latency))
+
+    # ------------------------------------------------------------------------------------------ names
+
+    def route(self, model: str) -> str | None:
+        """The route (`<peer>/<model>`) of a model id no local profile has: a peer's name and a model
+        (which that peer lists, or any while its list is not known), or a bare name only one peer
+        lists. None if no peer has it; a 404 naming the candidates if several do."""
+        name, slash, rest = model.partition("/")
+        peer = self._peers.get(name) if slash else None
+        if peer is not None and rest and (peer.models is None or rest in peer.models):
+            return model
+        candidates = self.candidates(model)
+        if len(candidates) > 1:
+            raise RouterError(
+                404,
+                f"model '{printable(model)}' is on several peers; name one: {', '.join(candidates)}",
+                code="model_ambiguous",
+            )
+        return candidates[0] if candidates else None
+
+    def candidates(self, model: str) -> list[str]:
+        """The routes of every peer that lists a bare model id."""
+        return [
+            f"{name}/{model}"
+            for name, peer in self._peers.items()
+            if peer.models is not None and model in peer.models
+        ]
+
+    def target(self, route: str) -> tuple[Peer, str] | None:
+        """The peer and its own id of the model for a route, or None if the route names no peer."""
+        name, slash, model = route.partition("/")
+        peer = self._peers.get(name) if slash and model else None
+        return (peer, model) if peer is not None else None
+
+    def known(self) -> list[str]:
+        """Every `<peer>/<model>` route the peers list now."""
+        return sorted(
+            f"{name}/{model}" for name, peer in self._peers.items() for model in (peer.models or {})
+        )
+
+    def check_known(self, route: str) -> None:
+        """A 404 for a route whose peer lists its models and not this one."""
+        found = self.target(route)
+        if found is None:
+            raise RouterError(404, f"model '{printable(route)}' names no peer", code="model_not_found")
+        peer, model = found
+        if peer.models is not None and model not in peer.models:
+            listed = ", ".join(sorted(peer.models)) or "none"
+            raise RouterError(
+                404,
+                f"peer {peer.config.name!r} has no model '{printable(model)}'; it lists: {listed}",
+                code="model_not_found",
+            )
+
+    # ------------------------------------------------------------------------------------------ leases
+
+    def take(self, route: str) -> tuple[PeerLink, str]:
+        """A request for a route begins: the peer's link and the model's id there."""
+        self.check_known(route)
+        found = self.target(route)
+        assert found is not None
+        peer, model = found
+        peer.in_flight += 1
+        return peer.link, model
+
+    def give_back(self, link: PeerLink) -> None:
+        peer = self._peers.get(link.name)
+        if peer is not None and peer.link is link:
+            peer.in_flight = max(0, peer.in_flight - 1)
+
+    # ------------------------------------------------------------------------------------------ views
+
+    def entries(self, local: Container[str], created: int) -> list[dict[str, Any]]:
+        """`/v1/models` entries: each peer model as `<peer>/<model>` (owned by the peer), and under its
+        bare name too when no local model has that name and no other peer lists it."""
+        entries: list[dict[str, Any]] = []
+        bare: dict[str, list[dict[str, Any]]] = {}
+        for name, peer in self._peers.items():
+            for model in (peer.models or {}).values():
+                entry = self._entry(f"{name}/{model.id}", peer, model, created)
+                entries.append(entry)
+                bare.setdefault(model.id, []).append(entry)
+        for model_id, found in bare.items():
+            if len(found) == 1 and model_id not in local:
+                entries.append({**found[0], "id": model_id})
+        return entries
+
+    @staticmethod
+    def _entry(route: str, peer: Peer, model: PeerModel, created: int) -> dict[str, Any]:
+        entry: dict[str, Any] = {
+            "id": route,
+            "object": "model",
+            "created": created,
+            "owned_by": peer.config.name,
+            "peer": peer.config.name,  # also keeps it from being listed again by a peering router
+            "peer_model": model.id,
+            "peer_state": peer.state,
+        }
+        if model.context_length is not None:
+            window = model.context_length
+            entry.update(context_length=window, n_ctx=window, meta={"n_ctx": window})
+        if model.status is not None:
+            entry["status"] = model.status
+        return entry
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [peer.describe() for peer in self._peers.values()]
