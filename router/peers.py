@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import time
 import urllib.parse
 from collections.abc import Callable, Container, Iterator
@@ -173,6 +174,16 @@ def read_model_list(payload: object) -> dict[str, PeerModel]:
     return models
 
 
+def _reason(exc: Exception, timeout: float) -> str:
+    """Why reading a peer's model list failed, in a few words."""
+    if isinstance(exc, TimeoutError):
+        return f"no model list within {timeout:g}s"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        error = exc.os_error
+        return f"cannot connect: {os.strerror(error.errno) if error.errno else error}"
+    return str(exc) or type(exc).__name__
+
+
 class Peers:
     """Every configured peer: name resolution, model lists, health, and the links leases hold."""
 
@@ -264,8 +275,7 @@ class Peers:
                     raise ValueError(f"GET /v1/models answered {response.status}: {text[:200]}")
                 models = read_model_list(json.loads(text))
         except (aiohttp.ClientError, TimeoutError, ValueError, UnicodeDecodeError) as exc:
-            why = f"no model list within {config.timeout:g}s" if isinstance(exc, TimeoutError) else str(exc)
-            self.failed(peer.link, why or type(exc).__name__)
+            self.failed(peer.link, _reason(exc, config.timeout))
             return
         if config.models is None:
             peer.models = models
@@ -304,7 +314,8 @@ class Peers:
     def route(self, model: str) -> str | None:
         """The route (`<peer>/<model>`) of a model id no local profile has: a peer's name and a model
         (which that peer lists, or any while its list is not known), or a bare name only one peer
-        lists. None if no peer has it; a 404 naming the candidates if several do."""
+        lists. None if no peer has it; a 404 naming the candidates if several do, or what the peer
+        lists if it names a peer that lists no such model."""
         name, slash, rest = model.partition("/")
         peer = self._peers.get(name) if slash else None
         if peer is not None and rest and (peer.models is None or rest in peer.models):
@@ -316,7 +327,11 @@ class Peers:
                 f"model '{printable(model)}' is on several peers; name one: {', '.join(candidates)}",
                 code="model_ambiguous",
             )
-        return candidates[0] if candidates else None
+        if candidates:
+            return candidates[0]
+        if peer is not None and rest:
+            self.check_known(model)  # a 404 saying what that peer lists
+        return None
 
     def candidates(self, model: str) -> list[str]:
         """The routes of every peer that lists a bare model id."""

@@ -270,10 +270,15 @@ class Proxy:
         return error
 
     def _failed(self, lease: Lease, error: RouterError) -> RouterError:
-        """An exchange with the upstream failed: a peer's health notes it; the error for the client."""
-        if isinstance(lease.upstream, PeerLink):
-            self.controller.peers.failed(lease.upstream, error.message)
-        return error
+        """An exchange with the upstream failed: for a peer, its health notes it and the error names
+        it and where it is; the error for the client."""
+        peer = lease.peer
+        if peer is None:
+            return error
+        self.controller.peers.failed(peer, error.message)
+        return RouterError(
+            error.status, f"{error.message} (peer {peer.name!r} at {peer.url})", code=error.code
+        )
 
     async def _died(self, lease: Lease) -> bool:
         """Whether the upstream's process has died, allowing it a moment: the kernel resets its

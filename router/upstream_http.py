@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import TypeAlias, cast
@@ -536,7 +537,9 @@ class UpstreamPool:
                 else:
                     _, conn = await loop.create_connection(lambda: _Connection(loop, self), *address)
         except OSError as exc:
-            raise ConnectFailed(f"cannot connect to {where}: {exc.strerror or exc}") from None
+            # asyncio words a refused TCP connection "Connect call failed (...)": the errno says it.
+            why = os.strerror(exc.errno) if exc.errno else exc.strerror or exc
+            raise ConnectFailed(f"cannot connect to {where}: {why}") from None
         except TimeoutError:
             raise ConnectFailed(f"cannot connect to {where}: timed out") from None
         self._address[conn] = address
