@@ -269,7 +269,9 @@ class Profile(_Strict):
         default=None, description="save slots' prompt caches before a stop, restore them after a start"
     )
     footprint: dict[str, int] | None = Field(
-        default=None, description="MiB per device ('ram', 'gpu0', ...), overriding estimate and learning"
+        default=None,
+        description="MiB per device ('ram', 'gpu0', ..., 'rpc:<host:port>'), overriding estimate and "
+        "learning",
     )
     loading_feedback: LoadingFeedback | None = Field(
         default=None, description="overrides server.loading_feedback"

@@ -19,7 +19,7 @@ from pydantic_core import PydanticUndefined
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from router.config import MemoryConfig, Profile, ServerConfig  # noqa: E402
+from router.config import MemoryConfig, PeerConfig, Profile, ServerConfig  # noqa: E402
 
 TARGET = ROOT / "docs" / "configuration.md"
 INTRO = """# profiles.yaml reference
@@ -73,6 +73,10 @@ def render() -> str:
             table(MemoryConfig, "server.memory."),
             "\n## `profiles.<name>:`\n",
             table(Profile, ""),
+            "\n## `peers.<name>:`\n",
+            "Other OpenAI-compatible servers whose models are asked for as `<peer>/<model>` (and by the",
+            "bare name where no local profile has it and only one peer lists it).\n",
+            table(PeerConfig, "peers.<name>."),
             "",
         ]
     )
