@@ -386,6 +386,28 @@ async def test_a_bare_name_two_peers_list_is_a_404_naming_both(peered: Start) ->
     assert "a/shared" in models and "b/shared" in models and "shared" not in models
 
 
+async def test_a_reload_adds_and_removes_peers(peered: Start, tmp_path: Path) -> None:
+    fake = await peered("fake", "gpu")
+    url, running = await peered("router", {})
+    path = running.reloader.config.path
+    data = yaml.safe_load(path.read_text())
+    data["peers"] = {"box": {"url": fake.url}}
+    path.write_text(yaml.safe_dump(data))
+    assert await running.reloader.reload("test") is True
+    await peer_state(url, "box", "up")
+    entry = await get_json(url, "/v1/models/box/gpu")
+    assert entry["id"] == "box/gpu" and entry["owned_by"] == "box"
+    async with aiohttp.ClientSession() as session, session.post(url + CHAT, json=body("gpu")) as response:
+        assert response.status == 200
+    data["peers"] = {}
+    path.write_text(yaml.safe_dump(data))
+    assert await running.reloader.reload("test") is True
+    models = [entry["id"] for entry in (await get_json(url, "/v1/models"))["data"]]
+    assert models == ["local"]
+    async with aiohttp.ClientSession() as session, session.post(url + CHAT, json=body("box/gpu")) as response:
+        assert response.status == 404
+
+
 # ---------------------------------------------------------------------------------------------- config
 
 
