@@ -35,6 +35,7 @@ from .upstream_http import UpstreamPool
 
 log = logging.getLogger("llama_router.peers")
 
+RETRY_FIRST = 1.0  # seconds before reading a peer's model list again after a failure (doubling)
 # Fields of a `/v1/models` entry that give a model's context length, in the order they are trusted:
 # llama-router's and LM Studio's, llama-server's, its `meta`, vLLM's.
 _CONTEXT_FIELDS = ("context_length", "n_ctx", "max_model_len")
@@ -255,12 +256,20 @@ class Peers:
             peer.refresher = asyncio.ensure_future(self._keep_listed(peer))
 
     async def _keep_listed(self, peer: Peer) -> None:
+        """Read the list every `refresh_interval`; after a failure sooner (1 s, doubling up to the
+        interval), so a peer that starts after this router is listed soon after."""
+        retry = RETRY_FIRST
         while True:
-            await self.refresh(peer)
-            await asyncio.sleep(peer.config.refresh_interval)
+            if await self.refresh(peer):
+                retry = RETRY_FIRST
+                await asyncio.sleep(peer.config.refresh_interval)
+            else:
+                await asyncio.sleep(min(retry, peer.config.refresh_interval))
+                retry *= 2
 
-    async def refresh(self, peer: Peer) -> None:
-        """Read the peer's `/v1/models` within its `timeout`; a failure keeps the last list known."""
+    async def refresh(self, peer: Peer) -> bool:
+        """Read the peer's `/v1/models` within its `timeout`; a failure keeps the last list known.
+        Whether it was read."""
         if self._session is None:
             self._session = aiohttp.ClientSession(trust_env=False)
         config = peer.config
@@ -276,13 +285,14 @@ class Peers:
                 models = read_model_list(json.loads(text))
         except (aiohttp.ClientError, TimeoutError, ValueError, UnicodeDecodeError) as exc:
             self.failed(peer.link, _reason(exc, config.timeout))
-            return
+            return False
         if config.models is None:
             peer.models = models
         else:  # the configured list, with what the peer says of each
             peer.models = {model: models.get(model, PeerModel(model)) for model in config.models}
         peer.listed_at = time.time()
         self.answered(peer.link, time.monotonic() - started)
+        return True
 
     # ------------------------------------------------------------------------------------------ health
 
@@ -297,6 +307,11 @@ class Peers:
             peer.state = "up"
             log.info("peer %s is up (%s), answering in %.3fs", link.name, link.url, seconds)
             self._emit(PeerChanged(link.name, "up", "", peer.latency))
+            if peer.listed_at is None and self._running and peer.refresher is not None:
+                # It answers a request before its list was ever read: read it now, not at the retry.
+                peer.refresher.cancel()
+                peer.refresher = None
+                self._refresh_in_background(peer)
 
     def failed(self, link: PeerLink, reason: str) -> None:
         """Talking to the peer failed: it counts as down until it answers again."""

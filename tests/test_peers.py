@@ -386,6 +386,21 @@ async def test_a_bare_name_two_peers_list_is_a_404_naming_both(peered: Start) ->
     assert "a/shared" in models and "b/shared" in models and "shared" not in models
 
 
+async def test_a_peer_that_starts_after_the_router_is_listed_once_it_answers(
+    peered: Start, tmp_path: Path
+) -> None:
+    late = FakePeer(tmp_path, "gpu")
+    url, _ = await peered("router", {"late": {"url": late.url, "refresh_interval": 600}})
+    await peer_state(url, "late", "down")  # its first listing found nobody there
+    try:
+        await late.start()
+        await peer_state(url, "late", "up")  # read again soon, not after refresh_interval
+        models = [entry["id"] for entry in (await get_json(url, "/v1/models"))["data"]]
+        assert "late/gpu" in models
+    finally:
+        await late.close()
+
+
 async def test_a_reload_adds_and_removes_peers(peered: Start, tmp_path: Path) -> None:
     fake = await peered("fake", "gpu")
     url, running = await peered("router", {})
