@@ -63,7 +63,8 @@ as llama-server's does not once its processing loop is stuck; a stalled stream
 wedges it the same way).
 
 ``GET /fake/last`` returns the last proxied request (method, path, query,
-headers, body) plus a request count and the number of requests in flight.
+headers, body) plus a request count and the number of requests in flight;
+``?path=P`` the last one to path P (the router reads ``/props`` by itself).
 
 All log output goes to stderr (as llama-server's does), one flushed line at a
 time. SIGTERM/SIGINT exit immediately with code 0 unless ``--ignore-sigterm``.
@@ -218,6 +219,7 @@ class FakeUpstream:
         self.count = 0
         self.in_flight = 0
         self.last: dict[str, Any] = {}
+        self.last_by_path: dict[str, dict[str, Any]] = {}
         self.connections_used: set[Any] = set()  # peer addresses of connections that carried a request
         self.slots: list[Slot] = [Slot(index) for index in range(max(1, args.parallel))]
         self.free_slots = asyncio.Semaphore(len(self.slots))
@@ -605,7 +607,10 @@ class FakeUpstream:
 
     async def fake_last(self, request: web.Request) -> web.Response:
         info: dict[str, Any] = {"method": None, "path": None, "query": None}
-        info.update({"headers": {}, "body": None}, **self.last)
+        wanted = request.query.get("path")
+        info.update(
+            {"headers": {}, "body": None}, **(self.last_by_path.get(wanted, {}) if wanted else self.last)
+        )
         info.update(
             count=self.count,
             in_flight=self.in_flight,
@@ -643,7 +648,7 @@ class FakeUpstream:
                     body = json.loads(raw)
                 except ValueError:
                     body = raw.decode("utf-8", "replace")
-            self.last = {
+            self.last = self.last_by_path[path] = {
                 "method": request.method,
                 "path": path,
                 "query": request.query_string,

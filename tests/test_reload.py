@@ -268,7 +268,8 @@ async def upstream_saw_auth(url: str, key: str) -> bool:
     async with aiohttp.ClientSession() as session:
         async with session.post(f"{url}/v1/chat/completions", json=body, headers=headers) as response:
             assert response.status == 200, await response.text()
-        async with session.get(f"{url}/upstream/m/fake/last", headers=headers) as response:
+        last_chat = "/upstream/m/fake/last?path=/v1/chat/completions"
+        async with session.get(url + last_chat, headers=headers) as response:
             last = await response.json()
     return "authorization" in {name.lower() for name in last["headers"]}
 
