@@ -23,7 +23,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Hashable
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -157,9 +157,10 @@ class Proxy:
         if record.model is None:
             record.model = profile
         started = asyncio.get_running_loop().time()
+        client = _client_of(request)
         if stream and self.loading_interval > 0 and not self.controller.accepting(profile):
             feedback = self._feedback(request, profile, requested or profile)
-            acquiring = asyncio.ensure_future(self._acquire_in_line(profile, feedback))
+            acquiring = asyncio.ensure_future(self._acquire_in_line(profile, feedback, client))
             try:
                 await asyncio.wait({acquiring}, timeout=self.loading_interval)
             except asyncio.CancelledError:
@@ -172,7 +173,7 @@ class Proxy:
             lease = self._lease(request, acquiring, started)
         else:
             try:
-                lease = await self.controller.acquire(profile)
+                lease = await self.controller.acquire(profile, client=client)
             except RouterError:
                 self._waited(request, started)
                 raise
@@ -188,7 +189,7 @@ class Proxy:
             finally:
                 self.controller.release(lease)
             # Nothing was sent to the client yet and the body is in hand: send it to a fresh upstream.
-            lease = await self.controller.acquire(profile)
+            lease = await self.controller.acquire(profile, client=client)
 
     def _lease(self, request: web.Request, acquired: asyncio.Future[Lease], started: float) -> Lease:
         """The lease of a finished acquire; its RouterError if it failed."""
@@ -400,11 +401,13 @@ class Proxy:
         chat = request.path in CHAT_PATHS
         return LoadingFeedback(name, chat and config is not None and config.loading_feedback == "reasoning")
 
-    async def _acquire_in_line(self, profile: str, feedback: LoadingFeedback) -> Lease:
+    async def _acquire_in_line(
+        self, profile: str, feedback: LoadingFeedback, client: Hashable | None
+    ) -> Lease:
         """Acquire `profile`, noting the request's place in its queue in the very step it joins it
         (the controller queues it before its first await), so requests arriving together differ."""
         feedback.position = self.controller.view(profile).waiting + 1
-        return await self.controller.acquire(profile)
+        return await self.controller.acquire(profile, client=client)
 
     def _view(self, profile: str) -> ProfileView | None:
         try:
@@ -479,7 +482,9 @@ class Proxy:
                         error = exited_twice(profile)
                         return await self._fail_stream(request, response, error.body(), error.code)
                     retried = True
-                    acquiring = asyncio.ensure_future(self._acquire_in_line(profile, feedback))
+                    acquiring = asyncio.ensure_future(
+                        self._acquire_in_line(profile, feedback, _client_of(request))
+                    )
         finally:
             if lease is not None:
                 self.controller.release(lease)
@@ -573,6 +578,13 @@ class Proxy:
         await response.write(sse_event(error))
         await response.write_eof()
         return response
+
+
+def _client_of(request: web.Request) -> Hashable | None:
+    """The client's connection (its address and port), which the scheduler uses to tell a client
+    switching models from one coming back to its own."""
+    peer = request.transport.get_extra_info("peername") if request.transport is not None else None
+    return tuple(peer) if isinstance(peer, (tuple, list)) else peer
 
 
 def _serving(lease: Lease) -> bool:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 Resources = Mapping[str, int]
@@ -143,6 +143,7 @@ class _Request:
     arrived: float
     deadline: float
     dispatched: bool = False
+    client: Hashable | None = None  # who asked (a client connection), when the caller knows
 
 
 @dataclass
@@ -169,6 +170,8 @@ class _Slot:
     restart_after_stop: bool = False  # its command changed: start the new one once the old one is gone
     idle_since: float | None = None  # its last request ended and no other has come since
     gap: float | None = None  # its clients' last gap between a request ending and the next arriving
+    last_client: Hashable | None = None  # the client of its last finished request
+    client_moved_on: bool = False  # that client has since asked for another model: no turnaround due
 
     @property
     def holds_resources(self) -> bool:
@@ -301,8 +304,11 @@ class Scheduler:
 
     # ------------------------------------------------------------------------------------------ events
 
-    def request_arrived(self, request_id: int, profile: str, now: float, deadline: float) -> list[Decision]:
-        """A client asked for `profile`; serve it now, or queue it and make room."""
+    def request_arrived(
+        self, request_id: int, profile: str, now: float, deadline: float, client: Hashable | None = None
+    ) -> list[Decision]:
+        """A client asked for `profile`; serve it now, or queue it and make room. `client` (say, its
+        connection) tells a client that moved on to another model from one coming back to its own."""
         if self._closing:
             return [Fail(request_id, FailReason.SHUTTING_DOWN, "the router is shutting down")]
         slot = self._slots[profile]
@@ -322,7 +328,12 @@ class Scheduler:
             gap = now - slot.idle_since
             slot.gap = gap if gap <= self.rules.swap_delay else None
             slot.idle_since = None
-        request = _Request(request_id, profile, now, deadline)
+        slot.client_moved_on = False
+        if client is not None:
+            for other in self._slots.values():
+                if other is not slot and other.last_client == client and not other.in_flight:
+                    other.client_moved_on = True
+        request = _Request(request_id, profile, now, deadline, client=client)
         self._requests[request_id] = request
         if slot.accepting:
             return [self._dispatch(request, slot, now)]
@@ -344,6 +355,7 @@ class Scheduler:
             return self._place(now)
         slot.in_flight.discard(request_id)
         slot.last_used = now
+        slot.last_client = request.client
         if not slot.in_flight and not slot.waiting:
             slot.idle_since = now
         decisions: list[Decision] = []
@@ -734,13 +746,15 @@ class Scheduler:
     def _release_at(self, slot: _Slot) -> float:
         """When a ready model that another one waits for stops taking its own requests: busy, at the
         end of `swap_delay`; idle, once its clients' usual gap has passed with no request (its demand
-        has stopped), and never later than that; at once if it has served nobody since it loaded.
-        `tick` runs at this time (`next_wakeup`)."""
+        has stopped), and never later than that; at once if it has served nobody since it loaded, or
+        if the client it served last has since asked for another model (one client switching models
+        is not kept waiting for a turnaround of its own that will not come). `tick` runs at this time
+        (`next_wakeup`)."""
         assert slot.wanted_since is not None
         bound = slot.wanted_since + self.rules.swap_delay
         if slot.in_flight:
             return bound
-        if slot.idle_since is None:
+        if slot.idle_since is None or slot.client_moved_on:
             return slot.wanted_since
         return min(bound, slot.idle_since + idle_grace(slot.gap))
 

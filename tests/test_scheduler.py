@@ -56,10 +56,12 @@ class Driver:
         self.log.extend(decisions)
         return decisions
 
-    def arrive(self, profile: str, *, wait: float = WAIT) -> tuple[int, list[Decision]]:
+    def arrive(
+        self, profile: str, *, wait: float = WAIT, client: str | None = None
+    ) -> tuple[int, list[Decision]]:
         self.next_id += 1
         return self.next_id, self._take(
-            self.s.request_arrived(self.next_id, profile, self.now, self.now + wait)
+            self.s.request_arrived(self.next_id, profile, self.now, self.now + wait, client)
         )
 
     def finish(self, request_id: int) -> list[Decision]:
@@ -743,6 +745,42 @@ def test_an_interleaved_burst_swaps_as_soon_as_the_loaded_models_burst_is_done()
     assert d.tick(wake) == [Stop("a", "making room for 'b'")]
     assert d.exited("a") == [Start("b")]
     assert d.ready("b") == [Dispatch(request, "b") for request in burst_b]
+
+
+def test_one_client_switching_models_is_not_kept_waiting_for_its_own_turnaround() -> None:
+    """A chat that moves from one model to another on the same connection: the first model has
+    answered and its client went elsewhere, so the swap starts at once, even after a closed loop
+    taught the scheduler to wait for that client's next request."""
+    d = Driver(make(swap_delay=2.0))
+    first, _ = d.arrive("a", client="conn-1")
+    d.ready("a")
+    for _ in range(3):  # a closed loop on 'a': its rhythm is learned
+        d.now += 0.001
+        d.finish(first)
+        d.now += 0.001
+        first, _ = d.arrive("a", client="conn-1")
+    d.now += 0.05
+    d.finish(first)
+    d.now += 0.001
+    switched, decisions = d.arrive("b", client="conn-1")
+    assert decisions == [Stop("a", "making room for 'b'")]
+    assert d.exited("a") == [Start("b")]
+    assert d.ready("b") == [Dispatch(switched, "b")]
+
+
+def test_another_clients_request_leaves_the_loaded_model_its_grace() -> None:
+    """The same shape from a different connection is the other client of a closed loop: the loaded
+    model keeps its short grace for its own client's next request."""
+    d = Driver(make(swap_delay=2.0))
+    first, _ = d.arrive("a", client="conn-1")
+    d.ready("a")
+    d.now += 0.05
+    d.finish(first)
+    d.now += 0.001
+    _, decisions = d.arrive("b", client="conn-2")
+    assert decisions == []
+    wake = d.s.next_wakeup()
+    assert wake is not None and 0 < wake - d.now <= GRACE_MIN
 
 
 # ---------------------------------------------------------------------------------------------- reload
