@@ -165,6 +165,10 @@ async def _read(request: web.Request, limit: int, timeout: float) -> bytes:
     not chunks plus their join."""
     content = request.content
     length = request.content_length
+    if content.is_eof() and length is not None:
+        # The whole body came with its head (the usual small request): nothing to wait for. aiohttp
+        # ends a body with a length exactly there, and the length was checked against the limit.
+        return content.read_nowait()
     whole = bytearray(length) if length is not None and length > PREALLOCATE_FROM else None
     parts: list[bytes] = []
     size = 0
