@@ -584,7 +584,7 @@ def _client_of(request: web.Request) -> Hashable | None:
     """The client's connection (its address and port), which the scheduler uses to tell a client
     switching models from one coming back to its own."""
     peer = request.transport.get_extra_info("peername") if request.transport is not None else None
-    return tuple(peer) if isinstance(peer, (tuple, list)) else peer
+    return tuple(peer) if isinstance(peer, (tuple, list)) and peer else None
 
 
 def _serving(lease: Lease) -> bool:
