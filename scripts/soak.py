@@ -158,7 +158,12 @@ async def client_loop(url: str, seed: int, until: float, tally: Tally) -> None:
 
 
 async def killer(
-    url: str, every: float, started: float, until: float, seen: set[int], kills: list[dict[str, Any]]
+    url: str,
+    every: float,
+    started: float,
+    until: float,
+    seen: dict[int, psutil.Process],
+    kills: list[dict[str, Any]],
 ) -> None:
     """SIGKILL one running upstream every `every` seconds; remember every upstream pid seen."""
     rng = random.Random(7)
@@ -170,7 +175,10 @@ async def killer(
                 async with session.get(url + "/running") as response:
                     running = (await response.json()).get("running", [])
                 pids = [(row.get("model"), row.get("pid")) for row in running if row.get("pid")]
-                seen.update(pid for _, pid in pids)
+                for _, pid in pids:
+                    if pid not in seen or not seen[pid].is_running():
+                        with contextlib.suppress(psutil.Error):
+                            seen[pid] = psutil.Process(pid)  # the pid and its start time
                 if pids and time.monotonic() >= next_kill:
                     model, pid = rng.choice(pids)
                     with contextlib.suppress(ProcessLookupError):
@@ -226,7 +234,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         tally = Tally()
         samples: list[dict[str, Any]] = []
         kills: list[dict[str, Any]] = []
-        seen: set[int] = set()
+        seen: dict[int, psutil.Process] = {}
         log_file = workdir / "router.log"
         async with (
             aiohttp.ClientSession() as session,
@@ -242,7 +250,11 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
             # Let the last requests finish, then take a final sample with the load gone.
             await sampler(router.process.pid, 0, time.monotonic(), started, samples)
             router_process = router.process
-        left = [pid for pid in seen if _alive(pid)]
+        # Upstreams get a moment to finish dying (a parent-death signal is delivered as the router exits);
+        # `is_running` compares start times, so a pid the system has since given to another process
+        # does not count.
+        _, alive = psutil.wait_procs([p for p in seen.values() if p.is_running()], timeout=3)
+        left = [process.pid for process in alive if _alive(process)]
         return {
             "minutes": args.minutes,
             "clients": args.clients,
@@ -259,9 +271,9 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         }
 
 
-def _alive(pid: int) -> bool:
+def _alive(process: psutil.Process) -> bool:
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
 
