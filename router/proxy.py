@@ -270,6 +270,13 @@ class Proxy:
         self.controller.upstream_unhealthy(lease.upstream, error.message)
         return error
 
+    def _broke_off(self, lease: Lease, exc: UpstreamError, limit: float) -> RouterError:
+        """The error for a client whose upstream broke off an answer under way: silent past `limit`
+        (a stall), or failed."""
+        if isinstance(exc, UpstreamTimeout):
+            return self._stalled(lease, limit)
+        return self._failed(lease, failed_mid_answer(lease.profile, exc))
+
     def _failed(self, lease: Lease, error: RouterError) -> RouterError:
         """An exchange with the upstream failed: for a peer, its health notes it and the error names
         it and where it is; the error for the client."""
@@ -325,10 +332,8 @@ class Proxy:
                 limit = stall_limit(self.controller.config.server, first_byte=False)
                 try:
                     data = await upstream.read(limit)
-                except UpstreamTimeout:
-                    raise self._stalled(lease, limit) from None
                 except UpstreamError as exc:
-                    raise self._failed(lease, failed_mid_answer(lease.profile, exc)) from None
+                    raise self._broke_off(lease, exc, limit) from None
                 whole = web.Response(
                     status=upstream.status,
                     body=rename.whole(data) if rename is not None else data,
@@ -378,10 +383,7 @@ class Proxy:
             if rename is not None and (rest := rename.flush()):
                 await response.write(rest)
         except UpstreamError as exc:
-            if isinstance(exc, UpstreamTimeout):
-                error = self._stalled(lease, chunks.timeout or 0)
-            else:
-                error = self._failed(lease, failed_mid_answer(lease.profile, exc))
+            error = self._broke_off(lease, exc, chunks.timeout or 0)
             log.warning("%s", error.message)
             request[RECORD].error = error.code
             if not is_sse:
@@ -544,12 +546,8 @@ class Proxy:
             except StopAsyncIteration:
                 await response.write_eof()
                 return
-            except UpstreamTimeout:
-                error = self._stalled(lease, limit)
-                await self._fail_stream(request, response, error.body(), error.code)
-                return
             except UpstreamError as exc:
-                error = self._failed(lease, failed_mid_answer(lease.profile, exc))
+                error = self._broke_off(lease, exc, limit)
                 await self._fail_stream(request, response, error.body(), error.code)
                 return
             await self._pump(request, response, lease, chunks, rename, is_sse, first)
