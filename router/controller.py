@@ -289,13 +289,21 @@ class Controller:
 
     # ------------------------------------------------------------------------------------------ requests
 
-    async def acquire(self, profile: str, *, fallback: bool = True, client: Hashable | None = None) -> Lease:
+    async def acquire(
+        self,
+        profile: str,
+        *,
+        fallback: bool = True,
+        client: Hashable | None = None,
+        arrived: float | None = None,
+    ) -> Lease:
         """Wait until `profile` runs and may take this request; raises RouterError otherwise. A
         peer's route (`<peer>/<model>`, no profile's name) is taken at once: the peer loads its own.
 
         When the profile's model is failed or cannot be loaded, its `fallback` profiles (or peer
         models) are tried in order; the lease then says which profile it was asked for. `client`
-        (the client's connection) lets the scheduler see a client move on from one model to another."""
+        (the client's connection) lets the scheduler see a client move on from one model to another;
+        `arrived` (on `now`'s clock) is when the request reached the router, if before now."""
         config = self.config.profiles.get(profile)
         if config is None:
             if self.peers.target(profile) is not None:
@@ -310,7 +318,7 @@ class Controller:
             if not last and local and self.view(name).failed:
                 continue  # known broken: go straight to the fallback
             try:
-                lease = await self._acquire(name, client) if local else self._take_peer(name)
+                lease = await self._acquire(name, client, arrived) if local else self._take_peer(name)
             except RouterError as exc:
                 if last or exc.code not in FALLBACK_CODES:
                     raise
@@ -327,11 +335,11 @@ class Controller:
             return lease
         raise AssertionError("unreachable: the last profile in the chain returns or raises")
 
-    async def _acquire(self, profile: str, client: Hashable | None) -> Lease:
+    async def _acquire(self, profile: str, client: Hashable | None, arrived: float | None) -> Lease:
         request_id = next(self._ids)
         now = self.now()
         decisions = self.scheduler.request_arrived(
-            request_id, profile, now, now + self.config.server.wait_timeout, client
+            request_id, profile, now, now + self.config.server.wait_timeout, client, arrived
         )
         if len(decisions) == 1:
             # The common case, a model that is ready: dispatched at once, no future to wait on.

@@ -158,9 +158,12 @@ class Proxy:
             record.model = profile
         started = asyncio.get_running_loop().time()
         client = _client_of(request)
+        # When it reached the router, on the controller's clock: it keeps its place before requests
+        # for other models that the scheduler hears of first.
+        arrived = self.controller.now() - (time.perf_counter() - record.started)
         if stream and self.loading_interval > 0 and not self.controller.accepting(profile):
             feedback = self._feedback(request, profile, requested or profile)
-            acquiring = asyncio.ensure_future(self._acquire_in_line(profile, feedback, client))
+            acquiring = asyncio.ensure_future(self._acquire_in_line(profile, feedback, client, arrived))
             try:
                 await asyncio.wait({acquiring}, timeout=self.loading_interval)
             except asyncio.CancelledError:
@@ -173,7 +176,7 @@ class Proxy:
             lease = self._lease(request, acquiring, started)
         else:
             try:
-                lease = await self.controller.acquire(profile, client=client)
+                lease = await self.controller.acquire(profile, client=client, arrived=arrived)
             except RouterError:
                 self._waited(request, started)
                 raise
@@ -404,12 +407,12 @@ class Proxy:
         return LoadingFeedback(name, chat and config is not None and config.loading_feedback == "reasoning")
 
     async def _acquire_in_line(
-        self, profile: str, feedback: LoadingFeedback, client: Hashable | None
+        self, profile: str, feedback: LoadingFeedback, client: Hashable | None, arrived: float | None = None
     ) -> Lease:
         """Acquire `profile`, noting the request's place in its queue in the very step it joins it
         (the controller queues it before its first await), so requests arriving together differ."""
         feedback.position = self.controller.view(profile).waiting + 1
-        return await self.controller.acquire(profile, client=client)
+        return await self.controller.acquire(profile, client=client, arrived=arrived)
 
     def _view(self, profile: str) -> ProfileView | None:
         try:

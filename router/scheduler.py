@@ -26,8 +26,9 @@ Resources = Mapping[str, int]
 LEASED_PREFIX = "rpc:"
 
 # An idle model that another one waits for is kept for its own clients' next request only this many
-# times their last gap (a request ending to the next one arriving), and at least GRACE_MIN seconds:
-# long enough for a closed loop's turnaround, far shorter than `swap_delay` once its demand stopped.
+# times their last gap (a request ending to the next one arriving, while the model stayed loaded), and
+# at least GRACE_MIN seconds: long enough for a closed loop's turnaround, far shorter than `swap_delay`
+# once its demand stopped.
 GRACE_GAPS = 4.0
 GRACE_MIN = 0.05
 
@@ -158,6 +159,7 @@ class _Slot:
     last_used: float = float("-inf")
     load_deadline: float | None = None
     wanted_since: float | None = None  # another profile waits for this one's resources
+    wanted_after: float | None = None  # when the first request of that other profile reached the router
     draining_since: float | None = None  # takes no new requests; stops once idle
     stop_is_failure: bool = False
     last_error: str = ""
@@ -305,10 +307,18 @@ class Scheduler:
     # ------------------------------------------------------------------------------------------ events
 
     def request_arrived(
-        self, request_id: int, profile: str, now: float, deadline: float, client: Hashable | None = None
+        self,
+        request_id: int,
+        profile: str,
+        now: float,
+        deadline: float,
+        client: Hashable | None = None,
+        arrived: float | None = None,
     ) -> list[Decision]:
         """A client asked for `profile`; serve it now, or queue it and make room. `client` (say, its
-        connection) tells a client that moved on to another model from one coming back to its own."""
+        connection) tells a client that moved on to another model from one coming back to its own.
+        `arrived` is when the request reached the router (default `now`): one that came before the
+        first request for another model is served by its loaded model even once that model drains."""
         if self._closing:
             return [Fail(request_id, FailReason.SHUTTING_DOWN, "the router is shutting down")]
         slot = self._slots[profile]
@@ -323,9 +333,11 @@ class Scheduler:
             return [Fail(request_id, FailReason.TOO_MANY_WAITING, message, self._retry_hint(slot, now))]
         slot.preload = False
         slot.preload_held = False
+        arrived = now if arrived is None else min(arrived, now)
         if slot.idle_since is not None:
-            # A pause longer than `swap_delay` is no client's loop: its demand had stopped.
-            gap = now - slot.idle_since
+            # A pause longer than `swap_delay` is no client's loop: its demand had stopped. (A pause
+            # that spans the model going away is none either: `_stop` forgets where it began.)
+            gap = max(0.0, arrived - slot.idle_since)
             slot.gap = gap if gap <= self.rules.swap_delay else None
             slot.idle_since = None
         slot.client_moved_on = False
@@ -333,9 +345,9 @@ class Scheduler:
             for other in self._slots.values():
                 if other is not slot and other.last_client == client and not other.in_flight:
                     other.client_moved_on = True
-        request = _Request(request_id, profile, now, deadline, client=client)
+        request = _Request(request_id, profile, arrived, deadline, client=client)
         self._requests[request_id] = request
-        if slot.accepting:
+        if slot.accepting or self._came_before_its_drain(slot, request):
             return [self._dispatch(request, slot, now)]
         slot.waiting.append(request_id)
         return self._place(now)
@@ -399,8 +411,9 @@ class Scheduler:
         slot = self._slots[profile]
         previous = slot.state
         decisions: list[Decision] = []
+        slot.idle_since = None
         slot.load_deadline = None
-        slot.wanted_since = None
+        slot.wanted_since = slot.wanted_after = None
         slot.draining_since = None
         if previous is State.STARTING and out_of_memory and not slot.oom_retried:
             slot.oom_retried = True
@@ -620,11 +633,24 @@ class Scheduler:
         slot.last_used = now
         return Dispatch(request.request_id, slot.spec.name)
 
+    @staticmethod
+    def _came_before_its_drain(slot: _Slot, request: _Request) -> bool:
+        """Whether `request` reached the router before the first request its draining model makes
+        room for: it was there first, so its model serves it before it goes, whatever `swap_delay`."""
+        return (
+            slot.state is State.READY
+            and slot.draining_since is not None
+            and not slot.stop_when_idle
+            and slot.wanted_after is not None
+            and request.arrived < slot.wanted_after
+        )
+
     def _stop(self, slot: _Slot, reason: str, cause: StopCause = StopCause.SWAP) -> Stop:
         slot.state = State.STOPPING
+        slot.idle_since = None  # the time it is away is no pause of its clients
         slot.stop_when_idle = False
         slot.load_deadline = None
-        slot.wanted_since = None
+        slot.wanted_since = slot.wanted_after = None
         slot.draining_since = None
         return Stop(slot.spec.name, reason, cause)
 
@@ -664,7 +690,7 @@ class Scheduler:
             break  # head of line: later waiters do not take the memory this one is waiting for
         for slot in self._slots.values():
             if slot.spec.name not in wanted_victims and slot.state is State.READY and not slot.stop_when_idle:
-                slot.wanted_since = None
+                slot.wanted_since = slot.wanted_after = None
                 if slot.draining_since is not None:
                     slot.draining_since = None
                     while slot.waiting:
@@ -736,6 +762,9 @@ class Scheduler:
                 continue
             if victim.wanted_since is None:
                 victim.wanted_since = now
+                # Requests for it that reached the router before the first one it makes way for are
+                # still its own to serve (`_came_before_its_drain`).
+                victim.wanted_after = self._requests[wanted.waiting[0]].arrived
             if now >= self._release_at(victim):
                 if victim.in_flight:
                     victim.draining_since = now
