@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import socket
+import struct
 import time
 from collections import deque
 from collections.abc import Callable
@@ -95,7 +96,92 @@ async def listens_on_unix_sockets(profile: ResolvedProfile) -> bool:
 
 def owns_listener(pid: int, port: int) -> bool:
     """Whether the TCP socket listening on `port` belongs to process `pid` or one of its descendants
-    (a wrapper script's llama-server), rather than to another process that took the port."""
+    (a wrapper script's llama-server), rather than to another process that took the port.
+
+    Asked every readiness poll until it holds, so it is cheap where it can be: on Linux the kernel
+    lists just the listening sockets (sock_diag over netlink, as `ss -l` asks), whose inodes are looked
+    for among the child's own descriptors first, its descendants only if need be: about a hundred µs,
+    where reading /proc/net/tcp or psutil's connection table walks every socket of the machine (tens
+    of ms on a busy one). Elsewhere psutil answers."""
+    inodes = _listening_inodes(port)
+    if inodes is None:
+        return _owns_listener_by_psutil(pid, port)
+    if not inodes:
+        return False
+    if _holds_socket(pid, inodes):
+        return True
+    try:
+        descendants = [child.pid for child in psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return False
+    return any(_holds_socket(child, inodes) for child in descendants)
+
+
+_NETLINK_SOCK_DIAG = 4
+_SOCK_DIAG_BY_FAMILY = 20
+_NLM_F_REQUEST_DUMP = 0x1 | 0x300
+_NLMSG_ERROR, _NLMSG_DONE = 2, 3
+_TCP_LISTEN = 10
+_NLMSG_HEADER = struct.Struct("=IHHII")  # length, type, flags, sequence, port id
+_DIAG_REQUEST = struct.Struct("=BBBBI48x")  # family, protocol, extensions, pad, states; a zero sockid
+_DIAG_MESSAGE = struct.Struct("=BBBB2s46x5I")  # family, state, timer, retrans, sport; ...; inode last
+
+
+def _listening_inodes(port: int) -> set[str] | None:
+    """The inodes of the TCP sockets listening on `port` (IPv4 and IPv6), from the kernel's own list
+    of listening sockets; None where there is no sock_diag (not Linux)."""
+    if not hasattr(socket, "AF_NETLINK"):
+        return None
+    inodes: set[str] = set()
+    wanted = struct.pack("!H", port)
+    try:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_SOCK_DIAG) as link:
+            for family in (socket.AF_INET, socket.AF_INET6):
+                request = _DIAG_REQUEST.pack(family, socket.IPPROTO_TCP, 0, 0, 1 << _TCP_LISTEN)
+                header = _NLMSG_HEADER.pack(
+                    _NLMSG_HEADER.size + len(request), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST_DUMP, 1, 0
+                )
+                link.sendall(header + request)
+                done = False
+                while not done:
+                    data = link.recv(65536)
+                    offset = 0
+                    while offset + _NLMSG_HEADER.size <= len(data):
+                        length, kind, *_ = _NLMSG_HEADER.unpack_from(data, offset)
+                        if kind == _NLMSG_DONE:
+                            done = True
+                            break
+                        if kind == _NLMSG_ERROR or length < _NLMSG_HEADER.size:
+                            return None
+                        body = offset + _NLMSG_HEADER.size
+                        if len(data) >= body + _DIAG_MESSAGE.size:
+                            _, state, _, _, sport, *rest = _DIAG_MESSAGE.unpack_from(data, body)
+                            if state == _TCP_LISTEN and sport == wanted:
+                                inodes.add(str(rest[-1]))
+                        offset += (length + 3) & ~3
+    except OSError:
+        return None
+    return inodes
+
+
+def _holds_socket(pid: int, inodes: set[str]) -> bool:
+    """Whether process `pid` has one of these sockets among its file descriptors."""
+    wanted = {f"socket:[{inode}]" for inode in inodes}
+    directory = f"/proc/{pid}/fd"
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return False
+    for name in names:
+        try:
+            if os.readlink(f"{directory}/{name}") in wanted:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _owns_listener_by_psutil(pid: int, port: int) -> bool:
     try:
         root = psutil.Process(pid)
         processes = [root, *root.children(recursive=True)]
