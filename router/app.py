@@ -13,19 +13,19 @@ import gc
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from aiohttp import web
 
 from .access_log import IN_FLIGHT, RECORD, InFlight, log_request
 from .api import Api
-from .auth import KeyRing, Keys, auth_middleware, key_accepted, resolve_keys, warn_if_open
-from .browser_guard import browser_guard, own_host
-from .client_limits import LINGER, MIB, CappedSite, body_limits, connection_cap, raise_fd_limit
+from .auth import KeyRing, Keys, key_accepted, key_check, resolve_keys, warn_if_open
+from .browser_guard import browser_check, own_host
+from .client_limits import LINGER, MIB, CappedSite, body_reader, connection_cap, raise_fd_limit
 from .config import RouterConfig
 from .controller import Controller
-from .cors import cors_headers, cors_preflight
+from .cors import cors_headers, preflight_check
 from .dashboard import Dashboard
 from .errors import RouterError, error_response, printable
 from .metrics import CONTENT_TYPE_LATEST as METRICS_CONTENT_TYPE
@@ -47,6 +47,9 @@ DASHBOARD: web.AppKey[Dashboard] = web.AppKey("dashboard", Dashboard)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
+# A rule a request meets before its handler runs: the answer that ends it there (a refusal, a
+# preflight's), or None to go on.
+Check = Callable[[web.Request], web.StreamResponse | None]
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
 
@@ -62,12 +65,21 @@ def _error_response(request: web.Request, exc: Exception) -> web.StreamResponse:
     return error_response(500, "internal router error; see the router's log", code="internal_error")
 
 
-def each_request(in_flight: InFlight, metrics: Metrics, dashboard: Dashboard) -> Middleware:
-    """The outermost middleware: every request's record, from its arrival to its last byte.
+def each_request(
+    in_flight: InFlight,
+    metrics: Metrics,
+    dashboard: Dashboard,
+    checks: Sequence[Check],
+    read_body: Callable[[web.Request], Awaitable[None]],
+) -> Middleware:
+    """The router's one middleware: every request's record, from its arrival to its last byte.
 
-    It counts the request in flight, turns failures into OpenAI-shaped answers, sends an answer the
-    handler returned unsent, and when the request ends (however it ends) counts it in the metrics
-    and the activity log (requests for a model) and writes its access line."""
+    It counts the request in flight, applies `checks` in order (the browser guard, CORS preflights,
+    keys: the first answer ends the request there), reads the body within its limits, turns failures
+    into OpenAI-shaped answers, sends an answer the handler returned unsent, and when the request
+    ends (however it ends) counts it in the metrics and the activity log (requests for a model) and
+    writes its access line. One middleware rather than one per rule: each layer costs every request
+    a coroutine and a call through aiohttp's chain."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -79,7 +91,13 @@ def each_request(in_flight: InFlight, metrics: Metrics, dashboard: Dashboard) ->
         response: web.StreamResponse | None = None
         try:
             try:
-                response = await handler(request)
+                for check in checks:
+                    response = check(request)
+                    if response is not None:
+                        break
+                else:
+                    await read_body(request)
+                    response = await handler(request)
             except RouterError as exc:
                 record.error = exc.code
                 response = _error_response(request, exc)
@@ -128,16 +146,16 @@ def build_app(config: RouterConfig) -> web.Application:
     api = Api(controller, proxy)
     dashboard = Dashboard(controller, api, key_ring)
     # Keys are always checked: a reload may add keys to a router that started without any.
-    middlewares: list[Any] = [
-        each_request(in_flight, metrics, dashboard),
-        browser_guard(key_ring, lambda: controller.config.server),
-        cors_preflight(lambda: controller.config.server.cors_origins),
-        auth_middleware(key_ring),
-        body_limits(
-            lambda: int(controller.config.server.max_body_mb * MIB),
-            lambda: controller.config.server.body_timeout,
-        ),
-    ]
+    checks = (
+        browser_check(key_ring, lambda: controller.config.server),
+        preflight_check(lambda: controller.config.server.cors_origins),
+        key_check(key_ring),
+    )
+    read_body = body_reader(
+        lambda: int(controller.config.server.max_body_mb * MIB),
+        lambda: controller.config.server.body_timeout,
+    )
+    middlewares: list[Any] = [each_request(in_flight, metrics, dashboard, checks, read_body)]
     app = web.Application(middlewares=middlewares, client_max_size=int(config.server.max_body_mb * MIB))
 
     def strip_auth_while_keys_are_set(keys: Keys) -> None:

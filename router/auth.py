@@ -14,7 +14,7 @@ import hmac
 import ipaddress
 import logging
 import os
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -23,8 +23,6 @@ from .config import ConfigError, ServerConfig
 from .errors import error_response, printable
 
 log = logging.getLogger("llama_router")
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 OPEN_PATHS = frozenset({"/health", "/", "/ui"})
 OPEN_PREFIXES = ("/ui/",)  # the dashboard's static files: the page asks for a key itself
@@ -162,13 +160,13 @@ def _unauthorized(message: str) -> web.Response:
     )
 
 
-def auth_middleware(ring: KeyRing) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
-    """The middleware enforcing the keys `ring` holds when each request arrives (none: it lets all in)."""
+def key_check(ring: KeyRing) -> Callable[[web.Request], web.StreamResponse | None]:
+    """The check enforcing the keys `ring` holds when each request arrives (none: it lets all in):
+    the refusal to answer with, or None to go on. The router's one middleware runs it."""
 
-    @web.middleware
-    async def check_key(request: web.Request, handler: Handler) -> web.StreamResponse:
+    def check_key(request: web.Request) -> web.StreamResponse | None:
         if not ring.enabled or is_open(request.path):
-            return await handler(request)
+            return None
         keys = ring.keys
         key = presented_key(request)
         if keys.admin and is_admin_request(request):
@@ -184,12 +182,12 @@ def auth_middleware(ring: KeyRing) -> Callable[[web.Request, Handler], Awaitable
                         code="admin_key_required",
                     )
                 return _unauthorized("invalid admin key")
-            return await handler(request)
+            return None
         if keys.api:
             if key is None:
                 return _unauthorized("missing API key: send 'Authorization: Bearer <key>'")
             if not (_matches(key, keys.api) or _matches(key, keys.admin)):
                 return _unauthorized("invalid API key")
-        return await handler(request)
+        return None
 
     return check_key

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import socket
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from urllib.parse import urlsplit
 
@@ -33,7 +33,6 @@ from .config import ServerConfig
 from .cors import allowed_origin
 from .errors import error_response, printable
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 FOREIGN_SITES = frozenset({"cross-site", "same-site"})  # Sec-Fetch-Site values of other origins
 
@@ -90,18 +89,18 @@ def changes_state(request: web.Request) -> bool:
     return request.method not in SAFE_METHODS or is_admin_request(request)
 
 
-def browser_guard(
+def browser_check(
     ring: KeyRing, settings: Callable[[], ServerConfig]
-) -> Callable[..., Awaitable[web.StreamResponse]]:
-    """The middleware applying the module's rules while `ring` holds no keys; `settings` gives the
-    `server` section as it is now (a reload may change its names)."""
+) -> Callable[[web.Request], web.StreamResponse | None]:
+    """The check applying the module's rules while `ring` holds no keys: the refusal to answer with,
+    or None to go on (the router's one middleware runs it); `settings` gives the `server` section as
+    it is now (a reload may change its names)."""
     checked: dict[str, bool] = {}  # Host values seen, and whether each is the router's own
     checked_for: list[ServerConfig] = []  # the settings `checked` holds answers for
 
-    @web.middleware
-    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    def guard(request: web.Request) -> web.StreamResponse | None:
         if ring.enabled or is_open(request.path):
-            return await handler(request)
+            return None
         server = settings()
         host = request.headers.get("Host")
         if host is not None:
@@ -133,6 +132,6 @@ def browser_guard(
                 "the router runs without API keys",
                 code="cross_origin_refused",
             )
-        return await handler(request)
+        return None
 
     return guard

@@ -30,7 +30,6 @@ from .errors import RouterError, error_body
 
 log = logging.getLogger("llama_router")
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MIB = 1024 * 1024
 # Connections kept for upstreams, log files and the like when the cap is derived from the fd limit.
 RESERVED_FDS = 128
@@ -141,20 +140,21 @@ class CappedSite(web.TCPSite):
         )
 
 
-def body_limits(max_bytes: Callable[[], int], timeout: Callable[[], float]) -> Callable[..., Any]:
-    """The middleware that reads a request's body, if it has one, before the handler does: 413 for
-    a `Content-Length` over `max_bytes()` (nothing read) or a body that grows past it, 408 for one
-    silent `timeout()` seconds. Handlers then get the body from `request.read()` at once."""
+def body_reader(
+    max_bytes: Callable[[], int], timeout: Callable[[], float]
+) -> Callable[[web.Request], Awaitable[None]]:
+    """What reads a request's body, if it has one, before the handler does (the router's one
+    middleware awaits it): 413 for a `Content-Length` over `max_bytes()` (nothing read) or a body
+    that grows past it, 408 for one silent `timeout()` seconds, raised as RouterError. Handlers then
+    get the body from `request.read()` at once."""
 
-    @web.middleware
-    async def read_body(request: web.Request, handler: Handler) -> web.StreamResponse:
+    async def read_body(request: web.Request) -> None:
         if request.body_exists and request._read_bytes is None:
             limit = max_bytes()
             length = request.content_length
             if length is not None and length > limit:
                 raise _too_large(request, limit)
             request._read_bytes = await _read(request, limit, timeout())
-        return await handler(request)
 
     return read_body
 

@@ -12,7 +12,6 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from aiohttp import web
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Origins = Callable[[], Sequence[str]]
 ALLOW_METHODS = "GET, POST, DELETE, OPTIONS"
 PREFLIGHT_MAX_AGE = "600"
@@ -27,12 +26,12 @@ def allowed_origin(origin: str | None, origins: Sequence[str]) -> bool:
     )
 
 
-def cors_preflight(origins: Origins) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
-    """The middleware answering a browser's preflight (`OPTIONS` with `Access-Control-Request-Method`)
-    from an allowed origin; any other request goes on as it is."""
+def preflight_check(origins: Origins) -> Callable[[web.Request], web.StreamResponse | None]:
+    """The check answering a browser's preflight (`OPTIONS` with `Access-Control-Request-Method`)
+    from an allowed origin; any other request goes on as it is (None). The router's one middleware
+    runs it."""
 
-    @web.middleware
-    async def preflight(request: web.Request, handler: Handler) -> web.StreamResponse:
+    def preflight(request: web.Request) -> web.StreamResponse | None:
         if (
             request.method == "OPTIONS"
             and "Access-Control-Request-Method" in request.headers
@@ -44,7 +43,7 @@ def cors_preflight(origins: Origins) -> Callable[[web.Request, Handler], Awaitab
                 "Access-Control-Max-Age": PREFLIGHT_MAX_AGE,
             }
             return web.Response(status=204, headers=headers)
-        return await handler(request)
+        return None
 
     return preflight
 
