@@ -124,13 +124,14 @@ class ActivityStore:
 
     Every SQLite call runs on the store's own thread (one connection, never shared); `add` only
     queues the row, and a flush `FLUSH_DELAY` later writes what queued up in one transaction.
-    `on_written` is called (on the event loop) with the rows each flush wrote, ids included.
+    `on_written` is called (on the event loop) with the id of the first row each flush wrote and the
+    rows (ids follow on): a reader that keeps only the newest few turns only those into dicts.
     """
 
     def __init__(self, path: Path, *, max_rows: int = MAX_ROWS) -> None:
         self.path = path
         self.max_rows = max_rows
-        self.on_written: Callable[[list[dict[str, Any]]], None] | None = None
+        self.on_written: Callable[[int, Sequence[ActivityRow]], None] | None = None
         self._pending: list[ActivityRow] = []
         self._flush: asyncio.TimerHandle | None = None
         self._writing: asyncio.Future[None] | None = None
@@ -179,15 +180,16 @@ class ActivityStore:
         try:
             while self._pending:
                 rows, self._pending = self._pending, []
-                written = await self._run(self._write, rows)
-                if written and self.on_written is not None:
-                    self.on_written(written)
+                first = await self._run(self._write, rows)
+                if first is not None and self.on_written is not None:
+                    self.on_written(first, rows)
         finally:
             self._writing = None
 
-    def _write(self, rows: Sequence[ActivityRow]) -> list[dict[str, Any]]:
+    def _write(self, rows: Sequence[ActivityRow]) -> int | None:
+        """Write `rows`; the id of the first (None if nothing was written)."""
         if self._db is None:
-            return []
+            return None
         try:
             with self._db:
                 self._db.executemany(_INSERT, rows)
@@ -195,9 +197,8 @@ class ActivityStore:
                 self._db.execute("DELETE FROM activity WHERE id <= ?", (last - self.max_rows,))
         except sqlite3.Error as exc:
             log.warning("could not write %d activity row(s) to %s: %s", len(rows), self.path, exc)
-            return []
-        first = last - len(rows) + 1
-        return [{"id": first + index, **row._asdict()} for index, row in enumerate(rows)]
+            return None
+        return int(last) - len(rows) + 1
 
     async def close(self) -> None:
         """Write what is queued and close the file."""

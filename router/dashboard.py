@@ -29,6 +29,7 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from typing import Any
 from aiohttp import web
 
 from .access_log import RECORD
-from .activity import ActivityStore, row_for
+from .activity import ActivityRow, ActivityStore, row_for
 from .api import Api, FollowableLog
 from .auth import KeyRing, Keys, presented_key
 from .config import ResolvedProfile, RouterConfig
@@ -239,8 +240,12 @@ class Dashboard:
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(REQUESTS_INTERVAL, self._send_requests)
 
-    def _rows_written(self, rows: list[dict[str, Any]]) -> None:
-        self._written.extend(rows)
+    def _rows_written(self, first: int, rows: Sequence[ActivityRow]) -> None:
+        # Only the newest EVENT_ROWS are carried: only those become dicts.
+        kept = rows[-EVENT_ROWS:]
+        start = first + len(rows) - len(kept)
+        self._dropped += len(rows) - len(kept)
+        self._written.extend({"id": start + index, **row._asdict()} for index, row in enumerate(kept))
         if len(self._written) > EVENT_ROWS:
             self._dropped += len(self._written) - EVENT_ROWS
             del self._written[:-EVENT_ROWS]

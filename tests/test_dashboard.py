@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,15 +83,19 @@ async def test_activity_is_bounded_filtered_exported_and_kept_in_its_file(tmp_pa
     path = tmp_path / "state" / "activity.sqlite3"
     store = ActivityStore(path, max_rows=5)
     await store.open()
-    written: list[dict[str, Any]] = []
-    store.on_written = written.extend
+    written: list[int] = []
+
+    def on_written(first: int, rows: Sequence[ActivityRow]) -> None:
+        written.extend(range(first, first + len(rows)))
+
+    store.on_written = on_written
     for index in range(4):
         store.add(row("a", prompt_tokens=index))
     for status in (404, 503):
         store.add(row("b", status=status, error="model_not_found" if status == 404 else None))
     store.add(row("c", served_by="b"))
     await store.flush()
-    assert [entry["id"] for entry in written] == [1, 2, 3, 4, 5, 6, 7]
+    assert written == [1, 2, 3, 4, 5, 6, 7]
 
     rows = await store.query()
     assert [entry["id"] for entry in rows] == [7, 6, 5, 4, 3], "newest first, the oldest two dropped"
