@@ -25,20 +25,19 @@ import contextlib
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from scripts.bench import SMALL_CHAT, fast_profiles, port_of, run_loadgen, upstream_of  # noqa: E402
-from scripts.benchlib import chat, free_port, wait_healthy  # noqa: E402
+from scripts.benchlib import chat, running_router  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -50,23 +49,22 @@ def cpu_seconds(pid: int) -> float:
 
 
 @contextlib.asynccontextmanager
-async def tree_router(session: aiohttp.ClientSession, tree: Path, workdir: Path, log_level: str) -> Any:
-    """The router of `tree`, started by its own command line; yields (url, pid)."""
-    port = free_port()
-    config = workdir / f"profiles-{port}.yaml"
-    server = {"port": port, "state_dir": str(workdir / f"state-{port}"), "max_resident": 1}
-    config.write_text(yaml.safe_dump({"server": server, "profiles": fast_profiles(workdir)}))
-    command = [sys.executable, "-m", "router", "--log-level", log_level, "serve", "-c", str(config)]
-    env = {**os.environ, "PYTHONPATH": str(tree)}
-    with (workdir / f"router-{port}.log").open("ab") as log:
-        process = subprocess.Popen(command, cwd=tree, env=env, stdout=log, stderr=log)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        await wait_healthy(session, url, interval=0.01)
-        yield url, process.pid
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+async def tree_router(
+    session: aiohttp.ClientSession, tree: Path, workdir: Path, log_level: str
+) -> AsyncIterator[tuple[str, int]]:
+    """The router of `tree`, started by its own command line, its log to a file; yields (url, pid)."""
+    state = workdir / f"state-{len(list(workdir.glob('state-*')))}"
+    async with running_router(
+        session,
+        workdir,
+        fast_profiles(workdir),
+        log_level=log_level,
+        log_file=state.with_suffix(".log"),
+        tree=tree,
+        state_dir=str(state),
+        max_resident=1,
+    ) as router:
+        yield router.url, router.process.pid
 
 
 def spread(values: list[float]) -> dict[str, Any]:

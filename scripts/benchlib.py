@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import socket
 import statistics
 import subprocess
@@ -68,18 +69,25 @@ async def running_router(
     *,
     log_level: str = "WARNING",
     log_file: Path | None = None,
+    tree: Path = ROOT,
     **server: Any,
 ) -> AsyncIterator[RunningRouter]:
-    """Run `llama-router serve` on a config of these profiles (its log to `log_file`, else inherited)."""
+    """Run `llama-router serve` on a config of these profiles (its log to `log_file`, else inherited),
+    from this checkout or another `tree` (an older commit's, to hold a change against it)."""
     port = free_port()
     config_path = workdir / f"profiles-{port}.yaml"
-    # Upstreams on loopback ports, not Unix sockets: the direct figures reach them over TCP too.
-    server = {"port": port, "state_dir": str(workdir / "state"), "upstream_sockets": False, **server}
+    # Upstreams on loopback ports, not Unix sockets: the direct figures reach them over TCP too
+    # (trees from before the sockets know no such setting, and use ports anyway).
+    sockets = "upstream_sockets" in (tree / "router" / "config.py").read_text()
+    server = {"port": port, "state_dir": str(workdir / "state"), **server}
+    if sockets:
+        server.setdefault("upstream_sockets", False)
     config_path.write_text(yaml.safe_dump({"server": server, "profiles": profiles}))
     command = [sys.executable, "-m", "router", "--log-level", log_level, "serve", "-c", str(config_path)]
+    environment = {**os.environ, "PYTHONPATH": str(tree)}
     with contextlib.ExitStack() as files:
         log = files.enter_context(log_file.open("ab")) if log_file is not None else None
-        process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=log)
+        process = subprocess.Popen(command, cwd=tree, env=environment, stdout=log, stderr=log)
         url = f"http://127.0.0.1:{port}"
         try:
             await wait_healthy(session, url, interval=0.01)
@@ -91,10 +99,10 @@ async def running_router(
 
 @contextlib.asynccontextmanager
 async def router_process(
-    session: aiohttp.ClientSession, workdir: Path, profiles: dict[str, Any], **server: Any
+    session: aiohttp.ClientSession, workdir: Path, profiles: dict[str, Any], tree: Path = ROOT, **server: Any
 ) -> AsyncIterator[str]:
-    """Run `llama-router serve` on a config of these profiles; yields its base URL."""
-    async with running_router(session, workdir, profiles, **server) as router:
+    """Run `llama-router serve` on a config of these profiles (from `tree`); yields its base URL."""
+    async with running_router(session, workdir, profiles, tree=tree, **server) as router:
         yield router.url
 
 
