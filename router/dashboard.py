@@ -53,7 +53,7 @@ from .events import (
     RequestsChanged,
     Unhealthy,
 )
-from .logging_setup import TEXT_FORMAT
+from .logging_setup import TextFormatter
 from .metrics import status_value
 from .pagecache import cached_bytes
 from .reload import reload_status
@@ -139,11 +139,13 @@ class _RouterLogHandler(logging.Handler):
         self.buffer = buffer
         self.loop = loop
         self.loop_thread = threading.get_ident()
-        self.setFormatter(logging.Formatter(TEXT_FORMAT))
+        self.setFormatter(TextFormatter())
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # A filter, not a test in `emit`: a line turned away here costs no lock (one per request).
+        return record.levelno >= logging.WARNING or record.name != "llama_router.access"
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.name == "llama_router.access" and record.levelno < logging.WARNING:
-            return
         try:
             line = self.format(record)
         except Exception:

@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from router.logging_setup import JsonFormatter, setup_logging
+from router.logging_setup import TEXT_FORMAT, JsonFormatter, TextFormatter, setup_logging
 from tests.conftest import RouterFactory, fake_profile
 from tests.router_process import RouterProcess, write_config
 
@@ -157,3 +157,13 @@ async def test_json_log_format_end_to_end(
     messages = " | ".join(router.messages())
     for lifecycle in ("listening on", "spawned a", "a ready in", "stopping a", "a stopped", "stopped in"):
         assert lifecycle in messages, lifecycle
+
+
+def test_the_text_lines_time_made_once_a_second_reads_as_the_standard_formatters() -> None:
+    """Lines within one second, across a second's end and back in time (a clock set back) read as
+    logging's own formatter writes them."""
+    ours, standard = TextFormatter(), logging.Formatter(TEXT_FORMAT)
+    for created in (1700000000.001, 1700000000.999, 1700000001.0, 1700000001.5, 1699999999.25):
+        record = logging.LogRecord("llama_router.access", logging.INFO, "", 0, "GET %s", ("/health",), None)
+        record.created, record.msecs = created, int((created - int(created)) * 1000)
+        assert ours.format(record) == standard.format(record)
