@@ -347,10 +347,9 @@ class Controller:
             if type(decision) is Dispatch and decision.request_id == request_id:
                 ready = self.upstreams.get(decision.profile)
                 if ready is not None:
-                    self._arm_timer()
-                    return Lease(
-                        request_id, profile, ready, self.now() - now, served_name=ready.profile.served_name
-                    )
+                    # No timer to re-arm: a dispatch only makes its model busy, which moves no
+                    # deadline earlier (a timer that fires early finds nothing due and re-arms).
+                    return Lease(request_id, profile, ready, self.now() - now, served_name=ready.served_name)
         future: asyncio.Future[Upstream] = asyncio.get_running_loop().create_future()
         self._waiters[request_id] = future
         self._apply(decisions)
@@ -362,9 +361,7 @@ class Controller:
             self._waiters.pop(request_id, None)
             self._apply(self.scheduler.request_finished(request_id, self.now()))
             raise
-        return Lease(
-            request_id, profile, upstream, self.now() - now, served_name=upstream.profile.served_name
-        )
+        return Lease(request_id, profile, upstream, self.now() - now, served_name=upstream.served_name)
 
     def _take_peer(self, route: str) -> Lease:
         link, model = self.peers.take(route)

@@ -379,8 +379,15 @@ class Scheduler:
                     StopCause.UNLOAD if slot.stop_when_idle else StopCause.SWAP,
                 )
             )
+        if not decisions and self._nobody_waits():
+            return decisions  # the common end of a request: nothing to place (it frees no memory)
         decisions.extend(self._place(now))
         return decisions
+
+    def _nobody_waits(self) -> bool:
+        """Whether no request waits and no model is held or drained for one: `_place` has nothing to
+        decide until a process event (which frees or takes memory) or a new request."""
+        return not any(slot.waiting or slot.wanted_since is not None for slot in self._slots.values())
 
     def process_ready(self, profile: str, now: float) -> list[Decision]:
         """The upstream of `profile` answers `/health`; hand it its queue."""

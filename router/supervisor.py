@@ -218,6 +218,7 @@ class Upstream:
         socket_dir: Path | None = None,
     ) -> None:
         self.profile = profile
+        self.served_name = profile.served_name  # read by every request's lease: worked out once
         self.extra_args = extra_args or []
         self.host = host
         self.port = 0
