@@ -108,7 +108,28 @@ async def test_a_process_that_took_the_port_first_receives_nothing(
     assert f"couldn't bind HTTP server socket, hostname: 127.0.0.1, port: {impostor.port}" in log
 
 
-def test_a_port_is_owned_by_the_process_listening_on_it_or_its_children() -> None:
+LISTENING_CHILD = (
+    "import socket, sys, time\n"
+    "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen()\n"
+    "print(s.getsockname()[1], flush=True); time.sleep(30)\n"
+)
+
+
+@pytest.mark.parametrize("answered_by", ["the kernel's listening sockets", "psutil"])
+def test_a_port_is_owned_by_the_process_listening_on_it_or_its_children(
+    answered_by: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if answered_by == "psutil":  # what answers where there is no sock_diag (macOS, BSD)
+        monkeypatch.setattr(supervisor, "_listening_inodes", lambda port: None)
+    child = subprocess.Popen([sys.executable, "-c", LISTENING_CHILD], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        child_port = int(child.stdout.readline())
+        assert supervisor.owns_listener(psutil.Process().pid, child_port), "a descendant's listener"
+        assert supervisor.owns_listener(child.pid, child_port)
+    finally:
+        child.kill()
+        child.wait()
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen()
