@@ -46,7 +46,7 @@ from .metrics import status_value
 from .model_manager import ModelManager
 from .proxy import Proxy
 from .reload import RELOADER
-from .request_rules import model_in_body
+from .request_rules import MODEL_READ_PATHS, model_in_body
 from .scheduler import ProfileView, State
 
 log = logging.getLogger("llama_router.api")
@@ -663,11 +663,13 @@ class Api:
     # ------------------------------------------------------------------------------------------ fallback
 
     async def fallback(self, request: web.Request) -> web.StreamResponse:
-        """Unknown paths: a GET that names a model with `?model=` goes to that model's upstream (as
-        llama-server's router mode does); everything else is a 404, never a catch-all 200, so clients
-        probing for other server types (`/api/tags`, `/api/v1/models`) are not misled."""
-        if request.method == "GET" and request.query.get("model"):
-            return await self.proxy.handle_get(request)
-        raise RouterError(
-            404, f"no such endpoint: {request.method} {printable(request.path)}", code="not_found"
-        )
+        """Unknown paths: a 404, never a catch-all 200, so clients probing for other server types
+        (`/api/tags`, `/api/v1/models`) are not misled; a GET with `?model=` reaches a model's own
+        server only on `MODEL_READ_PATHS`, which have routes of their own."""
+        message = f"no such endpoint: {request.method} {printable(request.path)}"
+        if request.query.get("model"):
+            message += (
+                f"; with ?model= only {', '.join(MODEL_READ_PATHS)} reach a model's own server "
+                "(/upstream/<model>/... reaches the rest, with an admin key)"
+            )
+        raise RouterError(404, message, code="not_found")

@@ -187,7 +187,10 @@ def build_app(config: RouterConfig) -> web.Application:
                 body["reload"] = reload
         return web.json_response(body)
 
-    async def metrics_page(_: web.Request) -> web.Response:
+    async def metrics_page(request: web.Request) -> web.StreamResponse:
+        """The router's metrics; with `?model=`, that model's own (llama-server's `--metrics`)."""
+        if request.query.get("model"):
+            return await proxy.handle_get(request)
         return web.Response(body=metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
     app.router.add_get("/health", health)

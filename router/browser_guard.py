@@ -100,7 +100,7 @@ def browser_guard(
 
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if ring.enabled or is_open(request.path):
+        if ring.enabled or is_open(request):
             return await handler(request)
         server = settings()
         host = request.headers.get("Host")
