@@ -86,7 +86,7 @@ def describe_profile(config: RouterConfig, name: str) -> list[tuple[str, str]]:
         lines.append(("hf", profile.hf))
     if profile.mmproj_path is not None:
         lines.append(("mmproj", str(profile.mmproj_path)))
-    command = " ".join(profile.command("127.0.0.1", 0)).replace(" --port 0", " --port <auto>")
+    command = " ".join(profile.shown_command()).replace(" --port 0", " --port <auto>")
     lines.append(("command", command))
     if profile.rpc:
         lines.append(("rpc", ", ".join(profile.rpc)))

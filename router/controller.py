@@ -494,7 +494,7 @@ class Controller:
         self.upstreams[name] = upstream
         self._tallies[name] = BufferTally.of(profile, self.devices)
         self.emit(Loading(name))
-        self.logs[name].append(f"[llama-router] starting: {' '.join(profile.command('127.0.0.1', 0))}")
+        self.logs[name].append(f"[llama-router] starting: {' '.join(profile.shown_command())}")
         try:
             await upstream.spawn()
         except OSError as exc:

@@ -30,6 +30,7 @@ import psutil
 
 from .config import ResolvedProfile
 from .lifeline import lifeline
+from .redact import scrub, secret_values
 
 log = logging.getLogger("llama_router.upstream")
 
@@ -142,6 +143,8 @@ class Upstream:
         self.health_interval = health_interval
         self.owner_tag = owner_tag
         self.on_output = on_output
+        # Secret values of its command line and environment, cut from its output before it is kept.
+        self._secrets = secret_values([*profile.args, *self.extra_args], profile.env)
         self.process: asyncio.subprocess.Process | None = None
         self.spawned_at = 0.0
         self.ready_at = 0.0
@@ -240,7 +243,7 @@ class Upstream:
                 raw = await process.stdout.read(64 * 1024)
             if not raw:
                 return
-            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            line = scrub(raw.decode("utf-8", "replace").rstrip("\r\n"), self._secrets)
             self.log.append(line)
             if not self._says_ready.is_set() and any(mark in line for mark in READY_MARKS):
                 self._says_ready.set()

@@ -20,7 +20,8 @@ import pytest
 from router.activity import ActivityRow, ActivityStore
 from router.auth import Keys
 from router.browser_guard import host_name, own_host
-from router.dashboard import key_labels, redacted_args
+from router.dashboard import key_labels
+from router.redact import redacted_args
 from router.request_rules import Timings, parse_timings
 
 from .conftest import RouterFactory, fake_profile, wait_until
@@ -255,10 +256,40 @@ async def test_config_shows_the_profiles_but_never_keys_or_secrets(
     for secret in ("user-key", "admin-key", "upstream-secret", "hf_secret"):
         assert secret not in text, secret
     assert config["server"]["api_keys"] == "1 key(s)"
-    assert config["profiles"]["m"]["env"] == {"HF_TOKEN": "(hidden)", "MODE": "x"}
+    assert config["profiles"]["m"]["env"] == {"HF_TOKEN": "(hidden)", "MODE": "(hidden)"}, "names only"
     assert "--api-key" in config["profiles"]["m"]["args"] and "(hidden)" in config["profiles"]["m"]["command"]
     assert config["path"] == str(router.config.path)
     assert config["reload"]["last_error"] is None
+    status, config = await get_json(router, "/config", headers={"Authorization": "Bearer admin-key"})
+    assert config["profiles"]["m"]["env"] == {"HF_TOKEN": "(hidden)", "MODE": "x"}, "an admin sees values"
+
+
+async def test_secret_values_are_hidden_on_every_page_that_shows_a_command_line_or_output(
+    start_router: RouterFactory, dummy_model: Path
+) -> None:
+    """The fake upstream echoes its unknown arguments and then fails to load: the command line, its
+    output, the failure's reason and log tail reach /logs, /events' timeline, /running and /overview."""
+    secrets = ("sekrit-aaaa", "tok-bbbb", "keyfile-cccc")
+    flags = ("--crash-during-load", "--api-key", secrets[0], f"--hf-token={secrets[1]}")
+    profile = fake_profile(dummy_model, *flags, "--api-key-file", secrets[2], "--log-lines", "2")
+    router = await start_router({"m": profile}, max_failures=1)
+    async with router.session.post("/models/load?wait=1", json={"model": "m"}) as response:
+        assert response.status == 503, await response.text()
+    pages = {}
+    for path in ("/logs/m", "/running", "/overview", "/config", "/v1/models"):
+        async with router.session.get(path) as response:
+            assert response.status == 200, path
+            pages[path] = await response.text()
+    for path, text in pages.items():
+        for secret in secrets:
+            assert secret not in text, (path, secret)
+    assert "starting: " in pages["/logs/m"] and "--api-key (hidden)" in pages["/logs/m"]
+    assert "ignored args" in pages["/logs/m"] and "'--hf-token=(hidden)'" in pages["/logs/m"], "its output"
+    overview = json.loads(pages["/overview"])
+    failed = [event for event in overview["timeline"] if event["event"] == "failed"]
+    assert failed and "(hidden)" in failed[-1]["reason"], "the failure's log tail, as /events sent it"
+    [model] = overview["models"]
+    assert model["status"] == "failed" and any("(hidden)" in line for line in model["log_tail"])
 
 
 def test_secret_flags_are_hidden_with_and_without_an_equals_sign() -> None:
