@@ -249,8 +249,22 @@ class ActivityStore:
         writer.writerow(["id", "iso_time", *COLUMNS])
         for row in rows:
             iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(row["time"]))
-            writer.writerow([row["id"], iso, *("" if row[name] is None else row[name] for name in COLUMNS)])
+            writer.writerow([row["id"], iso, *(safe_cell(row[name]) for name in COLUMNS)])
         return out.getvalue()
+
+
+# What a spreadsheet reads as the start of a formula (or of one hidden behind a tab or line break).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def safe_cell(value: Any) -> Any:
+    """A CSV cell a spreadsheet shows as text: a string that would start a formula (a model id or
+    a path sent by a client: `=HYPERLINK(...)`) gets a leading `'`; numbers are the router's own."""
+    if value is None:
+        return ""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
 
 
 def _where(
