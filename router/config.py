@@ -215,6 +215,20 @@ class ServerConfig(_Strict):
         gt=0,
         description="tokens per request profiles' clients need; `check` warns about smaller windows",
     )
+    allowed_args: list[str] = Field(
+        default_factory=list,
+        description="more llama-server flags (each spelling, e.g. '--lora') that the profiles "
+        "llama-router writes in profiles.d/ may carry; only this file can add to the built-in list",
+    )
+
+    @field_validator("allowed_args")
+    @classmethod
+    def _flag_names(cls, flags: list[str]) -> list[str]:
+        from .allowed_args import valid_flag_name
+
+        if bad := [flag for flag in flags if not valid_flag_name(flag)]:
+            raise ValueError(f"{bad[0]!r} is not a flag ('-x' or '--name', without a value)")
+        return flags
 
     @model_validator(mode="before")
     @classmethod
@@ -496,6 +510,12 @@ class ResolvedProfile(BaseModel):
         names = sorted(part.strip() for part in alias.split(",") if part.strip())
         return names[0] if names else self.name
 
+    def shown_command(self) -> list[str]:
+        """The command line as logs and pages show it: secret values hidden, a placeholder port."""
+        from .redact import redacted_args
+
+        return redacted_args(self.command("127.0.0.1", 0))
+
     def command(self, host: str, port: int) -> list[str]:
         """The full command line for this profile on the given loopback port."""
         alias = [] if self.user_alias is not None else ["--alias", self.name]
@@ -744,6 +764,12 @@ def parse_config(data: Any, path: Path, *, keep_unrunnable: bool = False) -> Rou
             removable=removable,
             rpc=tuple(profile.rpc),
         )
+        if removable:
+            problems += _router_written_problems(name, profile, resolved[name], config.server)
+            if problems:
+                resolved[name] = resolved[name].model_copy(
+                    update={"problem": f"{source}: " + "; ".join(problems)}
+                )
         if source != path:  # the file names the profile's problems, as `path` names the others
             problems = [f"{source}: {problem}" for problem in problems]
         all_problems += problems
@@ -754,6 +780,24 @@ def parse_config(data: Any, path: Path, *, keep_unrunnable: bool = False) -> Rou
         raise ConfigError(f"{path}: " + "; ".join(all_problems))
     peers = {name: _resolve_peer(name, peer, path) for name, peer in config.peers.items()}
     return RouterConfig(path=path, server=config.server, profiles=resolved, names=names, peers=peers)
+
+
+def _router_written_problems(
+    name: str, profile: Profile, resolved: ResolvedProfile, server: ServerConfig
+) -> list[str]:
+    """Why a profile the router wrote (over HTTP) may not run as it stands (see allowed_args)."""
+    from . import hub
+    from .allowed_args import outside, profile_problems
+
+    problems = [f"profiles.{name}.{problem}" for problem in profile_problems(profile, server.allowed_args)]
+    if resolved.problem is None:
+        files = [*resolved.model_files, *([resolved.mmproj_path] if resolved.mmproj_path else [])]
+        if stray := outside(files, hub.cache_dir()):
+            problems.append(
+                f"profiles.{name}: {stray[0]} is outside the Hugging Face cache; a model added over "
+                "HTTP uses files there only"
+            )
+    return problems
 
 
 def _resolve_peer(name: str, peer: PeerConfig, path: Path) -> ResolvedPeer:

@@ -25,9 +25,10 @@ from typing import Any
 import yaml
 
 from . import hub
+from .allowed_args import profile_problems
 from .config import CREATED_BY_ROUTER, Profile, ProfilesFile, ResolvedProfile, profiles_dir
 from .controller import Controller
-from .errors import RouterError
+from .errors import RouterError, printable
 from .events import DownloadFailed, DownloadFinished, DownloadProgress, ModelRemoved
 
 log = logging.getLogger("llama_router.models")
@@ -35,6 +36,11 @@ log = logging.getLogger("llama_router.models")
 Reload = Callable[[str], Awaitable[bool]]
 PROGRESS_INTERVAL = 0.25  # seconds between two progress events of one file (its last one always goes)
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+# A name (or alias) given to POST /models: an id a person can type, and put on a command line.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+NAME_RULE = "letters, digits and '._:-' (starting with a letter or digit), at most 128 characters"
+# The keys of a POST /models body that go into the profile; `model` and `name` say what and as what.
+PROFILE_KEYS = ("hf_file", "hf_revision", "mmproj", "args", "aliases", "description")
 
 
 @dataclass
@@ -69,27 +75,33 @@ class ModelManager:
             raise RouterError(
                 400, "give 'model': a Hugging Face repo '<org>/<repo>[:<quant>]'", code="missing_model"
             )
-        name = payload.get("name", model.strip())
+        model = model.strip()
+        if refused := sorted(key for key in ("binary", "env", "model_path") if key in payload):
+            raise RouterError(
+                400,
+                f"{refused[0]!r} cannot be set over HTTP: a model added this way runs the configured "
+                "llama-server with model-serving 'args' only",
+                code="invalid_request",
+            )
+        name = payload.get("name", model)
         if not isinstance(name, str) or not name.strip():
             raise RouterError(400, "'name' must be a non-empty string", code="invalid_request")
         name = name.strip()
-        profile: dict[str, Any] = {"hf": model.strip()}
-        for key in ("hf_file", "hf_revision", "mmproj", "args", "aliases", "description"):
+        profile: dict[str, Any] = {"hf": model}
+        for key in PROFILE_KEYS:
             if key in payload:
                 profile[key] = payload[key]
-        profile.setdefault("description", f"downloaded from Hugging Face: {model.strip()}")
+        profile.setdefault("description", f"downloaded from Hugging Face: {model}")
         try:
             checked = Profile.model_validate(profile)
         except ValueError as exc:
             raise RouterError(
-                400, f"cannot make a profile of {model!r}: {exc}", code="invalid_request"
+                400, f"cannot make a profile of {printable(model)!r}: {exc}", code="invalid_request"
             ) from None
         config = self.controller.config
-        taken = [
-            alias for alias in (name, *checked.aliases) if alias in config.names or alias in self.downloads
-        ]
-        if taken:
-            raise RouterError(400, f"model {taken[0]!r} already exists", code="model_exists")
+        if problems := profile_problems(checked, config.server.allowed_args):
+            raise RouterError(400, problems[0], code="not_allowed")
+        self._check_ids(name, list(checked.aliases), free_name=name != model)
         folder = profiles_dir(config.path)
         if not os.access(folder if folder.exists() else folder.parent, os.W_OK):
             raise RouterError(
@@ -108,6 +120,25 @@ class ModelManager:
         download.task = asyncio.create_task(self._download(download, reload), name=f"download {name}")
         log.info("downloading %s as model %r", ref.describe(), name)
         return name
+
+    def _check_ids(self, name: str, aliases: list[str], *, free_name: bool) -> None:
+        """The new model's ids: a free-form one (a `name` given, `aliases`) follows NAME_RULE, while
+        the router's own `<org>/<repo>:<quant>` stays as it is; none may equal, or differ only by
+        case from, an id in use or being downloaded (a person could not tell them apart)."""
+        for value in [name, *aliases] if free_name else aliases:
+            if not NAME.fullmatch(value):
+                raise RouterError(
+                    400,
+                    f"model name {printable(value, 64)!r} is not allowed: use {NAME_RULE}",
+                    code="invalid_name",
+                )
+        taken = {known.casefold(): known for known in [*self.controller.config.names, *self.downloads]}
+        for value in [name, *aliases]:
+            other = taken.get(value.casefold())
+            taken[value.casefold()] = value
+            if other is not None:
+                same = "exists" if other == value else f"differs only by case from {other!r}"
+                raise RouterError(400, f"model {printable(value, 64)!r} {same}", code="model_exists")
 
     async def _download(self, download: Download, reload: Reload) -> None:
         name = download.name
