@@ -84,7 +84,6 @@ ALLOWED: tuple[Allowed, ...] = (
         (("-ctk", "--cache-type-k"), V),
         (("-ctv", "--cache-type-v"), V),
         (("-fa", "--flash-attn"), V),
-        (("-dt", "--defrag-thold"), V),
     ),
     *_group(
         "batches and threads",
@@ -114,6 +113,7 @@ ALLOWED: tuple[Allowed, ...] = (
         (("--chat-template-kwargs",), V),
         (("--reasoning-format",), V),
         (("-rea", "--reasoning"), V),
+        (("--reasoning-effort",), V),
         (("--reasoning-budget",), V),
         (("--reasoning-preserve", "--no-reasoning-preserve"), B),
         (("--skip-chat-parsing", "--no-skip-chat-parsing"), B),
@@ -164,11 +164,12 @@ ALLOWED: tuple[Allowed, ...] = (
     *_group(
         "speculative decoding without a second model",
         (("--spec-type",), V),
-        (("--draft", "--draft-n", "--draft-max"), V),
-        (("--draft-min", "--draft-n-min"), V),
-        (("--spec-ngram-size-n",), V),
-        (("--spec-ngram-size-m",), V),
-        (("--spec-ngram-min-hits",), V),
+        (("--spec-ngram-mod-n-min",), V),
+        (("--spec-ngram-mod-n-max",), V),
+        (("--spec-ngram-mod-n-match",), V),
+        (("--spec-ngram-simple-size-n",), V),
+        (("--spec-ngram-simple-size-m",), V),
+        (("--spec-ngram-simple-min-hits",), V),
     ),
 )
 

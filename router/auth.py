@@ -61,7 +61,7 @@ class Rule:
 
 
 # The one access table: the first row that matches a request says what it needs. Amend it here
-# (and run scripts/access_table.py into the README); tests/test_access.py calls every row.
+# (and run scripts/readme_tables.py into the README); tests/test_access.py calls every row.
 ACCESS: tuple[Rule, ...] = (
     Rule("*", "/health", Access.OPEN, "liveness, for service managers"),
     Rule("*", "/", Access.OPEN, "sends a browser to the dashboard"),
