@@ -115,7 +115,7 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_a_router_written_profile_is_checked_at_every_load(tmp_path: Path, cache: Path) -> None:
-    made = {"hf": f"{REPO}:Q8_0", "args": ["-c", "512", "--tools", "exec_shell_command"]}
+    made: dict[str, Any] = {"hf": f"{REPO}:Q8_0", "args": ["-c", "512", "--tools", "exec_shell_command"]}
     config = configure(tmp_path, made)
     with pytest.raises(ConfigError, match=r"profiles\.made\.args: '--tools' is not a flag"):
         load_config(config)
