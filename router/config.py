@@ -189,13 +189,17 @@ class ServerConfig(_Strict):
     )
     log_lines: int = Field(default=1000, ge=10, description="lines of upstream output kept per profile")
     api_keys: list[str] = Field(
-        default_factory=list, description="Bearer keys clients must send (none: no auth except admin)"
+        default_factory=list,
+        description="Bearer keys clients must send for inference and reading (an API key never changes "
+        "what runs)",
     )
     api_keys_env: str | None = Field(
         default=None, description="environment variable holding more API keys, comma-separated"
     )
     admin_keys: list[str] = Field(
-        default_factory=list, description="keys for the control endpoints (load, unload, /upstream)"
+        default_factory=list,
+        description="keys for the calls that change what runs (load, unload, cancel, POST/DELETE /models, "
+        "/upstream); where any keys are set, nothing else can make them",
     )
     admin_keys_env: str | None = Field(
         default=None, description="environment variable holding more admin keys, comma-separated"
