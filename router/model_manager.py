@@ -39,6 +39,7 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 # A name (or alias) given to POST /models: an id a person can type, and put on a command line.
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 NAME_RULE = "letters, digits and '._:-' (starting with a letter or digit), at most 128 characters"
+REFERENCE_ID = re.compile(r"[!-~]{1,256}")  # the `<org>/<repo>:<quant>` id: visible ASCII, no space
 # The keys of a POST /models body that go into the profile; `model` and `name` say what and as what.
 PROFILE_KEYS = ("hf_file", "hf_revision", "mmproj", "args", "aliases", "description")
 
@@ -125,6 +126,13 @@ class ModelManager:
         """The new model's ids: a free-form one (a `name` given, `aliases`) follows NAME_RULE, while
         the router's own `<org>/<repo>:<quant>` stays as it is; none may equal, or differ only by
         case from, an id in use or being downloaded (a person could not tell them apart)."""
+        if not free_name and not REFERENCE_ID.fullmatch(name):
+            raise RouterError(
+                400,
+                f"model '{printable(name, 64)}' cannot be an id: a Hugging Face reference is visible "
+                "ASCII without spaces, at most 256 characters",
+                code="invalid_name",
+            )
         for value in [name, *aliases] if free_name else aliases:
             if not NAME.fullmatch(value):
                 raise RouterError(

@@ -241,6 +241,7 @@ async def test_a_model_added_over_http_cannot_run_code_or_touch_files(
         ({"name": "Mine"}, "model_exists", "differs only by case from 'mine'"),
         ({"name": "fine", "aliases": ["MINE"]}, "model_exists", "'mine'"),
         ({"name": "n" * 1_000_000}, "invalid_name", "characters"),
+        ({"model": f"{MODEL}\u202e\r\nX"}, "invalid_name", "\\u202e\\r\\nX"),
     ]
     async with aiohttp.ClientSession() as session:
         for extra, code, named in hostile:
