@@ -252,6 +252,10 @@ async def test_a_model_added_over_http_cannot_run_code_or_touch_files(
             error = answer["error"]
             assert error["code"] == code and named in error["message"], (str(extra)[:80], error)
             assert len(error["message"]) < 600, "a long value is echoed cut"
+        huge = json.dumps({"model": MODEL, "name": "big", "args": ["-c", "512"] * 3_000_000}).encode()
+        assert len(huge) > 33 << 20
+        async with session.post(f"{router.url}/models", data=huge, headers=ADMIN) as response:
+            assert response.status == 413, "a body over max_body_mb is refused before it is read"
         assert fake_hub.requests == [], "nothing was asked of the Hub, let alone downloaded"
         assert list(await models(session, router.url)) == ["mine"]
         assert not (router.config.parent / "profiles.d").exists()
