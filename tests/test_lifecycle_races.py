@@ -1,0 +1,91 @@
+"""Management clicks racing a model's start: Load then Unload at once, while the process is being
+spawned, and while it loads, on the real llama-server and on a fake upstream that spawns and loads
+slowly. Whatever the moment, the model ends unloaded with no process, and the next request is served."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import RouterFactory, RunningRouter, fake_profile, upstream_processes, wait_until
+from .test_api import post_json
+from .test_real_llama_server import real_profiles
+
+# Seconds between the Load click and the Unload click: the same event-loop turn, the spawn, the load.
+GAPS = (0.0, 0.02, 0.1)
+STOP_TIMEOUT = 2.0
+
+
+def slow_fake(model: Path) -> dict[str, Any]:
+    """A fake upstream that listens on a Unix socket (so its spawn first asks `--help`, a second
+    Python start) and then loads for a second before `/health` answers 200."""
+    return {"m": fake_profile(model, "--accepts-unix-socket", "--load-delay", "1.0")}
+
+
+async def click_load_then_unload(router: RunningRouter, name: str, gap: float, *, force: bool) -> str:
+    """Load then Unload `name`, `gap` seconds apart, as a person clicking in a UI would; returns the
+    phase the unload met (`spawning`: no process yet, `loading`: a process, not ready)."""
+    status, body = await post_json(router, "/models/load", {"model": name})
+    assert status == 200, body
+    if gap:
+        await asyncio.sleep(gap)  # the gap between the clicks is the scenario itself
+    [row] = [row for row in router.controller.describe() if row["model"] == name]
+    phase = {"starting": "loading" if row["pid"] else "spawning"}.get(row["state"], row["state"])
+    status, body = await post_json(router, "/models/unload", {"model": name, "force": force})
+    assert status == 200, body
+    return phase
+
+
+async def assert_unloaded_then_served(router: RunningRouter, name: str) -> None:
+    await wait_until(
+        lambda: router.controller.view(name).state.value == "cold" and not upstream_processes(),
+        timeout=STOP_TIMEOUT + 10,
+        what=f"{name} to end unloaded with no process (it is {router.controller.view(name).state.value})",
+    )
+    async with router.session.get("/running") as response:
+        running = await response.json()
+    assert running["running"] == [], running
+    status, body = await router.chat(name)
+    assert status == 200, body
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["unload", "forced"])
+@pytest.mark.parametrize("gap", GAPS, ids=[f"{int(gap * 1000)}ms" for gap in GAPS])
+async def test_load_then_unload_on_the_fake_upstream_ends_unloaded(
+    start_router: RouterFactory, dummy_model: Path, gap: float, force: bool
+) -> None:
+    router = await start_router(slow_fake(dummy_model), stop_timeout=STOP_TIMEOUT)
+    phase = await click_load_then_unload(router, "m", gap, force=force)
+    print(f"fake upstream, gap {gap * 1000:g} ms, force={force}: unload met {phase}")
+    await assert_unloaded_then_served(router, "m")
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["unload", "forced"])
+@pytest.mark.parametrize("gap", GAPS, ids=[f"{int(gap * 1000)}ms" for gap in GAPS])
+async def test_load_then_unload_on_the_real_llama_server_ends_unloaded(
+    start_router: RouterFactory, tiny_models: tuple[Path, Path], llama_server: Path, gap: float, force: bool
+) -> None:
+    router = await start_router(real_profiles(tiny_models, llama_server), stop_timeout=STOP_TIMEOUT)
+    phase = await click_load_then_unload(router, "tiny-a", gap, force=force)
+    print(f"llama-server, gap {gap * 1000:g} ms, force={force}: unload met {phase}")
+    await assert_unloaded_then_served(router, "tiny-a")
+
+
+async def test_a_forced_unload_of_a_loading_model_ends_within_stop_timeout(
+    start_router: RouterFactory, dummy_model: Path
+) -> None:
+    """Even a process that ignores SIGTERM while it loads is gone once `stop_timeout` has passed."""
+    router = await start_router(
+        {"m": fake_profile(dummy_model, "--ignore-sigterm", "--load-delay", "30")}, stop_timeout=1.0
+    )
+    await post_json(router, "/models/load", {"model": "m"})
+    await wait_until(lambda: router.controller.describe()[0]["pid"], what="the process to be spawned")
+    started = time.monotonic()
+    status, body = await post_json(router, "/models/unload", {"model": "m", "force": True, "wait": True})
+    assert (status, body["status"]["value"]) == (200, "unloaded"), body
+    assert time.monotonic() - started < 1.0 + 2.0, "SIGKILL came at stop_timeout"
+    assert upstream_processes() == []
