@@ -59,6 +59,7 @@ from .scheduler import (
     Stop,
     StopCause,
 )
+from .state import state_dir
 from .supervisor import LoadError, StoppedBeforeSpawn, Upstream
 
 log = logging.getLogger("llama_router")
@@ -745,14 +746,6 @@ def _rules(server: ServerConfig) -> Rules:
         backoff_max=server.restart_backoff_max,
         max_waiting=server.max_waiting,
     )
-
-
-def state_dir(config: RouterConfig) -> Path:
-    """Where the router keeps what it learns: `server.state_dir`, else the XDG state directory."""
-    if config.server.state_dir is not None:
-        return config.server.state_dir.expanduser()
-    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
-    return Path(base) / "llama-router"
 
 
 def private_dir() -> Path:

@@ -116,7 +116,7 @@ async def test_activity_is_bounded_filtered_exported_and_kept_in_its_file(tmp_pa
 
 async def test_an_unusable_activity_file_costs_the_log_not_the_router(tmp_path: Path) -> None:
     path = tmp_path / "activity.sqlite3"
-    path.write_bytes(b"this is not a database" * 100)
+    path.mkdir()  # no file can be opened there (a damaged file is moved aside: see test_bad_entries)
     store = ActivityStore(path)
     await store.open()
     store.add(row())
