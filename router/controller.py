@@ -376,15 +376,13 @@ class Controller:
         self.release(await self.acquire(profile, fallback=False))
 
     def unload(self, profile: str, *, force: bool = False) -> None:
-        """Unload `profile` (see `Scheduler.unload`). Forced, a stop already under way (which may be
-        saving the prompt cache first) is hurried: the process is signalled now, and SIGKILLed once
-        `stop_timeout` has passed."""
-        upstream = self.upstreams.get(profile)
-        if force and self.view(profile).state is State.STOPPING and upstream is not None:
-            if upstream.process is not None:
-                self._spawn(upstream.stop(upstream.profile.stop_timeout))
-            return
+        """Unload `profile` (see `Scheduler.unload`). Forced, the process is signalled now, whatever
+        its stop was doing (saving prompt caches, waiting for requests), and SIGKILLed once
+        `stop_timeout` has passed; one not spawned yet is never started."""
         self._apply(self.scheduler.unload(profile, self.now(), force=force))
+        upstream = self.upstreams.get(profile)
+        if force and upstream is not None and self.view(profile).state is State.STOPPING:
+            self._spawn(upstream.stop(upstream.profile.stop_timeout))
 
     # ------------------------------------------------------------------------------------------ decisions
 

@@ -89,3 +89,25 @@ async def test_a_forced_unload_of_a_loading_model_ends_within_stop_timeout(
     assert (status, body["status"]["value"]) == (200, "unloaded"), body
     assert time.monotonic() - started < 1.0 + 2.0, "SIGKILL came at stop_timeout"
     assert upstream_processes() == []
+
+
+async def test_a_forced_unload_does_not_wait_for_a_wedged_prompt_cache_save(
+    start_router: RouterFactory, dummy_model: Path
+) -> None:
+    """A model keeping its context is wedged (its `/slots` never answers, so a save would wait the
+    whole `context_save_timeout`): a forced unload still ends it within `stop_timeout`."""
+    router = await start_router(
+        {"m": fake_profile(dummy_model, "--slots", keep_context=True)},
+        stop_timeout=1.0,
+        context_save_timeout=60,
+    )
+    assert (await router.chat("m"))[0] == 200
+    wedged = asyncio.ensure_future(router.chat("m", fake_wedge=True))
+    await wait_until(lambda: router.controller.view("m").in_flight == 1, what="the wedged request")
+    started = time.monotonic()
+    status, body = await post_json(router, "/models/unload", {"model": "m", "force": True, "wait": True})
+    assert (status, body["status"]["value"]) == (200, "unloaded"), body
+    assert time.monotonic() - started < 1.0 + 2.0, "no wait for the save"
+    assert upstream_processes() == []
+    status, body = await wedged
+    assert status >= 500 and "error" in body, "the wedged request was told"
