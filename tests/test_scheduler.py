@@ -367,6 +367,7 @@ def test_invariants_hold_under_random_event_sequences(seed: int) -> None:
                 if in_flight and x.profile not in forced and x.reason != "shutdown":
                     assert "drain timeout" in x.reason, "a busy model was stopped without a timeout"
                 stopping.add(x.profile)
+                event(f"stop: {x.cause.value}")
         forced.clear()
         assert s.used()["gpu"] <= 80
         consistent()
