@@ -410,7 +410,7 @@ def test_invariants_hold_under_random_event_sequences(seed: int) -> None:
                 ended.add(rid)
                 apply(d.finish(rid))
         elif roll < 0.65:
-            starting = [p for p in running if p not in stopping and s.view(p).state is State.STARTING]
+            starting = [p for p in sorted(running) if p not in stopping and s.view(p).state is State.STARTING]
             if starting:
                 apply(d.ready(rng.choice(starting)))
         elif roll < 0.75:
@@ -421,7 +421,7 @@ def test_invariants_hold_under_random_event_sequences(seed: int) -> None:
                 apply(d.exited(profile))
                 end_in_flight(profile)  # requests cut by a drain timeout or a forced stop end too
         elif roll < 0.78:
-            starting = [p for p in running if p not in stopping and s.view(p).state is State.STARTING]
+            starting = [p for p in sorted(running) if p not in stopping and s.view(p).state is State.STARTING]
             if starting:
                 profile = rng.choice(starting)
                 running.discard(profile)
@@ -461,7 +461,7 @@ def test_invariants_hold_under_random_event_sequences(seed: int) -> None:
                 event(f"delete {s.view(gone).state.value}")
             apply(d.s.reconfigure(specs(sorted(configured)), {"gpu": 80}, d.now))
         if step % 50 == 0:
-            for p in list(running):  # a crash of something running now and then
+            for p in sorted(running):  # a crash of something running now and then
                 if p not in stopping and rng.random() < 0.1 and s.view(p).state is State.READY:
                     running.discard(p)
                     apply(d.exited(p, "crashed"))
@@ -475,7 +475,7 @@ def test_invariants_hold_under_random_event_sequences(seed: int) -> None:
             open_requests.discard(rid)
             ended.add(rid)
             apply(d.finish(rid))
-        for p in [p for p in running if p not in stopping and s.view(p).state is State.STARTING]:
+        for p in [p for p in sorted(running) if p not in stopping and s.view(p).state is State.STARTING]:
             apply(d.ready(p))
         for p in sorted(stopping):
             stopping.discard(p)
