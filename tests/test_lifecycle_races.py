@@ -44,7 +44,7 @@ async def assert_unloaded_then_served(router: RunningRouter, name: str) -> None:
     await wait_until(
         lambda: router.controller.view(name).state.value == "cold" and not upstream_processes(),
         timeout=STOP_TIMEOUT + 10,
-        what=f"{name} to end unloaded with no process (it is {router.controller.view(name).state.value})",
+        what=f"{name} to end unloaded with no process",
     )
     async with router.session.get("/running") as response:
         running = await response.json()
@@ -111,3 +111,16 @@ async def test_a_forced_unload_does_not_wait_for_a_wedged_prompt_cache_save(
     assert upstream_processes() == []
     status, body = await wedged
     assert status >= 500 and "error" in body, "the wedged request was told"
+
+
+@pytest.mark.parametrize("gap", GAPS, ids=[f"{int(gap * 1000)}ms" for gap in GAPS])
+async def test_a_shutdown_right_after_a_load_leaves_no_process(
+    start_router: RouterFactory, dummy_model: Path, gap: float
+) -> None:
+    router = await start_router(slow_fake(dummy_model))
+    status, _ = await post_json(router, "/models/load", {"model": "m"})
+    assert status == 200
+    if gap:
+        await asyncio.sleep(gap)
+    await router.close()
+    assert upstream_processes() == []
