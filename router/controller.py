@@ -57,7 +57,6 @@ from .scheduler import (
     Start,
     State,
     Stop,
-    StopCause,
 )
 from .state import state_dir
 from .supervisor import LoadError, StoppedBeforeSpawn, Upstream
@@ -397,11 +396,14 @@ class Controller:
             elif isinstance(decision, Start):
                 self._spawn(self._start(decision.profile, self._launch(decision.profile)))
             elif isinstance(decision, Stop):
-                # The process stopped is the one running when the stop is decided, not a later one.
+                # The process stopped is the one running when the stop is decided, not a later one;
+                # told now, so that no `stopped` (a spawn that never happened) is reported before.
                 upstream = self.upstreams.get(decision.profile)
                 if upstream is not None:
                     upstream.mark_stopping()
-                self._spawn(self._stop(decision.profile, upstream, decision.reason, decision.cause))
+                log.info("stopping %s: %s", decision.profile, decision.reason)
+                self.emit(Stopping(decision.profile, decision.reason, decision.cause))
+                self._spawn(self._stop(decision.profile, upstream))
         self._arm_timer()
 
     def _resolve(self, decision: Dispatch) -> None:
@@ -481,8 +483,8 @@ class Controller:
         )
 
     def _launch(self, name: str) -> Upstream | None:
-        """The upstream a `Start` decided, registered at once: a `Stop` decided before its process
-        exists finds it there and marks it, and the spawn then carries the stop out."""
+        """The upstream a `Start` decided, registered (and its load told) at once: a `Stop` decided
+        before its process exists finds it there and marks it, and the spawn carries the stop out."""
         profile = self.config.profiles.get(name)
         if profile is None:  # a reload removed it between the decision and now
             return None
@@ -497,6 +499,9 @@ class Controller:
             socket_dir=self._socket_dir,
         )
         self.upstreams[name] = upstream
+        self._tallies[name] = BufferTally.of(profile, self.devices)
+        self.emit(Loading(name))
+        self.logs[name].append(f"[llama-router] starting: {' '.join(profile.command('127.0.0.1', 0))}")
         return upstream
 
     def _not_started(self, upstream: Upstream, reason: str) -> None:
@@ -525,9 +530,6 @@ class Controller:
             log.warning("%s", reason)
             self._not_started(upstream, reason)
             return
-        self._tallies[name] = BufferTally.of(profile, self.devices)
-        self.emit(Loading(name))
-        self.logs[name].append(f"[llama-router] starting: {' '.join(profile.command('127.0.0.1', 0))}")
         try:
             await upstream.spawn()
         except StoppedBeforeSpawn:
@@ -655,9 +657,7 @@ class Controller:
             return False
         return True
 
-    async def _stop(self, name: str, upstream: Upstream | None, reason: str, cause: StopCause) -> None:
-        log.info("stopping %s: %s", name, reason)
-        self.emit(Stopping(name, reason, cause))
+    async def _stop(self, name: str, upstream: Upstream | None) -> None:
         if upstream is None or upstream.process is None:
             return  # its spawn, still under way, starts no process or ends the one it started
         if upstream.profile.keep_context and upstream.ready_at and upstream.is_alive():

@@ -5,11 +5,14 @@ slowly. Whatever the moment, the model ends unloaded with no process, and the ne
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from router.errors import RouterError
 
 from .conftest import RouterFactory, RunningRouter, fake_profile, upstream_processes, wait_until
 from .test_api import post_json
@@ -40,7 +43,16 @@ async def click_load_then_unload(router: RunningRouter, name: str, gap: float, *
     return phase
 
 
-async def assert_unloaded_then_served(router: RunningRouter, name: str) -> None:
+def record_events(router: RunningRouter, name: str) -> list[str]:
+    """The names of `name`'s lifecycle events (`loading`, `stopping`, `stopped`...), as they come."""
+    seen: list[str] = []
+    router.controller.subscribe(
+        lambda event: seen.append(event.json()["event"]) if event.json().get("model") == name else None
+    )
+    return seen
+
+
+async def assert_unloaded_then_served(router: RunningRouter, name: str, events: list[str]) -> None:
     await wait_until(
         lambda: router.controller.view(name).state.value == "cold" and not upstream_processes(),
         timeout=STOP_TIMEOUT + 10,
@@ -49,6 +61,7 @@ async def assert_unloaded_then_served(router: RunningRouter, name: str) -> None:
     async with router.session.get("/running") as response:
         running = await response.json()
     assert running["running"] == [], running
+    assert events[-2:] == ["stopping", "stopped"], f"clients last heard {events}"
     status, body = await router.chat(name)
     assert status == 200, body
 
@@ -59,9 +72,10 @@ async def test_load_then_unload_on_the_fake_upstream_ends_unloaded(
     start_router: RouterFactory, dummy_model: Path, gap: float, force: bool
 ) -> None:
     router = await start_router(slow_fake(dummy_model), stop_timeout=STOP_TIMEOUT)
+    events = record_events(router, "m")
     phase = await click_load_then_unload(router, "m", gap, force=force)
     print(f"fake upstream, gap {gap * 1000:g} ms, force={force}: unload met {phase}")
-    await assert_unloaded_then_served(router, "m")
+    await assert_unloaded_then_served(router, "m", events)
 
 
 @pytest.mark.parametrize("force", [False, True], ids=["unload", "forced"])
@@ -70,9 +84,31 @@ async def test_load_then_unload_on_the_real_llama_server_ends_unloaded(
     start_router: RouterFactory, tiny_models: tuple[Path, Path], llama_server: Path, gap: float, force: bool
 ) -> None:
     router = await start_router(real_profiles(tiny_models, llama_server), stop_timeout=STOP_TIMEOUT)
+    events = record_events(router, "tiny-a")
     phase = await click_load_then_unload(router, "tiny-a", gap, force=force)
     print(f"llama-server, gap {gap * 1000:g} ms, force={force}: unload met {phase}")
-    await assert_unloaded_then_served(router, "tiny-a")
+    await assert_unloaded_then_served(router, "tiny-a", events)
+
+
+async def test_an_unload_in_the_same_turn_as_the_load_starts_no_process(
+    start_router: RouterFactory, dummy_model: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The unload comes before the start's own task has run: no process is spawned at all, and the
+    events tell the story in order."""
+    router = await start_router({"m": fake_profile(dummy_model)})
+    events = record_events(router, "m")
+    load = asyncio.ensure_future(router.controller.load("m"))
+    await asyncio.sleep(0)  # the load's request arrives and its start is decided
+    assert events == ["loading"]
+    with caplog.at_level(logging.INFO, logger="llama_router"):
+        router.controller.unload("m")
+        with pytest.raises(RouterError, match="was unloaded"):
+            await load
+    await wait_until(lambda: router.controller.view("m").state.value == "cold", what="m to be cold")
+    assert events == ["loading", "stopping", "stopped"]
+    assert "m stopped before its process was started" in caplog.text
+    assert "spawned m" not in caplog.text
+    assert (await router.chat("m"))[0] == 200
 
 
 async def test_a_forced_unload_of_a_loading_model_ends_within_stop_timeout(
