@@ -35,6 +35,7 @@ from .reload import RELOADER, ConfigReloader, reload_status, watching
 from .request_rules import CLIENT_CLOSED, MODEL_GET_PATHS, MODEL_POST_PATHS, RequestRecord
 from .sdnotify import Notifier
 from .stale import remove_stale
+from .state import prepare_state_dir
 
 log = logging.getLogger("llama_router")
 
@@ -250,8 +251,10 @@ class RouterServer:
         return int(self.runner.addresses[0][1])
 
     async def start(self) -> None:
-        """Start the controller and listen on the configured host and port."""
+        """Start the controller and listen on the configured host and port (once the state
+        directory is known to be usable: StateDirError says which and why otherwise)."""
         server = self.config.server
+        prepare_state_dir(self.config)
         fd_limit = raise_fd_limit()
         self.max_connections = connection_cap(server.max_connections, fd_limit)
         log.debug("open files: up to %d; client connections: up to %d", fd_limit, self.max_connections)

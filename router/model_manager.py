@@ -30,6 +30,7 @@ from .config import CREATED_BY_ROUTER, Profile, ProfilesFile, ResolvedProfile, p
 from .controller import Controller
 from .errors import RouterError, printable
 from .events import DownloadFailed, DownloadFinished, DownloadProgress, ModelRemoved
+from .model_files import files_in_use, profile_files
 
 log = logging.getLogger("llama_router.models")
 
@@ -253,9 +254,10 @@ class ModelManager:
             )
         deleted: list[str] = []
         if delete_files:
-            in_use = {file for other in self.controller.config.profiles.values() for file in _files(other)}
-            kept = [file for file in _files(profile) if file not in in_use]
-            deleted = [str(blob) for blob in await asyncio.to_thread(hub.remove_cached, kept)]
+            files = profile_files(profile)
+            shared = files_in_use(files, self.controller.config.profiles.values())
+            unshared = [file for file in files if file not in shared]
+            deleted = [str(blob) for blob in await asyncio.to_thread(hub.remove_cached, unshared)]
         log.info("model %r removed%s", name, f" with {len(deleted)} cached file(s)" if delete_files else "")
         self.controller.emit(ModelRemoved(name, deleted))
         return {"success": True, "model": name, "deleted_files": deleted}
@@ -289,10 +291,6 @@ class ModelManager:
         tasks = [download.task for download in self.downloads.values() if download.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=5)
-
-
-def _files(profile: ResolvedProfile) -> list[Path]:
-    return [*profile.model_files, *([profile.mmproj_path] if profile.mmproj_path else [])]
 
 
 def _drop_profile(profile: ResolvedProfile) -> None:
