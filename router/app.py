@@ -22,8 +22,16 @@ from .access_log import IN_FLIGHT, RECORD, InFlight, log_request
 from .api import Api
 from .auth import KeyRing, Keys, auth_middleware, key_accepted, resolve_keys, warn_if_open
 from .browser_guard import browser_guard, own_host
-from .client_limits import LINGER, MIB, CappedSite, body_limits, connection_cap, raise_fd_limit
-from .config import RouterConfig
+from .client_limits import (
+    LINGER,
+    MIB,
+    BodyBudget,
+    CappedSite,
+    body_limits,
+    connection_cap,
+    raise_fd_limit,
+)
+from .config import ConfigError, RouterConfig
 from .controller import Controller
 from .cors import cors_headers, cors_preflight
 from .dashboard import Dashboard
@@ -35,6 +43,7 @@ from .reload import RELOADER, ConfigReloader, reload_status, watching
 from .request_rules import CLIENT_CLOSED, MODEL_GET_PATHS, MODEL_POST_PATHS, RequestRecord
 from .sdnotify import Notifier
 from .stale import remove_stale
+from .tls import server_context
 
 log = logging.getLogger("llama_router")
 
@@ -136,6 +145,7 @@ def build_app(config: RouterConfig) -> web.Application:
         body_limits(
             lambda: int(controller.config.server.max_body_mb * MIB),
             lambda: controller.config.server.body_timeout,
+            BodyBudget(lambda: int(controller.config.server.max_body_total_mb * MIB)),
         ),
     ]
     app = web.Application(middlewares=middlewares, client_max_size=int(config.server.max_body_mb * MIB))
@@ -218,9 +228,18 @@ class RouterServer:
     ) -> None:
         self.config = config
         self.notifier = notifier or Notifier(None)
+        try:
+            self.tls = server_context(config.server)  # None: plain HTTP
+        except ConfigError as exc:
+            raise ConfigError(f"{config.path}: {exc}") from None
         self.app = build_app(config)
         self.reloader = ConfigReloader(
-            self.app[CONTROLLER], config, loader=loader, notifier=self.notifier, keys=self.app[KEYS]
+            self.app[CONTROLLER],
+            config,
+            loader=loader,
+            notifier=self.notifier,
+            keys=self.app[KEYS],
+            tls=self.tls,
         )
         self.app[RELOADER] = self.reloader
         self.runner = web.AppRunner(
@@ -255,13 +274,19 @@ class RouterServer:
         try:
             await self.runner.setup()
             site = CappedSite(
-                self.runner, server.host, server.port, limit=self.max_connections, reuse_address=True
+                self.runner,
+                server.host,
+                server.port,
+                limit=self.max_connections,
+                reuse_address=True,
+                ssl_context=self.tls,
             )
             await site.start()
         except BaseException:
             await self.runner.cleanup()
             raise
-        self.urls = ", ".join(f"http://{address[0]}:{address[1]}" for address in self.runner.addresses)
+        scheme = "https" if self.tls is not None else "http"
+        self.urls = ", ".join(f"{scheme}://{address[0]}:{address[1]}" for address in self.runner.addresses)
         log.info(
             "llama-router listening on %s",
             self.urls,

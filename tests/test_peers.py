@@ -430,11 +430,9 @@ async def test_a_reload_adds_and_removes_peers(peered: Start, tmp_path: Path) ->
     ("peers", "profiles", "problem"),
     [
         ({"box/2": {"url": "http://x:1"}}, {}, "peers: 'box/2': a peer's name"),
-        (
-            {"box": {"url": "https://x:1"}},
-            {},
-            "peers.box.url: 'https://x:1': expected http://host[:port][/path]; https is not supported yet",
-        ),
+        ({"box": {"url": "https://x:1", "ca_file": "no-such.pem"}}, {}, "peers.box.ca_file: no such file"),
+        ({"box": {"url": "https://x:1", "ca_file": "profiles.yaml"}}, {}, "peers.box.ca_file"),
+        ({"box": {"url": "http://x:1", "max_models": 0}}, {}, "peers.box.max_models"),
         ({"box": {"url": "ftp://x"}}, {}, "peers.box.url: 'ftp://x': expected http://host"),
         ({"box": {"url": "http://u:p@x:1"}}, {}, "put the peer's key in api_key or api_key_env"),
         ({"box": {"url": "http://x:1", "api_key": "k", "api_key_env": "K"}}, {}, "either 'api_key'"),
