@@ -53,6 +53,7 @@ API: web.AppKey[Api] = web.AppKey("api", Api)
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 KEYS: web.AppKey[KeyRing] = web.AppKey("keys", KeyRing)
 DASHBOARD: web.AppKey[Dashboard] = web.AppKey("dashboard", Dashboard)
+BODY_BUDGET: web.AppKey[BodyBudget] = web.AppKey("body_budget", BodyBudget)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
@@ -136,6 +137,7 @@ def build_app(config: RouterConfig) -> web.Application:
     proxy = Proxy(controller)
     api = Api(controller, proxy)
     dashboard = Dashboard(controller, api, key_ring)
+    body_budget = BodyBudget(lambda: int(controller.config.server.max_body_total_mb * MIB))
     # Keys are always checked: a reload may add keys to a router that started without any.
     middlewares: list[Any] = [
         each_request(in_flight, metrics, dashboard),
@@ -145,7 +147,7 @@ def build_app(config: RouterConfig) -> web.Application:
         body_limits(
             lambda: int(controller.config.server.max_body_mb * MIB),
             lambda: controller.config.server.body_timeout,
-            BodyBudget(lambda: int(controller.config.server.max_body_total_mb * MIB)),
+            body_budget,
         ),
     ]
     app = web.Application(middlewares=middlewares, client_max_size=int(config.server.max_body_mb * MIB))
@@ -161,6 +163,7 @@ def build_app(config: RouterConfig) -> web.Application:
     app[METRICS] = metrics
     app[IN_FLIGHT] = in_flight
     app[DASHBOARD] = dashboard
+    app[BODY_BUDGET] = body_budget
 
     async def on_startup(_: web.Application) -> None:
         await dashboard.start()

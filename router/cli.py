@@ -32,7 +32,6 @@ from .memory import Device
 DEFAULT_CONFIG = "profiles.yaml"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 API_KEY_ENV = "LLAMA_ROUTER_API_KEY"
-MIB = 1024 * 1024
 
 
 def _load(
@@ -172,7 +171,7 @@ def describe_peers(config: RouterConfig) -> list[str]:
     for name, peer in config.peers.items():
         models = ", ".join(peer.models) if peer.models is not None else "discovered from its /v1/models"
         key = "with its key" if peer.api_key is not None else "no key"
-        caps = f"list read up to {peer.max_models} models / {peer.max_list_bytes / MIB:g} MiB"
+        caps = f"list read up to {peer.max_models} models / {peer.max_list_mb:g} MiB"
         lines.append(f"  {name}  {peer.url}  {key}; models: {models}; {caps}")
         if peer.url.startswith("https://"):
             trust = f"the CA in {peer.ca_file}" if peer.ca_file is not None else "the system's trusted CAs"

@@ -571,7 +571,7 @@ class ResolvedPeer(BaseModel):
     refresh_interval: float
     ca_file: Path | None = None
     max_models: int = 10000
-    max_list_bytes: int = 8 * 1024 * 1024
+    max_list_mb: float = 8.0
 
 
 class RouterConfig(BaseModel):
@@ -823,7 +823,7 @@ def _resolve_peer(name: str, peer: PeerConfig, path: Path) -> ResolvedPeer:
         refresh_interval=peer.refresh_interval,
         ca_file=_ca_file(path, name, peer.ca_file),
         max_models=peer.max_models,
-        max_list_bytes=int(peer.max_list_mb * 1024 * 1024),
+        max_list_mb=peer.max_list_mb,
     )
 
 

@@ -410,14 +410,14 @@ class Peers:
         return True
 
     async def _read_list(self, peer: Peer) -> bytes:
-        """The raw `/v1/models` answer, up to `max_list_bytes` (ListTooLarge past it), following
+        """The raw `/v1/models` answer, up to `max_list_mb` (ListTooLarge past it), following
         redirects on the peer's own host only (a redirect elsewhere would take its key along)."""
         if self._session is None:
             self._session = aiohttp.ClientSession(trust_env=False)
         config, link = peer.config, peer.link
         headers = {"Authorization": f"Bearer {config.api_key.get_secret_value()}"} if config.api_key else {}
-        cap = config.max_list_bytes
-        too_large = f"its model list is over {cap / (1024 * 1024):g} MiB, its max_list_mb"
+        cap = int(config.max_list_mb * 1024 * 1024)
+        too_large = f"its model list is over {config.max_list_mb:g} MiB, its max_list_mb"
         url = f"{link.url}/v1/models"
         for _ in range(MAX_REDIRECTS + 1):
             verify: ssl.SSLContext | bool = link.tls if link.tls is not None else True

@@ -24,6 +24,7 @@ import yaml
 
 from router.app import RouterServer
 from router.config import ConfigError, load_config
+from tests.certs import make_ca, make_certs
 from tests.conftest import FAKE_UPSTREAM, wait_until
 from tests.router_process import RouterProcess, free_port
 
@@ -421,6 +422,77 @@ async def test_a_reload_adds_and_removes_peers(peered: Start, tmp_path: Path) ->
     assert models == ["local"]
     async with aiohttp.ClientSession() as session, session.post(url + CHAT, json=body("box/gpu")) as response:
         assert response.status == 404
+
+
+# ---------------------------------------------------------------------------------------------- bounds
+
+
+async def test_a_peer_list_over_its_caps_is_refused_and_the_peer_shown_list_too_large(peered: Start) -> None:
+    big = await peered("fake", "big", "--list-models", "50")  # 51 models, about 2 KB
+    url, _ = await peered(
+        "router",
+        {
+            "many": {"url": big.url, "max_models": 20},
+            "heavy": {"url": big.url, "max_list_mb": 0.001},
+            "fits": {"url": big.url, "max_models": 51},
+        },
+    )
+    many = await peer_state(url, "many", "list_too_large")
+    heavy = await peer_state(url, "heavy", "list_too_large")
+    await peer_state(url, "fits", "up")
+    assert "it lists 51 models, over its max_models (20)" in many["reason"]
+    assert "its model list is over 0.001 MiB, its max_list_mb" in heavy["reason"]
+    running = {peer["peer"]: peer for peer in (await get_json(url, "/running"))["peers"]}
+    assert running["many"]["state"] == "list_too_large" and running["many"]["models"] is None
+    assert running["fits"]["state"] == "up" and len(running["fits"]["models"]) == 51
+    ids = [entry["id"] for entry in (await get_json(url, "/v1/models"))["data"]]
+    assert "fits/m0000050" in ids and "fits/big" in ids
+    assert not [model for model in ids if model.startswith(("many/", "heavy/"))]
+    # It still answers: a request naming one of its models goes to it.
+    status, text = await stream(url, "many/big")
+    assert status == 200 and text.rstrip().endswith("data: [DONE]")
+
+
+async def test_a_peers_redirect_is_followed_on_its_own_host_only(peered: Start) -> None:
+    moved = await peered("fake", "moved")
+    same = await peered("fake", "same", "--redirect-models", f"http://127.0.0.1:{moved.port}/v1/models")
+    away = await peered("fake", "away", "--redirect-models", f"http://localhost:{moved.port}/v1/models")
+    url, _ = await peered("router", {"here": {"url": same.url}, "there": {"url": away.url}})
+    await peer_state(url, "here", "up")
+    refused = await peer_state(url, "there", "down")
+    assert "redirects to http://localhost:" in refused["reason"]
+    assert "only redirects on the peer's own host (127.0.0.1) are followed" in refused["reason"]
+    ids = [entry["id"] for entry in (await get_json(url, "/v1/models"))["data"]]
+    assert "here/moved" in ids and not [model for model in ids if model.startswith("there/")]
+
+
+async def test_a_peer_over_https_is_verified_against_its_ca_file(peered: Start, tmp_path: Path) -> None:
+    """Router two peers with router one over HTTPS: trusted through its CA file, its models are
+    listed and answer; through a CA that did not sign its certificate, it is down and says why."""
+    certs = make_certs(tmp_path / "tls")
+    other = make_ca(tmp_path / "other", "other")
+    _, one = await peered("router", {}, tls_cert=str(certs.cert), tls_key=str(certs.key))
+    https = f"https://localhost:{one.port}"
+    url, _ = await peered(
+        "router",
+        {
+            "one": {"url": https, "ca_file": str(certs.ca)},
+            "doubted": {"url": https, "ca_file": str(other), "models": ["local"], "refresh_interval": 600},
+        },
+    )
+    await peer_state(url, "one", "up")
+    doubted = await peer_state(url, "doubted", "down")
+    assert "certificate" in doubted["reason"] and "CERTIFICATE_VERIFY_FAILED" in doubted["reason"]
+    entry = await get_json(url, "/v1/models/one/local")
+    assert entry["peer"] == "one" and entry["peer_state"] == "up"
+    status, text = await stream(url, "one/local")
+    assert status == 200 and text.rstrip().endswith("data: [DONE]")
+    chunks = [event for event in data_events(text) if isinstance(event, dict)]
+    assert chunks and all(chunk["model"] == "one/local" for chunk in chunks)
+    async with aiohttp.ClientSession() as session, session.post(url + CHAT, json=body("doubted/local")) as r:
+        answer = await r.json()
+        assert r.status == 502
+    assert "CERTIFICATE_VERIFY_FAILED" in answer["error"]["message"]
 
 
 # ---------------------------------------------------------------------------------------------- config

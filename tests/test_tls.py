@@ -8,6 +8,7 @@ import asyncio
 import shutil
 import ssl
 from pathlib import Path
+from typing import Any
 
 import httpx2
 import openai
@@ -97,7 +98,7 @@ async def test_a_reload_serves_the_renewed_certificate_and_refuses_a_broken_one(
     assert await served_certificate(router.port, certs.ca) == der(renewed.cert)
 
 
-def write_config(path: Path, dummy_model: Path, server: dict[str, object], peers: dict[str, object]) -> Path:
+def write_config(path: Path, dummy_model: Path, server: dict[str, Any], peers: dict[str, Any]) -> Path:
     profiles = {"m": fake_profile(dummy_model)}
     path.write_text(yaml.safe_dump({"server": server, "profiles": profiles, "peers": peers}))
     return path
@@ -117,7 +118,8 @@ def test_check_names_the_certificate_and_how_https_peers_are_verified(
     assert main(["check", "-c", str(path)]) == 0
     out = capsys.readouterr().out
     assert "listen: https://127.0.0.1:8443" in out
-    assert f"tls: {certs.cert} with {certs.key}: commonName=server; names localhost, 127.0.0.1; valid until" in out
+    about = "commonName=server; names localhost, 127.0.0.1; valid until"
+    assert f"tls: {certs.cert} with {certs.key}: {about}" in out
     assert f"tls: its certificate is verified against the CA in {certs.ca}" in out
     assert "tls: its certificate is verified against the system's trusted CAs" in out
     assert out.count("tls: its certificate") == 2  # none for the plain-http peer
