@@ -383,7 +383,10 @@ class PeerConfig(_Strict):
     """One entry of `peers:`: another OpenAI-compatible server whose models this router forwards to,
     as `<peer>/<model>` (and by the bare name where only that peer has it)."""
 
-    url: str = Field(description="base URL: another llama-router, llama-swap, llama-server, vLLM, Ollama...")
+    url: str = Field(
+        description="base URL, http:// or https://: another llama-router, llama-swap, llama-server, vLLM, "
+        "Ollama..."
+    )
     api_key: str | None = Field(default=None, description="the peer's key, sent as Bearer")
     api_key_env: str | None = Field(default=None, description="environment variable holding the peer's key")
     models: list[str] | None = Field(
