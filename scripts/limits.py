@@ -6,7 +6,7 @@
     limits.py connections  [--max 3000] [--nofile 1024]
     limits.py impostor
     limits.py held-bodies  [--count 100] [--max-body-mb 8] [--hold 5]
-    limits.py peer-flood   [--models 1000000] [--clients 2] [--listings 2]
+    limits.py peer-flood   [--models 1000000] [--clients 2] [--listings 2] [--seconds 10]
 
 `burst`: concurrent streams at a real llama-server with few slots under a short
 `stall_timeout_prompt`: how many complete, how many fail and why, how often the model was
@@ -17,8 +17,9 @@ router picks for an upstream: what it receives, and who answers the client. `hel
 `--count` connections each send a chat whose `Content-Length` is the per-request limit and all of its
 body but the last byte, then hold it: the router's RSS before and while they hold, the answers, and
 `/health` latency meanwhile. `peer-flood`: a peer (the fake upstream) lists `--models` models;
-`--clients` clients each list `/v1/models` `--listings` times while `/health` and a local chat are
-timed: RSS, listing sizes and times, and the latencies against the same probes on a quiet router.
+`--clients` clients each list `/v1/models` `--listings` times and for `--seconds` at least, while
+`/health` and a local chat are timed: RSS, listing sizes and times, and the latencies against the
+same probes on a quiet router.
 
 `--root DIR` runs the router of another checkout (an earlier commit exported with `git archive`,
 say) to compare; its config gets only the settings it knows. `--base DIR` runs the same measurement on
@@ -460,11 +461,12 @@ async def _flood(
     busy = True
 
     async def client() -> None:
-        for _ in range(args.listings):
-            began = time.perf_counter()
-            async with session.get(url + "/v1/models") as response:
-                size = len(await response.read())
-            listings.append((time.perf_counter() - began, size))
+        """One client listing, in a process of its own so that reading the lists does not slow
+        this process's probes."""
+        command = [sys.executable, __file__, "lister", url, str(args.listings), str(args.seconds)]
+        process = await asyncio.create_subprocess_exec(*command, stdout=subprocess.PIPE)
+        out, _ = await process.communicate()
+        listings.extend((seconds, size) for seconds, size in json.loads(out))
 
     async def probe(record: list[float], call: Callable[[], Any], pause: float) -> None:
         while busy:
@@ -506,6 +508,19 @@ async def _flood(
         "chat_quiet": _latencies(quiet_chat),
         "chat_during_listings": _latencies(chats),
     }
+
+
+async def lister(url: str, listings: int, seconds: float) -> None:
+    """List `/v1/models` `listings` times and for `seconds` at least; print each (seconds, bytes)."""
+    timings: list[tuple[float, int]] = []
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+        first = time.monotonic()
+        while len(timings) < listings or time.monotonic() - first < seconds:
+            began = time.perf_counter()
+            async with session.get(url + "/v1/models") as response:
+                size = len(await response.read())
+            timings.append((time.perf_counter() - began, size))
+    print(json.dumps(timings))
 
 
 # ---------------------------------------------------------------------------------------------- impostor
@@ -587,6 +602,9 @@ def _ratios(root: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["lister"]:  # a listing client of peer-flood
+        asyncio.run(lister(sys.argv[2], int(sys.argv[3]), float(sys.argv[4])))
+        return
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -613,7 +631,8 @@ def main() -> None:
     one = commands.add_parser("peer-flood")
     one.add_argument("--models", type=int, default=1_000_000, help="models the peer lists")
     one.add_argument("--clients", type=int, default=2, help="clients listing /v1/models at once")
-    one.add_argument("--listings", type=int, default=2, help="listings per client")
+    one.add_argument("--listings", type=int, default=2, help="listings per client, at least")
+    one.add_argument("--seconds", type=float, default=10.0, help="clients list for at least this long")
     args = parser.parse_args()
     run = {
         "burst": burst,
