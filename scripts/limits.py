@@ -345,6 +345,7 @@ async def held_bodies(args: argparse.Namespace, workdir: Path) -> dict[str, Any]
             before = process.memory_info().rss
             answers: list[str] = []
             writers: list[asyncio.StreamWriter] = []
+            sent: list[asyncio.StreamWriter] = []  # done sending (the body but its last byte, or refused)
             piece = b" " * (1 << 20)
 
             async def hold() -> None:
@@ -354,23 +355,32 @@ async def held_bodies(args: argparse.Namespace, workdir: Path) -> dict[str, Any]
                     f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {size}\r\n\r\n"
                 )
                 writer.write(head.encode())
+
+                async def answer() -> None:  # read as the body goes out: a refusal comes at once
+                    try:
+                        line = await reader.readline()
+                        answers.append(line.decode().split()[1] if line else "closed")
+                    except ConnectionError:
+                        answers.append("closed")
+
+                answered = asyncio.ensure_future(answer())
                 with contextlib.suppress(ConnectionError):
                     left = size - 1  # all but the last byte: the router waits for it, holding the rest
-                    while left > 0:
+                    while left > 0 and not answered.done():
                         writer.write(piece[: min(left, len(piece))])
                         left -= min(left, len(piece))
                         await writer.drain()
-                with contextlib.suppress(ConnectionError, TimeoutError, IndexError):
-                    line = await asyncio.wait_for(reader.readline(), args.hold + 60)
-                    answers.append(line.decode().split()[1])
+                sent.append(writer)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(answered, args.hold + 60)
 
             started = time.monotonic()
             holders = [asyncio.ensure_future(hold()) for _ in range(args.count)]
-            while sum(1 for writer in writers if writer.transport.get_write_buffer_size() == 0) < args.count:
-                await asyncio.sleep(0.05)  # every body sent (or refused)
+            while len(sent) < args.count:
+                await asyncio.sleep(0.05)  # every body sent or refused
                 if time.monotonic() - started > 120:
                     break
-            sent = time.monotonic() - started
+            sending = time.monotonic() - started
             peak, health = before, []
             deadline = time.monotonic() + args.hold
             while time.monotonic() < deadline:
@@ -389,7 +399,7 @@ async def held_bodies(args: argparse.Namespace, workdir: Path) -> dict[str, Any]
         "max_body_mb": args.max_body_mb,
         "content_length": size,
         "bytes_sent_each": size - 1,
-        "seconds_to_send": round(sent, 2),
+        "seconds_to_send": round(sending, 2),
         "answered_while_holding": dict(refused_early),
         "rss_before_mb": _mb(before),
         "rss_holding_mb": _mb(held),
