@@ -339,9 +339,10 @@ class Api:
     async def models(self, _: web.Request) -> web.Response:
         """The local models, then the peers' (`<peer>/<model>`, from their last listing: never waits),
         whose part is kept serialised: a peer's long list costs a copy here, not a build."""
-        local = json.dumps(self.models_payload()["data"]).encode()
+        data = json.dumps(self.models_payload()["data"]).encode()
         peers = self.controller.peers.listing()
-        data = local[:-1] + (b", " if local != b"[]" else b"") + peers + b"]" if peers else local
+        if peers:  # spliced into the list: `[local..., peers...]`
+            data = data[:-1] + (b", " if data != b"[]" else b"") + peers + b"]"
         return web.Response(
             body=b'{"object": "list", "data": ' + data + b"}", content_type="application/json"
         )

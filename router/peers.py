@@ -402,10 +402,13 @@ class Peers:
         else:  # the configured list, with what the peer says of each
             peer.models = {model: models.get(model, PeerModel(model)) for model in config.models}
         peer.listed_at = time.time()
-        if peer.list_refused is not None:
-            peer.list_refused = None
-            log.info("peer %s lists %d models again, within its caps", config.name, len(peer.models))
+        # Shown as list_too_large while up: back to up (answered() says so itself if it was down).
+        shown_refused = peer.shown_state == LIST_TOO_LARGE
+        peer.list_refused = None
         self.answered(peer.link, time.monotonic() - started)
+        if shown_refused:
+            log.info("peer %s lists %d models, within its caps again", config.name, len(peer.models))
+            self._emit(PeerChanged(config.name, "up", "", peer.latency))
         self._changed()
         return True
 
