@@ -426,7 +426,7 @@ class Peers:
             verify: ssl.SSLContext | bool = link.tls if link.tls is not None else True
             async with self._session.get(url, headers=headers, allow_redirects=False, ssl=verify) as response:
                 if response.status in (301, 302, 303, 307, 308):
-                    url = _same_host_redirect(link.url, url, response.headers.get("Location", ""))
+                    url = same_host_redirect(link.url, url, response.headers.get("Location", ""))
                     continue
                 if response.status != 200:
                     start = (await response.content.read(200)).decode("utf-8", "replace")
@@ -618,7 +618,7 @@ class Peers:
         return [peer.describe() for peer in self._peers.values()]
 
 
-def _same_host_redirect(base: PeerUrl, current: str, location: str) -> str:
+def same_host_redirect(base: PeerUrl, current: str, location: str) -> str:
     """Where a peer's redirect leads, if on its own host (and not from https down to http);
     ValueError otherwise."""
     target = urllib.parse.urljoin(current, location.strip())

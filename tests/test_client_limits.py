@@ -173,6 +173,25 @@ async def test_past_the_total_for_bodies_a_new_body_gets_503_before_it_is_read(
     await wait_until(lambda: budget.held == 0, what="every body to be given back")
 
 
+async def test_a_body_without_a_length_gets_503_when_it_grows_past_the_total(
+    start_router: RouterFactory, dummy_model: Path
+) -> None:
+    router = await start_router({"m": fake_profile(dummy_model)}, max_body_mb=1, max_body_total_mb=1)
+    budget = router.server.app[BODY_BUDGET]
+    _, holder = await held_body(router, MIB - 1000)
+    await wait_until(lambda: budget.held == MIB - 1000, what="the first body to be held")
+    async with connected(router) as (reader, writer):
+        writer.write(head("POST", "/v1/chat/completions", "Transfer-Encoding: chunked"))
+        chunk = b"x" * 4096  # fits the per-request limit, not what is left of the total
+        writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        status, headers, body = await answer(reader)
+        assert status == 503 and headers["retry-after"] == "1"
+        assert body["error"]["code"] == "bodies_over_capacity"
+    assert budget.held == MIB - 1000  # the refused body gave back what it took
+    holder.close()
+    await wait_until(lambda: budget.held == 0, what="the held body to be given back")
+
+
 async def test_idle_and_trickling_connections_are_closed(
     start_router: RouterFactory, dummy_model: Path
 ) -> None:

@@ -24,6 +24,7 @@ import yaml
 
 from router.app import RouterServer
 from router.config import ConfigError, load_config
+from router.peers import parse_url, same_host_redirect
 from tests.certs import make_ca, make_certs
 from tests.conftest import FAKE_UPSTREAM, wait_until
 from tests.router_process import RouterProcess, free_port
@@ -474,6 +475,29 @@ async def test_a_peers_redirect_is_followed_on_its_own_host_only(peered: Start) 
     assert "only redirects on the peer's own host (127.0.0.1) are followed" in refused["reason"]
     ids = [entry["id"] for entry in (await get_json(url, "/v1/models"))["data"]]
     assert "here/moved" in ids and not [model for model in ids if model.startswith("there/")]
+
+
+@pytest.mark.parametrize(
+    ("base", "location", "followed"),
+    [
+        ("http://box:8080/llm", "/llm/v1/models/", "http://box:8080/llm/v1/models/"),
+        ("http://box:8080", "https://box/v1/models", "https://box/v1/models"),
+        ("http://box:8080", "http://box:9000/v1/models", "http://box:9000/v1/models"),
+        ("http://box:8080", "http://elsewhere:8080/v1/models", None),
+        ("http://box:8080", "//elsewhere/v1/models", None),
+        ("https://box", "http://box/v1/models", None),
+        ("http://box:8080", "ftp://box/v1/models", None),
+        ("http://box:8080", "", None),
+    ],
+)
+def test_a_peers_redirect_is_judged_by_its_host(base: str, location: str, followed: str | None) -> None:
+    url = parse_url(base)
+    current = f"{url}/v1/models"
+    if followed is None:
+        with pytest.raises(ValueError, match="redirects"):
+            same_host_redirect(url, current, location)
+    else:
+        assert same_host_redirect(url, current, location) == followed
 
 
 async def test_a_peer_over_https_is_verified_against_its_ca_file(peered: Start, tmp_path: Path) -> None:
