@@ -337,13 +337,15 @@ class Api:
         }
 
     async def models(self, _: web.Request) -> web.Response:
-        """The local models, then the peers' (`<peer>/<model>`, from their last listing: never waits)."""
-        payload = self.models_payload()
-        payload["data"].extend(self._peer_entries())
-        return web.json_response(payload)
-
-    def _peer_entries(self) -> list[dict[str, Any]]:
-        return self.controller.peers.entries(self.controller.config.names, int(self.controller.started_at))
+        """The local models, then the peers' (`<peer>/<model>`, from their last listing: never waits),
+        whose part is kept serialised: a peer's long list costs a copy here, not a build."""
+        data = json.dumps(self.models_payload()["data"]).encode()
+        peers = self.controller.peers.listing()
+        if peers:  # spliced into the list: `[local..., peers...]`
+            data = data[:-1] + (b", " if data != b"[]" else b"") + peers + b"]"
+        return web.Response(
+            body=b'{"object": "list", "data": ' + data + b"}", content_type="application/json"
+        )
 
     async def native_models(self, _: web.Request) -> web.Response:
         payload = self.models_payload(native=True)
@@ -405,10 +407,10 @@ class Api:
         wanted = request.match_info["model"]
         name = self.proxy.route_for(wanted)
         if name not in self.controller.config.profiles:  # a peer's model
-            found = [entry for entry in self._peer_entries() if entry["id"] in (wanted, name)]
-            if not found:
+            found = self.controller.peers.entry(wanted, name)
+            if found is None:
                 raise RouterError(404, f"model '{printable(wanted)}' is not listed", code="model_not_found")
-            return web.json_response(found[0])
+            return web.json_response(found)
         return web.json_response(self.model_entry(self.controller.view(name)))
 
     async def running(self, _: web.Request) -> web.Response:

@@ -22,8 +22,16 @@ from .access_log import IN_FLIGHT, RECORD, InFlight, log_request
 from .api import Api
 from .auth import KeyRing, Keys, auth_middleware, key_accepted, resolve_keys, warn_if_open
 from .browser_guard import browser_guard, own_host
-from .client_limits import LINGER, MIB, CappedSite, body_limits, connection_cap, raise_fd_limit
-from .config import RouterConfig
+from .client_limits import (
+    LINGER,
+    MIB,
+    BodyBudget,
+    CappedSite,
+    body_limits,
+    connection_cap,
+    raise_fd_limit,
+)
+from .config import ConfigError, RouterConfig
 from .controller import Controller
 from .cors import cors_headers, cors_preflight
 from .dashboard import Dashboard
@@ -36,6 +44,7 @@ from .request_rules import CLIENT_CLOSED, MODEL_GET_PATHS, MODEL_POST_PATHS, Req
 from .sdnotify import Notifier
 from .stale import remove_stale
 from .state import prepare_state_dir
+from .tls import server_context
 
 log = logging.getLogger("llama_router")
 
@@ -45,6 +54,7 @@ API: web.AppKey[Api] = web.AppKey("api", Api)
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 KEYS: web.AppKey[KeyRing] = web.AppKey("keys", KeyRing)
 DASHBOARD: web.AppKey[Dashboard] = web.AppKey("dashboard", Dashboard)
+BODY_BUDGET: web.AppKey[BodyBudget] = web.AppKey("body_budget", BodyBudget)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
@@ -128,6 +138,7 @@ def build_app(config: RouterConfig) -> web.Application:
     proxy = Proxy(controller)
     api = Api(controller, proxy)
     dashboard = Dashboard(controller, api, key_ring)
+    body_budget = BodyBudget(lambda: int(controller.config.server.max_body_total_mb * MIB))
     # Keys are always checked: a reload may add keys to a router that started without any.
     middlewares: list[Any] = [
         each_request(in_flight, metrics, dashboard),
@@ -137,6 +148,7 @@ def build_app(config: RouterConfig) -> web.Application:
         body_limits(
             lambda: int(controller.config.server.max_body_mb * MIB),
             lambda: controller.config.server.body_timeout,
+            body_budget,
         ),
     ]
     app = web.Application(middlewares=middlewares, client_max_size=int(config.server.max_body_mb * MIB))
@@ -152,6 +164,7 @@ def build_app(config: RouterConfig) -> web.Application:
     app[METRICS] = metrics
     app[IN_FLIGHT] = in_flight
     app[DASHBOARD] = dashboard
+    app[BODY_BUDGET] = body_budget
 
     async def on_startup(_: web.Application) -> None:
         await dashboard.start()
@@ -222,9 +235,18 @@ class RouterServer:
     ) -> None:
         self.config = config
         self.notifier = notifier or Notifier(None)
+        try:
+            self.tls = server_context(config.server)  # None: plain HTTP
+        except ConfigError as exc:
+            raise ConfigError(f"{config.path}: {exc}") from None
         self.app = build_app(config)
         self.reloader = ConfigReloader(
-            self.app[CONTROLLER], config, loader=loader, notifier=self.notifier, keys=self.app[KEYS]
+            self.app[CONTROLLER],
+            config,
+            loader=loader,
+            notifier=self.notifier,
+            keys=self.app[KEYS],
+            tls=self.tls,
         )
         self.app[RELOADER] = self.reloader
         self.runner = web.AppRunner(
@@ -261,13 +283,19 @@ class RouterServer:
         try:
             await self.runner.setup()
             site = CappedSite(
-                self.runner, server.host, server.port, limit=self.max_connections, reuse_address=True
+                self.runner,
+                server.host,
+                server.port,
+                limit=self.max_connections,
+                reuse_address=True,
+                ssl_context=self.tls,
             )
             await site.start()
         except BaseException:
             await self.runner.cleanup()
             raise
-        self.urls = ", ".join(f"http://{address[0]}:{address[1]}" for address in self.runner.addresses)
+        scheme = "https" if self.tls is not None else "http"
+        self.urls = ", ".join(f"{scheme}://{address[0]}:{address[1]}" for address in self.runner.addresses)
         log.info(
             "llama-router listening on %s",
             self.urls,

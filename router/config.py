@@ -185,8 +185,22 @@ class ServerConfig(_Strict):
         description="seconds a client connection may go without sending a whole request head",
     )
     body_timeout: float = Field(
-        default=30.0, gt=0, description="seconds a request body may go without a byte (then 408)"
+        default=60.0,
+        gt=0,
+        description="seconds a whole request body may take to arrive, however it trickles (then 408)",
     )
+    max_body_total_mb: float = Field(
+        default=256.0,
+        gt=0,
+        description="MiB of request bodies held at once across all connections, queued requests' "
+        "included; a body past it gets 503 with Retry-After before it is read (at least max_body_mb)",
+    )
+    tls_cert: Path | None = Field(
+        default=None,
+        description="PEM certificate (chain) to serve HTTPS on the router's port (with tls_key; "
+        "re-read on reload; turning TLS on or off needs a restart)",
+    )
+    tls_key: Path | None = Field(default=None, description="PEM private key of tls_cert")
     log_lines: int = Field(default=1000, ge=10, description="lines of upstream output kept per profile")
     api_keys: list[str] = Field(
         default_factory=list,
@@ -243,6 +257,17 @@ class ServerConfig(_Strict):
                     log.warning("server.%s is no longer used and is ignored: %s", key, why)
             data = {key: value for key, value in data.items() if key not in RETIRED_SERVER_KEYS}
         return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServerConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both, or neither")
+        if self.max_body_total_mb < self.max_body_mb:
+            raise ValueError(
+                f"max_body_total_mb ({self.max_body_total_mb:g}) is under max_body_mb "
+                f"({self.max_body_mb:g}): a body of the largest size could never be taken"
+            )
+        return self
 
 
 class Profile(_Strict):
@@ -376,7 +401,10 @@ class PeerConfig(_Strict):
     """One entry of `peers:`: another OpenAI-compatible server whose models this router forwards to,
     as `<peer>/<model>` (and by the bare name where only that peer has it)."""
 
-    url: str = Field(description="base URL: another llama-router, llama-swap, llama-server, vLLM, Ollama...")
+    url: str = Field(
+        description="base URL, http:// or https://: another llama-router, llama-swap, llama-server, vLLM, "
+        "Ollama..."
+    )
     api_key: str | None = Field(default=None, description="the peer's key, sent as Bearer")
     api_key_env: str | None = Field(default=None, description="environment variable holding the peer's key")
     models: list[str] | None = Field(
@@ -389,6 +417,22 @@ class PeerConfig(_Strict):
     )
     refresh_interval: float = Field(
         default=30.0, gt=0, description="seconds between background readings of its model list"
+    )
+    ca_file: str | None = Field(
+        default=None,
+        description="PEM CA certificate(s) an https:// peer's certificate is checked against "
+        "(default: the system's trusted CAs)",
+    )
+    max_models: int = Field(
+        default=10000,
+        ge=1,
+        description="most models read from its model list; a longer list is refused and the peer "
+        "shown with peer_state 'list_too_large'",
+    )
+    max_list_mb: float = Field(
+        default=8.0,
+        gt=0,
+        description="most MiB of its GET /v1/models answer read; a bigger one is refused as for max_models",
     )
 
     @field_validator("url")
@@ -552,6 +596,9 @@ class ResolvedPeer(BaseModel):
     models: tuple[str, ...] | None  # as configured; None: discovered
     timeout: float
     refresh_interval: float
+    ca_file: Path | None = None
+    max_models: int = 10000
+    max_list_mb: float = 8.0
 
 
 class RouterConfig(BaseModel):
@@ -783,7 +830,11 @@ def parse_config(data: Any, path: Path, *, keep_unrunnable: bool = False) -> Rou
     if all_problems and not keep_unrunnable:
         raise ConfigError(f"{path}: " + "; ".join(all_problems))
     peers = {name: _resolve_peer(name, peer, path) for name, peer in config.peers.items()}
-    return RouterConfig(path=path, server=config.server, profiles=resolved, names=names, peers=peers)
+    server = config.server
+    if server.tls_cert is not None:
+        tls = {key: _readable(path, f"server.{key}", getattr(server, key)) for key in ("tls_cert", "tls_key")}
+        server = server.model_copy(update=tls)
+    return RouterConfig(path=path, server=server, profiles=resolved, names=names, peers=peers)
 
 
 def _router_written_problems(
@@ -821,7 +872,33 @@ def _resolve_peer(name: str, peer: PeerConfig, path: Path) -> ResolvedPeer:
         models=tuple(peer.models) if peer.models is not None else None,
         timeout=peer.timeout,
         refresh_interval=peer.refresh_interval,
+        ca_file=_ca_file(path, name, peer.ca_file),
+        max_models=peer.max_models,
+        max_list_mb=peer.max_list_mb,
     )
+
+
+def _ca_file(path: Path, name: str, value: str | None) -> Path | None:
+    """A peer's CA file, checked to load."""
+    from .tls import peer_context
+
+    found = _readable(path, f"peers.{name}.ca_file", value)
+    if found is not None:
+        try:
+            peer_context(found)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: peers.{name}.{exc}") from None
+    return found
+
+
+def _readable(path: Path, key: str, value: str | Path | None) -> Path | None:
+    """A file the config names (relative to the config's folder), which must exist."""
+    if value is None:
+        return None
+    found = _local_path(value, path.parent)
+    if not found.is_file():
+        raise ConfigError(f"{path}: {key}: no such file: {found}")
+    return found
 
 
 def load_config(path: str | Path, *, keep_unrunnable: bool = False) -> RouterConfig:

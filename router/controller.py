@@ -124,7 +124,8 @@ class Controller:
             use_nvml=memory.nvml,
             rpc_mib=memory.rpc,
         )
-        self.peers = Peers(config.peers, self.emit)
+        self.started_at = time.time()
+        self.peers = Peers(config.peers, self.emit, local=config.names, created=int(self.started_at))
         self.footprints = FootprintStore(state_dir(config) / "footprints.json")
         self.scheduler = Scheduler(
             (self._spec(profile) for profile in config.profiles.values()), self._budget(), _rules(server)
@@ -136,7 +137,6 @@ class Controller:
         self.logs: dict[str, deque[str]] = {name: deque(maxlen=server.log_lines) for name in config.profiles}
         self.upstreams: dict[str, Upstream] = {}
         self.owner_tag = f"{os.getpid()}"
-        self.started_at = time.time()
         self._ids = itertools.count(1)
         self._waiters: dict[int, asyncio.Future[Upstream]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -182,7 +182,7 @@ class Controller:
         summary["removed"] = [name for name in old.profiles if name not in config.profiles]
         self.config = config
         self.devices = _with_rpc_budgets(self.devices, config)
-        self.peers.reconfigure(config.peers)
+        self.peers.reconfigure(config.peers, config.names)
         self.contexts.forget_removed(config)
         for name in config.profiles:
             if name not in self.logs:
