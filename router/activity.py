@@ -9,6 +9,7 @@ thread of its own, so the request path only appends a tuple to a list.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import io
 import logging
@@ -20,12 +21,15 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from .request_rules import RequestRecord
+from .state import move_aside
 
 log = logging.getLogger("llama_router.activity")
 
 MAX_ROWS = 10_000  # rows kept; the oldest are dropped past it
 FLUSH_DELAY = 0.25  # seconds finished requests wait to be written together
 PAGE_LIMIT = 1000  # most rows one query returns
+# SQLite's answers for a file that is not a database, or a damaged one.
+CORRUPT = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
 
 
 class ActivityRow(NamedTuple):
@@ -145,18 +149,44 @@ class ActivityStore:
     def _open(self) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.path)
+            try:
+                self._db = self._connect()
+            except sqlite3.DatabaseError as exc:
+                if getattr(exc, "sqlite_errorcode", None) not in CORRUPT:
+                    raise
+                # Not a database, or a damaged one: kept for a person to look at, and a new log begun.
+                aside = move_aside(self.path, f"damaged ({exc})", "the activity log starts afresh")
+                if aside is None:
+                    raise
+                for suffix in ("-wal", "-shm"):  # its journal goes with it, where SQLite looks for it
+                    with contextlib.suppress(FileNotFoundError):
+                        self.path.with_name(self.path.name + suffix).replace(
+                            aside.with_name(aside.name + suffix)
+                        )
+                self._db = self._connect()
+        except (sqlite3.Error, OSError) as exc:
+            # A file that cannot be used must not keep the router from serving; only the log is lost.
+            log.warning("activity log %s unusable (%s); requests are not recorded", self.path, exc)
+            self._broken = True
+
+    def _connect(self) -> sqlite3.Connection:
+        """The log's database, its table created if new; raises if the file is not a sound one."""
+        db = sqlite3.connect(self.path)
+        try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
+            [[verdict]] = db.execute("PRAGMA quick_check(1)").fetchall()
+            if verdict != "ok":
+                error = sqlite3.DatabaseError(f"quick_check: {verdict}")
+                error.sqlite_errorcode = sqlite3.SQLITE_CORRUPT
+                raise error
             db.execute(_SCHEMA)
             db.execute("CREATE INDEX IF NOT EXISTS activity_model ON activity (model)")
             db.commit()
-        except sqlite3.Error as exc:
-            # A broken file must not keep the router from serving; it only loses its activity log.
-            log.warning("activity log %s unusable (%s); requests are not recorded", self.path, exc)
-            self._broken = True
-            return
-        self._db = db
+        except BaseException:
+            db.close()
+            raise
+        return db
 
     async def _run(self, work: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._thread, work, *args)
@@ -246,12 +276,26 @@ class ActivityStore:
         sql = f"SELECT id, {', '.join(COLUMNS)} FROM activity{where} ORDER BY id"
         rows = await self._run(self._select, sql, params)
         out = io.StringIO()
-        writer = csv.writer(out, lineterminator="\n")
+        writer = csv.writer(out, lineterminator="\r\n")  # RFC 4180; a field holding either is quoted
         writer.writerow(["id", "iso_time", *COLUMNS])
         for row in rows:
             iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(row["time"]))
-            writer.writerow([row["id"], iso, *("" if row[name] is None else row[name] for name in COLUMNS)])
+            writer.writerow([row["id"], iso, *(safe_cell(row[name]) for name in COLUMNS)])
         return out.getvalue()
+
+
+# What a spreadsheet reads as the start of a formula (or of one hidden behind a tab or line break).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def safe_cell(value: Any) -> Any:
+    """A CSV cell a spreadsheet shows as text: a string that would start a formula (a model id or
+    a path sent by a client: `=HYPERLINK(...)`) gets a leading `'`; numbers are the router's own."""
+    if value is None:
+        return ""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
 
 
 def _where(

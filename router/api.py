@@ -46,7 +46,7 @@ from .metrics import status_value
 from .model_manager import ModelManager
 from .proxy import Proxy
 from .reload import RELOADER
-from .request_rules import model_in_body
+from .request_rules import MODEL_READ_PATHS, model_in_body
 from .scheduler import ProfileView, State
 
 log = logging.getLogger("llama_router.api")
@@ -337,13 +337,15 @@ class Api:
         }
 
     async def models(self, _: web.Request) -> web.Response:
-        """The local models, then the peers' (`<peer>/<model>`, from their last listing: never waits)."""
-        payload = self.models_payload()
-        payload["data"].extend(self._peer_entries())
-        return web.json_response(payload)
-
-    def _peer_entries(self) -> list[dict[str, Any]]:
-        return self.controller.peers.entries(self.controller.config.names, int(self.controller.started_at))
+        """The local models, then the peers' (`<peer>/<model>`, from their last listing: never waits),
+        whose part is kept serialised: a peer's long list costs a copy here, not a build."""
+        data = json.dumps(self.models_payload()["data"]).encode()
+        peers = self.controller.peers.listing()
+        if peers:  # spliced into the list: `[local..., peers...]`
+            data = data[:-1] + (b", " if data != b"[]" else b"") + peers + b"]"
+        return web.Response(
+            body=b'{"object": "list", "data": ' + data + b"}", content_type="application/json"
+        )
 
     async def native_models(self, _: web.Request) -> web.Response:
         payload = self.models_payload(native=True)
@@ -405,10 +407,10 @@ class Api:
         wanted = request.match_info["model"]
         name = self.proxy.route_for(wanted)
         if name not in self.controller.config.profiles:  # a peer's model
-            found = [entry for entry in self._peer_entries() if entry["id"] in (wanted, name)]
-            if not found:
+            found = self.controller.peers.entry(wanted, name)
+            if found is None:
                 raise RouterError(404, f"model '{printable(wanted)}' is not listed", code="model_not_found")
-            return web.json_response(found[0])
+            return web.json_response(found)
         return web.json_response(self.model_entry(self.controller.view(name)))
 
     async def running(self, _: web.Request) -> web.Response:
@@ -663,11 +665,13 @@ class Api:
     # ------------------------------------------------------------------------------------------ fallback
 
     async def fallback(self, request: web.Request) -> web.StreamResponse:
-        """Unknown paths: a GET that names a model with `?model=` goes to that model's upstream (as
-        llama-server's router mode does); everything else is a 404, never a catch-all 200, so clients
-        probing for other server types (`/api/tags`, `/api/v1/models`) are not misled."""
-        if request.method == "GET" and request.query.get("model"):
-            return await self.proxy.handle_get(request)
-        raise RouterError(
-            404, f"no such endpoint: {request.method} {printable(request.path)}", code="not_found"
-        )
+        """Unknown paths: a 404, never a catch-all 200, so clients probing for other server types
+        (`/api/tags`, `/api/v1/models`) are not misled; a GET with `?model=` reaches a model's own
+        server only on `MODEL_READ_PATHS`, which have routes of their own."""
+        message = f"no such endpoint: {request.method} {printable(request.path)}"
+        if request.query.get("model"):
+            message += (
+                f"; with ?model= only {', '.join(MODEL_READ_PATHS)} reach a model's own server "
+                "(/upstream/<model>/... reaches the rest, with an admin key)"
+            )
+        raise RouterError(404, message, code="not_found")

@@ -22,8 +22,16 @@ from .access_log import IN_FLIGHT, RECORD, InFlight, log_request
 from .api import Api
 from .auth import KeyRing, Keys, key_accepted, key_check, resolve_keys, warn_if_open
 from .browser_guard import browser_check, own_host
-from .client_limits import LINGER, MIB, CappedSite, body_reader, connection_cap, raise_fd_limit
-from .config import RouterConfig
+from .client_limits import (
+    LINGER,
+    MIB,
+    BodyBudget,
+    CappedSite,
+    body_limits,
+    connection_cap,
+    raise_fd_limit,
+)
+from .config import ConfigError, RouterConfig
 from .controller import Controller
 from .cors import cors_headers, preflight_check
 from .dashboard import Dashboard
@@ -35,6 +43,8 @@ from .reload import RELOADER, ConfigReloader, reload_status, watching
 from .request_rules import CLIENT_CLOSED, MODEL_GET_PATHS, MODEL_POST_PATHS, RequestRecord
 from .sdnotify import Notifier
 from .stale import remove_stale
+from .state import prepare_state_dir
+from .tls import server_context
 
 log = logging.getLogger("llama_router")
 
@@ -44,6 +54,7 @@ API: web.AppKey[Api] = web.AppKey("api", Api)
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 KEYS: web.AppKey[KeyRing] = web.AppKey("keys", KeyRing)
 DASHBOARD: web.AppKey[Dashboard] = web.AppKey("dashboard", Dashboard)
+BODY_BUDGET: web.AppKey[BodyBudget] = web.AppKey("body_budget", BodyBudget)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
@@ -70,16 +81,16 @@ def each_request(
     metrics: Metrics,
     dashboard: Dashboard,
     checks: Sequence[Check],
-    read_body: Callable[[web.Request], Awaitable[None]],
+    with_body: Middleware,
 ) -> Middleware:
     """The router's one middleware: every request's record, from its arrival to its last byte.
 
     It counts the request in flight, applies `checks` in order (the browser guard, CORS preflights,
-    keys: the first answer ends the request there), reads the body within its limits, turns failures
-    into OpenAI-shaped answers, sends an answer the handler returned unsent, and when the request
-    ends (however it ends) counts it in the metrics and the activity log (requests for a model) and
-    writes its access line. One middleware rather than one per rule: each layer costs every request
-    a coroutine and a call through aiohttp's chain."""
+    keys: the first answer ends the request there), has `with_body` read the body within its limits
+    and call the handler, turns failures into OpenAI-shaped answers, sends an answer the handler
+    returned unsent, and when the request ends (however it ends) counts it in the metrics and the
+    activity log (requests for a model) and writes its access line. One middleware rather than one
+    per rule: each layer of aiohttp's chain costs every request a coroutine and two calls."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -96,8 +107,7 @@ def each_request(
                     if response is not None:
                         break
                 else:
-                    await read_body(request)
-                    response = await handler(request)
+                    response = await with_body(request, handler)
             except RouterError as exc:
                 record.error = exc.code
                 response = _error_response(request, exc)
@@ -145,17 +155,19 @@ def build_app(config: RouterConfig) -> web.Application:
     proxy = Proxy(controller)
     api = Api(controller, proxy)
     dashboard = Dashboard(controller, api, key_ring)
+    body_budget = BodyBudget(lambda: int(controller.config.server.max_body_total_mb * MIB))
     # Keys are always checked: a reload may add keys to a router that started without any.
     checks = (
         browser_check(key_ring, lambda: controller.config.server),
         preflight_check(lambda: controller.config.server.cors_origins),
         key_check(key_ring),
     )
-    read_body = body_reader(
+    with_body = body_limits(
         lambda: int(controller.config.server.max_body_mb * MIB),
         lambda: controller.config.server.body_timeout,
+        body_budget,
     )
-    middlewares: list[Any] = [each_request(in_flight, metrics, dashboard, checks, read_body)]
+    middlewares: list[Any] = [each_request(in_flight, metrics, dashboard, checks, with_body)]
     app = web.Application(middlewares=middlewares, client_max_size=int(config.server.max_body_mb * MIB))
 
     def strip_auth_while_keys_are_set(keys: Keys) -> None:
@@ -169,6 +181,7 @@ def build_app(config: RouterConfig) -> web.Application:
     app[METRICS] = metrics
     app[IN_FLIGHT] = in_flight
     app[DASHBOARD] = dashboard
+    app[BODY_BUDGET] = body_budget
 
     async def on_startup(_: web.Application) -> None:
         await dashboard.start()
@@ -205,7 +218,10 @@ def build_app(config: RouterConfig) -> web.Application:
                 body["reload"] = reload
         return web.json_response(body)
 
-    async def metrics_page(_: web.Request) -> web.Response:
+    async def metrics_page(request: web.Request) -> web.StreamResponse:
+        """The router's metrics; with `?model=`, that model's own (llama-server's `--metrics`)."""
+        if request.query.get("model"):
+            return await proxy.handle_get(request)
         return web.Response(body=metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
     app.router.add_get("/health", health)
@@ -236,9 +252,18 @@ class RouterServer:
     ) -> None:
         self.config = config
         self.notifier = notifier or Notifier(None)
+        try:
+            self.tls = server_context(config.server)  # None: plain HTTP
+        except ConfigError as exc:
+            raise ConfigError(f"{config.path}: {exc}") from None
         self.app = build_app(config)
         self.reloader = ConfigReloader(
-            self.app[CONTROLLER], config, loader=loader, notifier=self.notifier, keys=self.app[KEYS]
+            self.app[CONTROLLER],
+            config,
+            loader=loader,
+            notifier=self.notifier,
+            keys=self.app[KEYS],
+            tls=self.tls,
         )
         self.app[RELOADER] = self.reloader
         self.runner = web.AppRunner(
@@ -265,21 +290,29 @@ class RouterServer:
         return int(self.runner.addresses[0][1])
 
     async def start(self) -> None:
-        """Start the controller and listen on the configured host and port."""
+        """Start the controller and listen on the configured host and port (once the state
+        directory is known to be usable: StateDirError says which and why otherwise)."""
         server = self.config.server
+        prepare_state_dir(self.config)
         fd_limit = raise_fd_limit()
         self.max_connections = connection_cap(server.max_connections, fd_limit)
         log.debug("open files: up to %d; client connections: up to %d", fd_limit, self.max_connections)
         try:
             await self.runner.setup()
             site = CappedSite(
-                self.runner, server.host, server.port, limit=self.max_connections, reuse_address=True
+                self.runner,
+                server.host,
+                server.port,
+                limit=self.max_connections,
+                reuse_address=True,
+                ssl_context=self.tls,
             )
             await site.start()
         except BaseException:
             await self.runner.cleanup()
             raise
-        self.urls = ", ".join(f"http://{address[0]}:{address[1]}" for address in self.runner.addresses)
+        scheme = "https" if self.tls is not None else "http"
+        self.urls = ", ".join(f"{scheme}://{address[0]}:{address[1]}" for address in self.runner.addresses)
         log.info(
             "llama-router listening on %s",
             self.urls,

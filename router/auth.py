@@ -1,19 +1,24 @@
-"""Optional API keys: a Bearer key on every endpoint but `/health`, an admin key on the control ones.
+"""Who may call what: the access table, and the API and admin keys that enforce it.
 
-With no keys configured the router is open (it listens on loopback by default). API keys guard
-everything but `/health` (so service managers and load balancers can probe it) and the dashboard's
-static page (which asks for a key itself); admin keys, when set, are required for the endpoints that
-change what runs (load, unload, cancelling a request, `/upstream/...`) and are
-accepted everywhere an API key is. The keys live in a `KeyRing` that a config reload replaces, so adding,
-removing or rotating keys takes effect without a restart.
+With no keys configured the router is open (it listens on loopback by default). Where keys are
+configured, `ACCESS` says what each endpoint needs: nothing (`/health`, the dashboard's static page,
+which asks for a key itself), an inference key (an API or an admin key; open when only admin keys
+are set), or an admin key: every call that changes what runs (load, unload, cancel, adding and
+removing models, `/upstream/...`). An API key never changes what runs: with `api_keys` but no
+`admin_keys` those calls are refused with a 403 that names `admin_keys`. The README's table is
+written from `ACCESS` (tests/test_access.py checks both it and every row's behaviour). The keys
+live in a `KeyRing` that a config reload replaces, so adding, removing or rotating keys takes effect
+without a restart.
 """
 
 from __future__ import annotations
 
+import enum
 import hmac
 import ipaddress
 import logging
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -24,13 +29,85 @@ from .errors import error_response, printable
 
 log = logging.getLogger("llama_router")
 
-OPEN_PATHS = frozenset({"/health", "/", "/ui"})
-OPEN_PREFIXES = ("/ui/",)  # the dashboard's static files: the page asks for a key itself
-# Control endpoints: they start and stop processes or reach an upstream's own API directly.
-ADMIN_POST_PATHS = frozenset({"/models/load", "/models/unload", "/models"})  # POST /models downloads
-ADMIN_DELETE_PATHS = frozenset({"/models"})  # removes a model POST /models added
-ADMIN_POST_PREFIXES = ("/requests/",)  # cancelling a request
-ADMIN_PATHS = frozenset({"/unload", "/upstream"})  # any method
+
+class Access(enum.Enum):
+    """What a caller must present, where keys are configured."""
+
+    OPEN = "anyone"
+    INFERENCE = "inference key"
+    ADMIN = "admin key"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One row of the access table: a method (`*`: any) and a path pattern (`{x}`: one segment,
+    `{path}`: the rest), what it needs, and what it is for."""
+
+    method: str
+    path: str
+    access: Access
+    what: str
+
+    def pattern(self) -> re.Pattern[str]:
+        parts = re.split(r"(\{[a-z]+\})", self.path)
+        return re.compile(
+            "".join(
+                ".*" if part == "{path}" else "[^/]*" if part.startswith("{") else re.escape(part)
+                for part in parts
+            )
+        )
+
+
+# The one access table: the first row that matches a request says what it needs. Amend it here
+# (and run scripts/readme_tables.py into the README); tests/test_access.py calls every row.
+ACCESS: tuple[Rule, ...] = (
+    Rule("*", "/health", Access.OPEN, "liveness, for service managers"),
+    Rule("*", "/", Access.OPEN, "sends a browser to the dashboard"),
+    Rule("*", "/ui", Access.OPEN, "the dashboard's static page (it asks for a key itself)"),
+    Rule("*", "/ui/{file}", Access.OPEN, "the dashboard's static page (it asks for a key itself)"),
+    Rule("POST", "/models/load", Access.ADMIN, "load a model"),
+    Rule("POST", "/models/unload", Access.ADMIN, "unload a model"),
+    Rule("*", "/unload", Access.ADMIN, "unload every model"),
+    Rule("POST", "/models", Access.ADMIN, "download a model and add it"),
+    Rule("DELETE", "/models", Access.ADMIN, "remove a model added over HTTP"),
+    Rule("POST", "/requests/{id}/cancel", Access.ADMIN, "end a waiting or running request"),
+    Rule("*", "/upstream", Access.ADMIN, "a model's own llama-server, any path"),
+    Rule("*", "/upstream/{path}", Access.ADMIN, "a model's own llama-server, any path"),
+    Rule("POST", "/v1/chat/completions", Access.INFERENCE, "inference (and the other inference paths)"),
+    Rule("GET", "/v1/models", Access.INFERENCE, "model lists (`/models` too)"),
+    Rule("GET", "/models", Access.INFERENCE, "model lists, llama-server router mode's shape"),
+    Rule("GET", "/props", Access.INFERENCE, "`?model=`: that model's read-only page (see below)"),
+    Rule("GET", "/slots", Access.INFERENCE, "`?model=`: that model's read-only page"),
+    Rule("GET", "/lora-adapters", Access.INFERENCE, "`?model=`: that model's read-only page"),
+    Rule("GET", "/metrics", Access.INFERENCE, "the router's metrics (`?model=`: that model's)"),
+    Rule("GET", "/running", Access.INFERENCE, "what runs"),
+    Rule("GET", "/events", Access.INFERENCE, "lifecycle events (SSE)"),
+    Rule("GET", "/models/sse", Access.INFERENCE, "router mode's events (SSE)"),
+    Rule("GET", "/logs/{model}", Access.INFERENCE, "a model's output"),
+    Rule("GET", "/overview", Access.INFERENCE, "the dashboard's state"),
+    Rule("GET", "/config", Access.INFERENCE, "the config (`env` values for admin keys only)"),
+    Rule("GET", "/activity", Access.INFERENCE, "the activity log (`/activity.csv` too)"),
+    Rule("GET", "/requests", Access.INFERENCE, "what waits and runs"),
+    Rule("GET", "/router/log", Access.INFERENCE, "the router's own log"),
+    Rule("*", "{path}", Access.INFERENCE, "anything else (an unknown path is a 404)"),
+)
+
+
+# The table indexed for the request path: exact paths by (method, path), then the patterns in order.
+# No pattern row comes before an exact row it would match, so this keeps "the first row that matches".
+_EXACT = {(rule.method, rule.path): rule.access for rule in ACCESS if "{" not in rule.path}
+_PATTERNS = [(rule.method, rule.pattern(), rule.access) for rule in ACCESS if "{" in rule.path]
+
+
+def access_of(method: str, path: str) -> Access:
+    """What a request needs where keys are configured (the first matching row of `ACCESS`)."""
+    access = _EXACT.get((method, path)) or _EXACT.get(("*", path))
+    if access is not None:
+        return access
+    for wanted, pattern, access in _PATTERNS:
+        if (wanted == "*" or wanted == method) and pattern.fullmatch(path):
+            return access
+    return Access.INFERENCE
 
 
 @dataclass(frozen=True)
@@ -114,20 +191,22 @@ def warn_if_open(keys: Keys, host: str) -> None:
         )
 
 
-def is_open(path: str) -> bool:
-    """Whether `path` is answered without a key (`/health`, and the dashboard's page, which holds
-    nothing secret; `GET /` only sends browsers there)."""
-    return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
+def is_open(request: web.Request) -> bool:
+    """Whether `request` is answered without a key."""
+    return access_of(request.method, request.path) is Access.OPEN
 
 
 def is_admin_request(request: web.Request) -> bool:
-    """Whether `request` is for a control endpoint."""
-    path = request.path
-    if path in ADMIN_PATHS or path.startswith("/upstream/"):
+    """Whether `request` changes what runs (it needs an admin key where keys are configured)."""
+    return access_of(request.method, request.path) is Access.ADMIN
+
+
+def is_admin(ring: KeyRing, request: web.Request) -> bool:
+    """Whether the caller holds an admin key, or no keys are configured (then anyone may do all)."""
+    if not ring.enabled:
         return True
-    if request.method == "DELETE":
-        return path in ADMIN_DELETE_PATHS
-    return request.method == "POST" and (path in ADMIN_POST_PATHS or path.startswith(ADMIN_POST_PREFIXES))
+    key = presented_key(request)
+    return key is not None and _matches(key, ring.keys.admin)
 
 
 def presented_key(request: web.Request) -> bytes | None:
@@ -161,33 +240,43 @@ def _unauthorized(message: str) -> web.Response:
 
 
 def key_check(ring: KeyRing) -> Callable[[web.Request], web.StreamResponse | None]:
-    """The check enforcing the keys `ring` holds when each request arrives (none: it lets all in):
-    the refusal to answer with, or None to go on. The router's one middleware runs it."""
+    """The check enforcing `ACCESS` with the keys `ring` holds when each request arrives (no keys:
+    it lets all in): the refusal to answer with, or None to go on. The router's one middleware runs
+    it."""
 
     def check_key(request: web.Request) -> web.StreamResponse | None:
-        if not ring.enabled or is_open(request.path):
+        if not ring.enabled:
+            return None
+        access = access_of(request.method, request.path)
+        if access is Access.OPEN:
             return None
         keys = ring.keys
         key = presented_key(request)
-        if keys.admin and is_admin_request(request):
-            if key is None:
-                return _unauthorized(
-                    f"{printable(request.path)} needs an admin key: send 'Authorization: Bearer <key>'"
-                )
-            if not _matches(key, keys.admin):
-                if _matches(key, keys.api):
-                    return error_response(
-                        403,
-                        f"{printable(request.path)} needs an admin key, not an API key",
-                        code="admin_key_required",
-                    )
-                return _unauthorized("invalid admin key")
-            return None
-        if keys.api:
+        if access is Access.INFERENCE:
+            if not keys.api:
+                return None
             if key is None:
                 return _unauthorized("missing API key: send 'Authorization: Bearer <key>'")
             if not (_matches(key, keys.api) or _matches(key, keys.admin)):
                 return _unauthorized("invalid API key")
-        return None
+            return None
+        if key is not None and _matches(key, keys.admin):
+            return None
+        what = f"{request.method} {printable(request.path)}"
+        if not keys.admin:
+            return error_response(
+                403,
+                f"{what} changes what runs and needs an admin key, and none is configured (an API key "
+                "never changes what runs): add one to server.admin_keys (or admin_keys_env) and give "
+                "it to the clients that manage models",
+                code="admin_key_required",
+            )
+        if key is not None and _matches(key, keys.api):
+            return error_response(
+                403, f"{what} needs an admin key, not an API key", code="admin_key_required"
+            )
+        if key is None:
+            return _unauthorized(f"{what} needs an admin key: send 'Authorization: Bearer <key>'")
+        return _unauthorized("invalid admin key")
 
     return check_key

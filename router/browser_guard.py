@@ -99,7 +99,7 @@ def browser_check(
     checked_for: list[ServerConfig] = []  # the settings `checked` holds answers for
 
     def guard(request: web.Request) -> web.StreamResponse | None:
-        if ring.enabled or is_open(request.path):
+        if ring.enabled or is_open(request):
             return None
         server = settings()
         host = request.headers.get("Host")

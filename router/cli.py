@@ -86,7 +86,7 @@ def describe_profile(config: RouterConfig, name: str) -> list[tuple[str, str]]:
         lines.append(("hf", profile.hf))
     if profile.mmproj_path is not None:
         lines.append(("mmproj", str(profile.mmproj_path)))
-    command = " ".join(profile.command("127.0.0.1", 0)).replace(" --port 0", " --port <auto>")
+    command = " ".join(profile.shown_command()).replace(" --port 0", " --port <auto>")
     lines.append(("command", command))
     if profile.rpc:
         lines.append(("rpc", ", ".join(profile.rpc)))
@@ -171,8 +171,35 @@ def describe_peers(config: RouterConfig) -> list[str]:
     for name, peer in config.peers.items():
         models = ", ".join(peer.models) if peer.models is not None else "discovered from its /v1/models"
         key = "with its key" if peer.api_key is not None else "no key"
-        lines.append(f"  {name}  {peer.url}  {key}; models: {models}")
+        caps = f"list read up to {peer.max_models} models / {peer.max_list_mb:g} MiB"
+        lines.append(f"  {name}  {peer.url}  {key}; models: {models}; {caps}")
+        if peer.url.startswith("https://"):
+            trust = f"the CA in {peer.ca_file}" if peer.ca_file is not None else "the system's trusted CAs"
+            lines.append(f"    tls: its certificate is verified against {trust}")
     return lines
+
+
+def describe_listen(server: ServerConfig) -> list[str]:
+    """The `check` lines of where the router listens and, with TLS, the certificate it serves
+    (loaded as the router would: a bad pair is an error here too)."""
+    from .tls import describe_certificate, server_context
+
+    if server.tls_cert is None:
+        return [f"listen: http://{server.host}:{server.port}"]
+    server_context(server)  # ConfigError if the pair does not load
+    about = describe_certificate(server.tls_cert)
+    return [
+        f"listen: https://{server.host}:{server.port}",
+        f"tls: {server.tls_cert} with {server.tls_key}" + (f": {about}" if about else ""),
+    ]
+
+
+def describe_limits(server: ServerConfig) -> str:
+    """The `check` line of what clients may hold."""
+    return (
+        f"limits: bodies up to {server.max_body_mb:g} MiB each, {server.max_body_total_mb:g} MiB in all, "
+        f"each whole within {server.body_timeout:g}s"
+    )
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -182,7 +209,12 @@ def _check(args: argparse.Namespace) -> int:
     config = _load(args.config)
     controller = Controller(config)  # no process is started: it only reads budgets and footprints
     print(f"{config.path}: OK, {len(config.profiles)} profile(s)")
-    print(f"  listen: http://{config.server.host}:{config.server.port}")
+    try:
+        listen = describe_listen(config.server)
+    except ConfigError as exc:
+        raise ConfigError(f"{config.path}: {exc}") from None
+    for line in [*listen, describe_limits(config.server)]:
+        print(f"  {line}")
     for line in describe_budgets(controller.devices, controller.memory_notes):
         print(f"  {line}")
     for line in [*describe_workers(config), *describe_peers(config)]:
@@ -258,7 +290,7 @@ def _router_url(args: argparse.Namespace) -> tuple[str, str | None]:
             if variable:
                 keys += [part.strip() for part in os.environ.get(variable, "").split(",") if part.strip()]
         key = keys[0] if keys else None
-    return f"http://{host}:{server.port}", key
+    return f"{'https' if server.tls_cert is not None else 'http'}://{host}:{server.port}", key
 
 
 def _server_section(data: Any, path: Path) -> ServerConfig:

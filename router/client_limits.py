@@ -10,9 +10,13 @@ whole however large, and a truncated body held its connection forever. So:
   200 (the router is up), anything else with 503 `too_many_connections`;
 - a connection must send a whole request head within `server.idle_timeout` seconds of opening or of
   its last answer (aiohttp's keep-alive timer, which also covers a head trickled byte by byte);
-- a body may go `server.body_timeout` seconds without a byte, then the request gets 408 and its
+- a whole body must arrive within `server.body_timeout` seconds (a total, so a body trickled a byte
+  at a time cannot hold its connection and memory for long), else the request gets 408 and its
   connection is closed; a `Content-Length` over `server.max_body_mb` gets 413 before a byte of the
-  body is read, and a body without a length is cut off there too.
+  body is read, and a body without a length is cut off there too;
+- the bodies held at once, across every connection and until their requests end (a request waiting
+  for its model holds its body), are at most `server.max_body_total_mb`: a body that would go past it
+  gets 503 with `Retry-After` before it is read (one without a length, when it grows past it).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from .errors import RouterError, error_body
 
 log = logging.getLogger("llama_router")
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MIB = 1024 * 1024
 # Connections kept for upstreams, log files and the like when the cap is derived from the fd limit.
 RESERVED_FDS = 128
@@ -109,7 +114,8 @@ class _Refusal(asyncio.Protocol):
 
 
 class CappedSite(web.TCPSite):
-    """aiohttp's TCP site, with a new connection past `limit` open ones refused (see `_Refusal`)."""
+    """aiohttp's TCP site (with TLS when given an `ssl_context`), with a new connection past `limit`
+    open ones refused (see `_Refusal`)."""
 
     def __init__(self, runner: web.BaseRunner, host: str, port: int, *, limit: int, **kwargs: Any) -> None:
         super().__init__(runner, host, port, **kwargs)
@@ -134,35 +140,89 @@ class CappedSite(web.TCPSite):
             protocol,
             self._host,
             self._port,
+            ssl=self._ssl_context,
             backlog=self._backlog,
             reuse_address=self._reuse_address,
             reuse_port=self._reuse_port,
         )
 
 
-def body_reader(
-    max_bytes: Callable[[], int], timeout: Callable[[], float]
-) -> Callable[[web.Request], Awaitable[None]]:
-    """What reads a request's body, if it has one, before the handler does (the router's one
-    middleware awaits it): 413 for a `Content-Length` over `max_bytes()` (nothing read) or a body
-    that grows past it, 408 for one silent `timeout()` seconds, raised as RouterError. Handlers then
-    get the body from `request.read()` at once."""
+class BodyBudget:
+    """The bytes of request bodies the router holds at once, across all connections, against
+    `server.max_body_total_mb`. A body's bytes are taken before it is read (its length) or as it
+    arrives (without one) and given back when its request ends."""
 
-    async def read_body(request: web.Request) -> None:
-        if request.body_exists and request._read_bytes is None:
-            limit = max_bytes()
-            length = request.content_length
-            if length is not None and length > limit:
-                raise _too_large(request, limit)
-            request._read_bytes = await _read(request, limit, timeout())
+    def __init__(self, limit: Callable[[], int]) -> None:
+        self.limit = limit
+        self.held = 0
+        self.refused = 0  # bodies answered 503 for want of room
+
+    def take(self, size: int) -> bool:
+        """Hold `size` more bytes, if they fit under the limit."""
+        if self.held + size > self.limit():
+            self.refused += 1
+            return False
+        self.held += size
+        return True
+
+    def give_back(self, size: int) -> None:
+        self.held = max(0, self.held - size)
+
+
+class _Hold:
+    """What one request holds of the budget."""
+
+    def __init__(self, budget: BodyBudget, request: web.Request) -> None:
+        self.budget = budget
+        self.request = request
+        self.size = 0
+
+    def take(self, size: int) -> None:
+        if not self.budget.take(size):
+            _close_after_answer(self.request)
+            raise RouterError(
+                503,
+                "the router holds as many request bodies as it may at once "
+                f"({self.budget.limit() / MIB:g} MiB, server.max_body_total_mb); try again shortly",
+                code="bodies_over_capacity",
+                retry_after=1,
+            )
+        self.size += size
+
+
+def body_limits(
+    max_bytes: Callable[[], int], timeout: Callable[[], float], budget: BodyBudget
+) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    """What reads a request's body, if it has one, before the handler does (the router's one
+    middleware calls it with the handler, rather than aiohttp's chain): 413 for a `Content-Length`
+    over `max_bytes()` (nothing read) or a body that grows past it, 503 for one the `budget` has no
+    room for (nothing read, when it has a length), 408 for one not whole within `timeout()` seconds.
+    Handlers then get the body from `request.read()` at once; its bytes count against the budget
+    until the handler returns."""
+
+    async def read_body(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not request.body_exists or request._read_bytes is not None:
+            return await handler(request)
+        limit = max_bytes()
+        length = request.content_length
+        if length is not None and length > limit:
+            raise _too_large(request, limit)
+        hold = _Hold(budget, request)
+        try:
+            if length is not None:
+                hold.take(length)
+            request._read_bytes = await _read(request, limit, timeout(), hold)
+            return await handler(request)
+        finally:
+            budget.give_back(hold.size)
 
     return read_body
 
 
-async def _read(request: web.Request, limit: int, timeout: float) -> bytes:
-    """The whole body, each wait for more bounded by `timeout`. A large body with a length is read
-    into one buffer of that size (a bytearray, which every reader takes as bytes): one copy of it,
-    not chunks plus their join."""
+async def _read(request: web.Request, limit: int, timeout: float, hold: _Hold) -> bytes:
+    """The whole body, within `timeout` seconds in all. A large body with a length is read into one
+    buffer of that size (a bytearray, which every reader takes as bytes): one copy of it, not chunks
+    plus their join. A body without a length takes its room in the budget as it arrives."""
     content = request.content
     length = request.content_length
     if content.is_eof() and length is not None:
@@ -172,23 +232,25 @@ async def _read(request: web.Request, limit: int, timeout: float) -> bytes:
     whole = bytearray(length) if length is not None and length > PREALLOCATE_FROM else None
     parts: list[bytes] = []
     size = 0
-    loop = asyncio.get_running_loop()
     try:
-        async with asyncio.timeout(timeout) as timer:
+        async with asyncio.timeout(timeout):
             while chunk := await content.readany():
                 end = size + len(chunk)
                 if end > limit:
                     raise _too_large(request, limit)
+                if length is None:
+                    hold.take(len(chunk))
                 if whole is not None:
                     whole[size:end] = chunk
                 else:
                     parts.append(chunk)
                 size = end
-                timer.reschedule(loop.time() + timeout)
     except TimeoutError:
         _close_after_answer(request)
         raise RouterError(
-            408, f"the request body stalled: no byte for {timeout:g}s", code="request_timeout"
+            408,
+            f"the request body did not arrive within {timeout:g}s (server.body_timeout)",
+            code="request_timeout",
         ) from None
     if whole is not None:
         if size != len(whole):  # aiohttp ends a body at its length; this one ended early

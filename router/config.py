@@ -185,17 +185,35 @@ class ServerConfig(_Strict):
         description="seconds a client connection may go without sending a whole request head",
     )
     body_timeout: float = Field(
-        default=30.0, gt=0, description="seconds a request body may go without a byte (then 408)"
+        default=60.0,
+        gt=0,
+        description="seconds a whole request body may take to arrive, however it trickles (then 408)",
     )
+    max_body_total_mb: float = Field(
+        default=256.0,
+        gt=0,
+        description="MiB of request bodies held at once across all connections, queued requests' "
+        "included; a body past it gets 503 with Retry-After before it is read (at least max_body_mb)",
+    )
+    tls_cert: Path | None = Field(
+        default=None,
+        description="PEM certificate (chain) to serve HTTPS on the router's port (with tls_key; "
+        "re-read on reload; turning TLS on or off needs a restart)",
+    )
+    tls_key: Path | None = Field(default=None, description="PEM private key of tls_cert")
     log_lines: int = Field(default=1000, ge=10, description="lines of upstream output kept per profile")
     api_keys: list[str] = Field(
-        default_factory=list, description="Bearer keys clients must send (none: no auth except admin)"
+        default_factory=list,
+        description="Bearer keys clients must send for inference and reading (an API key never changes "
+        "what runs)",
     )
     api_keys_env: str | None = Field(
         default=None, description="environment variable holding more API keys, comma-separated"
     )
     admin_keys: list[str] = Field(
-        default_factory=list, description="keys for the control endpoints (load, unload, /upstream)"
+        default_factory=list,
+        description="keys for the calls that change what runs (load, unload, cancel, POST/DELETE /models, "
+        "/upstream); where any keys are set, nothing else can make them",
     )
     admin_keys_env: str | None = Field(
         default=None, description="environment variable holding more admin keys, comma-separated"
@@ -215,6 +233,20 @@ class ServerConfig(_Strict):
         gt=0,
         description="tokens per request profiles' clients need; `check` warns about smaller windows",
     )
+    allowed_args: list[str] = Field(
+        default_factory=list,
+        description="more llama-server flags (each spelling, e.g. '--lora') that the profiles "
+        "llama-router writes in profiles.d/ may carry; only this file can add to the built-in list",
+    )
+
+    @field_validator("allowed_args")
+    @classmethod
+    def _flag_names(cls, flags: list[str]) -> list[str]:
+        from .allowed_args import valid_flag_name
+
+        if bad := [flag for flag in flags if not valid_flag_name(flag)]:
+            raise ValueError(f"{bad[0]!r} is not a flag ('-x' or '--name', without a value)")
+        return flags
 
     @model_validator(mode="before")
     @classmethod
@@ -225,6 +257,17 @@ class ServerConfig(_Strict):
                     log.warning("server.%s is no longer used and is ignored: %s", key, why)
             data = {key: value for key, value in data.items() if key not in RETIRED_SERVER_KEYS}
         return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServerConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both, or neither")
+        if self.max_body_total_mb < self.max_body_mb:
+            raise ValueError(
+                f"max_body_total_mb ({self.max_body_total_mb:g}) is under max_body_mb "
+                f"({self.max_body_mb:g}): a body of the largest size could never be taken"
+            )
+        return self
 
 
 class Profile(_Strict):
@@ -358,7 +401,10 @@ class PeerConfig(_Strict):
     """One entry of `peers:`: another OpenAI-compatible server whose models this router forwards to,
     as `<peer>/<model>` (and by the bare name where only that peer has it)."""
 
-    url: str = Field(description="base URL: another llama-router, llama-swap, llama-server, vLLM, Ollama...")
+    url: str = Field(
+        description="base URL, http:// or https://: another llama-router, llama-swap, llama-server, vLLM, "
+        "Ollama..."
+    )
     api_key: str | None = Field(default=None, description="the peer's key, sent as Bearer")
     api_key_env: str | None = Field(default=None, description="environment variable holding the peer's key")
     models: list[str] | None = Field(
@@ -371,6 +417,22 @@ class PeerConfig(_Strict):
     )
     refresh_interval: float = Field(
         default=30.0, gt=0, description="seconds between background readings of its model list"
+    )
+    ca_file: str | None = Field(
+        default=None,
+        description="PEM CA certificate(s) an https:// peer's certificate is checked against "
+        "(default: the system's trusted CAs)",
+    )
+    max_models: int = Field(
+        default=10000,
+        ge=1,
+        description="most models read from its model list; a longer list is refused and the peer "
+        "shown with peer_state 'list_too_large'",
+    )
+    max_list_mb: float = Field(
+        default=8.0,
+        gt=0,
+        description="most MiB of its GET /v1/models answer read; a bigger one is refused as for max_models",
     )
 
     @field_validator("url")
@@ -496,6 +558,12 @@ class ResolvedProfile(BaseModel):
         names = sorted(part.strip() for part in alias.split(",") if part.strip())
         return names[0] if names else self.name
 
+    def shown_command(self) -> list[str]:
+        """The command line as logs and pages show it: secret values hidden, a placeholder port."""
+        from .redact import redacted_args
+
+        return redacted_args(self.command("127.0.0.1", 0))
+
     def command(self, host: str, port: int) -> list[str]:
         """The full command line for this profile on the given loopback port."""
         alias = [] if self.user_alias is not None else ["--alias", self.name]
@@ -528,6 +596,9 @@ class ResolvedPeer(BaseModel):
     models: tuple[str, ...] | None  # as configured; None: discovered
     timeout: float
     refresh_interval: float
+    ca_file: Path | None = None
+    max_models: int = 10000
+    max_list_mb: float = 8.0
 
 
 class RouterConfig(BaseModel):
@@ -744,6 +815,12 @@ def parse_config(data: Any, path: Path, *, keep_unrunnable: bool = False) -> Rou
             removable=removable,
             rpc=tuple(profile.rpc),
         )
+        if removable:
+            problems += _router_written_problems(name, profile, resolved[name], config.server)
+            if problems:
+                resolved[name] = resolved[name].model_copy(
+                    update={"problem": f"{source}: " + "; ".join(problems)}
+                )
         if source != path:  # the file names the profile's problems, as `path` names the others
             problems = [f"{source}: {problem}" for problem in problems]
         all_problems += problems
@@ -753,7 +830,29 @@ def parse_config(data: Any, path: Path, *, keep_unrunnable: bool = False) -> Rou
     if all_problems and not keep_unrunnable:
         raise ConfigError(f"{path}: " + "; ".join(all_problems))
     peers = {name: _resolve_peer(name, peer, path) for name, peer in config.peers.items()}
-    return RouterConfig(path=path, server=config.server, profiles=resolved, names=names, peers=peers)
+    server = config.server
+    if server.tls_cert is not None:
+        tls = {key: _readable(path, f"server.{key}", getattr(server, key)) for key in ("tls_cert", "tls_key")}
+        server = server.model_copy(update=tls)
+    return RouterConfig(path=path, server=server, profiles=resolved, names=names, peers=peers)
+
+
+def _router_written_problems(
+    name: str, profile: Profile, resolved: ResolvedProfile, server: ServerConfig
+) -> list[str]:
+    """Why a profile the router wrote (over HTTP) may not run as it stands (see allowed_args)."""
+    from . import hub
+    from .allowed_args import outside, profile_problems
+
+    problems = [f"profiles.{name}.{problem}" for problem in profile_problems(profile, server.allowed_args)]
+    if resolved.problem is None:
+        files = [*resolved.model_files, *([resolved.mmproj_path] if resolved.mmproj_path else [])]
+        if stray := outside(files, hub.cache_dir()):
+            problems.append(
+                f"profiles.{name}: {stray[0]} is outside the Hugging Face cache; a model added over "
+                "HTTP uses files there only"
+            )
+    return problems
 
 
 def _resolve_peer(name: str, peer: PeerConfig, path: Path) -> ResolvedPeer:
@@ -773,7 +872,33 @@ def _resolve_peer(name: str, peer: PeerConfig, path: Path) -> ResolvedPeer:
         models=tuple(peer.models) if peer.models is not None else None,
         timeout=peer.timeout,
         refresh_interval=peer.refresh_interval,
+        ca_file=_ca_file(path, name, peer.ca_file),
+        max_models=peer.max_models,
+        max_list_mb=peer.max_list_mb,
     )
+
+
+def _ca_file(path: Path, name: str, value: str | None) -> Path | None:
+    """A peer's CA file, checked to load."""
+    from .tls import peer_context
+
+    found = _readable(path, f"peers.{name}.ca_file", value)
+    if found is not None:
+        try:
+            peer_context(found)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: peers.{name}.{exc}") from None
+    return found
+
+
+def _readable(path: Path, key: str, value: str | Path | None) -> Path | None:
+    """A file the config names (relative to the config's folder), which must exist."""
+    if value is None:
+        return None
+    found = _local_path(value, path.parent)
+    if not found.is_file():
+        raise ConfigError(f"{path}: {key}: no such file: {found}")
+    return found
 
 
 def load_config(path: str | Path, *, keep_unrunnable: bool = False) -> RouterConfig:

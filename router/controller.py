@@ -57,9 +57,9 @@ from .scheduler import (
     Start,
     State,
     Stop,
-    StopCause,
 )
-from .supervisor import LoadError, Upstream
+from .state import state_dir
+from .supervisor import LoadError, StoppedBeforeSpawn, Upstream
 
 log = logging.getLogger("llama_router")
 
@@ -124,7 +124,8 @@ class Controller:
             use_nvml=memory.nvml,
             rpc_mib=memory.rpc,
         )
-        self.peers = Peers(config.peers, self.emit)
+        self.started_at = time.time()
+        self.peers = Peers(config.peers, self.emit, local=config.names, created=int(self.started_at))
         self.footprints = FootprintStore(state_dir(config) / "footprints.json")
         self.scheduler = Scheduler(
             (self._spec(profile) for profile in config.profiles.values()), self._budget(), _rules(server)
@@ -136,7 +137,6 @@ class Controller:
         self.logs: dict[str, deque[str]] = {name: deque(maxlen=server.log_lines) for name in config.profiles}
         self.upstreams: dict[str, Upstream] = {}
         self.owner_tag = f"{os.getpid()}"
-        self.started_at = time.time()
         self._ids = itertools.count(1)
         self._waiters: dict[int, asyncio.Future[Upstream]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -182,7 +182,7 @@ class Controller:
         summary["removed"] = [name for name in old.profiles if name not in config.profiles]
         self.config = config
         self.devices = _with_rpc_budgets(self.devices, config)
-        self.peers.reconfigure(config.peers)
+        self.peers.reconfigure(config.peers, config.names)
         self.contexts.forget_removed(config)
         for name in config.profiles:
             if name not in self.logs:
@@ -380,7 +380,13 @@ class Controller:
         self.release(await self.acquire(profile, fallback=False))
 
     def unload(self, profile: str, *, force: bool = False) -> None:
+        """Unload `profile` (see `Scheduler.unload`). Forced, the process is signalled now, whatever
+        its stop was doing (saving prompt caches, waiting for requests), and SIGKILLed once
+        `stop_timeout` has passed; one not spawned yet is never started."""
         self._apply(self.scheduler.unload(profile, self.now(), force=force))
+        upstream = self.upstreams.get(profile)
+        if force and upstream is not None and self.view(profile).state is State.STOPPING:
+            self._spawn(upstream.stop(upstream.profile.stop_timeout))
 
     # ------------------------------------------------------------------------------------------ decisions
 
@@ -393,9 +399,16 @@ class Controller:
                 if waiter is not None and not waiter.done():
                     waiter.set_exception(refusal(decision))
             elif isinstance(decision, Start):
-                self._spawn(self._start(decision.profile))
+                self._spawn(self._start(decision.profile, self._launch(decision.profile)))
             elif isinstance(decision, Stop):
-                self._spawn(self._stop(decision.profile, decision.reason, decision.cause))
+                # The process stopped is the one running when the stop is decided, not a later one;
+                # told now, so that no `stopped` (a spawn that never happened) is reported before.
+                upstream = self.upstreams.get(decision.profile)
+                if upstream is not None:
+                    upstream.mark_stopping()
+                log.info("stopping %s: %s", decision.profile, decision.reason)
+                self.emit(Stopping(decision.profile, decision.reason, decision.cause))
+                self._spawn(self._stop(decision.profile, upstream))
         self._arm_timer()
 
     def _resolve(self, decision: Dispatch) -> None:
@@ -474,18 +487,12 @@ class Controller:
             self.scheduler.footprint_measured(name, self._with_claims(upstream.profile, measured), self.now())
         )
 
-    async def _start(self, name: str) -> None:
+    def _launch(self, name: str) -> Upstream | None:
+        """The upstream a `Start` decided, registered (and its load told) at once: a `Stop` decided
+        before its process exists finds it there and marks it, and the spawn carries the stop out."""
         profile = self.config.profiles.get(name)
         if profile is None:  # a reload removed it between the decision and now
-            self._apply(self.scheduler.process_exited(name, self.now(), "removed from the config"))
-            return
-        if profile.rpc and (problem := unanswered(await probe_all(profile.rpc))):
-            reason = f"cannot load {name!r}: {problem}"
-            self.logs[name].append(f"[llama-router] {reason}")
-            log.warning("%s", reason)
-            self.emit(Failed(name, reason))
-            self._apply(self.scheduler.process_exited(name, self.now(), reason))
-            return
+            return None
         server = self.config.server
         upstream = Upstream(
             profile,
@@ -499,15 +506,44 @@ class Controller:
         self.upstreams[name] = upstream
         self._tallies[name] = BufferTally.of(profile, self.devices)
         self.emit(Loading(name))
-        self.logs[name].append(f"[llama-router] starting: {' '.join(profile.command('127.0.0.1', 0))}")
-        try:
-            await upstream.spawn()
-        except OSError as exc:
-            self.upstreams.pop(name, None)
-            reason = f"could not start {profile.binary} for {name!r}: {exc.strerror or exc}"
+        self.logs[name].append(f"[llama-router] starting: {' '.join(profile.shown_command())}")
+        return upstream
+
+    def _not_started(self, upstream: Upstream, reason: str) -> None:
+        """The upstream never got a process (a stop came first, or the spawn failed): let go of it
+        and tell the scheduler, which counts a failure unless it had decided to stop it."""
+        name = upstream.profile.name
+        if self.upstreams.get(name) is upstream:
+            del self.upstreams[name]
+        self._tallies.pop(name, None)
+        upstream.gone.set()
+        if upstream.stopping:
+            log.info("%s stopped before its process was started", name)
+            self.emit(Stopped(name))
+        else:
             self.logs[name].append(f"[llama-router] {reason}")
             self.emit(Failed(name, reason))
-            self._apply(self.scheduler.process_exited(name, self.now(), reason))
+        self._apply(self.scheduler.process_exited(name, self.now(), reason))
+
+    async def _start(self, name: str, upstream: Upstream | None) -> None:
+        if upstream is None:
+            self._apply(self.scheduler.process_exited(name, self.now(), "removed from the config"))
+            return
+        profile = upstream.profile
+        if profile.rpc and (problem := unanswered(await probe_all(profile.rpc))):
+            reason = f"cannot load {name!r}: {problem}"
+            log.warning("%s", reason)
+            self._not_started(upstream, reason)
+            return
+        try:
+            await upstream.spawn()
+        except StoppedBeforeSpawn:
+            self._not_started(upstream, f"{name!r} was stopped before its process was started")
+            return
+        except OSError as exc:
+            self._not_started(
+                upstream, f"could not start {profile.binary} for {name!r}: {exc.strerror or exc}"
+            )
             return
         self._spawn(self._watch_exit(upstream))
         assert self._session is not None
@@ -626,12 +662,9 @@ class Controller:
             return False
         return True
 
-    async def _stop(self, name: str, reason: str, cause: StopCause) -> None:
-        upstream = self.upstreams.get(name)
-        log.info("stopping %s: %s", name, reason)
-        self.emit(Stopping(name, reason, cause))
+    async def _stop(self, name: str, upstream: Upstream | None) -> None:
         if upstream is None or upstream.process is None:
-            return
+            return  # its spawn, still under way, starts no process or ends the one it started
         if upstream.profile.keep_context and upstream.ready_at and upstream.is_alive():
             assert self._session is not None
             saved = await self.contexts.save(upstream, upstream.client(self._session))
@@ -716,14 +749,6 @@ def _rules(server: ServerConfig) -> Rules:
         backoff_max=server.restart_backoff_max,
         max_waiting=server.max_waiting,
     )
-
-
-def state_dir(config: RouterConfig) -> Path:
-    """Where the router keeps what it learns: `server.state_dir`, else the XDG state directory."""
-    if config.server.state_dir is not None:
-        return config.server.state_dir.expanduser()
-    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
-    return Path(base) / "llama-router"
 
 
 def private_dir() -> Path:

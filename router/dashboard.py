@@ -39,7 +39,7 @@ from aiohttp import web
 from .access_log import RECORD
 from .activity import ActivityRow, ActivityStore, row_for
 from .api import Api, FollowableLog
-from .auth import KeyRing, Keys, presented_key
+from .auth import KeyRing, Keys, is_admin, presented_key
 from .config import ResolvedProfile, RouterConfig
 from .controller import Controller, state_dir
 from .errors import RouterError
@@ -56,6 +56,7 @@ from .events import (
 from .logging_setup import TextFormatter
 from .metrics import status_value
 from .pagecache import cached_bytes
+from .redact import redacted_args, redacted_env
 from .reload import reload_status
 from .request_rules import RequestRecord
 from .scheduler import State
@@ -69,8 +70,6 @@ ROUTER_LOG_LINES = 1000
 EVENT_ROWS = 50  # activity rows carried by one `requests` event; a page fetches more if it wants them
 LISTED_REQUESTS = 200  # requests listed at most (the counts are always whole)
 DISK_FACTS_AGE = 2.0  # seconds page-cache and saved-cache figures are reused for
-_SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "AUTH", "CREDENTIAL")
-_HIDDEN = "(hidden)"
 _RUNNING = (State.STARTING, State.READY, State.STOPPING)
 _LIVE_ID: web.RequestKey[int] = web.RequestKey("llama_router.live_id", int)
 
@@ -93,33 +92,6 @@ UI_HEADERS = {
         "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
     ),
 }
-
-
-def secret_name(name: str) -> bool:
-    """Whether an environment variable or flag name looks like it holds a secret."""
-    upper = name.upper()
-    return any(word in upper for word in _SECRET_WORDS)
-
-
-def redacted_args(args: tuple[str, ...] | list[str]) -> list[str]:
-    """A command line with the values of secret-looking flags (`--api-key X`, `--hf-token=X`) hidden."""
-    out: list[str] = []
-    hide_next = False
-    for arg in args:
-        if hide_next:
-            out.append(_HIDDEN)
-            hide_next = False
-            continue
-        flag, eq, _ = arg.partition("=")
-        if flag.startswith("-") and secret_name(flag):
-            if eq:
-                out.append(f"{flag}={_HIDDEN}")
-            else:
-                out.append(arg)
-                hide_next = True
-            continue
-        out.append(arg)
-    return out
 
 
 def key_labels(keys: Keys) -> dict[bytes, str]:
@@ -463,17 +435,19 @@ class Dashboard:
 
     async def config(self, request: web.Request) -> web.Response:
         """The config as the router runs it: the file, the server settings (keys as counts only),
-        each profile resolved (paths, command line, secret-looking values hidden), the last reload."""
+        each profile resolved (paths, command line, secret-looking values hidden; `env` values only
+        for an admin key, or when no keys are set), the last reload."""
         config = self.controller.config
         server = config.server.model_dump(mode="json")
         for field in ("api_keys", "admin_keys"):
             server[field] = f"{len(server[field])} key(s)" if server[field] else []
         profiles = {}
+        admin = is_admin(self.keys, request)
         for name, profile in config.profiles.items():
             entry = profile.model_dump(mode="json")
             entry["args"] = redacted_args(profile.args)
-            entry["env"] = {key: _HIDDEN if secret_name(key) else value for key, value in profile.env.items()}
-            entry["command"] = redacted_args(profile.command("127.0.0.1", 0))
+            entry["env"] = redacted_env(profile.env, values=admin)
+            entry["command"] = profile.shown_command()
             profiles[name] = entry
         return web.json_response(
             {

@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import re
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from .context_window import flag_value, int_setting, slots, switch, total_contex
 from .gguf import GGUFError, GGUFHeader, read_header
 from .memory import MIB, Device, is_gpu
 from .rpc import device_name
+from .state import move_aside
 
 log = logging.getLogger("llama_router.footprint")
 
@@ -645,15 +645,7 @@ class FootprintStore:
 
     def _quarantine(self, why: str) -> None:
         """Move an unreadable state file aside so the next save does not lose it, and say so."""
-        aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
-        try:
-            self.path.replace(aside)
-        except OSError as exc:
-            log.warning(
-                "%s is %s and cannot be moved aside (%s); it will be overwritten", self.path, why, exc
-            )
-            return
-        log.warning("%s is %s: moved to %s; footprints will be learned again", self.path, why, aside.name)
+        move_aside(self.path, why, "footprints will be learned again")
 
     def get(self, profile: ResolvedProfile) -> dict[str, int] | None:
         entry = self._data.get(profile.name)

@@ -25,16 +25,24 @@ from typing import Any
 import yaml
 
 from . import hub
+from .allowed_args import profile_problems
 from .config import CREATED_BY_ROUTER, Profile, ProfilesFile, ResolvedProfile, profiles_dir
 from .controller import Controller
-from .errors import RouterError
+from .errors import RouterError, printable
 from .events import DownloadFailed, DownloadFinished, DownloadProgress, ModelRemoved
+from .model_files import files_in_use, profile_files
 
 log = logging.getLogger("llama_router.models")
 
 Reload = Callable[[str], Awaitable[bool]]
 PROGRESS_INTERVAL = 0.25  # seconds between two progress events of one file (its last one always goes)
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+# A name (or alias) given to POST /models: an id a person can type, and put on a command line.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+NAME_RULE = "letters, digits and '._:-' (starting with a letter or digit), at most 128 characters"
+REFERENCE_ID = re.compile(r"[!-~]{1,256}")  # the `<org>/<repo>:<quant>` id: visible ASCII, no space
+# The keys of a POST /models body that go into the profile; `model` and `name` say what and as what.
+PROFILE_KEYS = ("hf_file", "hf_revision", "mmproj", "args", "aliases", "description")
 
 
 @dataclass
@@ -69,27 +77,33 @@ class ModelManager:
             raise RouterError(
                 400, "give 'model': a Hugging Face repo '<org>/<repo>[:<quant>]'", code="missing_model"
             )
-        name = payload.get("name", model.strip())
+        model = model.strip()
+        if refused := sorted(key for key in ("binary", "env", "model_path") if key in payload):
+            raise RouterError(
+                400,
+                f"{refused[0]!r} cannot be set over HTTP: a model added this way runs the configured "
+                "llama-server with model-serving 'args' only",
+                code="invalid_request",
+            )
+        name = payload.get("name", model)
         if not isinstance(name, str) or not name.strip():
             raise RouterError(400, "'name' must be a non-empty string", code="invalid_request")
         name = name.strip()
-        profile: dict[str, Any] = {"hf": model.strip()}
-        for key in ("hf_file", "hf_revision", "mmproj", "args", "aliases", "description"):
+        profile: dict[str, Any] = {"hf": model}
+        for key in PROFILE_KEYS:
             if key in payload:
                 profile[key] = payload[key]
-        profile.setdefault("description", f"downloaded from Hugging Face: {model.strip()}")
+        profile.setdefault("description", f"downloaded from Hugging Face: {model}")
         try:
             checked = Profile.model_validate(profile)
         except ValueError as exc:
             raise RouterError(
-                400, f"cannot make a profile of {model!r}: {exc}", code="invalid_request"
+                400, f"cannot make a profile of {printable(model)!r}: {exc}", code="invalid_request"
             ) from None
         config = self.controller.config
-        taken = [
-            alias for alias in (name, *checked.aliases) if alias in config.names or alias in self.downloads
-        ]
-        if taken:
-            raise RouterError(400, f"model {taken[0]!r} already exists", code="model_exists")
+        if problems := profile_problems(checked, config.server.allowed_args):
+            raise RouterError(400, problems[0], code="not_allowed")
+        self._check_ids(name, list(checked.aliases), free_name=name != model)
         folder = profiles_dir(config.path)
         if not os.access(folder if folder.exists() else folder.parent, os.W_OK):
             raise RouterError(
@@ -108,6 +122,32 @@ class ModelManager:
         download.task = asyncio.create_task(self._download(download, reload), name=f"download {name}")
         log.info("downloading %s as model %r", ref.describe(), name)
         return name
+
+    def _check_ids(self, name: str, aliases: list[str], *, free_name: bool) -> None:
+        """The new model's ids: a free-form one (a `name` given, `aliases`) follows NAME_RULE, while
+        the router's own `<org>/<repo>:<quant>` stays as it is; none may equal, or differ only by
+        case from, an id in use or being downloaded (a person could not tell them apart)."""
+        if not free_name and not REFERENCE_ID.fullmatch(name):
+            raise RouterError(
+                400,
+                f"model '{printable(name, 64)}' cannot be an id: a Hugging Face reference is visible "
+                "ASCII without spaces, at most 256 characters",
+                code="invalid_name",
+            )
+        for value in [name, *aliases] if free_name else aliases:
+            if not NAME.fullmatch(value):
+                raise RouterError(
+                    400,
+                    f"model name '{printable(value, 64)}' is not allowed: use {NAME_RULE}",
+                    code="invalid_name",
+                )
+        taken = {known.casefold(): known for known in [*self.controller.config.names, *self.downloads]}
+        for value in [name, *aliases]:
+            other = taken.get(value.casefold())
+            taken[value.casefold()] = value
+            if other is not None:
+                same = "exists" if other == value else f"differs only by case from {other!r}"
+                raise RouterError(400, f"model '{printable(value, 64)}' {same}", code="model_exists")
 
     async def _download(self, download: Download, reload: Reload) -> None:
         name = download.name
@@ -214,9 +254,10 @@ class ModelManager:
             )
         deleted: list[str] = []
         if delete_files:
-            in_use = {file for other in self.controller.config.profiles.values() for file in _files(other)}
-            kept = [file for file in _files(profile) if file not in in_use]
-            deleted = [str(blob) for blob in await asyncio.to_thread(hub.remove_cached, kept)]
+            files = profile_files(profile)
+            shared = files_in_use(files, self.controller.config.profiles.values())
+            unshared = [file for file in files if file not in shared]
+            deleted = [str(blob) for blob in await asyncio.to_thread(hub.remove_cached, unshared)]
         log.info("model %r removed%s", name, f" with {len(deleted)} cached file(s)" if delete_files else "")
         self.controller.emit(ModelRemoved(name, deleted))
         return {"success": True, "model": name, "deleted_files": deleted}
@@ -250,10 +291,6 @@ class ModelManager:
         tasks = [download.task for download in self.downloads.values() if download.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=5)
-
-
-def _files(profile: ResolvedProfile) -> list[Path]:
-    return [*profile.model_files, *([profile.mmproj_path] if profile.mmproj_path else [])]
 
 
 def _drop_profile(profile: ResolvedProfile) -> None:

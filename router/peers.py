@@ -11,6 +11,12 @@ Model lists are read in the background (`GET /v1/models`, every `refresh_interva
 and kept, so listing models never waits on a slow or dead peer. Entries a peer itself got from its
 own peers (a llama-router marks them with `peer`) are left out: models are forwarded one hop, so
 routers that peer with each other never list each other's lists back and forth.
+
+A peer cannot hurt local serving through its list: at most `max_list_mb` of it is read and at most
+`max_models` entries taken (past either, the list is refused and the peer shown as `list_too_large`),
+redirects are followed only on the peer's own host, the list is parsed in a worker thread, and the
+peers' part of `/v1/models` is kept serialised (`Peers.listing`), rebuilt off the event loop when a
+list or a peer's state changes, so a client's listing costs a copy, not a build.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import contextlib
 import json
 import logging
 import os
+import ssl
 import time
 import urllib.parse
 from collections.abc import Callable, Container, Iterator
@@ -31,11 +38,18 @@ import aiohttp
 from .config import ResolvedPeer
 from .errors import RouterError, printable
 from .events import Event, PeerChanged
+from .tls import peer_context
 from .upstream_http import UpstreamPool
 
 log = logging.getLogger("llama_router.peers")
 
 RETRY_FIRST = 1.0  # seconds before reading a peer's model list again after a failure (doubling)
+MAX_REDIRECTS = 5  # redirects of a peer's GET /v1/models followed (on its own host only)
+# The peers' part of /v1/models is serialised on the event loop up to this many entries (a few ms);
+# a bigger one in a worker thread.
+INLINE_ENTRIES = 1000
+SHOWN_NAMES = 50  # names of a peer's models an error message lists at most
+LIST_TOO_LARGE = "list_too_large"
 # Fields of a `/v1/models` entry that give a model's context length, in the order they are trusted:
 # llama-router's and LM Studio's, llama-server's, its `meta`, vLLM's.
 _CONTEXT_FIELDS = ("context_length", "n_ctx", "max_model_len")
@@ -43,11 +57,13 @@ _CONTEXT_FIELDS = ("context_length", "n_ctx", "max_model_len")
 
 @dataclass(frozen=True)
 class PeerUrl:
-    """Where a peer listens: host, port and the path its OpenAI API hangs under (`/v1/...` is added)."""
+    """Where a peer listens: scheme, host, port and the path its OpenAI API hangs under (`/v1/...` is
+    added)."""
 
     host: str
     port: int
     prefix: str  # "" or "/some/path", never ending in "/"
+    scheme: str = "http"
 
     @property
     def authority(self) -> str:
@@ -55,15 +71,14 @@ class PeerUrl:
         return f"{host}:{self.port}"
 
     def __str__(self) -> str:
-        return f"http://{self.authority}{self.prefix}"
+        return f"{self.scheme}://{self.authority}{self.prefix}"
 
 
 def parse_url(url: str) -> PeerUrl:
-    """A peer's `url`, checked: plain `http://host[:port][/path]`; ValueError otherwise."""
+    """A peer's `url`, checked: `http://` or `https://host[:port][/path]`; ValueError otherwise."""
     parts = urllib.parse.urlsplit(url.strip())
-    if parts.scheme != "http":
-        why = "https is not supported yet; reach the peer over http" if parts.scheme == "https" else ""
-        raise ValueError(f"{url!r}: expected http://host[:port][/path]{'; ' + why if why else ''}")
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"{url!r}: expected http://host[:port][/path] or https://...")
     if not parts.hostname:
         raise ValueError(f"{url!r}: no host")
     if parts.username or parts.password:
@@ -71,10 +86,10 @@ def parse_url(url: str) -> PeerUrl:
     if parts.query or parts.fragment:
         raise ValueError(f"{url!r}: no query or fragment, only http://host[:port][/path]")
     try:
-        port = parts.port or 80
+        port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError as exc:
         raise ValueError(f"{url!r}: {exc}") from None
-    return PeerUrl(parts.hostname, port, parts.path.rstrip("/"))
+    return PeerUrl(parts.hostname, port, parts.path.rstrip("/"), parts.scheme)
 
 
 def with_model_query(target: str, model: str) -> str:
@@ -89,11 +104,14 @@ def with_model_query(target: str, model: str) -> str:
 
 class PeerLink:
     """What a request's lease holds for a peer: its address, how a request to it is written, and
-    its own connection pool (its connect timeout is the peer's `timeout`)."""
+    its own connection pool (its connect timeout is the peer's `timeout`; over TLS for https://,
+    checked with `tls`)."""
 
     stopping = False  # a peer is never being stopped by this router
 
-    def __init__(self, name: str, url: PeerUrl, key: str | None, timeout: float) -> None:
+    def __init__(
+        self, name: str, url: PeerUrl, key: str | None, timeout: float, tls: ssl.SSLContext | None = None
+    ) -> None:
         self.name = name
         self.url = url
         self.address = (url.host, url.port)
@@ -101,7 +119,8 @@ class PeerLink:
         self.path_prefix = url.prefix
         # The peer's own key, never the client's (the proxy drops those).
         self.auth_header = f"Authorization: Bearer {key}\r\n".encode("latin-1") if key else b""
-        self.pool = UpstreamPool(connect_timeout=timeout)
+        self.tls = tls if url.scheme == "https" else None
+        self.pool = UpstreamPool(connect_timeout=timeout, tls=self.tls)
         self.gone = asyncio.Event()  # never set: a peer is no process of ours
 
     def is_alive(self) -> bool:
@@ -131,14 +150,21 @@ class Peer:
     latency: float | None = None  # seconds its last answer took to begin
     in_flight: int = 0
     listed_at: float | None = None  # wall-clock time its model list was last read
+    list_refused: str | None = None  # why its last model list was refused (over a cap)
     refresher: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    @property
+    def shown_state(self) -> str:
+        """Its state as clients see it (`peer_state`): `list_too_large` while it answers with a list
+        over its caps, else its health."""
+        return LIST_TOO_LARGE if self.list_refused is not None and self.state == "up" else self.state
 
     def describe(self) -> dict[str, Any]:
         """The peer for `/running` and the dashboard: health, latency, models."""
         return {
             "peer": self.config.name,
             "url": str(self.link.url),
-            "state": self.state,
+            "state": self.shown_state,
             "last_success": self.last_success,
             "last_error": self.last_error,
             "last_error_at": self.last_error_at,
@@ -159,11 +185,18 @@ def _context_length(entry: dict[str, Any]) -> int | None:
     return value if type(value) is int and value > 0 else None
 
 
-def read_model_list(payload: object) -> dict[str, PeerModel]:
-    """The models of a peer's `/v1/models` answer, less those it forwards to its own peers."""
+class ListTooLarge(Exception):
+    """A peer's model list is over one of its caps (`max_list_mb`, `max_models`)."""
+
+
+def read_model_list(payload: object, max_models: int | None = None) -> dict[str, PeerModel]:
+    """The models of a peer's `/v1/models` answer, less those it forwards to its own peers;
+    ListTooLarge past `max_models` entries."""
     data = payload.get("data") if isinstance(payload, dict) else None
     if not isinstance(data, list):
         raise ValueError("its /v1/models answer has no 'data' list")
+    if max_models is not None and len(data) > max_models:
+        raise ListTooLarge(f"it lists {len(data)} models, over its max_models ({max_models})")
     models: dict[str, PeerModel] = {}
     for entry in data:
         if not isinstance(entry, dict) or not isinstance(entry.get("id"), str) or "peer" in entry:
@@ -175,10 +208,67 @@ def read_model_list(payload: object) -> dict[str, PeerModel]:
     return models
 
 
+def parse_model_list(raw: bytes, max_models: int) -> dict[str, PeerModel]:
+    """`read_model_list` of a raw answer (run in a worker thread: a big list takes a while)."""
+    return read_model_list(json.loads(raw), max_models)
+
+
+Snapshot = list[tuple[Peer, str, dict[str, PeerModel]]]  # each peer, its shown state, its models
+
+
+def serialise_entries(peers: Snapshot, local: Container[str], created: int) -> bytes:
+    """The peers' entries of `/v1/models` as JSON objects separated by commas (no brackets), from
+    (peer, its shown state, its models) snapshots."""
+    return json.dumps(entries(peers, local, created))[1:-1].encode()
+
+
+def entries(peers: Snapshot, local: Container[str], created: int) -> list[dict[str, Any]]:
+    """`/v1/models` entries: each peer model as `<peer>/<model>` (owned by the peer), and under its
+    bare name too when no local model has that name and no other peer lists it."""
+    found: list[dict[str, Any]] = []
+    bare: dict[str, list[dict[str, Any]]] = {}
+    for peer, state, models in peers:
+        for model in models.values():
+            entry = model_entry(peer.config.name, state, model, created)
+            found.append(entry)
+            bare.setdefault(model.id, []).append(entry)
+    for model_id, listed in bare.items():
+        if len(listed) == 1 and model_id not in local:
+            found.append({**listed[0], "id": model_id})
+    return found
+
+
+def model_entry(name: str, state: str, model: PeerModel, created: int) -> dict[str, Any]:
+    """One peer model's `/v1/models` entry, as `<peer>/<model>`."""
+    entry: dict[str, Any] = {
+        "id": f"{name}/{model.id}",
+        "object": "model",
+        "created": created,
+        "owned_by": name,
+        "peer": name,  # also keeps it from being listed again by a peering router
+        "peer_model": model.id,
+        "peer_state": state,
+    }
+    if model.context_length is not None:
+        window = model.context_length
+        entry.update(context_length=window, n_ctx=window, meta={"n_ctx": window})
+    if model.status is not None:
+        entry["status"] = model.status
+    return entry
+
+
+def _some(names: list[str]) -> str:
+    """Names for an error message: the first `SHOWN_NAMES`, and how many more there are."""
+    shown = ", ".join(names[:SHOWN_NAMES]) or "none"
+    return shown if len(names) <= SHOWN_NAMES else f"{shown}, … ({len(names) - SHOWN_NAMES} more)"
+
+
 def _reason(exc: Exception, timeout: float) -> str:
     """Why reading a peer's model list failed, in a few words."""
     if isinstance(exc, TimeoutError):
         return f"no model list within {timeout:g}s"
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return f"its certificate does not check out: {exc.certificate_error}"
     if isinstance(exc, aiohttp.ClientConnectorError):
         error = exc.os_error
         return f"cannot connect: {os.strerror(error.errno) if error.errno else error}"
@@ -188,13 +278,27 @@ def _reason(exc: Exception, timeout: float) -> str:
 class Peers:
     """Every configured peer: name resolution, model lists, health, and the links leases hold."""
 
-    def __init__(self, peers: dict[str, ResolvedPeer], emit: Callable[[Event], None]) -> None:
+    def __init__(
+        self,
+        peers: dict[str, ResolvedPeer],
+        emit: Callable[[Event], None],
+        *,
+        local: Container[str] = (),
+        created: int | None = None,
+    ) -> None:
         self._emit = emit
         self._peers: dict[str, Peer] = {}
         self._session: aiohttp.ClientSession | None = None
         self._running = False
         self._closing: set[asyncio.Future[None]] = set()
-        self.reconfigure(peers)
+        self._local = local
+        self.created = int(time.time()) if created is None else created
+        # The peers' part of /v1/models, serialised (see `listing`), and which change it reflects.
+        self._listing = b""
+        self._version = 0
+        self._built = 0
+        self._rebuilding: asyncio.Task[None] | None = None
+        self.reconfigure(peers, local)
 
     def __bool__(self) -> bool:
         return bool(self._peers)
@@ -204,9 +308,12 @@ class Peers:
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
-    def reconfigure(self, peers: dict[str, ResolvedPeer]) -> None:
-        """Adopt a (re)loaded config: a peer whose settings did not change keeps its models and
-        health; a changed or new one starts afresh; a removed one stops being asked."""
+    def reconfigure(self, peers: dict[str, ResolvedPeer], local: Container[str] | None = None) -> None:
+        """Adopt a (re)loaded config (`local`: the names local profiles answer to): a peer whose
+        settings did not change keeps its models and health; a changed or new one starts afresh; a
+        removed one stops being asked."""
+        if local is not None:
+            self._local = local
         current: dict[str, Peer] = {}
         for name, config in peers.items():
             old = self._peers.pop(name, None)
@@ -216,13 +323,16 @@ class Peers:
             if old is not None:
                 self._retire(old)
             key = config.api_key.get_secret_value() if config.api_key is not None else None
-            peer = Peer(config, PeerLink(name, parse_url(config.url), key, config.timeout))
+            url = parse_url(config.url)
+            tls = peer_context(config.ca_file) if url.scheme == "https" else None
+            peer = Peer(config, PeerLink(name, url, key, config.timeout, tls))
             if config.models is not None:
                 peer.models = {model: PeerModel(model) for model in config.models}
             current[name] = peer
         for old in self._peers.values():
             self._retire(old)
         self._peers = current
+        self._changed()
         if self._running:
             for peer in current.values():
                 self._refresh_in_background(peer)
@@ -248,6 +358,10 @@ class Peers:
                 with contextlib.suppress(asyncio.CancelledError):
                     await peer.refresher
             await peer.link.pool.close()
+        if self._rebuilding is not None:
+            self._rebuilding.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._rebuilding
         if self._session is not None:
             await self._session.close()
 
@@ -268,21 +382,18 @@ class Peers:
                 retry *= 2
 
     async def refresh(self, peer: Peer) -> bool:
-        """Read the peer's `/v1/models` within its `timeout`; a failure keeps the last list known.
-        Whether it was read."""
-        if self._session is None:
-            self._session = aiohttp.ClientSession(trust_env=False)
+        """Read the peer's `/v1/models` within its `timeout`; a failure keeps the last list known, as
+        does a list over its caps (the peer is then shown `list_too_large`). Whether it answered."""
         config = peer.config
-        headers = {"Authorization": f"Bearer {config.api_key.get_secret_value()}"} if config.api_key else {}
-        url = f"{peer.link.url}/v1/models"
         started = time.monotonic()
         try:
-            timeout = aiohttp.ClientTimeout(total=config.timeout)
-            async with self._session.get(url, headers=headers, timeout=timeout) as response:
-                text = await response.text()
-                if response.status != 200:
-                    raise ValueError(f"GET /v1/models answered {response.status}: {text[:200]}")
-                models = read_model_list(json.loads(text))
+            async with asyncio.timeout(config.timeout):
+                raw = await self._read_list(peer)
+            models = await asyncio.to_thread(parse_model_list, raw, config.max_models)
+        except ListTooLarge as exc:
+            self.answered(peer.link, time.monotonic() - started)
+            self._refuse_list(peer, str(exc))
+            return True
         except (aiohttp.ClientError, TimeoutError, ValueError, UnicodeDecodeError) as exc:
             self.failed(peer.link, _reason(exc, config.timeout))
             return False
@@ -291,8 +402,55 @@ class Peers:
         else:  # the configured list, with what the peer says of each
             peer.models = {model: models.get(model, PeerModel(model)) for model in config.models}
         peer.listed_at = time.time()
+        # Shown as list_too_large while up: back to up (answered() says so itself if it was down).
+        shown_refused = peer.shown_state == LIST_TOO_LARGE
+        peer.list_refused = None
         self.answered(peer.link, time.monotonic() - started)
+        if shown_refused:
+            log.info("peer %s lists %d models, within its caps again", config.name, len(peer.models))
+            self._emit(PeerChanged(config.name, "up", "", peer.latency))
+        self._changed()
         return True
+
+    async def _read_list(self, peer: Peer) -> bytes:
+        """The raw `/v1/models` answer, up to `max_list_mb` (ListTooLarge past it), following
+        redirects on the peer's own host only (a redirect elsewhere would take its key along)."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(trust_env=False)
+        config, link = peer.config, peer.link
+        headers = {"Authorization": f"Bearer {config.api_key.get_secret_value()}"} if config.api_key else {}
+        cap = int(config.max_list_mb * 1024 * 1024)
+        too_large = f"its model list is over {config.max_list_mb:g} MiB, its max_list_mb"
+        url = f"{link.url}/v1/models"
+        for _ in range(MAX_REDIRECTS + 1):
+            verify: ssl.SSLContext | bool = link.tls if link.tls is not None else True
+            async with self._session.get(url, headers=headers, allow_redirects=False, ssl=verify) as response:
+                if response.status in (301, 302, 303, 307, 308):
+                    url = same_host_redirect(link.url, url, response.headers.get("Location", ""))
+                    continue
+                if response.status != 200:
+                    start = (await response.content.read(200)).decode("utf-8", "replace")
+                    raise ValueError(f"GET /v1/models answered {response.status}: {printable(start)}")
+                if response.content_length is not None and response.content_length > cap:
+                    raise ListTooLarge(too_large)
+                raw = bytearray()
+                async for chunk in response.content.iter_any():
+                    raw += chunk
+                    if len(raw) > cap:
+                        raise ListTooLarge(too_large)
+                return bytes(raw)
+        raise ValueError(f"GET /v1/models redirected more than {MAX_REDIRECTS} times")
+
+    def _refuse_list(self, peer: Peer, reason: str) -> None:
+        """The peer answered with a list over its caps: its models stay as they were (none, or the
+        last list within them), and it is shown as `list_too_large` with the reason."""
+        reason = f"{reason}; its models are not listed from it"
+        peer.last_error, peer.last_error_at = reason, time.time()
+        if peer.list_refused is None:
+            log.warning("peer %s (%s): %s", peer.config.name, peer.link.url, reason)
+            self._emit(PeerChanged(peer.config.name, LIST_TOO_LARGE, reason, peer.latency))
+        peer.list_refused = reason
+        self._changed()
 
     # ------------------------------------------------------------------------------------------ health
 
@@ -307,6 +465,7 @@ class Peers:
             peer.state = "up"
             log.info("peer %s is up (%s), answering in %.3fs", link.name, link.url, seconds)
             self._emit(PeerChanged(link.name, "up", "", peer.latency))
+            self._changed()
             if peer.listed_at is None and self._running and peer.refresher is not None:
                 # It answers a request before its list was ever read: read it now, not at the retry.
                 peer.refresher.cancel()
@@ -323,6 +482,7 @@ class Peers:
             peer.state = "down"
             log.warning("peer %s (%s) is down: %s", link.name, link.url, reason)
             self._emit(PeerChanged(link.name, "down", reason, peer.latency))
+            self._changed()
 
     # ------------------------------------------------------------------------------------------ names
 
@@ -363,10 +523,15 @@ class Peers:
         return (peer, model) if peer is not None else None
 
     def known(self) -> list[str]:
-        """Every `<peer>/<model>` route the peers list now."""
-        return sorted(
-            f"{name}/{model}" for name, peer in self._peers.items() for model in (peer.models or {})
-        )
+        """`<peer>/<model>` routes the peers list now, for an error message: at most `SHOWN_NAMES`
+        per peer, then how many more."""
+        routes: list[str] = []
+        for name, peer in self._peers.items():
+            models = sorted(peer.models or ())
+            routes += [f"{name}/{model}" for model in models[:SHOWN_NAMES]]
+            if len(models) > SHOWN_NAMES:
+                routes.append(f"… ({len(models) - SHOWN_NAMES} more of {name})")
+        return routes
 
     def check_known(self, route: str) -> None:
         """A 404 for a route whose peer lists its models and not this one."""
@@ -375,7 +540,7 @@ class Peers:
             raise RouterError(404, f"model '{printable(route)}' names no peer", code="model_not_found")
         peer, model = found
         if peer.models is not None and model not in peer.models:
-            listed = ", ".join(sorted(peer.models)) or "none"
+            listed = _some(sorted(peer.models))
             raise RouterError(
                 404,
                 f"peer {peer.config.name!r} has no model '{printable(model)}'; it lists: {listed}",
@@ -400,38 +565,69 @@ class Peers:
 
     # ------------------------------------------------------------------------------------------ views
 
-    def entries(self, local: Container[str], created: int) -> list[dict[str, Any]]:
-        """`/v1/models` entries: each peer model as `<peer>/<model>` (owned by the peer), and under its
-        bare name too when no local model has that name and no other peer lists it."""
-        entries: list[dict[str, Any]] = []
-        bare: dict[str, list[dict[str, Any]]] = {}
-        for name, peer in self._peers.items():
-            for model in (peer.models or {}).values():
-                entry = self._entry(f"{name}/{model.id}", peer, model, created)
-                entries.append(entry)
-                bare.setdefault(model.id, []).append(entry)
-        for model_id, found in bare.items():
-            if len(found) == 1 and model_id not in local:
-                entries.append({**found[0], "id": model_id})
-        return entries
+    def listing(self) -> bytes:
+        """The peers' entries of `/v1/models`, serialised as JSON objects separated by commas (b""
+        for none): ready at once, whatever the size of the lists. After a change it may lag by the
+        few milliseconds a rebuild takes in its worker thread."""
+        return self._listing
 
-    @staticmethod
-    def _entry(route: str, peer: Peer, model: PeerModel, created: int) -> dict[str, Any]:
-        entry: dict[str, Any] = {
-            "id": route,
-            "object": "model",
-            "created": created,
-            "owned_by": peer.config.name,
-            "peer": peer.config.name,  # also keeps it from being listed again by a peering router
-            "peer_model": model.id,
-            "peer_state": peer.state,
-        }
-        if model.context_length is not None:
-            window = model.context_length
-            entry.update(context_length=window, n_ctx=window, meta={"n_ctx": window})
-        if model.status is not None:
-            entry["status"] = model.status
-        return entry
+    def entry(self, wanted: str, route: str) -> dict[str, Any] | None:
+        """The `/v1/models/<wanted>` entry of a peer model (`route`: `<peer>/<model>`), or None if
+        the peer does not list it."""
+        found = self.target(route)
+        if found is None:
+            return None
+        peer, model_id = found
+        model = (peer.models or {}).get(model_id)
+        if model is None:
+            return None
+        entry = model_entry(peer.config.name, peer.shown_state, model, self.created)
+        return {**entry, "id": wanted} if wanted != route else entry
+
+    def _snapshot(self) -> Snapshot:
+        # A peer's models dict is replaced, never changed, when its list is read again: safe to read
+        # from a worker thread.
+        return [(peer, peer.shown_state, peer.models or {}) for peer in self._peers.values()]
+
+    def _changed(self) -> None:
+        """A list, a peer's state or the config changed: serialise the peers' entries again, at once
+        when they are few, else in a worker thread (the last listing is served meanwhile)."""
+        self._version += 1
+        snapshot = self._snapshot()
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            loop_running = False
+        else:
+            loop_running = True
+        if not loop_running or sum(len(models) for _, _, models in snapshot) <= INLINE_ENTRIES:
+            self._listing = serialise_entries(snapshot, self._local, self.created)
+            self._built = self._version
+            return
+        if self._rebuilding is None or self._rebuilding.done():
+            self._rebuilding = asyncio.ensure_future(self._rebuild())
+
+    async def _rebuild(self) -> None:
+        while self._built < self._version:
+            version = self._version
+            listing = await asyncio.to_thread(serialise_entries, self._snapshot(), self._local, self.created)
+            if version > self._built:
+                self._listing, self._built = listing, version
 
     def describe(self) -> list[dict[str, Any]]:
         return [peer.describe() for peer in self._peers.values()]
+
+
+def same_host_redirect(base: PeerUrl, current: str, location: str) -> str:
+    """Where a peer's redirect leads, if on its own host (and not from https down to http);
+    ValueError otherwise."""
+    target = urllib.parse.urljoin(current, location.strip())
+    parts = urllib.parse.urlsplit(target)
+    if not location.strip() or parts.hostname != base.host or parts.scheme not in ("http", "https"):
+        raise ValueError(
+            f"GET /v1/models redirects to {printable(target)}: only redirects on the peer's own host "
+            f"({base.host}) are followed"
+        )
+    if base.scheme == "https" and parts.scheme != "https":
+        raise ValueError(f"GET /v1/models redirects from https to {printable(target)}: not followed")
+    return target

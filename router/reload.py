@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +31,7 @@ from .config import ConfigError, RouterConfig, config_files, load_config
 from .controller import Controller
 from .events import ReloadFailed
 from .sdnotify import Notifier
+from .tls import load_certificate
 
 log = logging.getLogger("llama_router.reload")
 
@@ -74,8 +76,10 @@ class ConfigReloader:
         loader: Loader | None = None,
         notifier: Notifier | None = None,
         keys: KeyRing | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.controller = controller
+        self.tls = tls  # the context the port serves HTTPS with; None: plain HTTP
         self.keys = keys  # what requests are checked against; None: new keys are validated, not applied
         self.config = config
         self.path = config.path
@@ -135,8 +139,11 @@ class ConfigReloader:
                     )
                 }
             )
+        new = self._same_tls(new)
         try:
             keys = resolve_keys(new.server)
+            if self.tls is not None:  # a renewed certificate is served from now on
+                load_certificate(self.tls, new.server)
         except ConfigError as exc:
             self._fail(trigger, f"{self.path}: {exc}")
             return False
@@ -180,6 +187,19 @@ class ConfigReloader:
             extra={"fields": {"event": "config_reloaded", "trigger": trigger, **summary}},
         )
         return True
+
+    def _same_tls(self, new: RouterConfig) -> RouterConfig:
+        """`new`, with TLS left as the port serves it: turning it on or off needs a restart."""
+        if (new.server.tls_cert is not None) == (self.tls is not None):
+            return new
+        log.warning(
+            "server.tls_cert/server.tls_key %s in %s: the port keeps speaking %s until restarted",
+            "added" if self.tls is None else "removed",
+            self.path,
+            "HTTPS" if self.tls is not None else "plain HTTP",
+        )
+        kept = {"tls_cert": self.config.server.tls_cert, "tls_key": self.config.server.tls_key}
+        return new.model_copy(update={"server": new.server.model_copy(update=kept)})
 
     def _fail(self, trigger: str, message: str) -> None:
         self.last_error = {"time": time.time(), "trigger": trigger, "message": message}

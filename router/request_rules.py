@@ -60,7 +60,11 @@ MODEL_POST_PATHS = (
     "/detokenize",
     "/apply-template",
 )
-# Upstream pages read with GET, routed by `?model=` (`/props` too, answered by api.py when bare).
+# The only paths a GET naming a model with `?model=` reaches on that model's llama-server: its
+# read-only API. Any other GET is a 404, so no file an upstream serves (`--path`, its web UI) is ever
+# served through the router; `/upstream/<model>/...` (an admin key) reaches the rest.
+MODEL_READ_PATHS = ("/props", "/slots", "/metrics", "/lora-adapters")
+# Those of them with no page of the router's own (bare `/props` and `/metrics` are the router's).
 MODEL_GET_PATHS = ("/slots", "/lora-adapters")
 
 

@@ -439,7 +439,7 @@ class Scheduler:
         slot.stop_is_failure = False
         if slot.removed:
             del self._slots[profile]
-        elif slot.restart_after_stop and slot.state is State.COLD:
+        elif slot.restart_after_stop and slot.state is State.COLD and not self._closing:
             slot.restart_after_stop = False
             if self._fits(slot.footprint, self.used()):
                 decisions.append(self._start(slot, now, preload=True))
@@ -500,6 +500,7 @@ class Scheduler:
         for name, slot in list(self._slots.items()):
             spec = specs.get(name)
             if spec is not None:
+                slot.removed = False  # added again while its old process still stops: kept
                 if slot.spec.footprint != spec.footprint:
                     slot.footprint = dict(spec.footprint)
                 if spec.cannot_run and slot.state is State.COLD:
@@ -530,9 +531,7 @@ class Scheduler:
         if slot.state not in (State.STARTING, State.READY):
             return []
         slot.restart_after_stop = True
-        decisions = self.unload(profile, now)
-        slot.preload_held = False
-        return decisions
+        return self._stop_process(slot, now, force=False)
 
     def footprint_measured(self, profile: str, footprint: Resources, now: float) -> list[Decision]:
         """The real use of a loaded model is known: replace the estimate, and if the budget is now
@@ -594,13 +593,22 @@ class Scheduler:
         return decisions
 
     def unload(self, profile: str, now: float, *, force: bool = False) -> list[Decision]:
-        """An operator asked to unload `profile`; requests in flight finish first unless `force`."""
+        """An operator asked to unload `profile`; requests in flight finish first unless `force`.
+        Whatever the moment, the load it cancels does not happen: requests waiting for the model
+        (still queued for room, or for its process) are told it was unloaded."""
         slot = self._slots[profile]
         slot.preload_held = True
+        slot.restart_after_stop = False
+        unloaded = self._fail_waiting(slot, FailReason.MODEL_UNLOADED, f"model {profile!r} was unloaded")
+        decisions = [*unloaded, *self._stop_process(slot, now, force=force)]
+        return [*decisions, *self._place(now)] if decisions else []
+
+    def _stop_process(self, slot: _Slot, now: float, *, force: bool) -> list[Decision]:
+        """Stop the process of `slot`: at once while it loads, once idle while it serves (or at once
+        if `force`); nothing to do when it has none or is already stopping."""
         if slot.state is State.STARTING:
             slot.stop_is_failure = False
-            decisions = self._fail_waiting(slot, FailReason.MODEL_UNLOADED, f"model {profile!r} was unloaded")
-            return [*decisions, self._stop(slot, "unloaded while starting", StopCause.UNLOAD)]
+            return [self._stop(slot, "unloaded while starting", StopCause.UNLOAD)]
         if slot.state is not State.READY:
             return []
         if slot.in_flight and not force:

@@ -31,6 +31,7 @@ import psutil
 
 from .config import ResolvedProfile
 from .lifeline import lifeline
+from .redact import scrub, secret_values
 
 log = logging.getLogger("llama_router.upstream")
 
@@ -202,6 +203,10 @@ class LoadError(Exception):
     """The upstream did not become ready; the message carries the reason and its log tail."""
 
 
+class StoppedBeforeSpawn(Exception):
+    """A stop was decided before the process was started: it is not started at all."""
+
+
 class Upstream:
     """A supervised llama-server for one profile; one instance per spawn."""
 
@@ -229,10 +234,12 @@ class Upstream:
         self.health_interval = health_interval
         self.owner_tag = owner_tag
         self.on_output = on_output
+        # Secret values of its command line and environment, cut from its output before it is kept.
+        self._secrets = secret_values([*profile.args, *self.extra_args], profile.env)
         self.process: asyncio.subprocess.Process | None = None
         self.spawned_at = 0.0
         self.ready_at = 0.0
-        self.stopping = False
+        self.stopping = False  # a stop was decided: set before the process exists, the spawn honours it
         self.gone = asyncio.Event()  # set once the router has processed this process's exit
         self._says_ready = asyncio.Event()  # its output announced the model is loaded
         self._reader: asyncio.Task[None] | None = None
@@ -291,9 +298,21 @@ class Upstream:
         self.port = free_port(self.host)
         return self.host, self.port
 
+    def mark_stopping(self) -> None:
+        """A stop is decided. Where the process does not exist yet, `spawn` carries the stop out:
+        it starts none, or ends the one that the operating system was creating meanwhile."""
+        self.stopping = True
+
     async def spawn(self) -> None:
-        """Start the process on its own address; output goes to the bounded log buffer."""
+        """Start the process on its own address; output goes to the bounded log buffer. Raises
+        StoppedBeforeSpawn if a stop was decided before the process could be started."""
+        if self.stopping:
+            raise StoppedBeforeSpawn(self.profile.name)
         host, port = await self._listen_address()
+        if self.stopping:
+            if self._own_session is not None:
+                await self._own_session.close()
+            raise StoppedBeforeSpawn(self.profile.name)
         env = {**os.environ, **self.profile.env}
         if self.owner_tag:
             env[OWNER_ENV] = self.owner_tag
@@ -316,6 +335,10 @@ class Upstream:
         where = f"socket={self.socket_path}" if self.socket_path else f"port={self.port}"
         log.info("spawned %s pid=%s %s", self.profile.name, self.process.pid, where)
         self._reader = asyncio.create_task(self._read_output(self.process))
+        if self.stopping:
+            # Stopped while the process was being created: nothing is loaded yet, nothing to lose.
+            log.info("%s was stopped while it was being spawned", self.profile.name)
+            self._signal_group(signal.SIGKILL)
 
     async def _read_output(self, process: asyncio.subprocess.Process) -> None:
         assert process.stdout is not None
@@ -327,7 +350,7 @@ class Upstream:
                 raw = await process.stdout.read(64 * 1024)
             if not raw:
                 return
-            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            line = scrub(raw.decode("utf-8", "replace").rstrip("\r\n"), self._secrets)
             self.log.append(line)
             if not self._says_ready.is_set() and any(mark in line for mark in READY_MARKS):
                 self._says_ready.set()
@@ -400,11 +423,12 @@ class Upstream:
         return code
 
     async def stop(self, timeout: float) -> None:
-        """SIGTERM the process group, then SIGKILL it after `timeout` seconds."""
+        """SIGTERM the process group, then SIGKILL it after `timeout` seconds. Before the process
+        exists, the stop is left to `spawn` (see `mark_stopping`)."""
+        self.mark_stopping()
         process = self.process
         if process is None or process.returncode is not None:
             return
-        self.stopping = True
         self._signal_group(signal.SIGTERM)
         # llama-server waits for running requests after a first SIGTERM; a second signal makes it exit
         # at once. Give it a moment to exit cleanly first.

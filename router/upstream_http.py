@@ -3,10 +3,10 @@
 Why not aiohttp's client: on the proxy's hot path it cost more CPU than the rest of the router
 together (request and response objects, URL handling, timers, cookie and redirect machinery), and on
 streams it does bookkeeping per HTTP chunk, while llama-server sends every token as a chunk of its
-own. Upstreams are processes on loopback that speak plain HTTP/1.1, so a small protocol with a
-keep-alive pool does the job: a request goes out as one prebuilt buffer; an answer with a length is
-collected whole; a chunked answer is handed over as it arrives, each run of whole chunks decoded in
-one go rather than chunk by chunk.
+own. Upstreams are processes on loopback that speak plain HTTP/1.1 (peers may add TLS), so a small
+protocol with a keep-alive pool does the job: a request goes out as one prebuilt buffer; an answer
+with a length is collected whole; a chunked answer is handed over as it arrives, each run of whole
+chunks decoded in one go rather than chunk by chunk.
 
 Errors say where the exchange broke, because the proxy decides by that whether a request may be
 sent again: `ConnectFailed` (nothing was sent), `ConnectionDropped` (closed or reset before the
@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import ssl
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import TypeAlias, cast
@@ -520,12 +521,14 @@ class UpstreamPool:
         idle_timeout: float = IDLE_TIMEOUT,
         connect_timeout: float = CONNECT_TIMEOUT,
         keep_streams: bool = False,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self._idle: dict[Address, list[_Connection]] = {}
         self._address: dict[_Connection, Address] = {}
         self.idle_timeout = idle_timeout
         self.connect_timeout = connect_timeout
         self.keep_streams = keep_streams  # reuse connections that carried a chunked answer
+        self.tls = tls  # TCP connections are made over TLS with it (an https:// peer)
 
     async def _connect(self, address: Address) -> _Connection:
         loop = asyncio.get_running_loop()
@@ -535,7 +538,16 @@ class UpstreamPool:
                 if isinstance(address, str):
                     _, conn = await loop.create_unix_connection(lambda: _Connection(loop, self), address)
                 else:
-                    _, conn = await loop.create_connection(lambda: _Connection(loop, self), *address)
+                    host, port = address
+                    _, conn = await loop.create_connection(
+                        lambda: _Connection(loop, self),
+                        host,
+                        port,
+                        ssl=self.tls,
+                        server_hostname=host if self.tls is not None else None,
+                    )
+        except ssl.SSLError as exc:  # before OSError, its base: a certificate that does not check out
+            raise ConnectFailed(f"cannot connect to {where}: TLS: {exc.reason or exc}") from None
         except OSError as exc:
             # asyncio words a refused TCP connection "Connect call failed (...)": the errno says it.
             why = os.strerror(exc.errno) if exc.errno else exc.strerror or exc

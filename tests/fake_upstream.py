@@ -48,6 +48,9 @@ Behaviour / fault flags:
 ``--accepts-unix-socket``  listen on a Unix socket when ``--host`` is a path ending in the socket
                            suffix, and say so in ``--help``, as llama-server builds since late 2025
                            do (without it, such a ``--host`` fails to bind, as older builds do)
+``--list-models N``        ``/v1/models`` lists N more models (``m0000001``...), built once at start:
+                           a peer with a huge list
+``--redirect-models URL``  ``/v1/models`` answers 302 to URL
 ``--slots``                llama-server's slots: at most ``--parallel`` (default 1) requests are
                            processed at once, the others wait for a slot (queued inside the server);
                            ``GET /slots`` reports each slot as llama-server does (``is_processing``,
@@ -173,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drop-kept-alive", action="store_true")
     p.add_argument("--accepts-unix-socket", action="store_true")
     p.add_argument("--slots", action="store_true")
+    p.add_argument("--list-models", type=int, default=0, metavar="N")
+    p.add_argument("--redirect-models", default=None, metavar="URL")
     return p
 
 
@@ -224,6 +229,10 @@ class FakeUpstream:
         self.slots: list[Slot] = [Slot(index) for index in range(max(1, args.parallel))]
         self.free_slots = asyncio.Semaphore(len(self.slots))
         self.wedged = asyncio.Event()  # set: the processing loop is stuck (/slots never answers)
+        self.many_models = b""  # with --list-models: the extra entries, serialised once
+        if args.list_models:
+            numbers = range(1, args.list_models + 1)
+            self.many_models = ", ".join(f'{{"id": "m{n:07d}", "object": "model"}}' for n in numbers).encode()
 
     # ----------------------------------------------------------------- helpers
 
@@ -569,6 +578,12 @@ class FakeUpstream:
         )
 
     async def models(self, request: web.Request) -> web.Response:
+        if self.args.redirect_models:
+            raise web.HTTPFound(self.args.redirect_models)
+        if self.many_models:
+            own = json.dumps({"id": self.name, "object": "model", "owned_by": "llamacpp"}).encode()
+            body = b'{"object": "list", "data": [' + own + b", " + self.many_models + b"]}"
+            return web.Response(body=body, content_type="application/json")
         return web.json_response(
             {
                 "object": "list",

@@ -262,9 +262,9 @@ async def test_gets_route_by_model_query(start_router: RouterFactory, dummy_mode
     router = await start_router({"m": fake_profile(dummy_model)})
     status, props = await get_json(router, "/props", params={"model": "m"})
     assert (status, props["build_info"]) == (200, "fake_upstream")
-    # A GET the router does not know, naming a model, goes to that model's server.
-    status, last = await get_json(router, "/fake/last", params={"model": "m"})
-    assert status == 200 and last["name"] == "fake-model", last
+    # Any other GET naming a model is a 404: only the upstream's read-only API is reached this way.
+    status, body = await get_json(router, "/fake/last", params={"model": "m"})
+    assert status == 404 and body["error"]["code"] == "not_found", body
 
 
 async def test_bare_probes_answer_as_llama_server_router_mode_and_are_no_errors(

@@ -67,8 +67,19 @@ async def test_api_keys_guard_everything_but_health(start_router: RouterFactory,
     assert (await call(router, "GET", "/api/tags", bearer("user-key")))[0] == 404
     assert (await call(router, "GET", "/props", bearer("user-key")))[0] == 200
 
-    # The router's key is its own: the upstream never sees it.
-    status, _, last = await call(router, "GET", "/upstream/m/fake/last", bearer("user-key"))
+    # An API key never changes what runs: with no admin keys, nobody reaches an upstream directly.
+    status, _, body = await call(router, "GET", "/upstream/m/fake/last", bearer("user-key"))
+    assert status == 403 and "admin_keys" in body["error"]["message"], body
+
+
+async def test_the_upstream_never_sees_the_routers_key(
+    start_router: RouterFactory, dummy_model: Path
+) -> None:
+    router = await start_router({"m": fake_profile(dummy_model)}, api_keys=["user-key"], admin_keys=["adm"])
+    payload = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    status, _, body = await call(router, "POST", CHAT, bearer("user-key"), json=payload)
+    assert status == 200, body
+    status, _, last = await call(router, "GET", "/upstream/m/fake/last", bearer("adm"))
     assert status == 200
     assert last["path"] == CHAT
     assert not {name.lower() for name in last["headers"]} & {"authorization", "x-api-key"}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from router.cli import main
 from router.config import load_config
 from router.footprint import FootprintStore
 from router.scheduler import Fail, FailReason, ProfileSpec, Rules, Scheduler, Start, State
-from tests.conftest import RouterFactory, fake_profile
+from tests.conftest import ROOT, RouterFactory, fake_profile, wait_until
 from tests.router_process import RouterProcess, write_config
 
 
@@ -79,6 +80,57 @@ async def test_a_router_starts_and_serves_over_a_corrupt_state_file(
     router = await start_router({"m": fake_profile(dummy_model, "--memory-mib", "64")}, state_dir=str(state))
     status, body = await router.chat("m")
     assert status == 200, body
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [b"this is not a database" * 100, b"SQLite format 3\x00" + b"\xff" * 4000],
+    ids=["not-a-database", "damaged-pages"],
+)
+async def test_a_corrupt_activity_log_is_moved_aside_and_started_afresh(
+    start_router: RouterFactory,
+    dummy_model: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    damage: bytes,
+) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "activity.sqlite3").write_bytes(damage)
+    with caplog.at_level(logging.WARNING, logger="llama_router"):
+        router = await start_router({"m": fake_profile(dummy_model)}, state_dir=str(state))
+    [aside] = state.glob("activity.sqlite3.corrupt-*")
+    assert aside.read_bytes() == damage, "the damaged file is kept for a person to look at"
+    assert f"moved to {aside.name}; the activity log starts afresh" in caplog.text
+    assert (await router.chat("m"))[0] == 200
+
+    async def logged() -> bool:
+        async with router.session.get("/activity") as response:
+            return [row["model"] for row in (await response.json())["activity"]] == ["m"]
+
+    await wait_until(logged, what="the request in the new activity log")
+
+
+def test_a_state_dir_that_cannot_be_created_is_named_with_the_reason(
+    tmp_path: Path, dummy_model: Path
+) -> None:
+    """Not "cannot listen": the directory, the setting it comes from, and why it cannot be made."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    state = blocker / "state"
+    config = write_config(tmp_path / "profiles.yaml", {"m": fake_profile(dummy_model)}, state_dir=str(state))
+    done = subprocess.run(
+        [sys.executable, "-m", "router", "serve", "--config", str(config), "--log-level", "error"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert done.returncode == 2
+    message = done.stderr.strip().splitlines()[-1]
+    assert message == (
+        f"llama-router: config error: {config}: server.state_dir: cannot create {state}: Not a directory"
+    )
 
 
 async def test_a_profile_whose_binary_is_gone_is_failed_while_the_others_serve(

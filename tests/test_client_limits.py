@@ -16,8 +16,10 @@ from typing import Any
 import psutil
 import pytest
 
+from router.app import BODY_BUDGET
+from router.client_limits import MIB
 from router.request_rules import SMALL_VALUE, top_level_fields
-from tests.conftest import RouterFactory, RunningRouter, fake_profile
+from tests.conftest import RouterFactory, RunningRouter, fake_profile, wait_until
 from tests.router_process import RouterProcess, write_config
 
 TIMEOUT = 5.0
@@ -106,6 +108,88 @@ async def test_a_stalled_body_gets_408_and_its_connection_closed(
         assert status == 408 and body["error"]["code"] == "request_timeout"
         assert 0.3 <= time.monotonic() - started < 3
         assert await closed(reader)
+
+
+async def test_a_trickled_body_is_bounded_by_a_total_time_not_a_timer_per_byte(
+    start_router: RouterFactory, dummy_model: Path
+) -> None:
+    router = await start_router({"m": fake_profile(dummy_model)}, body_timeout=0.5)
+    async with connected(router) as (reader, writer):
+        writer.write(head("POST", "/v1/chat/completions", "Content-Length: 100000"))
+
+        async def trickle() -> None:  # a byte every 50 ms: a per-byte timer of 0.5 s never fires
+            with contextlib.suppress(OSError):
+                while True:
+                    writer.write(b" ")
+                    await writer.drain()
+                    await asyncio.sleep(0.05)
+
+        trickling = asyncio.create_task(trickle())
+        try:
+            status, _, body = await answer(reader)
+        finally:
+            trickling.cancel()
+        assert status == 408 and body["error"]["code"] == "request_timeout"
+        assert "did not arrive within 0.5s (server.body_timeout)" in body["error"]["message"]
+
+
+async def held_body(router: RunningRouter, size: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection that sends a chat's head and all of its `size`-byte body but the last byte."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", router.port)
+    writer.write(head("POST", "/v1/chat/completions", f"Content-Length: {size}") + b" " * (size - 1))
+    await writer.drain()
+    return reader, writer
+
+
+async def test_past_the_total_for_bodies_a_new_body_gets_503_before_it_is_read(
+    start_router: RouterFactory, dummy_model: Path
+) -> None:
+    """Two connections hold 1 MiB bodies each, the router's total: a third body is refused at its
+    head, while /health and a request without a body are served; once a holder leaves, bodies fit."""
+    router = await start_router({"m": fake_profile(dummy_model)}, max_body_mb=1, max_body_total_mb=2)
+    budget = router.server.app[BODY_BUDGET]
+    holders = [await held_body(router, MIB), await held_body(router, MIB)]
+    await wait_until(lambda: budget.held == 2 * MIB, what="both bodies to be held")
+    async with connected(router) as (reader, writer):
+        payload = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
+        writer.write(head("POST", "/v1/chat/completions", f"Content-Length: {len(payload)}"))  # no body
+        status, headers, body = await answer(reader)
+        assert status == 503 and headers["retry-after"] == "1"
+        assert body["error"]["code"] == "bodies_over_capacity"
+        assert "server.max_body_total_mb" in body["error"]["message"]
+        assert await closed(reader)
+    async with router.session.get("/health") as response:
+        assert response.status == 200
+    async with router.session.get("/v1/models") as response:
+        assert response.status == 200
+
+    _, leaving = holders.pop()
+    leaving.close()
+    await wait_until(lambda: budget.held == MIB, what="the leaving holder's body to be given back")
+    status, _ = await router.chat("m")
+    assert status == 200
+    for _, writer in holders:
+        writer.close()
+    await wait_until(lambda: budget.held == 0, what="every body to be given back")
+
+
+async def test_a_body_without_a_length_gets_503_when_it_grows_past_the_total(
+    start_router: RouterFactory, dummy_model: Path
+) -> None:
+    router = await start_router({"m": fake_profile(dummy_model)}, max_body_mb=1, max_body_total_mb=1)
+    budget = router.server.app[BODY_BUDGET]
+    _, holder = await held_body(router, MIB - 1000)
+    await wait_until(lambda: budget.held == MIB - 1000, what="the first body to be held")
+    async with connected(router) as (reader, writer):
+        writer.write(head("POST", "/v1/chat/completions", "Transfer-Encoding: chunked"))
+        chunk = b"x" * 4096  # fits the per-request limit, not what is left of the total
+        writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        status, headers, body = await answer(reader)
+        assert status == 503 and headers["retry-after"] == "1"
+        assert body["error"]["code"] == "bodies_over_capacity"
+    assert budget.held == MIB - 1000  # the refused body gave back what it took
+    holder.close()
+    await wait_until(lambda: budget.held == 0, what="the held body to be given back")
 
 
 async def test_idle_and_trickling_connections_are_closed(

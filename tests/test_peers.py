@@ -24,6 +24,8 @@ import yaml
 
 from router.app import RouterServer
 from router.config import ConfigError, load_config
+from router.peers import parse_url, same_host_redirect
+from tests.certs import make_ca, make_certs
 from tests.conftest import FAKE_UPSTREAM, wait_until
 from tests.router_process import RouterProcess, free_port
 
@@ -423,6 +425,110 @@ async def test_a_reload_adds_and_removes_peers(peered: Start, tmp_path: Path) ->
         assert response.status == 404
 
 
+# ---------------------------------------------------------------------------------------------- bounds
+
+
+async def test_a_peer_list_over_its_caps_is_refused_and_the_peer_shown_list_too_large(peered: Start) -> None:
+    big = await peered("fake", "big", "--list-models", "1500")  # 1501 models, about 60 KB
+    url, _ = await peered(
+        "router",
+        {
+            "many": {"url": big.url, "max_models": 1000},
+            "heavy": {"url": big.url, "max_list_mb": 0.05},
+            "fits": {"url": big.url, "max_models": 1501},
+        },
+    )
+    many = await peer_state(url, "many", "list_too_large")
+    heavy = await peer_state(url, "heavy", "list_too_large")
+    await peer_state(url, "fits", "up")
+    assert "it lists 1501 models, over its max_models (1000)" in many["reason"]
+    assert "its model list is over 0.05 MiB, its max_list_mb" in heavy["reason"]
+    running = {peer["peer"]: peer for peer in (await get_json(url, "/running"))["peers"]}
+    assert running["many"]["state"] == "list_too_large" and running["many"]["models"] is None
+    assert running["fits"]["state"] == "up" and len(running["fits"]["models"]) == 1501
+
+    async def listed() -> list[str]:
+        return [entry["id"] for entry in (await get_json(url, "/v1/models"))["data"]]
+
+    async def long_list_listed() -> bool:
+        return "fits/m0001500" in await listed()
+
+    # A list this long is serialised in a worker thread: listed once that is done.
+    await wait_until(long_list_listed, what="the long list in /v1/models")
+    ids = await listed()
+    assert "fits/m0001500" in ids and "fits/big" in ids and "m0001500" in ids
+    assert len(ids) == 1 + 2 * 1501  # the local model, each of the peer's as <peer>/<model> and bare
+    assert not [model for model in ids if model.startswith(("many/", "heavy/"))]
+    # It still answers: a request naming one of its models goes to it.
+    status, text = await stream(url, "many/big")
+    assert status == 200 and text.rstrip().endswith("data: [DONE]")
+
+
+async def test_a_peers_redirect_is_followed_on_its_own_host_only(peered: Start) -> None:
+    moved = await peered("fake", "moved")
+    same = await peered("fake", "same", "--redirect-models", f"http://127.0.0.1:{moved.port}/v1/models")
+    away = await peered("fake", "away", "--redirect-models", f"http://localhost:{moved.port}/v1/models")
+    url, _ = await peered("router", {"here": {"url": same.url}, "there": {"url": away.url}})
+    await peer_state(url, "here", "up")
+    refused = await peer_state(url, "there", "down")
+    assert "redirects to http://localhost:" in refused["reason"]
+    assert "only redirects on the peer's own host (127.0.0.1) are followed" in refused["reason"]
+    ids = [entry["id"] for entry in (await get_json(url, "/v1/models"))["data"]]
+    assert "here/moved" in ids and not [model for model in ids if model.startswith("there/")]
+
+
+@pytest.mark.parametrize(
+    ("base", "location", "followed"),
+    [
+        ("http://box:8080/llm", "/llm/v1/models/", "http://box:8080/llm/v1/models/"),
+        ("http://box:8080", "https://box/v1/models", "https://box/v1/models"),
+        ("http://box:8080", "http://box:9000/v1/models", "http://box:9000/v1/models"),
+        ("http://box:8080", "http://elsewhere:8080/v1/models", None),
+        ("http://box:8080", "//elsewhere/v1/models", None),
+        ("https://box", "http://box/v1/models", None),
+        ("http://box:8080", "ftp://box/v1/models", None),
+        ("http://box:8080", "", None),
+    ],
+)
+def test_a_peers_redirect_is_judged_by_its_host(base: str, location: str, followed: str | None) -> None:
+    url = parse_url(base)
+    current = f"{url}/v1/models"
+    if followed is None:
+        with pytest.raises(ValueError, match="redirects"):
+            same_host_redirect(url, current, location)
+    else:
+        assert same_host_redirect(url, current, location) == followed
+
+
+async def test_a_peer_over_https_is_verified_against_its_ca_file(peered: Start, tmp_path: Path) -> None:
+    """Router two peers with router one over HTTPS: trusted through its CA file, its models are
+    listed and answer; through a CA that did not sign its certificate, it is down and says why."""
+    certs = make_certs(tmp_path / "tls")
+    other = make_ca(tmp_path / "other", "other")
+    _, one = await peered("router", {}, tls_cert=str(certs.cert), tls_key=str(certs.key))
+    https = f"https://localhost:{one.port}"
+    url, _ = await peered(
+        "router",
+        {
+            "one": {"url": https, "ca_file": str(certs.ca)},
+            "doubted": {"url": https, "ca_file": str(other), "models": ["local"], "refresh_interval": 600},
+        },
+    )
+    await peer_state(url, "one", "up")
+    doubted = await peer_state(url, "doubted", "down")
+    assert "certificate" in doubted["reason"] and "CERTIFICATE_VERIFY_FAILED" in doubted["reason"]
+    entry = await get_json(url, "/v1/models/one/local")
+    assert entry["peer"] == "one" and entry["peer_state"] == "up"
+    status, text = await stream(url, "one/local")
+    assert status == 200 and text.rstrip().endswith("data: [DONE]")
+    chunks = [event for event in data_events(text) if isinstance(event, dict)]
+    assert chunks and all(chunk["model"] == "one/local" for chunk in chunks)
+    async with aiohttp.ClientSession() as session, session.post(url + CHAT, json=body("doubted/local")) as r:
+        answer = await r.json()
+        assert r.status == 502
+    assert "CERTIFICATE_VERIFY_FAILED" in answer["error"]["message"]
+
+
 # ---------------------------------------------------------------------------------------------- config
 
 
@@ -430,11 +536,9 @@ async def test_a_reload_adds_and_removes_peers(peered: Start, tmp_path: Path) ->
     ("peers", "profiles", "problem"),
     [
         ({"box/2": {"url": "http://x:1"}}, {}, "peers: 'box/2': a peer's name"),
-        (
-            {"box": {"url": "https://x:1"}},
-            {},
-            "peers.box.url: 'https://x:1': expected http://host[:port][/path]; https is not supported yet",
-        ),
+        ({"box": {"url": "https://x:1", "ca_file": "no-such.pem"}}, {}, "peers.box.ca_file: no such file"),
+        ({"box": {"url": "https://x:1", "ca_file": "profiles.yaml"}}, {}, "peers.box.ca_file"),
+        ({"box": {"url": "http://x:1", "max_models": 0}}, {}, "peers.box.max_models"),
         ({"box": {"url": "ftp://x"}}, {}, "peers.box.url: 'ftp://x': expected http://host"),
         ({"box": {"url": "http://u:p@x:1"}}, {}, "put the peer's key in api_key or api_key_env"),
         ({"box": {"url": "http://x:1", "api_key": "k", "api_key_env": "K"}}, {}, "either 'api_key'"),

@@ -37,11 +37,14 @@ def test_profiles_d_files_add_profiles_with_paths_relative_to_themselves(tmp_pat
     )
     (tmp_path / "profiles.d" / "notes.txt").write_text("not a profiles file")
     assert [path.name for path in config_files(main)] == ["profiles.yaml", "a.yml", "b.yaml"]
-    config = load_config(main)
+    with pytest.raises(ConfigError, match=r"profiles\.made\.binary: a model added over HTTP"):
+        load_config(main)  # a router-written profile takes no binary (tests/test_allowed_args.py)
+    config = load_config(main, keep_unrunnable=True)
     assert list(config.profiles) == ["main", "made", "hand"]
     made, hand, own = config.profiles["made"], config.profiles["hand"], config.profiles["main"]
     assert made.model_path == tmp_path / "profiles.d" / "own.gguf"
     assert (made.removable, hand.removable, own.removable) == (True, False, False)
+    assert made.problem and not hand.problem, "the hand-written profile.d file is the owner's"
     assert (made.source, hand.source, own.source) == (
         tmp_path / "profiles.d" / "a.yml",
         tmp_path / "profiles.d" / "b.yaml",

@@ -261,15 +261,20 @@ async def get_status(url: str, path: str, key: str | None = None) -> tuple[int, 
         return response.status, await response.json()
 
 
+ADMIN_KEY = "admin-key"
+
+
 async def upstream_saw_auth(url: str, key: str) -> bool:
-    """Whether the upstream received the client's Authorization header with its last chat."""
+    """Whether the upstream received the client's Authorization header with its last chat (read
+    through `/upstream/`, with the admin key where keys are set)."""
     headers = {"Authorization": f"Bearer {key}"}
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     async with aiohttp.ClientSession() as session:
         async with session.post(f"{url}/v1/chat/completions", json=body, headers=headers) as response:
             assert response.status == 200, await response.text()
         last_chat = "/upstream/m/fake/last?path=/v1/chat/completions"
-        async with session.get(url + last_chat, headers=headers) as response:
+        admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        async with session.get(url + last_chat, headers=admin) as response:
             last = await response.json()
     return "authorization" in {name.lower() for name in last["headers"]}
 
@@ -285,16 +290,16 @@ async def test_keys_follow_reloads_added_rotated_and_removed(
     assert (await get_status(router.url, "/v1/models"))[0] == 200
     assert await upstream_saw_auth(router.url, "client-own-key"), "an open router forwards the header"
 
-    entry = await reload_with(router, path, profiles, api_keys=["first-key"])
+    entry = await reload_with(router, path, profiles, api_keys=["first-key"], admin_keys=[ADMIN_KEY])
     assert entry["event"] == "config_reloaded"
     changed = await router.wait_log(lambda e: e.get("event") == "keys_changed", what="the keys change")
-    assert (changed["api_keys"], changed["admin_keys"]) == (1, 0)
+    assert (changed["api_keys"], changed["admin_keys"]) == (1, 1)
     status, body = await get_status(router.url, "/v1/models")
     assert (status, body["error"]["code"]) == (401, "invalid_api_key")
     assert (await get_status(router.url, "/v1/models", "first-key"))[0] == 200
     assert not await upstream_saw_auth(router.url, "first-key"), "the router's key is kept from the upstream"
 
-    entry = await reload_with(router, path, profiles, api_keys=["second-key"])
+    entry = await reload_with(router, path, profiles, api_keys=["second-key"], admin_keys=[ADMIN_KEY])
     assert entry["event"] == "config_reloaded"
     assert (await get_status(router.url, "/v1/models", "first-key"))[0] == 401
     assert (await get_status(router.url, "/v1/models", "second-key"))[0] == 200

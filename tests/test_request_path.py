@@ -280,9 +280,9 @@ async def test_a_request_refused_before_its_body_came_leaves_the_connection_usab
     """The key check answers a request on its head alone: the body that follows is not taken for a
     next request, and the next request on the connection is served."""
     router = await start_router({"m": fake_profile(dummy_model)}, api_keys=["user-key"])
-    body = json.dumps({"model": "m"}).encode()
+    body = json.dumps(chat_body("m")).encode()
     async with connection(router.port) as conn:
-        conn.send(http_post(body, "/models/load")[: -len(body)])
+        conn.send(http_post(body)[: -len(body)])
         refused = await conn.reply()
         assert refused.status == 401, refused.body
         assert_openai_error(refused.json(), "invalid_api_key")

@@ -310,23 +310,37 @@ def test_unload_waits_for_requests_in_flight_unless_forced() -> None:
     assert d.s.unload("a", d.now, force=True) == [Stop("a", "unloaded")]
 
 
-@pytest.mark.parametrize("seed", range(40))
+@pytest.mark.parametrize("seed", range(60))
 def test_invariants_hold_under_random_event_sequences(seed: int) -> None:
-    """Budget never exceeded, busy models never stopped, every request ends, one start per load."""
+    """Budget never exceeded, busy models never stopped unasked, every request ends, one start per
+    load, and the state always matches the processes, whatever management calls come when: load,
+    unload, forced unload, reload, delete (and adding back), TTL, shutdown, and a load that completes
+    after its stop was decided. Once the processes have done what they were told, nothing is left
+    starting or stopping."""
     rng = random.Random(seed)
     names = ["a", "b", "c", "d"]
     footprints = {"a": {"gpu": 40}, "b": {"gpu": 30}, "c": {"gpu": 50}, "d": {"gpu": 20}}
-    s = make(
-        names, footprints=footprints, budget={"gpu": 80}, drain_timeout=50.0, swap_delay=rng.choice([0, 3])
-    )
+    ttls = {"b": 4.0, "d": 1.5}
+
+    def specs(present: Sequence[str]) -> list[ProfileSpec]:
+        return [ProfileSpec(name, footprints[name], 10.0, ttl=ttls.get(name)) for name in present]
+
+    rules = Rules(drain_timeout=50.0, swap_delay=rng.choice([0, 3]))
+    s = Scheduler(specs(names), {"gpu": 80}, rules)
     d = Driver(s)
     dispatched: dict[int, str] = {}
-    process_of: dict[int, int] = {}  # request -> the start of its model that served it
-    started: dict[str, int] = dict.fromkeys(names, 0)
     open_requests: set[int] = set()
     ended: set[int] = set()
     running: set[str] = set()  # processes alive (started, not yet exited)
     stopping: set[str] = set()
+    configured = set(names)
+    forced: set[str] = set()  # an operator forced these to stop, busy or not
+    stale: set[int] = set()  # requests open on a process that has since been replaced
+    shutdown_at = rng.choice([None, rng.randrange(100, 400)])
+    events: dict[str, int] = {}
+
+    def event(kind: str) -> None:
+        events[kind] = events.get(kind, 0) + 1
 
     def apply(decisions: list[Decision]) -> None:
         for x in decisions:
@@ -334,7 +348,6 @@ def test_invariants_hold_under_random_event_sequences(seed: int) -> None:
                 assert x.request_id in open_requests and x.request_id not in dispatched
                 assert x.profile in running and x.profile not in stopping
                 dispatched[x.request_id] = x.profile
-                process_of[x.request_id] = started[x.profile]
             elif isinstance(x, Fail):
                 assert x.request_id in open_requests and x.request_id not in dispatched
                 open_requests.discard(x.request_id)
@@ -342,65 +355,121 @@ def test_invariants_hold_under_random_event_sequences(seed: int) -> None:
             elif isinstance(x, Start):
                 assert x.profile not in running, "a second start for a model already starting or running"
                 running.add(x.profile)
-                started[x.profile] += 1
+                # Requests still open on its previous process (cut by a stop) are not this one's.
+                stale.update(r for r, p in dispatched.items() if p == x.profile and r in open_requests)
             elif isinstance(x, Stop):
-                assert x.profile in running
-                # Requests a drain timeout cut on an earlier process of the model are not its own.
+                assert x.profile in running and x.profile not in stopping, "a stop for no process"
                 in_flight = [
                     r
                     for r, p in dispatched.items()
-                    if p == x.profile and r in open_requests and process_of[r] == started[p]
+                    if p == x.profile and r in open_requests and r not in stale
                 ]
-                if in_flight:
+                if in_flight and x.profile not in forced and x.reason != "shutdown":
                     assert "drain timeout" in x.reason, "a busy model was stopped without a timeout"
                 stopping.add(x.profile)
+                event(f"stop: {x.cause.value}")
+        forced.clear()
         assert s.used()["gpu"] <= 80
+        consistent()
+
+    def consistent() -> None:
+        """Each model's state says what its process does: none (cold, failed), loading or serving
+        (starting, ready), or told to stop and not yet gone (stopping)."""
+        for view in s.views():
+            if view.state is State.STOPPING:
+                assert view.name in stopping, f"{view.name} stopping with no stop under way"
+            elif view.state in (State.STARTING, State.READY):
+                assert view.name in running and view.name not in stopping, (view.name, view.state)
+            else:
+                assert view.name not in running, f"{view.name} {view.state} while its process lives"
+
+    def end_in_flight(profile: str) -> None:
+        for rid, prof in dispatched.items():
+            if prof == profile and rid in open_requests:
+                open_requests.discard(rid)
+                ended.add(rid)
+                apply(d.finish(rid))
 
     for step in range(400):
         d.now += rng.choice([0.0, 0.1, 0.5, 2.0])
         apply(d.s.tick(d.now))
+        if step == shutdown_at:
+            event("shutdown")
+            apply(d.s.shutdown(d.now))
         roll = rng.random()
-        if roll < 0.35:
+        live = sorted(configured)
+        if roll < 0.3:
             # Some requests reached the router a moment before the scheduler hears of them.
             early = rng.choice([0.0, 0.0, 0.05, 0.3])
-            rid, decisions = d.arrive(rng.choice(names), wait=rng.choice([5.0, 60.0]), arrived=d.now - early)
+            rid, decisions = d.arrive(rng.choice(live), wait=rng.choice([5.0, 60.0]), arrived=d.now - early)
             open_requests.add(rid)
             apply(decisions)
-        elif roll < 0.6 and dispatched:
+        elif roll < 0.5 and dispatched:
             candidates = [r for r in dispatched if r in open_requests]
             if candidates:
                 rid = rng.choice(candidates)
                 open_requests.discard(rid)
                 ended.add(rid)
                 apply(d.finish(rid))
-        elif roll < 0.8:
-            starting = [p for p in running if p not in stopping and s.view(p).state is State.STARTING]
+        elif roll < 0.65:
+            starting = [p for p in sorted(running) if p not in stopping and s.view(p).state is State.STARTING]
             if starting:
                 apply(d.ready(rng.choice(starting)))
-        elif roll < 0.95:
+        elif roll < 0.75:
             if stopping:
                 profile = rng.choice(sorted(stopping))
                 stopping.discard(profile)
                 running.discard(profile)
                 apply(d.exited(profile))
-        else:
-            starting = [p for p in running if p not in stopping and s.view(p).state is State.STARTING]
+                end_in_flight(profile)  # requests cut by a drain timeout or a forced stop end too
+        elif roll < 0.78:
+            starting = [p for p in sorted(running) if p not in stopping and s.view(p).state is State.STARTING]
             if starting:
                 profile = rng.choice(starting)
                 running.discard(profile)
                 apply(d.exited(profile, "crashed during load"))
+        elif roll < 0.84:
+            # Unload, or forced unload, at any moment: queued, spawning, loading, serving, stopping.
+            profile = rng.choice(live)
+            force = rng.random() < 0.5
+            event(f"unload {s.view(profile).state.value}{' forced' if force else ''}")
+            if force:
+                forced.add(profile)
+            apply(d.s.unload(profile, d.now, force=force))
+        elif roll < 0.88:
+            # A load that completes after its stop was decided (the stop came while it spawned or
+            # loaded): the process still has to go, and the model is not served from it.
+            late = [p for p in stopping if p in configured]
+            if late:
+                profile = rng.choice(sorted(late))
+                event("ready after stop")
+                assert d.ready(profile) == []
+                assert s.view(profile).state is State.STOPPING
+        elif roll < 0.91:
+            # Reload with a changed command: the model restarts once idle.
+            profile = rng.choice(live)
+            event(f"reload {s.view(profile).state.value}")
+            apply(d.s.reconfigure(specs(live), {"gpu": 80}, d.now))
+            apply(d.s.restart_when_idle(profile, d.now))
+        elif roll < 0.95:
+            # Delete a model (its requests are told, its process drains and stops), or add it back.
+            absent = [name for name in names if name not in configured]
+            if absent and rng.random() < 0.5:
+                configured.add(rng.choice(absent))
+                event("add back")
+            elif len(configured) > 1:
+                gone = rng.choice(live)
+                configured.discard(gone)
+                event(f"delete {s.view(gone).state.value}")
+            apply(d.s.reconfigure(specs(sorted(configured)), {"gpu": 80}, d.now))
         if step % 50 == 0:
-            for p in list(running):  # a crash of something running now and then
+            for p in sorted(running):  # a crash of something running now and then
                 if p not in stopping and rng.random() < 0.1 and s.view(p).state is State.READY:
                     running.discard(p)
                     apply(d.exited(p, "crashed"))
-                    for rid, prof in dispatched.items():
-                        if prof == p and rid in open_requests:
-                            open_requests.discard(rid)
-                            ended.add(rid)
-                            apply(d.finish(rid))
+                    end_in_flight(p)
 
-    # Let everything finish: no request may be left waiting forever.
+    # Let everything finish: no request may be left waiting forever, no model starting or stopping.
     for _ in range(200):
         d.now += 5.0
         apply(d.s.tick(d.now))
@@ -408,16 +477,23 @@ def test_invariants_hold_under_random_event_sequences(seed: int) -> None:
             open_requests.discard(rid)
             ended.add(rid)
             apply(d.finish(rid))
-        for p in [p for p in running if s.view(p).state is State.STARTING and p not in stopping]:
+        for p in [p for p in sorted(running) if p not in stopping and s.view(p).state is State.STARTING]:
             apply(d.ready(p))
         for p in sorted(stopping):
             stopping.discard(p)
             running.discard(p)
             apply(d.exited(p))
-        if not open_requests:
+            end_in_flight(p)
+        if not open_requests and not stopping and State.STARTING not in {v.state for v in s.views()}:
             break
     assert not open_requests, f"requests never answered: {sorted(open_requests)}"
     assert s.queue_depth == 0
+    assert not stopping
+    assert {view.name for view in s.views()} == configured, "a deleted model lingers or an added one is lost"
+    assert all(view.state in (State.COLD, State.READY, State.FAILED) for view in s.views()), s.views()
+    if shutdown_at is not None:
+        assert not running, "shutdown left a process behind"
+    assert events  # the management calls were really made (their mix is in `events`)
 
 
 # ---------------------------------------------------------------------------------------------- memory
