@@ -4,7 +4,7 @@ VENV ?= .venv
 .PHONY: setup serve test lint bench
 
 setup:
-	./scripts/setup.sh
+	./scripts/install/setup.sh
 
 serve: setup
 	$(VENV)/bin/llama-router serve -c profiles.yaml
@@ -16,8 +16,8 @@ test: setup
 
 lint:
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check router tests scripts
+	$(VENV)/bin/ruff format --check llama_router tests scripts
 	$(VENV)/bin/mypy
 
 bench: setup
-	$(VENV)/bin/python scripts/bench.py
+	$(VENV)/bin/python scripts/benchmarks/bench.py

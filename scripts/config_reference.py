@@ -19,12 +19,12 @@ from pydantic_core import PydanticUndefined
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from router.config import MemoryConfig, PeerConfig, Profile, ServerConfig  # noqa: E402
+from llama_router.config.schema import MemoryConfig, PeerConfig, Profile, ServerConfig  # noqa: E402
 
 TARGET = ROOT / "docs" / "configuration.md"
 INTRO = """# profiles.yaml reference
 
-Generated from `router/config.py` by `scripts/config_reference.py`; do not edit by hand.
+Generated from `llama_router/config/schema.py` by `scripts/config_reference.py`; do not edit by hand.
 Sizes are MiB, times are seconds. Relative paths are relative to the file's own directory.
 Every error names the file, the key path and the problem, and the router refuses to start with a
 syntax or schema error (a live reload keeps the previous config instead); a profile whose binary or

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Writes the README's generated blocks from the code that enforces them, so they cannot drift:
-the access table (router/auth.py `ACCESS`) and the flags a model added over HTTP may carry
-(router/allowed_args.py `ALLOWED`).
+the access table (llama_router/front/auth.py `ACCESS`) and the flags a model added over HTTP may carry
+(llama_router/config/allowed_args.py `ALLOWED`).
 
 `python scripts/readme_tables.py` rewrites them; `--check` exits 1 if one is out of date (the test
 suite runs that).
@@ -17,8 +17,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from router.allowed_args import documented  # noqa: E402
-from router.auth import ACCESS, Access  # noqa: E402
+from llama_router.config.allowed_args import documented  # noqa: E402
+from llama_router.front.auth import ACCESS, Access  # noqa: E402
 
 README = ROOT / "README.md"
 # Who may call a row, by its access, under each way keys can be configured.

@@ -19,10 +19,10 @@ import psutil
 import pytest
 import yaml
 
-from router.app import RouterServer
-from router.config import RouterConfig, _find_binary, load_config
-from router.controller import Controller
-from scripts.make_tiny_models import make_model
+from llama_router.app import RouterServer
+from llama_router.config.schema import RouterConfig, _find_binary, load_config
+from llama_router.upstream.controller import Controller
+from tests.make_tiny_models import make_model
 from tests.router_process import RouterProcess
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,7 +56,9 @@ def llama_server() -> Path:
     """The real llama-server binary, found as the router finds it."""
     binary = _find_binary(None, ROOT)
     if binary is None:
-        pytest.fail("no llama-server found: run `python scripts/install_llama_server.py` (see README)")
+        pytest.fail(
+            "no llama-server found: run `python scripts/install/install_llama_server.py` (see README)"
+        )
     return binary
 
 

@@ -1,4 +1,4 @@
-"""`python -m router serve` as a real process, for what only a process shows: signals, sd_notify,
+"""`python -m llama_router serve` as a real process, for what only a process shows: signals, sd_notify,
 stale-upstream cleanup, SIGKILL. Logs are JSON lines, collected as they arrive, so tests wait for
 events instead of sleeping."""
 
@@ -66,7 +66,7 @@ class RouterProcess:
         self.process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "router",
+            "llama_router",
             "--log-format",
             "json",
             "--log-level",

@@ -1,6 +1,6 @@
 """The access table: every row called with no key, a wrong key, an API key and an admin key, under
 each way keys can be configured. `CALLS` is this test's own table (a request that exercises each
-row without changing what runs); it must cover every row of `router/auth.py`'s `ACCESS`."""
+row without changing what runs); it must cover every row of `llama_router/front/auth.py`'s `ACCESS`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from router.auth import ACCESS, Access, access_of
+from llama_router.front.auth import ACCESS, Access, access_of
 
 from .conftest import RouterFactory, RunningRouter, fake_profile
 

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
-from router.allowed_args import ALLOWED, args_problem
-from router.config import ConfigError, load_config
+from llama_router.config.allowed_args import ALLOWED, args_problem
+from llama_router.config.schema import ConfigError, load_config
 
 from .fake_hub import make_cache
 

@@ -13,10 +13,10 @@ import pytest
 import yaml
 from gguf import GGUFReader
 
-from router.app import API
-from router.config import load_config
-from router.context_window import training_length
-from scripts.make_tiny_models import make_model
+from llama_router.app import API
+from llama_router.config.schema import load_config
+from llama_router.sizing.context_window import training_length
+from tests.make_tiny_models import make_model
 
 from .conftest import RouterFactory, RunningRouter, fake_profile, upstream_processes, wait_until
 

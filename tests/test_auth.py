@@ -11,8 +11,8 @@ import psutil
 import pytest
 import yaml
 
-from router.app import build_app
-from router.config import ConfigError, ServerConfig, load_config
+from llama_router.app import build_app
+from llama_router.config.schema import ConfigError, ServerConfig, load_config
 
 from .conftest import RouterFactory, RunningRouter, fake_profile
 

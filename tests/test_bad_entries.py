@@ -13,10 +13,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from router.cli import main
-from router.config import load_config
-from router.footprint import FootprintStore
-from router.scheduler import Fail, FailReason, ProfileSpec, Rules, Scheduler, Start, State
+from llama_router.cli import main
+from llama_router.config.schema import load_config
+from llama_router.core.scheduler import Fail, FailReason, ProfileSpec, Rules, Scheduler, Start, State
+from llama_router.sizing.footprint import FootprintStore
 from tests.conftest import ROOT, RouterFactory, fake_profile, wait_until
 from tests.router_process import RouterProcess, write_config
 
@@ -120,7 +120,7 @@ def test_a_state_dir_that_cannot_be_created_is_named_with_the_reason(
     state = blocker / "state"
     config = write_config(tmp_path / "profiles.yaml", {"m": fake_profile(dummy_model)}, state_dir=str(state))
     done = subprocess.run(
-        [sys.executable, "-m", "router", "serve", "--config", str(config), "--log-level", "error"],
+        [sys.executable, "-m", "llama_router", "serve", "--config", str(config), "--log-level", "error"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from router.cli import build_parser, main
+from llama_router.cli import build_parser, main
 from tests.conftest import RouterFactory, fake_profile
 from tests.router_process import free_port
 

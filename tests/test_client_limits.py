@@ -16,9 +16,9 @@ from typing import Any
 import psutil
 import pytest
 
-from router.app import BODY_BUDGET
-from router.client_limits import MIB
-from router.request_rules import SMALL_VALUE, top_level_fields
+from llama_router.app import BODY_BUDGET
+from llama_router.front.client_limits import MIB
+from llama_router.relay.request_rules import SMALL_VALUE, top_level_fields
 from tests.conftest import RouterFactory, RunningRouter, fake_profile, wait_until
 from tests.router_process import RouterProcess, write_config
 

@@ -16,7 +16,7 @@ import aiohttp
 import openai
 import pytest
 
-from scripts.make_tiny_models import make_model
+from tests.make_tiny_models import make_model
 
 from .conftest import RouterFactory, RunningRouter, fake_profile, upstream_processes
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from router.config import ConfigError, RouterConfig, load_config
+from llama_router.config.schema import ConfigError, RouterConfig, load_config
 
 from .conftest import FAKE_UPSTREAM, ROOT
 
@@ -44,7 +44,7 @@ def config_error(path: Path) -> str:
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "router", *args], cwd=ROOT, capture_output=True, text=True, timeout=30
+        [sys.executable, "-m", "llama_router", *args], cwd=ROOT, capture_output=True, text=True, timeout=30
     )
 
 

@@ -18,10 +18,10 @@ import pytest
 import yaml
 from aiohttp import web
 
-from router.config import RouterConfig, load_config
-from router.context_cache import ContextKeeper, identity_key, profile_dir_name, prune
-from router.supervisor import Upstream
-from scripts.make_tiny_models import make_model
+from llama_router.config.schema import RouterConfig, load_config
+from llama_router.upstream.context_cache import ContextKeeper, identity_key, profile_dir_name, prune
+from llama_router.upstream.supervisor import Upstream
+from tests.make_tiny_models import make_model
 
 from .conftest import RouterFactory, fake_profile
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from router.context_window import Window, learned, window
-from scripts.make_tiny_models import make_model
+from llama_router.sizing.context_window import Window, learned, window
+from tests.make_tiny_models import make_model
 
 from .conftest import RouterFactory, RunningRouter, wait_until
 
@@ -160,7 +160,7 @@ def test_check_warns_when_the_window_is_under_min_context(
 ) -> None:
     import yaml
 
-    from router.cli import main
+    from llama_router.cli import main
 
     model = make_model(tmp_path / "m.gguf", seed=5, n_ctx_train=131072)
     profile: dict[str, Any] = {"model": str(model), "binary": str(llama_server)}

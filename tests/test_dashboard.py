@@ -18,12 +18,12 @@ from typing import Any
 import aiohttp
 import pytest
 
-from router.activity import ActivityRow, ActivityStore
-from router.auth import Keys
-from router.browser_guard import host_name, own_host
-from router.dashboard import key_labels
-from router.redact import redacted_args
-from router.request_rules import Timings, parse_timings
+from llama_router.core.redact import redacted_args
+from llama_router.front.auth import Keys
+from llama_router.front.browser_guard import host_name, own_host
+from llama_router.manage.activity import ActivityRow, ActivityStore
+from llama_router.manage.dashboard import key_labels
+from llama_router.relay.request_rules import Timings, parse_timings
 
 from .conftest import RouterFactory, fake_profile, wait_until
 from .test_api import CHAT, assert_error, chat_body, get_json, post_json, read_event

@@ -1,8 +1,9 @@
-"""The dashboard in a real browser: headless Chromium (scripts/cdp.py) against a running router with real
+"""The dashboard in a real browser: headless Chromium (tests/cdp.py) against a running router with real
 tiny llama-servers. Each test clicks and reads what a person would, and saves a screenshot of its panel
 (to `$LLAMA_ROUTER_SCREENSHOTS` when set, else a pytest temporary folder, printed at the end).
 
-Without Chromium (Debian's `chromium` package; `scripts/setup.sh` installs it as root) these tests skip."""
+Without Chromium (Debian's `chromium` package; `scripts/install/setup.sh` installs it as root) these tests
+skip."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from scripts.cdp import Browser, Page, chromium, find_chromium
+from tests.cdp import Browser, Page, chromium, find_chromium
 
 from .conftest import RouterFactory, RunningRouter, fake_profile, wait_until
 from .test_api import CHAT, chat_body, post_json
@@ -27,8 +28,8 @@ from .test_dashboard import demo_profiles
 CHROMIUM = find_chromium()
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None,
-    reason="no Chromium to drive: install Debian's `chromium` package (scripts/setup.sh does, as root) "
-    "or set $CHROMIUM",
+    reason="no Chromium to drive: install Debian's `chromium` package "
+    "(scripts/install/setup.sh does, as root) or set $CHROMIUM",
 )
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from router.events import (
+from llama_router.core.events import (
     Event,
     Failed,
     FallbackServed,
@@ -21,7 +21,7 @@ from router.events import (
     Unhealthy,
     context_event,
 )
-from router.scheduler import StopCause
+from llama_router.core.scheduler import StopCause
 
 
 @pytest.mark.parametrize(

@@ -20,9 +20,9 @@ import psutil
 import pytest
 import yaml
 
-from router.events import Event, Stopping
-from router.scheduler import State
-from router.supervisor import Upstream
+from llama_router.core.events import Event, Stopping
+from llama_router.core.scheduler import State
+from llama_router.upstream.supervisor import Upstream
 
 from .conftest import ROOT, RouterFactory, RunningRouter, fake_profile, upstream_processes, wait_until
 
@@ -457,7 +457,7 @@ def test_sigkilled_router_leaves_no_upstream(tmp_path: Path, dummy_model: Path) 
     fake_pid: int | None = None
     with log_path.open("wb") as log_file:
         router = subprocess.Popen(
-            [sys.executable, "-m", "router", "serve", "-c", str(config), "--port", str(port)],
+            [sys.executable, "-m", "llama_router", "serve", "-c", str(config), "--port", str(port)],
             cwd=ROOT,
             stdin=subprocess.DEVNULL,
             stdout=log_file,

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from router import memory
-from router.footprint import GPU_MARGIN, RAM_MARGIN
-from router.memory import GIB, MIB, Host
+from llama_router.sizing import memory
+from llama_router.sizing.footprint import GPU_MARGIN, RAM_MARGIN
+from llama_router.sizing.memory import GIB, MIB, Host
 
 from . import fake_nvml
 from .conftest import RouterFactory, RunningRouter, fake_profile, upstream_processes, wait_until

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from router.footprint import GPU_MARGIN, RAM_MARGIN, BufferTally, log_message, parse_buffer_line
-from router.memory import MIB, Device
+from llama_router.sizing.footprint import GPU_MARGIN, RAM_MARGIN, BufferTally, log_message, parse_buffer_line
+from llama_router.sizing.memory import MIB, Device
 
 from .conftest import RouterFactory
 

@@ -21,13 +21,13 @@ import psutil
 import pytest
 import yaml
 
-from router import memory
-from router.cli import main
-from router.config import load_config
-from router.controller import Controller
-from router.footprint import _estimate_from_header
-from router.gguf import read_header
-from router.memory import GIB, MIB, Host, detect_devices, metal_working_set, page_in
+from llama_router.cli import main
+from llama_router.config.schema import load_config
+from llama_router.sizing import memory
+from llama_router.sizing.footprint import _estimate_from_header
+from llama_router.sizing.gguf import read_header
+from llama_router.sizing.memory import GIB, MIB, Host, detect_devices, metal_working_set, page_in
+from llama_router.upstream.controller import Controller
 
 from . import fake_nvml
 from .conftest import ROOT, RouterFactory, fake_profile, wait_until
@@ -268,7 +268,7 @@ def test_read_ahead_without_kernel_advice_reads_the_file_through(tmp_path: Path)
 HOLDER = textwrap.dedent(
     """
     import subprocess, sys, time
-    from router.lifeline import Watchdog
+    from llama_router.upstream.lifeline import Watchdog
     watchdog = Watchdog()
     kept = subprocess.Popen(["sleep", "60"], preexec_fn=watchdog.arm(), start_new_session=True)
     released = subprocess.Popen(["sleep", "60"], preexec_fn=watchdog.arm(), start_new_session=True)
@@ -303,15 +303,16 @@ def test_the_watchdog_kills_what_is_registered_once_its_router_is_gone() -> None
                 os.kill(pid, signal.SIGKILL)
 
 
-# `python -m router` as it runs on an Apple silicon Mac: the platform facts the router reads say so.
+# `python -m llama_router` as it runs on an Apple silicon Mac: the platform facts the router reads say so.
 AS_ON_A_MAC = textwrap.dedent(
     """
     import sys
-    from router import lifeline, memory
+    from llama_router.upstream import lifeline
+    from llama_router.sizing import memory
     lifeline.PLATFORM = "darwin"
     sysctls = {"hw.optional.arm64": "1", "hw.memsize": str(16 << 30)}
     memory.THIS_MACHINE = memory.Host(platform="darwin", sysctl=sysctls.get)
-    from router.cli import main
+    from llama_router.cli import main
     sys.exit(main(sys.argv[1:]))
     """
 )

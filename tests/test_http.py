@@ -9,7 +9,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from router.request_rules import MODEL_POST_PATHS
+from llama_router.relay.request_rules import MODEL_POST_PATHS
 
 from .conftest import RouterFactory, RunningRouter, fake_profile, upstream_processes
 

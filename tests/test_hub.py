@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import yaml
 
-from router import hub
-from router.config import ConfigError, load_config
+from llama_router.config import hub
+from llama_router.config.schema import ConfigError, load_config
 from tests.conftest import RouterFactory
 from tests.fake_hub import FakeHub, Repo, gguf_bytes, make_cache
 from tests.fake_hub import hub_env as fake_hub_env
@@ -217,7 +217,7 @@ async def run_cli(*args: str, env: dict[str, str], timeout: float = 60) -> tuple
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "router",
+        "llama_router",
         *args,
         env=env,
         cwd=str(ROOT),

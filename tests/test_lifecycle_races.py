@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from router.errors import RouterError
+from llama_router.core.errors import RouterError
 
 from .conftest import RouterFactory, RunningRouter, fake_profile, upstream_processes, wait_until
 from .test_api import post_json

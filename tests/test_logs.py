@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from router.logging_setup import TEXT_FORMAT, JsonFormatter, TextFormatter, setup_logging
+from llama_router.manage.logging_setup import TEXT_FORMAT, JsonFormatter, TextFormatter, setup_logging
 from tests.conftest import RouterFactory, fake_profile
 from tests.router_process import RouterProcess, write_config
 

@@ -17,10 +17,10 @@ import pytest
 import yaml
 from gguf import GGUFWriter
 
-from router.cli import main
-from router.footprint import GPU_MARGIN, RAM_MARGIN, _estimate_from_header
-from router.gguf import read_header
-from router.memory import MIB
+from llama_router.cli import main
+from llama_router.sizing.footprint import GPU_MARGIN, RAM_MARGIN, _estimate_from_header
+from llama_router.sizing.gguf import read_header
+from llama_router.sizing.memory import MIB
 
 from .conftest import RouterFactory, RunningRouter, fake_profile, upstream_processes, wait_until
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from router.request_rules import UsageTail, parse_usage
+from llama_router.relay.request_rules import UsageTail, parse_usage
 
 from .conftest import RouterFactory, RunningRouter, fake_profile
 

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import yaml
 
-from router.config import CREATED_BY_ROUTER, RouterConfig, load_config
-from router.model_files import files_in_use, profile_files
+from llama_router.config.schema import CREATED_BY_ROUTER, RouterConfig, load_config
+from llama_router.manage.model_files import files_in_use, profile_files
 from tests.conftest import RouterFactory
 from tests.fake_hub import gguf_bytes, make_cache
 

@@ -22,9 +22,10 @@ import aiohttp
 import pytest
 import yaml
 
-from router.app import RouterServer
-from router.config import ConfigError, load_config
-from router.peers import parse_url, same_host_redirect
+from llama_router.app import RouterServer
+from llama_router.config.addresses import parse_url
+from llama_router.config.schema import ConfigError, load_config
+from llama_router.upstream.peers import same_host_redirect
 from tests.certs import make_ca, make_certs
 from tests.conftest import FAKE_UPSTREAM, wait_until
 from tests.router_process import RouterProcess, free_port

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from router.config import ConfigError, config_files, load_config
+from llama_router.config.schema import ConfigError, config_files, load_config
 
 from .conftest import RouterFactory, fake_profile, wait_until
 

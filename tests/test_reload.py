@@ -15,9 +15,9 @@ import aiohttp
 import pytest
 import yaml
 
-from router.config import load_config
-from router.events import Event, ReloadFailed
-from router.reload import ConfigReloader
+from llama_router.config.schema import load_config
+from llama_router.core.events import Event, ReloadFailed
+from llama_router.manage.reload import ConfigReloader
 from tests.conftest import fake_profile, wait_until
 from tests.router_process import RouterProcess, write_config
 

@@ -1,12 +1,18 @@
-"""The request rules (router/request_rules.py) that need no server to check."""
+"""The request rules (llama_router/relay/request_rules.py) that need no server to check."""
 
 from __future__ import annotations
 
 import pytest
 
-from router.errors import RouterError
-from router.request_rules import Resend, model_in_body, renamer, request_drop, resend
-from router.upstream_http import BodyFailed, ConnectFailed, ConnectionDropped, UpstreamError, UpstreamTimeout
+from llama_router.core.errors import RouterError
+from llama_router.relay.request_rules import Resend, model_in_body, renamer, request_drop, resend
+from llama_router.upstream.upstream_http import (
+    BodyFailed,
+    ConnectFailed,
+    ConnectionDropped,
+    UpstreamError,
+    UpstreamTimeout,
+)
 
 CLOSED_FRESH = ConnectionDropped("closed", reset=False)
 CLOSED_REUSED = ConnectionDropped("closed", reset=False, reused=True)

@@ -1,7 +1,7 @@
 """llama.cpp RPC workers: a model split across `rpc-server` processes, each leased to one model.
 
 The end-to-end tests run real `rpc-server` workers (built with llama-server by
-scripts/install_llama_server.py) on 127.0.0.1 and a real llama-server on a tiny model; the leasing
+scripts/install/install_llama_server.py) on 127.0.0.1 and a real llama-server on a tiny model; the leasing
 rule itself is tested without processes in tests/test_scheduler_leases.py."""
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from typing import Any
 import pytest
 import yaml
 
-from router.config import ConfigError, load_config
-from router.events import Event, Loading, Stopped
-from router.footprint import GPU_MARGIN, RAM_MARGIN, BufferTally, estimate
-from router.memory import MIB, Device, rpc_devices
-from router.rpc import parse_worker
+from llama_router.config.addresses import parse_worker
+from llama_router.config.schema import ConfigError, load_config
+from llama_router.core.events import Event, Loading, Stopped
+from llama_router.sizing.footprint import GPU_MARGIN, RAM_MARGIN, BufferTally, estimate
+from llama_router.sizing.memory import MIB, Device, rpc_devices
 from tests.conftest import ROOT, RouterFactory, wait_until
 from tests.router_process import accepts_connections, free_port
 
@@ -142,7 +142,7 @@ def test_a_workers_buffers_are_learned_on_its_device() -> None:
 def rpc_server_binary() -> Path:
     found = shutil.which("rpc-server") or str(Path(sys.executable).parent / "rpc-server")
     if not os.access(found, os.X_OK):
-        pytest.fail("no rpc-server: run `make setup` (scripts/install_llama_server.py builds it)")
+        pytest.fail("no rpc-server: run `make setup` (scripts/install/install_llama_server.py builds it)")
     return Path(found)
 
 
@@ -257,7 +257,7 @@ async def test_check_shows_each_worker_and_whether_it_answers(
     )
     done = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "router", "check", "-c", str(path)],
+        [sys.executable, "-m", "llama_router", "check", "-c", str(path)],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from router.errors import ECHO_LIMIT, printable
-from router.logging_setup import setup_logging
+from llama_router.core.errors import ECHO_LIMIT, printable
+from llama_router.manage.logging_setup import setup_logging
 from tests.conftest import RouterFactory, fake_profile
 
 

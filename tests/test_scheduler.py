@@ -8,8 +8,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from router.controller import refusal
-from router.scheduler import (
+from llama_router.core.scheduler import (
     GRACE_MIN,
     Decision,
     Dispatch,
@@ -23,6 +22,7 @@ from router.scheduler import (
     Stop,
     choose_victims,
 )
+from llama_router.upstream.controller import refusal
 
 WAIT = 100.0
 

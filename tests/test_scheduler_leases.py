@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from router.scheduler import (
+from llama_router.core.scheduler import (
     Dispatch,
     Fail,
     FailReason,

@@ -14,8 +14,8 @@ from typing import Any
 
 import aiohttp
 
-from router.stale import find_stale, remove_stale
-from router.supervisor import OWNER_ENV
+from llama_router.upstream.stale import find_stale, remove_stale
+from llama_router.upstream.supervisor import OWNER_ENV
 from tests.conftest import FAKE_UPSTREAM, fake_profile, wait_until
 from tests.router_process import RouterProcess, accepts_connections, free_port, pid_gone, write_config
 

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from router.request_rules import SlotWatch, slot_work
+from llama_router.upstream.slots import SlotWatch, slot_work
 from tests.conftest import RouterFactory, RunningRouter, fake_profile
 
 # The shape of llama-server's `GET /slots` (tools/server/server-context.cpp, `to_json(only_metrics)`).

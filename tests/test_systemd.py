@@ -22,7 +22,7 @@ import aiohttp
 import psutil
 import pytest
 
-from router.sdnotify import Notifier
+from llama_router.manage.sdnotify import Notifier
 from tests.conftest import fake_profile
 from tests.router_process import RouterProcess, accepts_connections, write_config
 
@@ -36,13 +36,17 @@ def systemd_analyze() -> str:
     if found:
         return found
     if os.geteuid() == 0 and shutil.which("apt-get"):
-        pytest.fail("systemd-analyze is missing although scripts/setup.sh installs it as root: run it")
-    pytest.skip("systemd-analyze not installed (scripts/setup.sh installs it when run as root with apt-get)")
+        pytest.fail(
+            "systemd-analyze is missing although scripts/install/setup.sh installs it as root: run it"
+        )
+    pytest.skip(
+        "systemd-analyze not installed (scripts/install/setup.sh installs it when run as root with apt-get)"
+    )
 
 
 def runnable(text: str) -> str:
     """A unit's text with its install paths pointed at this checkout, so verify finds the commands."""
-    text = re.sub(r"[^\s=]*/\.venv/bin/llama-router", f"{sys.executable} -m router", text)
+    text = re.sub(r"[^\s=]*/\.venv/bin/llama-router", f"{sys.executable} -m llama_router", text)
     text = text.replace("%h/llama-router", str(ROOT))
     return re.sub(r"/(opt|srv)/llama-router", str(ROOT), text)
 

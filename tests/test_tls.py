@@ -15,7 +15,7 @@ import openai
 import pytest
 import yaml
 
-from router.cli import main
+from llama_router.cli import main
 from tests.certs import make_certs
 from tests.conftest import RouterFactory, fake_profile
 

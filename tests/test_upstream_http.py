@@ -1,4 +1,5 @@
-"""The proxy's own HTTP/1.1 client (router/upstream_http.py): framing, reuse and the ways it fails.
+"""The proxy's own HTTP/1.1 client (llama_router/upstream/upstream_http.py): framing, reuse and the ways it
+fails.
 
 The parser is fed answers cut at every possible place, because TCP delivers them cut anywhere; the
 pool is run against tiny loopback servers that misbehave on purpose."""
@@ -14,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from router.upstream_http import (
+from llama_router.upstream.upstream_http import (
     Answer,
     BodyFailed,
     ConnectFailed,

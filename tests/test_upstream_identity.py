@@ -17,7 +17,7 @@ import psutil
 import pytest
 from aiohttp import web
 
-from router import supervisor
+from llama_router.upstream import supervisor
 from tests.conftest import RouterFactory, fake_profile
 
 

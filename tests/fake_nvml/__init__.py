@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from router import memory
+from llama_router.sizing import memory
 
 from . import pynvml
 

@@ -1,0 +1,3 @@
+from llama_router.cli import main
+
+raise SystemExit(main())

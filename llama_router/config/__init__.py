@@ -1,0 +1,1 @@
+"""The profiles.yaml schema and its loading, Hugging Face references: knows nothing of serving."""

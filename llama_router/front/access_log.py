@@ -1,0 +1,96 @@
+"""One log line per request (method, path, model, status, duration, bytes) and the in-flight count.
+
+Both read the request's `RequestRecord` (llama_router/relay/request_rules.py), which the router's outermost
+middleware (llama_router/app.py) makes when a request arrives and hands here when its last byte is out,
+so the duration runs to that byte and `bytes` is what went on the wire (head included).
+
+A graceful shutdown waits for the in-flight count to reach zero. A handler that serves a long-lived
+stream which should not hold up a shutdown (an `/events` feed) calls `mark_long_lived(request)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from aiohttp import web
+
+from llama_router.core.errors import printable
+from llama_router.relay.proxy import RECORD
+from llama_router.relay.request_rules import CLIENT_CLOSED, RequestRecord
+
+log = logging.getLogger("llama_router.access")
+
+# Paths polled by monitors: logged at DEBUG so they do not drown the request log.
+QUIET_PATHS = frozenset({"/health", "/metrics"})
+
+
+class InFlight:
+    """Requests being handled right now, with an event for 'none left' (a shutdown waits on it)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def begin(self) -> None:
+        self.count += 1
+        self._idle.clear()
+
+    def end(self) -> None:
+        self.count -= 1
+        if self.count <= 0:
+            self.count = 0
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+
+IN_FLIGHT: web.AppKey[InFlight] = web.AppKey("in_flight", InFlight)
+
+
+def mark_long_lived(request: web.Request) -> None:
+    """Exclude this request from the in-flight count a shutdown drains (for endless streams)."""
+    record = request[RECORD]
+    if not record.long_lived:
+        record.long_lived = True
+        request.app[IN_FLIGHT].end()
+
+
+def log_request(record: RequestRecord, request: web.Request) -> None:
+    """The access line of a request that has ended; nothing is built for a line the level drops."""
+    status = record.status
+    path = record.path
+    if status >= 500 and status != CLIENT_CLOSED:
+        level = logging.WARNING
+    else:
+        level = logging.DEBUG if path in QUIET_PATHS else logging.INFO
+    if not log.isEnabledFor(level):
+        return
+    duration_ms = (time.perf_counter() - record.started) * 1000
+    # A model named in the path or the query, by endpoints that did not record one.
+    model = record.model or request.query.get("model") or request.match_info.get("model")
+    if model is not None and model is not record.model:
+        model = printable(model)  # (the record's is made safe by the router's outer middleware)
+    fields = {
+        "method": record.method,
+        "path": path,
+        "model": model,
+        "status": status,
+        "duration_ms": round(duration_ms, 2),
+        "bytes": record.sent,
+        "client": request.remote,
+    }
+    log.log(
+        level,
+        "%s %s model=%s status=%s duration_ms=%.1f bytes=%d",
+        record.method,
+        path,
+        model or "-",
+        status,
+        duration_ms,
+        record.sent,
+        extra={"fields": fields},
+    )

@@ -1,0 +1,3 @@
+"""What the operator sees and controls: management API, model manager, metrics, activity, dashboard,
+reload, logs, systemd.
+"""

@@ -1,0 +1,91 @@
+"""What a streamed request hears while its model loads: SSE comments, or "thinking" that people see.
+
+A stream that waits for its model gets its `200 text/event-stream` answer early. By default it then
+hears SSE comment lines (`: loading <model> … 3s`): proxies and clients with idle timeouts keep the
+connection, and no client shows them. With `loading_feedback: reasoning` (per profile or under
+`server:`), a streamed chat completion instead hears the progress as `reasoning_content` deltas,
+which Open WebUI and other chat UIs show as the model "thinking" and leave out of the answer: the
+model's name, the request's place in its queue and the seconds waited. Nothing is ever put in
+`content`, and other endpoints (completions, responses, messages) always get comments.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from dataclasses import dataclass, field
+
+from llama_router.core.scheduler import ProfileView, State
+
+CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
+
+
+def comment(text: str) -> bytes:
+    return f": {text}\n\n".encode()
+
+
+def _ordinal(number: int) -> str:
+    suffix = "th" if 10 <= number % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(number % 10, "th")
+    return f"{number}{suffix}"
+
+
+@dataclass
+class LoadingFeedback:
+    """The progress messages of one waiting stream, as SSE bytes to write."""
+
+    model: str  # the id the client asked for
+    reasoning: bool  # reasoning_content deltas (a chat completion with `loading_feedback: reasoning`)
+    position: int = 1  # the request's place in its model's queue when it joined it (1: first)
+    _id: str = field(default_factory=lambda: "chatcmpl-loading-" + secrets.token_hex(8))
+    _first: bool = True
+
+    def begin(self) -> bytes:
+        """The first message, sent with the answer's headers."""
+        if not self.reasoning:
+            return comment(f"loading {self.model} …")
+        return self._delta(f"Loading {self.model}…\n")
+
+    def loading(self, elapsed: float, view: ProfileView | None) -> bytes:
+        """A message while the model is not ready yet (`view`: its state now, when known)."""
+        if not self.reasoning:
+            return comment(f"loading {self.model} … {elapsed:.0f}s")
+        return self._delta(f"{self._state(view)} {self.model} ({self._place(view)})… {elapsed:.0f} s\n")
+
+    def waiting(self, elapsed: float) -> bytes:
+        """A keep-alive while the loaded model works on the prompt, before its first chunk."""
+        return comment(f"waiting for {self.model} … {elapsed:.0f}s")
+
+    def ready(self, elapsed: float) -> bytes:
+        """The last message, when the model took the request (nothing for comments)."""
+        if not self.reasoning:
+            return b""
+        return self._delta(f"{self.model} is loaded after {elapsed:.0f} s.\n\n")
+
+    def _state(self, view: ProfileView | None) -> str:
+        if view is None or view.state is State.STARTING:
+            return "Loading"
+        if view.state is State.FAILED:
+            return "Restarting after a failure:"
+        if view.state is State.STOPPING:
+            return "Waiting for the previous run to stop:"
+        return "Waiting for memory to load"  # cold, while other models drain for it
+
+    def _place(self, view: ProfileView | None) -> str:
+        waiting = max(view.waiting if view is not None else 0, 1)
+        position = min(self.position, waiting)
+        return f"{_ordinal(position)} in its queue of {waiting}"
+
+    def _delta(self, text: str) -> bytes:
+        delta = (
+            {"role": "assistant", "reasoning_content": text} if self._first else {"reasoning_content": text}
+        )
+        self._first = False
+        chunk = {
+            "id": self._id,
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": self.model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
+        }
+        return b"data: " + json.dumps(chunk).encode() + b"\n\n"

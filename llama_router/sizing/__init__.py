@@ -1,0 +1,1 @@
+"""Budgets per device, GGUF headers, footprints, context windows, the page cache."""

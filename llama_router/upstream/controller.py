@@ -1,0 +1,772 @@
+"""The effects around the scheduler: feeds it events, carries out its decisions.
+
+Requests become futures that a `Dispatch` resolves with a running upstream or a `Fail` rejects;
+`Start` and `Stop` become supervisor tasks whose outcomes come back as events. All scheduler calls
+happen on the event loop thread, so the scheduler itself needs no locking.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Hashable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from llama_router.config.schema import ResolvedProfile, RouterConfig, ServerConfig
+from llama_router.config.state import state_dir
+from llama_router.core.devices import device_name, worker_of
+from llama_router.core.errors import RouterError
+from llama_router.core.events import (
+    Event,
+    Failed,
+    FallbackServed,
+    FootprintLearned,
+    Loading,
+    Ready,
+    Reloaded,
+    Stopped,
+    Stopping,
+    Unhealthy,
+    context_event,
+)
+from llama_router.core.scheduler import (
+    Decision,
+    Dispatch,
+    Fail,
+    FailReason,
+    ProfileSpec,
+    ProfileView,
+    Rules,
+    Scheduler,
+    Start,
+    State,
+    Stop,
+)
+from llama_router.sizing.footprint import BufferTally, FootprintStore, estimate
+from llama_router.sizing.memory import MIB, Device, detect_devices, nvml_usage_by_pid, page_in, rpc_devices
+from llama_router.upstream.context_cache import ContextKeeper
+from llama_router.upstream.peers import PeerLink, Peers
+from llama_router.upstream.rpc import probe_all, unanswered
+from llama_router.upstream.slots import SlotWatch, slot_work
+from llama_router.upstream.supervisor import LoadError, StoppedBeforeSpawn, Upstream
+
+log = logging.getLogger("llama_router")
+
+EventListener = Callable[[Event], None]
+# Failures a fallback profile may answer for; a plain queue timeout is not one.
+FALLBACK_CODES = frozenset(
+    {
+        FailReason.MODEL_LOAD_FAILED,
+        FailReason.MODEL_FAILED,
+        FailReason.MODEL_LOAD_TIMEOUT,
+        FailReason.MODEL_TOO_LARGE,
+    }
+)
+# The HTTP status a client gets for each of the scheduler's refusals.
+FAIL_STATUS: dict[FailReason, int] = {
+    FailReason.SHUTTING_DOWN: 503,
+    FailReason.TOO_MANY_WAITING: 429,
+    FailReason.MODEL_LOAD_FAILED: 503,
+    FailReason.MODEL_FAILED: 503,
+    FailReason.MODEL_LOAD_TIMEOUT: 503,
+    FailReason.MODEL_WAIT_TIMEOUT: 503,
+    FailReason.MODEL_TOO_LARGE: 503,
+    FailReason.MODEL_REMOVED: 503,
+    FailReason.MODEL_UNLOADED: 503,
+}
+# llama.cpp's ways of saying an allocation failed (CUDA, Metal, Vulkan, ggml's allocators).
+OUT_OF_MEMORY = re.compile(
+    r"out of memory|failed to allocate|unable to allocate|ErrorOutOfDeviceMemory|cudaMalloc failed", re.I
+)
+
+
+@dataclass
+class Lease:
+    """A request's hold on a running upstream, or on a peer; release it when the answer has been sent."""
+
+    request_id: int
+    profile: str  # the profile, or for a peer the route `<peer>/<model>`
+    upstream: Upstream | PeerLink
+    waited: float
+    released: bool = field(default=False)
+    fallback_for: str | None = None  # the profile asked for, when a fallback serves instead
+    served_name: str = ""  # what the upstream calls the model in its answers
+    ask_as: str | None = None  # the `model` the request is sent with, when not the client's
+
+    @property
+    def peer(self) -> PeerLink | None:
+        return self.upstream if isinstance(self.upstream, PeerLink) else None
+
+
+class Controller:
+    """Owns the scheduler, the upstream processes and the requests waiting for them."""
+
+    def __init__(self, config: RouterConfig) -> None:
+        self.config = config
+        server = config.server
+        memory = server.memory
+        self.devices, self.memory_notes = detect_devices(
+            gpus_mib=memory.gpus,
+            ram_mib=memory.ram,
+            gpu_headroom_mib=memory.gpu_headroom,
+            ram_headroom_mib=memory.ram_headroom,
+            use_nvml=memory.nvml,
+            rpc_mib=memory.rpc,
+        )
+        self.started_at = time.time()
+        self.peers = Peers(config.peers, self.emit, local=config.names, created=int(self.started_at))
+        self.footprints = FootprintStore(state_dir(config) / "footprints.json")
+        self.scheduler = Scheduler(
+            (self._spec(profile) for profile in config.profiles.values()), self._budget(), _rules(server)
+        )
+        self._tallies: dict[str, BufferTally] = {}
+        self._closed = False
+        self._prober: asyncio.Future[None] | None = None
+        self.contexts = ContextKeeper(config, state_dir(config) / "slots")
+        self.logs: dict[str, deque[str]] = {name: deque(maxlen=server.log_lines) for name in config.profiles}
+        self.upstreams: dict[str, Upstream] = {}
+        self.owner_tag = f"{os.getpid()}"
+        self._ids = itertools.count(1)
+        self._waiters: dict[int, asyncio.Future[Upstream]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._listeners: list[EventListener] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._socket_dir: Path | None = None  # upstreams' Unix sockets, private to the router
+        self._slot_watches: dict[Upstream, SlotWatch] = {}
+        self._slot_reads: dict[Upstream, asyncio.Future[None]] = {}
+
+    def _budget(self) -> dict[str, int]:
+        budget = {device.name: device.budget for device in self.devices}
+        if self.config.server.max_resident is not None:
+            budget["slots"] = self.config.server.max_resident
+        return budget
+
+    def _spec(self, profile: ResolvedProfile) -> ProfileSpec:
+        return ProfileSpec(
+            profile.name,
+            self.initial_footprint(profile),
+            profile.load_timeout,
+            pinned=profile.pinned,
+            priority=profile.priority,
+            standby=profile.standby,
+            ttl=profile.ttl,
+            cannot_run=profile.problem,
+        )
+
+    async def reload(self, config: RouterConfig) -> dict[str, list[str]]:
+        """Adopt a new config. Profiles whose process would run the same command keep running and
+        serving; changed ones restart once idle; removed ones drain and stop; new ones are added."""
+        old = self.config
+        summary: dict[str, list[str]] = {"kept": [], "restarted": [], "added": [], "removed": []}
+        for name, profile in config.profiles.items():
+            before = old.profiles.get(name)
+            if before is None:
+                summary["added"].append(name)
+            elif _launch_identity(before) == _launch_identity(profile):
+                summary["kept"].append(name)
+            else:
+                summary["restarted"].append(name)
+        summary["removed"] = [name for name in old.profiles if name not in config.profiles]
+        self.config = config
+        self.devices = _with_rpc_budgets(self.devices, config)
+        self.peers.reconfigure(config.peers, config.names)
+        self.contexts.forget_removed(config)
+        for name in config.profiles:
+            if name not in self.logs:
+                self.logs[name] = deque(maxlen=config.server.log_lines)
+        now = self.now()
+        specs = []
+        for profile in config.profiles.values():
+            spec = self._spec(profile)
+            if profile.name in summary["kept"] and profile.footprint_mib is None:
+                # Same process, same use: keep what was learned from it.
+                spec = dataclasses.replace(spec, footprint=self.view(profile.name).footprint)
+            specs.append(spec)
+        self.scheduler.retune(_rules(config.server))
+        decisions = self.scheduler.reconfigure(specs, self._budget(), now)
+        for name in summary["restarted"]:
+            decisions.extend(self.scheduler.restart_when_idle(name, now))
+        self._apply(decisions)
+        log.debug("config reloaded: %s", {key: value for key, value in summary.items() if value})
+        self.emit(Reloaded(summary["kept"], summary["restarted"], summary["added"], summary["removed"]))
+        return summary
+
+    def initial_footprint(self, profile: ResolvedProfile) -> dict[str, int]:
+        return self._with_claims(profile, self.footprint_and_source(profile)[0])
+
+    def footprint_and_source(self, profile: ResolvedProfile) -> tuple[dict[str, int], str]:
+        """A configured footprint, else one learned on an earlier load, else the GGUF estimate."""
+        if profile.footprint_mib is not None:
+            return {device: mib * MIB for device, mib in profile.footprint_mib.items()}, "configured"
+        learned = self.footprints.get(profile)
+        # Not one that names a GPU this machine no longer budgets (NVML broken, fewer GPUs).
+        if learned is not None and set(learned) <= {device.name for device in self.devices}:
+            return learned, "learned"
+        return estimate(profile, self.devices), "estimated"
+
+    def _with_claims(self, profile: ResolvedProfile, footprint: dict[str, int]) -> dict[str, int]:
+        """A footprint with what a model holds besides bytes: a resident slot under `max_resident`,
+        and each of its RPC workers (at least a byte there, so the scheduler leases the worker even
+        before what it holds there is known)."""
+        claimed = dict(footprint)
+        if self.config.server.max_resident is not None:
+            claimed["slots"] = 1
+        for worker in profile.rpc:
+            claimed[device_name(worker)] = max(claimed.get(device_name(worker), 0), 1)
+        return claimed
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        for profile in self.config.profiles.values():
+            if profile.problem:
+                log.error("%s cannot run and is served as failed: %s", profile.name, profile.problem)
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, force_close=True), trust_env=False
+        )
+        if self.config.server.upstream_sockets:
+            self._socket_dir = private_dir()
+        for profile in self.config.profiles.values():
+            if profile.standby:
+                self._read_ahead(profile)
+        if self.config.server.health_check_interval > 0:
+            self._prober = asyncio.ensure_future(self._probe_idle_upstreams())
+        await self.peers.start()
+        self._apply(self.scheduler.tick(self.now()))  # preloads for standby profiles
+
+    async def close(self, grace: float | None = None) -> None:
+        """Fail waiting requests, stop every upstream and wait for them to exit."""
+        self._closed = True
+        if self._prober is not None:
+            self._prober.cancel()
+        self._apply(self.scheduler.shutdown(self.now()))
+        pending = [task for task in self._tasks if not task.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=grace)
+        for upstream in list(self.upstreams.values()):
+            upstream.kill_now()
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._session is not None:
+            await self._session.close()
+        await self.peers.close()
+        if self._socket_dir is not None:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    def subscribe(self, listener: EventListener) -> Callable[[], None]:
+        """Receive lifecycle events; returns the function that unsubscribes."""
+        self._listeners.append(listener)
+
+        def unsubscribe() -> None:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+        return unsubscribe
+
+    def emit(self, event: Event) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(event)
+            except Exception:  # a broken listener must not break scheduling
+                log.exception("event listener failed")
+
+    # ------------------------------------------------------------------------------------------ requests
+
+    async def acquire(
+        self,
+        profile: str,
+        *,
+        fallback: bool = True,
+        client: Hashable | None = None,
+        arrived: float | None = None,
+    ) -> Lease:
+        """Wait until `profile` runs and may take this request; raises RouterError otherwise. A
+        peer's route (`<peer>/<model>`, no profile's name) is taken at once: the peer loads its own.
+
+        When the profile's model is failed or cannot be loaded, its `fallback` profiles (or peer
+        models) are tried in order; the lease then says which profile it was asked for. `client`
+        (the client's connection) lets the scheduler see a client move on from one model to another;
+        `arrived` (on `now`'s clock) is when the request reached the router, if before now."""
+        config = self.config.profiles.get(profile)
+        if config is None:
+            if self.peers.target(profile) is not None:
+                return self._take_peer(profile)
+            # resolved just before a reload removed it
+            raise RouterError(404, f"model {profile!r} was removed from the config", code="model_not_found")
+        chain = [profile, *config.fallback] if fallback else [profile]
+        error: RouterError | None = None
+        for index, name in enumerate(chain):
+            last = index == len(chain) - 1
+            local = name in self.config.profiles
+            if not last and local and self.view(name).failed:
+                continue  # known broken: go straight to the fallback
+            try:
+                lease = await self._acquire(name, client, arrived) if local else self._take_peer(name)
+            except RouterError as exc:
+                if last or exc.code not in FALLBACK_CODES:
+                    raise
+                error = exc
+                continue
+            if name != profile:
+                lease.fallback_for = profile
+                if lease.ask_as is None:
+                    lease.ask_as = name  # a fallback is asked under its own name
+                log.warning(
+                    "serving %r with fallback %r: %s", profile, name, error.message if error else "failed"
+                )
+                self.emit(FallbackServed(profile, name))
+            return lease
+        raise AssertionError("unreachable: the last profile in the chain returns or raises")
+
+    async def _acquire(self, profile: str, client: Hashable | None, arrived: float | None) -> Lease:
+        request_id = next(self._ids)
+        now = self.now()
+        decisions = self.scheduler.request_arrived(
+            request_id, profile, now, now + self.config.server.wait_timeout, client, arrived
+        )
+        if len(decisions) == 1:
+            # The common case, a model that is ready: dispatched at once, no future to wait on.
+            decision = decisions[0]
+            if type(decision) is Dispatch and decision.request_id == request_id:
+                ready = self.upstreams.get(decision.profile)
+                if ready is not None:
+                    # No timer to re-arm: a dispatch only makes its model busy, which moves no
+                    # deadline earlier (a timer that fires early finds nothing due and re-arms).
+                    return Lease(request_id, profile, ready, self.now() - now, served_name=ready.served_name)
+        future: asyncio.Future[Upstream] = asyncio.get_running_loop().create_future()
+        self._waiters[request_id] = future
+        self._apply(decisions)
+        try:
+            upstream = await future
+        except asyncio.CancelledError:
+            # The client went away while waiting: its place in the queue is given up.
+            # If it had just been dispatched, this also gives its upstream slot back.
+            self._waiters.pop(request_id, None)
+            self._apply(self.scheduler.request_finished(request_id, self.now()))
+            raise
+        return Lease(request_id, profile, upstream, self.now() - now, served_name=upstream.served_name)
+
+    def _take_peer(self, route: str) -> Lease:
+        link, model = self.peers.take(route)
+        return Lease(next(self._ids), route, link, 0.0, served_name=model, ask_as=model)
+
+    def release(self, lease: Lease) -> None:
+        if not lease.released:
+            lease.released = True
+            if isinstance(lease.upstream, PeerLink):
+                self.peers.give_back(lease.upstream)
+            else:
+                self._apply(self.scheduler.request_finished(lease.request_id, self.now()))
+
+    async def load(self, profile: str) -> None:
+        """Load `profile` as a request would (making room if needed) and return once it is ready."""
+        self.release(await self.acquire(profile, fallback=False))
+
+    def unload(self, profile: str, *, force: bool = False) -> None:
+        """Unload `profile` (see `Scheduler.unload`). Forced, the process is signalled now, whatever
+        its stop was doing (saving prompt caches, waiting for requests), and SIGKILLed once
+        `stop_timeout` has passed; one not spawned yet is never started."""
+        self._apply(self.scheduler.unload(profile, self.now(), force=force))
+        upstream = self.upstreams.get(profile)
+        if force and upstream is not None and self.view(profile).state is State.STOPPING:
+            self._spawn(upstream.stop(upstream.profile.stop_timeout))
+
+    # ------------------------------------------------------------------------------------------ decisions
+
+    def _apply(self, decisions: Iterable[Decision]) -> None:
+        for decision in decisions:
+            if isinstance(decision, Dispatch):
+                self._resolve(decision)
+            elif isinstance(decision, Fail):
+                waiter = self._waiters.pop(decision.request_id, None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_exception(refusal(decision))
+            elif isinstance(decision, Start):
+                self._spawn(self._start(decision.profile, self._launch(decision.profile)))
+            elif isinstance(decision, Stop):
+                # The process stopped is the one running when the stop is decided, not a later one;
+                # told now, so that no `stopped` (a spawn that never happened) is reported before.
+                upstream = self.upstreams.get(decision.profile)
+                if upstream is not None:
+                    upstream.mark_stopping()
+                log.info("stopping %s: %s", decision.profile, decision.reason)
+                self.emit(Stopping(decision.profile, decision.reason, decision.cause))
+                self._spawn(self._stop(decision.profile, upstream))
+        self._arm_timer()
+
+    def _resolve(self, decision: Dispatch) -> None:
+        future = self._waiters.pop(decision.request_id, None)
+        upstream = self.upstreams.get(decision.profile)
+        if future is None or future.done():
+            return
+        if upstream is None:  # cannot happen while the scheduler and supervisor agree
+            future.set_exception(RouterError(502, f"model {decision.profile!r} is not running"))
+            return
+        future.set_result(upstream)
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("internal task failed", exc_info=task.exception())
+
+    def _arm_timer(self) -> None:
+        if self._loop is None:
+            return
+        wake = self.scheduler.next_wakeup()
+        if self._timer is not None:
+            if wake is not None and abs(self._timer.when() - wake) < 1e-6:
+                return
+            self._timer.cancel()
+            self._timer = None
+        if wake is not None:
+            # loop.time() and time.monotonic() share a clock in asyncio's default loops and uvloop.
+            self._timer = self._loop.call_at(max(wake, self._loop.time()) + 0.001, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._apply(self.scheduler.tick(self.now()))
+
+    # ------------------------------------------------------------------------------------------ processes
+
+    def _record_output(self, profile: str, line: str) -> None:
+        self.logs[profile].append(line)
+        tally = self._tallies.get(profile)
+        if tally is not None:
+            tally.feed(line)
+            upstream = self.upstreams.get(profile)
+            if tally.loaded and upstream and self.scheduler.view(profile).state is State.READY:
+                self._learn_footprint(upstream)
+
+    def _read_ahead(self, profile: ResolvedProfile) -> None:
+        """Keep a likely-next model's file in the page cache while host RAM is free."""
+        if self.config.server.readahead and self._loop is not None:
+            keep_free = self.config.server.memory.ram_headroom * MIB
+            self._loop.run_in_executor(None, page_in, str(profile.model_path), keep_free)
+
+    def _learn_footprint(self, upstream: Upstream) -> None:
+        """Replace the estimate with what the loaded llama-server reports using."""
+        name = upstream.profile.name
+        tally = self._tallies.get(name)
+        if tally is None or not tally.loaded:
+            return  # _record_output learns once the output says the model is loaded
+        del self._tallies[name]
+        if upstream.profile.footprint_mib is not None:
+            return
+        measured = tally.footprint()
+        by_driver = nvml_usage_by_pid().get(upstream.pid or -1, {})
+        by_driver = {device: used for device, used in by_driver.items() if device in self._budget()}
+        if by_driver:
+            measured = {**measured, **by_driver}
+        if not measured:
+            return
+        self.footprints.put(upstream.profile, measured)
+        self.emit(FootprintLearned(name, measured))
+        self._apply(
+            self.scheduler.footprint_measured(name, self._with_claims(upstream.profile, measured), self.now())
+        )
+
+    def _launch(self, name: str) -> Upstream | None:
+        """The upstream a `Start` decided, registered (and its load told) at once: a `Stop` decided
+        before its process exists finds it there and marks it, and the spawn carries the stop out."""
+        profile = self.config.profiles.get(name)
+        if profile is None:  # a reload removed it between the decision and now
+            return None
+        server = self.config.server
+        upstream = Upstream(
+            profile,
+            log_lines=server.log_lines,
+            health_interval=server.health_interval,
+            owner_tag=self.owner_tag,
+            on_output=self._record_output,
+            extra_args=self.contexts.extra_args(profile),
+            socket_dir=self._socket_dir,
+        )
+        self.upstreams[name] = upstream
+        self._tallies[name] = BufferTally.of(profile, self.devices)
+        self.emit(Loading(name))
+        self.logs[name].append(f"[llama-router] starting: {' '.join(profile.shown_command())}")
+        return upstream
+
+    def _not_started(self, upstream: Upstream, reason: str) -> None:
+        """The upstream never got a process (a stop came first, or the spawn failed): let go of it
+        and tell the scheduler, which counts a failure unless it had decided to stop it."""
+        name = upstream.profile.name
+        if self.upstreams.get(name) is upstream:
+            del self.upstreams[name]
+        self._tallies.pop(name, None)
+        upstream.gone.set()
+        if upstream.stopping:
+            log.info("%s stopped before its process was started", name)
+            self.emit(Stopped(name))
+        else:
+            self.logs[name].append(f"[llama-router] {reason}")
+            self.emit(Failed(name, reason))
+        self._apply(self.scheduler.process_exited(name, self.now(), reason))
+
+    async def _start(self, name: str, upstream: Upstream | None) -> None:
+        if upstream is None:
+            self._apply(self.scheduler.process_exited(name, self.now(), "removed from the config"))
+            return
+        profile = upstream.profile
+        if profile.rpc and (problem := unanswered(await probe_all(profile.rpc))):
+            reason = f"cannot load {name!r}: {problem}"
+            log.warning("%s", reason)
+            self._not_started(upstream, reason)
+            return
+        try:
+            await upstream.spawn()
+        except StoppedBeforeSpawn:
+            self._not_started(upstream, f"{name!r} was stopped before its process was started")
+            return
+        except OSError as exc:
+            self._not_started(
+                upstream, f"could not start {profile.binary} for {name!r}: {exc.strerror or exc}"
+            )
+            return
+        self._spawn(self._watch_exit(upstream))
+        assert self._session is not None
+        try:
+            await upstream.wait_ready(self._session)
+        except LoadError:
+            return  # the exit watcher reports it
+        if profile.keep_context and not upstream.stopping:
+            restored = await self.contexts.restore(upstream, upstream.client(self._session))
+            if restored:  # a dict with `error` reports a failure; the load goes on without the cache
+                self.emit(context_event(name, "restore", restored))
+        if self.upstreams.get(name) is upstream and not upstream.stopping:
+            load_seconds = upstream.ready_at - upstream.spawned_at
+            log.info("%s ready in %.3fs on %s", name, load_seconds, upstream.authority)
+            self.emit(Ready(name, round(load_seconds, 4), upstream.port))
+            self._apply(self.scheduler.process_ready(name, self.now()))
+            self._learn_footprint(upstream)
+
+    async def _watch_exit(self, upstream: Upstream) -> None:
+        name = upstream.profile.name
+        await upstream.wait_exit()
+        state = self.view(name).state
+        when = {State.STARTING: "during load", State.STOPPING: "after stop"}.get(state, "while serving")
+        reason = upstream.exit_reason(when)
+        if self.upstreams.get(name) is upstream:
+            del self.upstreams[name]
+        self._slot_watches.pop(upstream, None)
+        self._slot_reads.pop(upstream, None)
+        out_of_memory = state is State.STARTING and any(OUT_OF_MEMORY.search(line) for line in upstream.log)
+        if state is State.STOPPING:
+            log.info("%s stopped", name)
+            self.emit(Stopped(name))
+            self._read_ahead(upstream.profile)  # it was just in use: keep its file warm
+        else:
+            log.warning("%s", reason)
+            self.emit(Failed(name, reason))
+        self._apply(self.scheduler.process_exited(name, self.now(), reason, out_of_memory=out_of_memory))
+        upstream.gone.set()
+
+    def upstream_unhealthy(self, upstream: Upstream | PeerLink, reason: str) -> None:
+        """Restart an upstream that lives but does not work; its requests in flight end with an error.
+        A peer is no process of ours: it is marked down until it answers again."""
+        if isinstance(upstream, PeerLink):
+            self.peers.failed(upstream, reason)
+            return
+        name = upstream.profile.name
+        if self.upstreams.get(name) is not upstream:
+            return
+        log.warning("%s is unhealthy: %s", name, reason)
+        self.emit(Unhealthy(name, reason))
+        self._apply(self.scheduler.upstream_unhealthy(name, self.now(), reason))
+
+    async def _probe_idle_upstreams(self) -> None:
+        """Every `health_check_interval`, ask idle models' `/health`; several failures in a row mean
+        the process is wedged and is restarted."""
+        server = self.config.server
+        misses: dict[Upstream, int] = {}
+        timeout = aiohttp.ClientTimeout(total=min(5.0, server.health_check_interval))
+        while not self._closed:
+            await asyncio.sleep(server.health_check_interval)
+            assert self._session is not None
+            for view in self.views():
+                upstream = self.upstreams.get(view.name)
+                if upstream is None or view.state is not State.READY or view.in_flight:
+                    continue
+                try:
+                    session = upstream.client(self._session)
+                    async with session.get(f"{upstream.base_url}/health", timeout=timeout) as response:
+                        healthy = response.status == 200
+                except (TimeoutError, aiohttp.ClientError):
+                    healthy = False
+                misses[upstream] = 0 if healthy else misses.get(upstream, 0) + 1
+                if misses[upstream] >= server.health_check_failures:
+                    del misses[upstream]
+                    self.upstream_unhealthy(
+                        upstream, f"/health failed {server.health_check_failures} times in a row while idle"
+                    )
+            for gone in [upstream for upstream in misses if upstream.gone.is_set()]:
+                del misses[gone]
+
+    async def still_working(self, upstream: Upstream, silent: float) -> bool:
+        """Asked when a request has had nothing from `upstream` for `silent` seconds: whether the
+        upstream is at work (its slots show progress), so the request is queued behind others, not
+        stalled. One reading of `/slots` answers every request that asks at about the same time."""
+        watch = self._slot_watches.setdefault(upstream, SlotWatch())
+        if watch.due(self.now(), silent):
+            reading = self._slot_reads.get(upstream)
+            if reading is None or reading.done():
+                reading = asyncio.ensure_future(self._read_slots(upstream, watch, silent))
+                self._slot_reads[upstream] = reading
+            await asyncio.shield(reading)  # a request that goes away leaves the reading to the others
+        return watch.working(self.now(), silent)
+
+    async def _read_slots(self, upstream: Upstream, watch: SlotWatch, timeout: float) -> None:
+        """Read the upstream's `/slots` into `watch`; no answer within `timeout` reads as no work."""
+        assert self._session is not None
+        work = None
+        try:
+            session = upstream.client(self._session)
+            limit = aiohttp.ClientTimeout(total=timeout)
+            async with session.get(f"{upstream.base_url}/slots", timeout=limit) as response:
+                if response.status == 200:
+                    work = slot_work(await response.json(content_type=None))
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            log.debug("no /slots from %s: %s", upstream.profile.name, exc)
+        watch.read(work, self.now())
+
+    async def upstream_refused(self, upstream: Upstream, patience: float = 2.0) -> bool:
+        """A connection to `upstream` was refused. If its process has died, wait until the router has
+        taken note (so a retry starts a fresh one) and return True; False if it still lives."""
+        if not upstream.gone.is_set() and upstream.is_alive():
+            return False
+        try:
+            await asyncio.wait_for(upstream.gone.wait(), patience)
+        except TimeoutError:
+            return False
+        return True
+
+    async def _stop(self, name: str, upstream: Upstream | None) -> None:
+        if upstream is None or upstream.process is None:
+            return  # its spawn, still under way, starts no process or ends the one it started
+        if upstream.profile.keep_context and upstream.ready_at and upstream.is_alive():
+            assert self._session is not None
+            saved = await self.contexts.save(upstream, upstream.client(self._session))
+            if saved:  # a dict with `error` reports a failure; the stop goes on regardless
+                self.emit(context_event(name, "save", saved))
+        await upstream.stop(upstream.profile.stop_timeout)
+
+    # ------------------------------------------------------------------------------------------ views
+
+    def view(self, profile: str) -> ProfileView:
+        """What the scheduler knows of one profile (KeyError if it is not configured)."""
+        return self.scheduler.view(profile)
+
+    def views(self) -> list[ProfileView]:
+        """Every configured profile, in config order."""
+        return self.scheduler.views()
+
+    def accepting(self, profile: str) -> bool:
+        """Whether a request for `profile` arriving now would be sent to its upstream at once (a
+        peer's route always is: the peer loads its models itself)."""
+        if profile not in self.config.profiles and self.peers.target(profile) is not None:
+            return True
+        return self.scheduler.accepting(profile)
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for their model to load or to free up."""
+        return self.scheduler.queue_depth
+
+    def describe(self) -> list[dict[str, Any]]:
+        """The state of every profile, for `/running` and the models list."""
+        rows = []
+        for view in self.views():
+            upstream = self.upstreams.get(view.name)
+            rows.append(
+                {
+                    "model": view.name,
+                    "state": view.state.value,
+                    "in_flight": view.in_flight,
+                    "waiting": view.waiting,
+                    "draining": view.draining,
+                    "pid": upstream.pid if upstream else None,
+                    "port": upstream.port if upstream and not upstream.socket_path else None,
+                    "socket": upstream.socket_path if upstream else None,
+                    "last_error": view.last_error or None,
+                    "standby": view.standby,
+                    "footprint": {k: v for k, v in view.footprint.items() if k != "slots"},
+                }
+            )
+        return rows
+
+    def budgets(self) -> dict[str, dict[str, Any]]:
+        """Each device's budget and what resident models use of it, in bytes, and where the
+        budget came from."""
+        used = self.scheduler.used()
+        return {
+            device.name: {
+                "total": device.total,
+                "budget": device.budget,
+                "used": used.get(device.name, 0),
+                **device.describe(),
+            }
+            for device in self.devices
+        }
+
+
+def refusal(fail: Fail) -> RouterError:
+    """The error a client gets for a request the scheduler refused."""
+    return RouterError(
+        FAIL_STATUS[fail.code], fail.message, code=fail.code.value, retry_after=fail.retry_after
+    )
+
+
+def _rules(server: ServerConfig) -> Rules:
+    """The scheduler's settings from the config's `server` section."""
+    return Rules(
+        drain_timeout=server.drain_timeout,
+        swap_delay=server.swap_delay,
+        max_failures=server.max_failures,
+        failure_window=server.failure_window,
+        backoff=server.restart_backoff,
+        backoff_max=server.restart_backoff_max,
+        max_waiting=server.max_waiting,
+    )
+
+
+def private_dir() -> Path:
+    """A new directory only this user may enter (0700), for the upstreams' Unix sockets: under
+    `$XDG_RUNTIME_DIR` when set and short enough, else the system's temporary directory."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    usable = runtime if runtime and len(runtime) < 64 and os.path.isdir(runtime) else None
+    return Path(tempfile.mkdtemp(prefix="llama-router-", dir=usable))
+
+
+def _with_rpc_budgets(devices: list[Device], config: RouterConfig) -> list[Device]:
+    """The devices with the RPC workers' budgets of a (re)loaded config (they are only configured)."""
+    return [device for device in devices if worker_of(device.name) is None] + rpc_devices(
+        config.server.memory.rpc
+    )
+
+
+def _launch_identity(profile: ResolvedProfile) -> tuple[object, ...]:
+    """What decides whether a running process still matches its profile."""
+    return (profile.command("127.0.0.1", 0), sorted(profile.env.items()), profile.keep_context)

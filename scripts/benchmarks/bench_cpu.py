@@ -1,0 +1,152 @@
+#!/usr/bin/env python3
+"""The router's own CPU per request, and the latency it adds, for one or more trees side by side.
+
+Each tree's router is started by its own command line (`python -m llama_router serve` in that tree, its
+package on PYTHONPATH) in front of its own scripts/benchmarks/fast_upstream.py (this tree's copy for all, so
+only the router differs), at the log level given (INFO: every request's access line is written, to
+a file). Then, in alternating rounds (the order turns each round, so a noisy neighbour on the
+machine hits every tree alike):
+
+- cpu: concurrency-32 closed-loop load on one router for `--seconds`; the router process's CPU time
+  (utime + stime from /proc/<pid>/stat) over the round divided by the requests it served: µs per
+  request, and requests/s;
+- c1: concurrency-1 load on the direct upstream and each router (scripts/benchmarks/loadgen.py alternates
+  them): the median latency the router adds.
+
+Prints one JSON object: per tree the median, min and max over the rounds, and every round's figure.
+Linux only (it reads /proc). Loopback only, bounded in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from scripts.benchmarks.bench import SMALL_CHAT, fast_profiles, port_of, run_loadgen, upstream_of  # noqa: E402
+from scripts.benchmarks.benchlib import chat, running_router  # noqa: E402
+
+TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of process `pid` so far, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS  # fields 14 and 15 of stat(5)
+
+
+@contextlib.asynccontextmanager
+async def tree_router(
+    session: aiohttp.ClientSession, tree: Path, workdir: Path, log_level: str
+) -> AsyncIterator[tuple[str, int]]:
+    """The router of `tree`, started by its own command line, its log to a file; yields (url, pid)."""
+    state = workdir / f"state-{len(list(workdir.glob('state-*')))}"
+    async with running_router(
+        session,
+        workdir,
+        fast_profiles(workdir),
+        log_level=log_level,
+        log_file=state.with_suffix(".log"),
+        tree=tree,
+        state_dir=str(state),
+        max_resident=1,
+    ) as router:
+        yield router.url, router.process.pid
+
+
+def spread(values: list[float]) -> dict[str, Any]:
+    return {
+        "median": round(statistics.median(values), 3),
+        "min": round(min(values), 3),
+        "max": round(max(values), 3),
+        "by_round": [round(value, 3) for value in values],
+    }
+
+
+async def run(trees: dict[str, Path], args: argparse.Namespace) -> dict[str, Any]:
+    workdir = Path(tempfile.mkdtemp(prefix="bench-cpu-"))
+    cpu: dict[str, list[float]] = {name: [] for name in trees}
+    rps: dict[str, list[float]] = {name: [] for name in trees}
+    added: dict[str, list[float]] = {name: [] for name in trees}
+    async with aiohttp.ClientSession() as session, contextlib.AsyncExitStack() as stack:
+        routers: dict[str, tuple[str, int]] = {}
+        for name, tree in trees.items():
+            routers[name] = await stack.enter_async_context(
+                tree_router(session, tree, workdir, args.log_level)
+            )
+            await chat(session, routers[name][0], "a")
+        names = list(trees)
+        for round_ in range(args.rounds):
+            order = names[round_ % len(names) :] + names[: round_ % len(names)]
+            for name in order:
+                url, pid = routers[name]
+                before = cpu_seconds(pid)
+                data = await run_loadgen(
+                    "load",
+                    {name: port_of(url)},
+                    SMALL_CHAT,
+                    concurrency=32,
+                    rounds=1,
+                    seconds=args.seconds,
+                    warmup=0,
+                )
+                used = cpu_seconds(pid) - before
+                served = data[name]["rounds"][0]["requests"]
+                cpu[name].append(used / served * 1e6)
+                rps[name].append(data[name]["requests_per_s"])
+            # Concurrency 1: the direct upstream of the first tree and every router, alternating.
+            direct_port, _ = await upstream_of(session, routers[names[0]][0], "a")
+            targets = {"direct": direct_port, **{name: port_of(routers[name][0]) for name in order}}
+            data = await run_loadgen(
+                "load", targets, SMALL_CHAT, concurrency=1, rounds=1, seconds=args.c1_seconds, warmup=0.2
+            )
+            for name in names:
+                added[name].append(data[name]["median_ms"] - data["direct"]["median_ms"])
+    return {
+        "log_level": args.log_level,
+        "rounds": args.rounds,
+        "seconds": args.seconds,
+        "trees": {name: str(tree) for name, tree in trees.items()},
+        "cpu_us_per_request_c32": {name: spread(values) for name, values in cpu.items()},
+        "requests_per_s_c32": {name: spread(values) for name, values in rps.items()},
+        "added_median_ms_c1": {name: spread(values) for name, values in added.items()},
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument(
+        "--tree",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="a tree to measure (default: this one)",
+    )
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds (default 5)")
+    parser.add_argument("--seconds", type=float, default=3.0, help="seconds of c32 load per round")
+    parser.add_argument(
+        "--c1-seconds", type=float, default=2.0, help="seconds of concurrency-1 load per target"
+    )
+    parser.add_argument("--log-level", default="INFO", help="the routers' --log-level (default INFO)")
+    args = parser.parse_args()
+    trees = dict(item.split("=", 1) for item in args.tree) if args.tree else {"here": str(ROOT)}
+    result = asyncio.run(run({name: Path(path).resolve() for name, path in trees.items()}, args))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Installers: the venv, llama-server and rpc-server."""
