@@ -219,8 +219,9 @@ class FakePeer:
         await wait_until(healthy, timeout=20, what=f"fake peer {self.name} to listen")
         return self
 
-    async def last(self) -> dict[str, Any]:
-        return dict(await get_json(self.url, "/fake/last"))
+    async def last(self, path: str = CHAT) -> dict[str, Any]:
+        """The last request the peer got on `path` (its model list is read again in the background)."""
+        return dict(await get_json(self.url, f"/fake/last?path={path}"))
 
     async def close(self) -> None:
         if self.process is not None and self.process.returncode is None:
