@@ -203,11 +203,11 @@ def describe_limits(server: ServerConfig) -> str:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from llama_router.sizing.budgets import Sizing
     from llama_router.sizing.footprint import describe
-    from llama_router.upstream.controller import Controller
 
     config = _load(args.config)
-    controller = Controller(config)  # no process is started: it only reads budgets and footprints
+    sizing = Sizing(config)
     print(f"{config.path}: OK, {len(config.profiles)} profile(s)")
     try:
         listen = describe_listen(config.server)
@@ -215,13 +215,13 @@ def _check(args: argparse.Namespace) -> int:
         raise ConfigError(f"{config.path}: {exc}") from None
     for line in [*listen, describe_limits(config.server)]:
         print(f"  {line}")
-    for line in describe_budgets(controller.devices, controller.memory_notes):
+    for line in describe_budgets(sizing.devices, sizing.notes):
         print(f"  {line}")
     for line in [*describe_workers(config), *describe_peers(config)]:
         print(f"  {line}")
     for name, profile in config.profiles.items():
         print(f"- {name}" + (f" (aliases: {', '.join(profile.aliases)})" if profile.aliases else ""))
-        footprint, source = controller.footprint_and_source(profile)
+        footprint, source = sizing.footprint_and_source(profile)
         for label, value in [
             *describe_profile(config, name),
             ("memory", f"{describe(footprint)} ({source})"),

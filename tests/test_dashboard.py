@@ -256,7 +256,7 @@ async def test_overview_shows_models_devices_footprint_sources_and_the_ttl_count
     before = time.time()
     assert (await router.chat("demo-a"))[0] == 200
     await wait_until(
-        lambda: router.controller.footprints.get(router.config.profiles["demo-a"]), what="learning"
+        lambda: router.controller.sizing.footprints.get(router.config.profiles["demo-a"]), what="learning"
     )
     status, overview = await get_json(router, "/overview")
     models = {entry["model"]: entry for entry in overview["models"]}

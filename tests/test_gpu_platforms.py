@@ -24,10 +24,10 @@ import yaml
 from llama_router.cli import main
 from llama_router.config.schema import load_config
 from llama_router.sizing import memory
+from llama_router.sizing.budgets import Sizing
 from llama_router.sizing.footprint import _estimate_from_header
 from llama_router.sizing.gguf import read_header
 from llama_router.sizing.memory import GIB, MIB, Host, detect_devices, metal_working_set, page_in
-from llama_router.upstream.controller import Controller
 
 from . import fake_nvml
 from .conftest import ROOT, RouterFactory, fake_profile, wait_until
@@ -168,9 +168,9 @@ def test_on_apple_silicon_estimates_count_the_gpus_bytes_in_ram_too(
     profile = {"model": str(tiny_models[0]), "args": ["-ngl", "99", "-c", "512"]}
     path.write_text(yaml.safe_dump({"server": server, "profiles": {"m": profile}}))
     monkeypatch.setattr(memory, "THIS_MACHINE", Host(platform="linux", sysfs=tmp_path / "none"))
-    plain, _ = Controller(load_config(path)).footprint_and_source(load_config(path).profiles["m"])
+    plain, _ = Sizing(load_config(path)).footprint_and_source(load_config(path).profiles["m"])
     monkeypatch.setattr(memory, "THIS_MACHINE", Host(platform="darwin", sysctl=MAC_SYSCTLS.get))
-    unified, source = Controller(load_config(path)).footprint_and_source(load_config(path).profiles["m"])
+    unified, source = Sizing(load_config(path)).footprint_and_source(load_config(path).profiles["m"])
     assert source == "estimated"
     assert plain["gpu0"] > 0
     assert unified == {"gpu0": plain["gpu0"], "ram": plain["ram"] + plain["gpu0"]}

@@ -422,7 +422,7 @@ class Api:
             {
                 "running": rows,
                 "budgets": self.controller.budgets(),
-                "memory_notes": self.controller.memory_notes,
+                "memory_notes": self.controller.sizing.notes,
                 "peers": self.controller.peers.describe(),
             }
         )

@@ -37,6 +37,7 @@ from typing import Any
 from aiohttp import web
 
 from llama_router.config.schema import ResolvedProfile, RouterConfig
+from llama_router.config.state import state_dir
 from llama_router.core.errors import RouterError
 from llama_router.core.events import (
     DownloadProgress,
@@ -59,7 +60,7 @@ from llama_router.manage.reload import reload_status
 from llama_router.relay.proxy import RECORD
 from llama_router.relay.request_rules import RequestRecord
 from llama_router.sizing.pagecache import cached_bytes
-from llama_router.upstream.controller import Controller, state_dir
+from llama_router.upstream.controller import Controller
 
 log = logging.getLogger("llama_router.dashboard")
 
@@ -337,7 +338,7 @@ class Dashboard:
                 "auth": {"api_keys": bool(self.keys.keys.api), "admin_keys": bool(self.keys.keys.admin)},
                 "models": models,
                 "devices": self._devices(models),
-                "memory_notes": self.controller.memory_notes,
+                "memory_notes": self.controller.sizing.notes,
                 "readahead": {
                     "enabled": config.server.readahead,
                     "files": [
@@ -355,7 +356,10 @@ class Dashboard:
         footprint is learned or the config changes, since an estimate reads the GGUF header)."""
         cached = self._sources.get(profile.name)
         if cached is None or cached[0] is not profile:
-            cached = self._sources[profile.name] = (profile, self.controller.footprint_and_source(profile)[1])
+            cached = self._sources[profile.name] = (
+                profile,
+                self.controller.sizing.footprint_and_source(profile)[1],
+            )
         return cached[1]
 
     def _models(self, config: RouterConfig, disk: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:

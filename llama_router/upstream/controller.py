@@ -26,7 +26,6 @@ import aiohttp
 
 from llama_router.config.schema import ResolvedProfile, RouterConfig, ServerConfig
 from llama_router.config.state import state_dir
-from llama_router.core.devices import device_name, worker_of
 from llama_router.core.errors import RouterError
 from llama_router.core.events import (
     Event,
@@ -54,8 +53,9 @@ from llama_router.core.scheduler import (
     State,
     Stop,
 )
-from llama_router.sizing.footprint import BufferTally, FootprintStore, estimate
-from llama_router.sizing.memory import MIB, Device, detect_devices, nvml_usage_by_pid, page_in, rpc_devices
+from llama_router.sizing.budgets import Sizing
+from llama_router.sizing.footprint import BufferTally
+from llama_router.sizing.memory import MIB, nvml_usage_by_pid, page_in
 from llama_router.upstream.context_cache import ContextKeeper
 from llama_router.upstream.peers import PeerLink, Peers
 from llama_router.upstream.rpc import probe_all, unanswered
@@ -116,20 +116,13 @@ class Controller:
     def __init__(self, config: RouterConfig) -> None:
         self.config = config
         server = config.server
-        memory = server.memory
-        self.devices, self.memory_notes = detect_devices(
-            gpus_mib=memory.gpus,
-            ram_mib=memory.ram,
-            gpu_headroom_mib=memory.gpu_headroom,
-            ram_headroom_mib=memory.ram_headroom,
-            use_nvml=memory.nvml,
-            rpc_mib=memory.rpc,
-        )
+        self.sizing = Sizing(config)
         self.started_at = time.time()
         self.peers = Peers(config.peers, self.emit, local=config.names, created=int(self.started_at))
-        self.footprints = FootprintStore(state_dir(config) / "footprints.json")
         self.scheduler = Scheduler(
-            (self._spec(profile) for profile in config.profiles.values()), self._budget(), _rules(server)
+            (self._spec(profile) for profile in config.profiles.values()),
+            self.sizing.budget(),
+            _rules(server),
         )
         self._tallies: dict[str, BufferTally] = {}
         self._closed = False
@@ -149,16 +142,10 @@ class Controller:
         self._slot_watches: dict[Upstream, SlotWatch] = {}
         self._slot_reads: dict[Upstream, asyncio.Future[None]] = {}
 
-    def _budget(self) -> dict[str, int]:
-        budget = {device.name: device.budget for device in self.devices}
-        if self.config.server.max_resident is not None:
-            budget["slots"] = self.config.server.max_resident
-        return budget
-
     def _spec(self, profile: ResolvedProfile) -> ProfileSpec:
         return ProfileSpec(
             profile.name,
-            self.initial_footprint(profile),
+            self.sizing.initial_footprint(profile),
             profile.load_timeout,
             pinned=profile.pinned,
             priority=profile.priority,
@@ -182,7 +169,7 @@ class Controller:
                 summary["restarted"].append(name)
         summary["removed"] = [name for name in old.profiles if name not in config.profiles]
         self.config = config
-        self.devices = _with_rpc_budgets(self.devices, config)
+        self.sizing.reconfigure(config)
         self.peers.reconfigure(config.peers, config.names)
         self.contexts.forget_removed(config)
         for name in config.profiles:
@@ -197,37 +184,13 @@ class Controller:
                 spec = dataclasses.replace(spec, footprint=self.view(profile.name).footprint)
             specs.append(spec)
         self.scheduler.retune(_rules(config.server))
-        decisions = self.scheduler.reconfigure(specs, self._budget(), now)
+        decisions = self.scheduler.reconfigure(specs, self.sizing.budget(), now)
         for name in summary["restarted"]:
             decisions.extend(self.scheduler.restart_when_idle(name, now))
         self._apply(decisions)
         log.debug("config reloaded: %s", {key: value for key, value in summary.items() if value})
         self.emit(Reloaded(summary["kept"], summary["restarted"], summary["added"], summary["removed"]))
         return summary
-
-    def initial_footprint(self, profile: ResolvedProfile) -> dict[str, int]:
-        return self._with_claims(profile, self.footprint_and_source(profile)[0])
-
-    def footprint_and_source(self, profile: ResolvedProfile) -> tuple[dict[str, int], str]:
-        """A configured footprint, else one learned on an earlier load, else the GGUF estimate."""
-        if profile.footprint_mib is not None:
-            return {device: mib * MIB for device, mib in profile.footprint_mib.items()}, "configured"
-        learned = self.footprints.get(profile)
-        # Not one that names a GPU this machine no longer budgets (NVML broken, fewer GPUs).
-        if learned is not None and set(learned) <= {device.name for device in self.devices}:
-            return learned, "learned"
-        return estimate(profile, self.devices), "estimated"
-
-    def _with_claims(self, profile: ResolvedProfile, footprint: dict[str, int]) -> dict[str, int]:
-        """A footprint with what a model holds besides bytes: a resident slot under `max_resident`,
-        and each of its RPC workers (at least a byte there, so the scheduler leases the worker even
-        before what it holds there is known)."""
-        claimed = dict(footprint)
-        if self.config.server.max_resident is not None:
-            claimed["slots"] = 1
-        for worker in profile.rpc:
-            claimed[device_name(worker)] = max(claimed.get(device_name(worker), 0), 1)
-        return claimed
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
@@ -477,15 +440,17 @@ class Controller:
             return
         measured = tally.footprint()
         by_driver = nvml_usage_by_pid().get(upstream.pid or -1, {})
-        by_driver = {device: used for device, used in by_driver.items() if device in self._budget()}
+        by_driver = {device: used for device, used in by_driver.items() if device in self.sizing.budget()}
         if by_driver:
             measured = {**measured, **by_driver}
         if not measured:
             return
-        self.footprints.put(upstream.profile, measured)
+        self.sizing.footprints.put(upstream.profile, measured)
         self.emit(FootprintLearned(name, measured))
         self._apply(
-            self.scheduler.footprint_measured(name, self._with_claims(upstream.profile, measured), self.now())
+            self.scheduler.footprint_measured(
+                name, self.sizing.with_claims(upstream.profile, measured), self.now()
+            )
         )
 
     def _launch(self, name: str) -> Upstream | None:
@@ -505,7 +470,7 @@ class Controller:
             socket_dir=self._socket_dir,
         )
         self.upstreams[name] = upstream
-        self._tallies[name] = BufferTally.of(profile, self.devices)
+        self._tallies[name] = BufferTally.of(profile, self.sizing.devices)
         self.emit(Loading(name))
         self.logs[name].append(f"[llama-router] starting: {' '.join(profile.shown_command())}")
         return upstream
@@ -728,7 +693,7 @@ class Controller:
                 "used": used.get(device.name, 0),
                 **device.describe(),
             }
-            for device in self.devices
+            for device in self.sizing.devices
         }
 
 
@@ -758,13 +723,6 @@ def private_dir() -> Path:
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     usable = runtime if runtime and len(runtime) < 64 and os.path.isdir(runtime) else None
     return Path(tempfile.mkdtemp(prefix="llama-router-", dir=usable))
-
-
-def _with_rpc_budgets(devices: list[Device], config: RouterConfig) -> list[Device]:
-    """The devices with the RPC workers' budgets of a (re)loaded config (they are only configured)."""
-    return [device for device in devices if worker_of(device.name) is None] + rpc_devices(
-        config.server.memory.rpc
-    )
 
 
 def _launch_identity(profile: ResolvedProfile) -> tuple[object, ...]:

@@ -134,7 +134,7 @@ import yaml
 
 sys.path.insert(0, os.getcwd())
 from llama_router.config.schema import load_config
-from llama_router.upstream.controller import Controller
+from llama_router.sizing.budgets import Sizing
 from scripts.benchmarks.benchlib import chat, free_port, ms, running_router, wait_healthy
 
 MIB = 1024 * 1024
@@ -165,8 +165,8 @@ def estimates():
     path = folder / "estimate.yaml"
     path.write_text(yaml.safe_dump({"server": {"state_dir": str(folder / "none")}, "profiles": profiles}))
     config = load_config(path)
-    controller = Controller(config)
-    return {name: in_mib(controller.footprint_and_source(config.profiles[name])[0]) for name in profiles}
+    sizing = Sizing(config)
+    return {name: in_mib(sizing.footprint_and_source(config.profiles[name])[0]) for name in profiles}
 
 
 async def bare_stop_start(session, rounds):

@@ -1,0 +1,74 @@
+"""What the router may fill and what each profile takes of it: the devices with their budgets, and
+each profile's footprint (configured, else learned on an earlier load, else estimated).
+
+The controller hands these to the scheduler as plain numbers; `llama-router check` prints them
+without starting anything.
+"""
+
+from __future__ import annotations
+
+from llama_router.config.schema import ResolvedProfile, RouterConfig
+from llama_router.config.state import state_dir
+from llama_router.core.devices import device_name, worker_of
+from llama_router.sizing.footprint import FootprintStore, estimate
+from llama_router.sizing.memory import MIB, Device, detect_devices, rpc_devices
+
+
+class Sizing:
+    """The devices this machine budgets and the footprints of a config's profiles."""
+
+    def __init__(self, config: RouterConfig) -> None:
+        memory = config.server.memory
+        self.config = config
+        self.devices, self.notes = detect_devices(
+            gpus_mib=memory.gpus,
+            ram_mib=memory.ram,
+            gpu_headroom_mib=memory.gpu_headroom,
+            ram_headroom_mib=memory.ram_headroom,
+            use_nvml=memory.nvml,
+            rpc_mib=memory.rpc,
+        )
+        self.footprints = FootprintStore(state_dir(config) / "footprints.json")
+
+    def reconfigure(self, config: RouterConfig) -> None:
+        """A reloaded config: the RPC workers' budgets are only configured, so they follow it."""
+        self.config = config
+        self.devices = _with_rpc_budgets(self.devices, config)
+
+    def budget(self) -> dict[str, int]:
+        """Bytes per device, and `slots` under `max_resident`."""
+        budget = {device.name: device.budget for device in self.devices}
+        if self.config.server.max_resident is not None:
+            budget["slots"] = self.config.server.max_resident
+        return budget
+
+    def initial_footprint(self, profile: ResolvedProfile) -> dict[str, int]:
+        return self.with_claims(profile, self.footprint_and_source(profile)[0])
+
+    def footprint_and_source(self, profile: ResolvedProfile) -> tuple[dict[str, int], str]:
+        """A configured footprint, else one learned on an earlier load, else the GGUF estimate."""
+        if profile.footprint_mib is not None:
+            return {device: mib * MIB for device, mib in profile.footprint_mib.items()}, "configured"
+        learned = self.footprints.get(profile)
+        # Not one that names a GPU this machine no longer budgets (NVML broken, fewer GPUs).
+        if learned is not None and set(learned) <= {device.name for device in self.devices}:
+            return learned, "learned"
+        return estimate(profile, self.devices), "estimated"
+
+    def with_claims(self, profile: ResolvedProfile, footprint: dict[str, int]) -> dict[str, int]:
+        """A footprint with what a model holds besides bytes: a resident slot under `max_resident`,
+        and each of its RPC workers (at least a byte there, so the scheduler leases the worker even
+        before what it holds there is known)."""
+        claimed = dict(footprint)
+        if self.config.server.max_resident is not None:
+            claimed["slots"] = 1
+        for worker in profile.rpc:
+            claimed[device_name(worker)] = max(claimed.get(device_name(worker), 0), 1)
+        return claimed
+
+
+def _with_rpc_budgets(devices: list[Device], config: RouterConfig) -> list[Device]:
+    """The devices with the RPC workers' budgets of a (re)loaded config (they are only configured)."""
+    return [device for device in devices if worker_of(device.name) is None] + rpc_devices(
+        config.server.memory.rpc
+    )
