@@ -303,7 +303,7 @@ async def test_a_failing_save_or_restore_neither_blocks_the_swap_nor_the_request
         {"a": fake_profile(dummy_model, keep_context=True), "b": fake_profile(dummy_model)}, max_resident=1
     )
     events: list[dict[str, Any]] = []
-    router.controller.subscribe(lambda event: events.append(event.json()))
+    router.controller.events.subscribe(lambda event: events.append(event.json()))
     profile = router.config.profiles["a"]
     directory = router.controller.contexts.profile_dir(profile)
     for model in ("a", "b"):
@@ -355,7 +355,7 @@ async def test_a_conversation_survives_a_swap_with_keep_context(
         keep_context=keep_context,
     )
     events: list[dict[str, Any]] = []
-    router.controller.subscribe(lambda event: events.append(event.json()))
+    router.controller.events.subscribe(lambda event: events.append(event.json()))
     messages = [{"role": "user", "content": long_prompt()}]
     status, first = await router.chat("big", messages=messages, max_tokens=4, temperature=0)
     assert status == 200, first

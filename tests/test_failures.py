@@ -26,7 +26,7 @@ async def test_a_crash_loop_backs_off_between_tries_and_ends_failed_with_the_rea
         max_failures=3,
         restart_backoff=0.2,
     )
-    router.controller.subscribe(lambda event: events.append(event.json()))
+    router.controller.events.subscribe(lambda event: events.append(event.json()))
     started = time.monotonic()
     status, body = await router.chat("broken")
     elapsed = time.monotonic() - started
@@ -81,7 +81,7 @@ async def test_an_idle_model_failing_its_health_probes_is_restarted(
         health_check_failures=3,
         restart_backoff=0,
     )
-    router.controller.subscribe(lambda event: events.append(event.json()))
+    router.controller.events.subscribe(lambda event: events.append(event.json()))
     assert (await router.chat("wedge"))[0] == 200
     first = router.controller.upstreams["wedge"].pid
     await wait_until(
@@ -103,7 +103,7 @@ async def test_a_flapping_health_check_is_not_a_wedge(start_router: RouterFactor
         health_check_failures=2,
     )
     events: list[dict[str, Any]] = []
-    router.controller.subscribe(lambda event: events.append(event.json()))
+    router.controller.events.subscribe(lambda event: events.append(event.json()))
     assert (await router.chat("flap"))[0] == 200
     upstream = router.controller.upstreams["flap"]
     probes = await fake_health_calls(router, upstream.base_url, at_least=12)

@@ -281,7 +281,7 @@ async def test_in_flight_request_survives_a_swap(start_router: RouterFactory, du
         if isinstance(event, Stopping):
             events.append((event.kind, event.model, router.controller.view(event.model).in_flight))
 
-    router.controller.subscribe(on_event)
+    router.controller.events.subscribe(on_event)
     status, body = await chat(router, "a")  # load A first so the slow request is served at once
     assert status == 200, body
     finished: dict[str, float] = {}

@@ -46,7 +46,7 @@ async def click_load_then_unload(router: RunningRouter, name: str, gap: float, *
 def record_events(router: RunningRouter, name: str) -> list[str]:
     """The names of `name`'s lifecycle events (`loading`, `stopping`, `stopped`...), as they come."""
     seen: list[str] = []
-    router.controller.subscribe(
+    router.controller.events.subscribe(
         lambda event: seen.append(event.json()["event"]) if event.json().get("model") == name else None
     )
     return seen

@@ -107,7 +107,7 @@ async def test_standby_profile_is_preloaded_and_yields_to_real_demand(
 async def test_ttl_unloads_an_idle_model(start_router: RouterFactory, dummy_model: Path) -> None:
     router = await start_router({"short": fake_profile(dummy_model, ttl=0.3)})
     events: list[dict[str, Any]] = []
-    router.controller.subscribe(lambda event: events.append(event.json()))
+    router.controller.events.subscribe(lambda event: events.append(event.json()))
     assert (await router.chat("short"))[0] == 200
     view = router.controller.scheduler.view
     await wait_until(lambda: view("short").state.value == "cold", what="the ttl to unload the model")

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from llama_router.config.schema import load_config
-from llama_router.core.events import Event, ReloadFailed
+from llama_router.core.events import Event, EventBus, ReloadFailed
 from llama_router.manage.reload import ConfigReloader
 from tests.conftest import fake_profile, wait_until
 from tests.router_process import RouterProcess, write_config
@@ -206,14 +206,13 @@ async def test_health_shows_the_reload_error(
 class _FakeController:
     def __init__(self) -> None:
         self.applied: list[Any] = []
-        self.events: list[Event] = []
+        self.heard: list[Event] = []
+        self.events = EventBus()
+        self.events.subscribe(self.heard.append)
 
     async def reload(self, config: Any) -> dict[str, list[str]]:
         self.applied.append(config)
         return {"kept": list(config.profiles), "restarted": [], "added": [], "removed": []}
-
-    def emit(self, event: Event) -> None:
-        self.events.append(event)
 
 
 async def test_watcher_ignores_touch_and_same_bytes(tmp_path: Path, dummy_model: Path) -> None:
@@ -233,7 +232,7 @@ async def test_watcher_ignores_touch_and_same_bytes(tmp_path: Path, dummy_model:
     path.write_text("server: {port: -5}\nprofiles: {}\n")
     assert await reloader.reload("test") is False
     assert reloader.status()["last_error"]["message"].startswith(str(path))
-    assert isinstance(controller.events[-1], ReloadFailed)
+    assert isinstance(controller.heard[-1], ReloadFailed)
     assert len(controller.applied) == 1
 
 

@@ -216,7 +216,7 @@ async def test_two_models_on_one_worker_take_turns_the_old_one_stops_first(
         memory={"rpc": {worker: 2000}},
     )
     events: list[Event] = []
-    router.controller.subscribe(events.append)
+    router.controller.events.subscribe(events.append)
     for name in ("first", "second", "first"):
         status, answer = await router.chat(name)
         assert status == 200, answer

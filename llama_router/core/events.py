@@ -7,11 +7,17 @@ One frozen dataclass per kind, so readers match on types and fields rather than 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from llama_router.core.scheduler import StopCause
+
+log = logging.getLogger("llama_router")
+
+EventListener = Callable[["Event"], None]
 
 
 @dataclass(frozen=True)
@@ -253,3 +259,28 @@ class ReloadFailed(Event):
     kind: ClassVar[str] = "config_error"
     trigger: str
     message: str
+
+
+class EventBus:
+    """Who hears the lifecycle events: `/events` streams, metrics, the dashboard, tests. The
+    controller, the model manager, the reloader and the dashboard tell it what happened."""
+
+    def __init__(self) -> None:
+        self._listeners: list[EventListener] = []
+
+    def subscribe(self, listener: EventListener) -> Callable[[], None]:
+        """Receive lifecycle events; returns the function that unsubscribes."""
+        self._listeners.append(listener)
+
+        def unsubscribe() -> None:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+        return unsubscribe
+
+    def emit(self, event: Event) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(event)
+            except Exception:  # a broken listener must not break scheduling
+                log.exception("event listener failed")

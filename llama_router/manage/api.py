@@ -155,7 +155,7 @@ class Api:
         self._session: aiohttp.ClientSession | None = None
         self.manager = ModelManager(controller)
         self._entries()
-        controller.subscribe(self._on_event)
+        controller.events.subscribe(self._on_event)
 
     def _entries(self) -> dict[str, dict[str, Any]]:
         """Everything but the status of each model's entry: fixed until the config is reloaded or a
@@ -502,7 +502,7 @@ class Api:
         def on_event(_: Event) -> None:
             loop.call_soon(changed.set)
 
-        unsubscribe = self.controller.subscribe(on_event)
+        unsubscribe = self.controller.events.subscribe(on_event)
         try:
             deadline = loop.time() + timeout
             while not condition():
@@ -586,7 +586,7 @@ class Api:
                 overflow = True  # a reader this slow is dropped rather than buffered without bound
 
         response = web.StreamResponse(headers=_SSE_HEADERS)
-        unsubscribe = self.controller.subscribe(listener)
+        unsubscribe = self.controller.events.subscribe(listener)
         self._event_queues.add(queue)
         try:
             await response.prepare(request)

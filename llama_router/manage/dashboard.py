@@ -155,7 +155,7 @@ class Dashboard:
         self._disk_facts: tuple[float, RouterConfig, dict[str, dict[str, Any]]] | None = None
         self._sources: dict[str, tuple[ResolvedProfile, str]] = {}
         keys.subscribe(self._keys_changed)
-        controller.subscribe(self._on_event)
+        controller.events.subscribe(self._on_event)
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
@@ -234,7 +234,7 @@ class Dashboard:
         self._last_requests = listed
         rows, dropped = self._written, self._dropped
         self._written, self._dropped = [], 0
-        self.controller.emit(RequestsChanged(listed, rows, dropped))
+        self.controller.events.emit(RequestsChanged(listed, rows, dropped))
         if any(entry["state"] == "waiting" for entry in listed):
             self._changed()  # a waiting request starts running without arriving or ending: look again
 

@@ -273,7 +273,7 @@ class Metrics:
         self._figures = _RequestFigures()
         registry.register(self._figures)
         self._loading: set[str] = set()
-        self._unsubscribe = controller.subscribe(self._on_event)
+        self._unsubscribe = controller.events.subscribe(self._on_event)
 
     def close(self) -> None:
         self._unsubscribe()

@@ -168,13 +168,13 @@ class ModelManager:
             self.downloads.pop(name, None)
         if reason is not None:
             log.warning("download of %r failed: %s", name, reason)
-            self.controller.emit(DownloadFailed(name, reason))
+            self.controller.events.emit(DownloadFailed(name, reason))
             return
         files = [str(file) for file in found.model_paths]
         if found.mmproj_path is not None:
             files.append(str(found.mmproj_path))
         log.info("model %r downloaded; its profile is %s", name, path)
-        self.controller.emit(DownloadFinished(name, files, str(path)))
+        self.controller.events.emit(DownloadFinished(name, files, str(path)))
 
     def _reporter(self, download: Download) -> hub.ByteProgress:
         """The progress callback of a download's thread: records bytes, sends at most one event per
@@ -191,7 +191,7 @@ class ModelManager:
                 return
             sent[file] = now
             event = DownloadProgress(download.name, file, done, total)
-            loop.call_soon_threadsafe(self.controller.emit, event)
+            loop.call_soon_threadsafe(self.controller.events.emit, event)
 
         return report
 
@@ -228,7 +228,7 @@ class ModelManager:
             if download.task is not None:
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.shield(download.task)
-            self.controller.emit(ModelRemoved(model, []))
+            self.controller.events.emit(ModelRemoved(model, []))
             return {"success": True, "model": model, "deleted_files": []}
         config = self.controller.config
         name = config.resolve_name(model)
@@ -259,7 +259,7 @@ class ModelManager:
             unshared = [file for file in files if file not in shared]
             deleted = [str(blob) for blob in await asyncio.to_thread(hub.remove_cached, unshared)]
         log.info("model %r removed%s", name, f" with {len(deleted)} cached file(s)" if delete_files else "")
-        self.controller.emit(ModelRemoved(name, deleted))
+        self.controller.events.emit(ModelRemoved(name, deleted))
         return {"success": True, "model": name, "deleted_files": deleted}
 
     def pending(self) -> list[dict[str, Any]]:

@@ -209,7 +209,7 @@ class ConfigReloader:
             message,
             extra={"fields": {"event": "config_error", "trigger": trigger}},
         )
-        self.controller.emit(ReloadFailed(trigger, message))
+        self.controller.events.emit(ReloadFailed(trigger, message))
 
     def _status_line(self) -> str:
         profiles = len(self.config.profiles)

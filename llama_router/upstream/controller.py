@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Hashable, Iterable
+from collections.abc import Awaitable, Hashable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from llama_router.config.schema import ResolvedProfile, RouterConfig, ServerConf
 from llama_router.config.state import state_dir
 from llama_router.core.errors import RouterError
 from llama_router.core.events import (
-    Event,
+    EventBus,
     Failed,
     FallbackServed,
     FootprintLearned,
@@ -64,7 +64,6 @@ from llama_router.upstream.supervisor import LoadError, StoppedBeforeSpawn, Upst
 
 log = logging.getLogger("llama_router")
 
-EventListener = Callable[[Event], None]
 # Failures a fallback profile may answer for; a plain queue timeout is not one.
 FALLBACK_CODES = frozenset(
     {
@@ -113,12 +112,13 @@ class Lease:
 class Controller:
     """Owns the scheduler, the upstream processes and the requests waiting for them."""
 
-    def __init__(self, config: RouterConfig) -> None:
+    def __init__(self, config: RouterConfig, events: EventBus | None = None) -> None:
         self.config = config
+        self.events = events if events is not None else EventBus()
         server = config.server
         self.sizing = Sizing(config)
         self.started_at = time.time()
-        self.peers = Peers(config.peers, self.emit, local=config.names, created=int(self.started_at))
+        self.peers = Peers(config.peers, self.events.emit, local=config.names, created=int(self.started_at))
         self.scheduler = Scheduler(
             (self._spec(profile) for profile in config.profiles.values()),
             self.sizing.budget(),
@@ -135,7 +135,6 @@ class Controller:
         self._waiters: dict[int, asyncio.Future[Upstream]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._timer: asyncio.TimerHandle | None = None
-        self._listeners: list[EventListener] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._session: aiohttp.ClientSession | None = None
         self._socket_dir: Path | None = None  # upstreams' Unix sockets, private to the router
@@ -189,7 +188,9 @@ class Controller:
             decisions.extend(self.scheduler.restart_when_idle(name, now))
         self._apply(decisions)
         log.debug("config reloaded: %s", {key: value for key, value in summary.items() if value})
-        self.emit(Reloaded(summary["kept"], summary["restarted"], summary["added"], summary["removed"]))
+        self.events.emit(
+            Reloaded(summary["kept"], summary["restarted"], summary["added"], summary["removed"])
+        )
         return summary
 
     # ------------------------------------------------------------------------------------------ lifecycle
@@ -233,23 +234,6 @@ class Controller:
 
     def now(self) -> float:
         return time.monotonic()
-
-    def subscribe(self, listener: EventListener) -> Callable[[], None]:
-        """Receive lifecycle events; returns the function that unsubscribes."""
-        self._listeners.append(listener)
-
-        def unsubscribe() -> None:
-            if listener in self._listeners:
-                self._listeners.remove(listener)
-
-        return unsubscribe
-
-    def emit(self, event: Event) -> None:
-        for listener in list(self._listeners):
-            try:
-                listener(event)
-            except Exception:  # a broken listener must not break scheduling
-                log.exception("event listener failed")
 
     # ------------------------------------------------------------------------------------------ requests
 
@@ -295,7 +279,7 @@ class Controller:
                 log.warning(
                     "serving %r with fallback %r: %s", profile, name, error.message if error else "failed"
                 )
-                self.emit(FallbackServed(profile, name))
+                self.events.emit(FallbackServed(profile, name))
             return lease
         raise AssertionError("unreachable: the last profile in the chain returns or raises")
 
@@ -371,7 +355,7 @@ class Controller:
                 if upstream is not None:
                     upstream.mark_stopping()
                 log.info("stopping %s: %s", decision.profile, decision.reason)
-                self.emit(Stopping(decision.profile, decision.reason, decision.cause))
+                self.events.emit(Stopping(decision.profile, decision.reason, decision.cause))
                 self._spawn(self._stop(decision.profile, upstream))
         self._arm_timer()
 
@@ -446,7 +430,7 @@ class Controller:
         if not measured:
             return
         self.sizing.footprints.put(upstream.profile, measured)
-        self.emit(FootprintLearned(name, measured))
+        self.events.emit(FootprintLearned(name, measured))
         self._apply(
             self.scheduler.footprint_measured(
                 name, self.sizing.with_claims(upstream.profile, measured), self.now()
@@ -471,7 +455,7 @@ class Controller:
         )
         self.upstreams[name] = upstream
         self._tallies[name] = BufferTally.of(profile, self.sizing.devices)
-        self.emit(Loading(name))
+        self.events.emit(Loading(name))
         self.logs[name].append(f"[llama-router] starting: {' '.join(profile.shown_command())}")
         return upstream
 
@@ -485,10 +469,10 @@ class Controller:
         upstream.gone.set()
         if upstream.stopping:
             log.info("%s stopped before its process was started", name)
-            self.emit(Stopped(name))
+            self.events.emit(Stopped(name))
         else:
             self.logs[name].append(f"[llama-router] {reason}")
-            self.emit(Failed(name, reason))
+            self.events.emit(Failed(name, reason))
         self._apply(self.scheduler.process_exited(name, self.now(), reason))
 
     async def _start(self, name: str, upstream: Upstream | None) -> None:
@@ -520,11 +504,11 @@ class Controller:
         if profile.keep_context and not upstream.stopping:
             restored = await self.contexts.restore(upstream, upstream.client(self._session))
             if restored:  # a dict with `error` reports a failure; the load goes on without the cache
-                self.emit(context_event(name, "restore", restored))
+                self.events.emit(context_event(name, "restore", restored))
         if self.upstreams.get(name) is upstream and not upstream.stopping:
             load_seconds = upstream.ready_at - upstream.spawned_at
             log.info("%s ready in %.3fs on %s", name, load_seconds, upstream.authority)
-            self.emit(Ready(name, round(load_seconds, 4), upstream.port))
+            self.events.emit(Ready(name, round(load_seconds, 4), upstream.port))
             self._apply(self.scheduler.process_ready(name, self.now()))
             self._learn_footprint(upstream)
 
@@ -541,11 +525,11 @@ class Controller:
         out_of_memory = state is State.STARTING and any(OUT_OF_MEMORY.search(line) for line in upstream.log)
         if state is State.STOPPING:
             log.info("%s stopped", name)
-            self.emit(Stopped(name))
+            self.events.emit(Stopped(name))
             self._read_ahead(upstream.profile)  # it was just in use: keep its file warm
         else:
             log.warning("%s", reason)
-            self.emit(Failed(name, reason))
+            self.events.emit(Failed(name, reason))
         self._apply(self.scheduler.process_exited(name, self.now(), reason, out_of_memory=out_of_memory))
         upstream.gone.set()
 
@@ -559,7 +543,7 @@ class Controller:
         if self.upstreams.get(name) is not upstream:
             return
         log.warning("%s is unhealthy: %s", name, reason)
-        self.emit(Unhealthy(name, reason))
+        self.events.emit(Unhealthy(name, reason))
         self._apply(self.scheduler.upstream_unhealthy(name, self.now(), reason))
 
     async def _probe_idle_upstreams(self) -> None:
@@ -635,7 +619,7 @@ class Controller:
             assert self._session is not None
             saved = await self.contexts.save(upstream, upstream.client(self._session))
             if saved:  # a dict with `error` reports a failure; the stop goes on regardless
-                self.emit(context_event(name, "save", saved))
+                self.events.emit(context_event(name, "save", saved))
         await upstream.stop(upstream.profile.stop_timeout)
 
     # ------------------------------------------------------------------------------------------ views
