@@ -15,8 +15,7 @@ import contextlib
 import json
 import logging
 import time
-from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import unquote
 
@@ -48,6 +47,7 @@ from llama_router.relay.proxy import RECORD, Proxy
 from llama_router.relay.request_rules import MODEL_READ_PATHS, model_in_body
 from llama_router.sizing.context_window import Window, learned, profile_window
 from llama_router.upstream.controller import Controller
+from llama_router.upstream.logs import FollowableLog
 
 log = logging.getLogger("llama_router.api")
 
@@ -73,29 +73,6 @@ def _positive_int(value: Any) -> int | None:
 
 
 # ---------------------------------------------------------------------------------------------- logs
-
-
-class FollowableLog(deque[str]):
-    """A bounded log buffer that counts the lines ever appended and wakes followers on each one.
-
-    Replaces the controller's plain deques so `/logs/<model>?follow=1` can stream new lines without
-    polling; `total` tells a follower how many lines it missed when the buffer wrapped around.
-    """
-
-    def __init__(self, lines: Iterable[str] = (), maxlen: int | None = None) -> None:
-        super().__init__(lines, maxlen)
-        self.total = len(self)
-        self.followers: set[asyncio.Event] = set()
-
-    def append(self, line: str) -> None:
-        super().append(line)
-        self.total += 1
-        for follower in self.followers:
-            follower.set()
-
-    def extend(self, lines: Iterable[str]) -> None:
-        for line in lines:
-            self.append(line)
 
 
 def _flag(request: web.Request, name: str) -> bool:
@@ -146,8 +123,6 @@ class Api:
         self._event_queues: set[asyncio.Queue[dict[str, Any] | None]] = set()
         self._log_followers: set[asyncio.Event] = set()
         self._tasks: set[asyncio.Task[None]] = set()
-        for name in controller.logs:
-            self._followable(name)
         self._config: Any = None
         self._static: dict[str, dict[str, Any]] = {}
         # Windows llama-server reported on `/props` once loaded, with the profile they were read for.
@@ -240,14 +215,6 @@ class Api:
             )
         self._learned[name] = (profile, window)
         self._config = None  # the entries are rebuilt with it on the next answer
-
-    def _followable(self, name: str) -> FollowableLog:
-        """The profile's log buffer, made followable (in place, keeping its lines) on first use."""
-        buffer = self.controller.logs[name]
-        if not isinstance(buffer, FollowableLog):
-            buffer = FollowableLog(buffer, buffer.maxlen)
-            self.controller.logs[name] = buffer
-        return buffer
 
     @property
     def event_subscribers(self) -> int:
@@ -614,7 +581,7 @@ class Api:
     async def logs(self, request: web.Request) -> web.StreamResponse:
         """A model's buffered output (see `stream_log`)."""
         name = self.proxy.profile_for(request.match_info["model"])
-        return await self.stream_log(request, self._followable(name))
+        return await self.stream_log(request, self.controller.logs[name])
 
     async def stream_log(self, request: web.Request, buffer: FollowableLog) -> web.StreamResponse:
         """A log buffer as text (`?lines=N` for the last N); `?follow=1` keeps the answer open and

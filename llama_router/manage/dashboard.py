@@ -53,7 +53,7 @@ from llama_router.core.redact import redacted_args, redacted_env
 from llama_router.core.scheduler import State
 from llama_router.front.auth import KeyRing, Keys, is_admin, presented_key
 from llama_router.manage.activity import ActivityRow, ActivityStore, row_for
-from llama_router.manage.api import Api, FollowableLog
+from llama_router.manage.api import Api
 from llama_router.manage.logging_setup import TextFormatter
 from llama_router.manage.metrics import status_value
 from llama_router.manage.reload import reload_status
@@ -61,6 +61,7 @@ from llama_router.relay.proxy import RECORD
 from llama_router.relay.request_rules import RequestRecord
 from llama_router.sizing.pagecache import cached_bytes
 from llama_router.upstream.controller import Controller
+from llama_router.upstream.logs import FollowableLog
 
 log = logging.getLogger("llama_router.dashboard")
 

@@ -16,7 +16,6 @@ import re
 import shutil
 import tempfile
 import time
-from collections import deque
 from collections.abc import Awaitable, Hashable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +56,7 @@ from llama_router.sizing.budgets import Sizing
 from llama_router.sizing.footprint import BufferTally
 from llama_router.sizing.memory import MIB, nvml_usage_by_pid, page_in
 from llama_router.upstream.context_cache import ContextKeeper
+from llama_router.upstream.logs import LogBuffers
 from llama_router.upstream.peers import PeerLink, Peers
 from llama_router.upstream.rpc import probe_all, unanswered
 from llama_router.upstream.slots import SlotWatch, slot_work
@@ -128,7 +128,7 @@ class Controller:
         self._closed = False
         self._prober: asyncio.Future[None] | None = None
         self.contexts = ContextKeeper(config, state_dir(config) / "slots")
-        self.logs: dict[str, deque[str]] = {name: deque(maxlen=server.log_lines) for name in config.profiles}
+        self.logs = LogBuffers(config)
         self.upstreams: dict[str, Upstream] = {}
         self.owner_tag = f"{os.getpid()}"
         self._ids = itertools.count(1)
@@ -171,9 +171,7 @@ class Controller:
         self.sizing.reconfigure(config)
         self.peers.reconfigure(config.peers, config.names)
         self.contexts.forget_removed(config)
-        for name in config.profiles:
-            if name not in self.logs:
-                self.logs[name] = deque(maxlen=config.server.log_lines)
+        self.logs.reconfigure(config)
         now = self.now()
         specs = []
         for profile in config.profiles.values():
