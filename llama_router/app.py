@@ -197,7 +197,6 @@ def build_app(config: RouterConfig) -> web.Application:
         current = controller.config
         stop = max(p.stop_timeout for p in current.profiles.values())
         await controller.close(grace=current.server.context_save_timeout + stop + 1)
-        await proxy.close()
         metrics.close()
         await dashboard.close()
 

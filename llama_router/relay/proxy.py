@@ -18,8 +18,6 @@ failure after that point can no longer change the status, so it arrives as an Op
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
 import json
 import logging
 import time
@@ -58,8 +56,7 @@ from llama_router.relay.request_rules import (
     upstream_head,
 )
 from llama_router.upstream.controller import Controller, Lease
-from llama_router.upstream.peers import PeerLink, with_model_query
-from llama_router.upstream.upstream_http import Answer, Pieces, UpstreamError, UpstreamPool, UpstreamTimeout
+from llama_router.upstream.upstream_http import Answer, Pieces, UpstreamError, UpstreamTimeout
 
 # Each request's record, on the request.
 RECORD: web.RequestKey[RequestRecord] = web.RequestKey("llama_router.record", RequestRecord)
@@ -91,7 +88,6 @@ class Proxy:
     def __init__(self, controller: Controller, *, strip_auth: bool = False) -> None:
         self.controller = controller
         self.strip_auth = strip_auth
-        self._pool = UpstreamPool()
 
     @property
     def strip_auth(self) -> bool:
@@ -104,9 +100,6 @@ class Proxy:
     def strip_auth(self, strip: bool) -> None:
         self._strip_auth = strip
         self.request_drop = request_drop(strip_auth=strip)
-
-    async def close(self) -> None:
-        await self._pool.close()
 
     @property
     def loading_interval(self) -> float:
@@ -219,22 +212,16 @@ class Proxy:
         request[RECORD].served_by = lease.profile
         if lease.ask_as is not None and body:
             body = as_fallback(body, lease.ask_as)
-        upstream = lease.upstream
+        upstream = lease.target
         method = request.method
-        target = path if path is not None else request.rel_url.raw_path_qs
-        if isinstance(upstream, PeerLink):  # its own key, never the client's; the model as it names it
-            if lease.ask_as is not None and not body:
-                target = with_model_query(target, lease.ask_as)
-            head = upstream_head(
-                method, upstream.path_prefix + target, upstream.authority, request.raw_headers, body,
-                PEER_DROP, upstream.auth_header,
-            )  # fmt: skip
-            pool, patience = upstream.pool, None
-        else:
-            head = upstream_head(
-                method, target, upstream.authority, request.raw_headers, body, self.request_drop
-            )
-            pool, patience = self._pool, functools.partial(self.controller.still_working, upstream)
+        target = upstream.request_target(
+            path if path is not None else request.rel_url.raw_path_qs, lease.ask_as, bool(body)
+        )
+        drop = self.request_drop if upstream.takes_client_key else PEER_DROP
+        head = upstream_head(
+            method, target, upstream.authority, request.raw_headers, body, drop, upstream.credentials
+        )
+        pool, patience = upstream.pool, upstream.patience()
         limit = stall_limit(self.controller.config.server, first_byte=False)
         attempt = 1
         sent_before = False
@@ -253,7 +240,7 @@ class Proxy:
             except UpstreamTimeout:
                 raise self._stalled(lease, limit) from None
             except UpstreamError as exc:
-                action = resend(exc, attempt, serving=_serving(lease), sent_before=sent_before)
+                action = resend(exc, attempt, serving=upstream.serving(), sent_before=sent_before)
                 sent_before = action is Resend.SAME_UPSTREAM
                 if action is Resend.IF_EXITED:
                     if await self._died(lease):
@@ -263,17 +250,15 @@ class Proxy:
                 elif action is Resend.NEVER:
                     raise self._failed(lease, not_taken(lease.profile, exc)) from None
             else:
-                if isinstance(upstream, PeerLink):
-                    self.controller.peers.answered(upstream, time.monotonic() - sent_at)
+                upstream.answered(time.monotonic() - sent_at)
                 return answer
             attempt += 1
 
     def _stalled(self, lease: Lease, seconds: float) -> RouterError:
         """An upstream sent nothing for `seconds`: have it restarted (a peer: marked down); the error
         for the client."""
-        peer = lease.peer
-        error = stalled(lease.profile, seconds, peer=peer.name if peer is not None else None)
-        self.controller.upstream_unhealthy(lease.upstream, error.message)
+        error = stalled(lease.profile, seconds, then=lease.target.after_stall)
+        lease.target.unhealthy(error.message)
         return error
 
     def _broke_off(self, lease: Lease, exc: UpstreamError, limit: float) -> RouterError:
@@ -286,25 +271,12 @@ class Proxy:
     def _failed(self, lease: Lease, error: RouterError) -> RouterError:
         """An exchange with the upstream failed: for a peer, its health notes it and the error names
         it and where it is; the error for the client."""
-        peer = lease.peer
-        if peer is None:
-            return error
-        self.controller.peers.failed(peer, error.message)
-        return RouterError(
-            error.status, f"{error.message} (peer {peer.name!r} at {peer.url})", code=error.code
-        )
+        where = lease.target.failed(error.message)
+        return RouterError(error.status, error.message + where, code=error.code) if where else error
 
     async def _died(self, lease: Lease) -> bool:
-        """Whether the upstream's process has died, allowing it a moment: the kernel resets its
-        connections while it exits, just before the exit can be seen. A peer is no process of ours."""
-        upstream = lease.upstream
-        if isinstance(upstream, PeerLink):
-            return False
-        if await self.controller.upstream_refused(upstream):
-            return True
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(upstream.gone.wait(), EXIT_GRACE)
-        return await self.controller.upstream_refused(upstream)
+        """Whether the lease's target is gone (a process of ours that exited)."""
+        return await lease.target.died(EXIT_GRACE)
 
     async def _relay(
         self,
@@ -315,7 +287,7 @@ class Proxy:
         requested: str | None,
         stream: bool = False,
     ) -> web.StreamResponse:
-        if stream and lease.peer is not None and self.loading_interval > 0:
+        if stream and lease.target.quiet_loads and self.loading_interval > 0:
             # A peer may be loading the model: its answer may be long in coming, and it may say
             # nothing meanwhile. Past `loading_interval` the client gets its stream's head and
             # comments, as for a local load.
@@ -591,16 +563,9 @@ def _client_of(request: web.Request) -> Hashable | None:
     return tuple(peer) if isinstance(peer, (tuple, list)) and peer else None
 
 
-def _serving(lease: Lease) -> bool:
-    """Whether the lease's upstream process lives and is not being stopped."""
-    upstream = lease.upstream
-    return not upstream.stopping and not upstream.gone.is_set() and upstream.is_alive()
-
-
 def _renamer(lease: Lease, requested: str | None) -> ModelRenamer | None:
-    if lease.peer is not None and lease.fallback_for is not None:
-        # A peer's model answers a fallback under the name this router lists it by.
-        return renamer(lease.served_name, lease.profile, fallback=False)
+    if lease.target.listed_as is not None and lease.fallback_for is not None:
+        return renamer(lease.served_name, lease.target.listed_as, fallback=False)
     return renamer(lease.served_name, requested, fallback=lease.fallback_for is not None)
 
 

@@ -289,10 +289,9 @@ def stall_limit(server: ServerConfig, *, first_byte: bool) -> float:
     return server.stall_timeout if first_byte else server.stall_timeout_prompt
 
 
-def stalled(profile: str, seconds: float, *, peer: str | None = None) -> RouterError:
-    """The error of an upstream silent for its stall limit (the caller has it restarted, or marks
-    the `peer` it is on as down)."""
-    then = f"peer {peer!r} counts as down" if peer is not None else "it is being restarted"
+def stalled(profile: str, seconds: float, *, then: str) -> RouterError:
+    """The error of an upstream silent for its stall limit; `then` says what becomes of it (restarted,
+    or a peer counted as down)."""
     message = f"model {profile!r} stalled: no output for {seconds:g}s; {then}"
     return RouterError(502, message, code="upstream_stalled")
 

@@ -8,7 +8,9 @@ happen on the event loop thread, so the scheduler itself needs no locking.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import functools
 import itertools
 import logging
 import os
@@ -16,7 +18,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Awaitable, Hashable, Iterable
+from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,10 +59,12 @@ from llama_router.sizing.footprint import BufferTally
 from llama_router.sizing.memory import MIB, nvml_usage_by_pid, page_in
 from llama_router.upstream.context_cache import ContextKeeper
 from llama_router.upstream.logs import LogBuffers
-from llama_router.upstream.peers import PeerLink, Peers
+from llama_router.upstream.peers import Peers
 from llama_router.upstream.rpc import probe_all, unanswered
 from llama_router.upstream.slots import SlotWatch, slot_work
 from llama_router.upstream.supervisor import LoadError, StoppedBeforeSpawn, Upstream
+from llama_router.upstream.target import Target
+from llama_router.upstream.upstream_http import UpstreamPool
 
 log = logging.getLogger("llama_router")
 
@@ -97,16 +101,66 @@ class Lease:
 
     request_id: int
     profile: str  # the profile, or for a peer the route `<peer>/<model>`
-    upstream: Upstream | PeerLink
+    target: Target
     waited: float
     released: bool = field(default=False)
     fallback_for: str | None = None  # the profile asked for, when a fallback serves instead
     served_name: str = ""  # what the upstream calls the model in its answers
     ask_as: str | None = None  # the `model` the request is sent with, when not the client's
 
+
+class LocalTarget:
+    """A lease's target on a llama-server process of ours: the scheduler hears when it is done."""
+
+    __slots__ = ("authority", "controller", "request_id", "upstream")
+    credentials = b""
+    takes_client_key = True  # unless the router has keys of its own (the proxy's header filter)
+    quiet_loads = False  # a local load is seen by the scheduler: the wait happens before sending
+    listed_as = None
+    after_stall = "it is being restarted"
+
+    def __init__(self, controller: Controller, upstream: Upstream, request_id: int) -> None:
+        self.controller, self.upstream, self.request_id = controller, upstream, request_id
+        self.authority = upstream.authority
+
     @property
-    def peer(self) -> PeerLink | None:
-        return self.upstream if isinstance(self.upstream, PeerLink) else None
+    def address(self) -> tuple[str, int] | str:
+        return self.upstream.address
+
+    @property
+    def pool(self) -> UpstreamPool:
+        return self.controller.pool
+
+    def request_target(self, target: str, ask_as: str | None, has_body: bool) -> str:
+        return target
+
+    def patience(self) -> Callable[[float], Awaitable[bool]]:
+        return functools.partial(self.controller.still_working, self.upstream)
+
+    def serving(self) -> bool:
+        upstream = self.upstream
+        return not upstream.stopping and not upstream.gone.is_set() and upstream.is_alive()
+
+    def answered(self, seconds: float) -> None:
+        pass
+
+    def failed(self, reason: str) -> str:
+        return ""
+
+    def unhealthy(self, reason: str) -> None:
+        self.controller.upstream_unhealthy(self.upstream, reason)
+
+    async def died(self, grace: float) -> bool:
+        """Whether the process has died, allowing it a moment: the kernel resets its connections
+        while it exits, just before the exit can be seen."""
+        if await self.controller.upstream_refused(self.upstream):
+            return True
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.upstream.gone.wait(), grace)
+        return await self.controller.upstream_refused(self.upstream)
+
+    def release(self) -> None:
+        self.controller.request_finished(self.request_id)
 
 
 class Controller:
@@ -118,6 +172,7 @@ class Controller:
         server = config.server
         self.sizing = Sizing(config)
         self.started_at = time.time()
+        self.pool = UpstreamPool()  # the connections to the processes, shared by their requests
         self.peers = Peers(config.peers, self.events.emit, local=config.names, created=int(self.started_at))
         self.scheduler = Scheduler(
             (self._spec(profile) for profile in config.profiles.values()),
@@ -227,6 +282,7 @@ class Controller:
         if self._session is not None:
             await self._session.close()
         await self.peers.close()
+        await self.pool.close()
         if self._socket_dir is not None:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
 
@@ -295,7 +351,8 @@ class Controller:
                 if ready is not None:
                     # No timer to re-arm: a dispatch only makes its model busy, which moves no
                     # deadline earlier (a timer that fires early finds nothing due and re-arms).
-                    return Lease(request_id, profile, ready, self.now() - now, served_name=ready.served_name)
+                    target = LocalTarget(self, ready, request_id)
+                    return Lease(request_id, profile, target, self.now() - now, served_name=ready.served_name)
         future: asyncio.Future[Upstream] = asyncio.get_running_loop().create_future()
         self._waiters[request_id] = future
         self._apply(decisions)
@@ -307,19 +364,17 @@ class Controller:
             self._waiters.pop(request_id, None)
             self._apply(self.scheduler.request_finished(request_id, self.now()))
             raise
-        return Lease(request_id, profile, upstream, self.now() - now, served_name=upstream.served_name)
+        target = LocalTarget(self, upstream, request_id)
+        return Lease(request_id, profile, target, self.now() - now, served_name=upstream.served_name)
 
     def _take_peer(self, route: str) -> Lease:
-        link, model = self.peers.take(route)
-        return Lease(next(self._ids), route, link, 0.0, served_name=model, ask_as=model)
+        target, model = self.peers.take(route)
+        return Lease(next(self._ids), route, target, 0.0, served_name=model, ask_as=model)
 
     def release(self, lease: Lease) -> None:
         if not lease.released:
             lease.released = True
-            if isinstance(lease.upstream, PeerLink):
-                self.peers.give_back(lease.upstream)
-            else:
-                self._apply(self.scheduler.request_finished(lease.request_id, self.now()))
+            lease.target.release()
 
     async def load(self, profile: str) -> None:
         """Load `profile` as a request would (making room if needed) and return once it is ready."""
@@ -531,12 +586,11 @@ class Controller:
         self._apply(self.scheduler.process_exited(name, self.now(), reason, out_of_memory=out_of_memory))
         upstream.gone.set()
 
-    def upstream_unhealthy(self, upstream: Upstream | PeerLink, reason: str) -> None:
-        """Restart an upstream that lives but does not work; its requests in flight end with an error.
-        A peer is no process of ours: it is marked down until it answers again."""
-        if isinstance(upstream, PeerLink):
-            self.peers.failed(upstream, reason)
-            return
+    def request_finished(self, request_id: int) -> None:
+        self._apply(self.scheduler.request_finished(request_id, self.now()))
+
+    def upstream_unhealthy(self, upstream: Upstream, reason: str) -> None:
+        """Restart an upstream that lives but does not work; its requests in flight end with an error."""
         name = upstream.profile.name
         if self.upstreams.get(name) is not upstream:
             return

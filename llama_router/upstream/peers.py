@@ -71,8 +71,6 @@ class PeerLink:
     its own connection pool (its connect timeout is the peer's `timeout`; over TLS for https://,
     checked with `tls`)."""
 
-    stopping = False  # a peer is never being stopped by this router
-
     def __init__(
         self, name: str, url: PeerUrl, key: str | None, timeout: float, tls: ssl.SSLContext | None = None
     ) -> None:
@@ -85,10 +83,62 @@ class PeerLink:
         self.auth_header = f"Authorization: Bearer {key}\r\n".encode("latin-1") if key else b""
         self.tls = tls if url.scheme == "https" else None
         self.pool = UpstreamPool(connect_timeout=timeout, tls=self.tls)
-        self.gone = asyncio.Event()  # never set: a peer is no process of ours
 
-    def is_alive(self) -> bool:
-        return True
+
+class PeerTarget:
+    """A lease's target on a peer: its link, with the peer's health told how each request went."""
+
+    __slots__ = ("after_stall", "link", "listed_as", "peers")
+    takes_client_key = False  # its own key, never the client's
+    quiet_loads = True  # it may be loading the model, and say nothing meanwhile
+
+    def __init__(self, peers: Peers, link: PeerLink, route: str) -> None:
+        self.peers, self.link = peers, link
+        self.listed_as = route  # a peer's model answers a fallback under the name this router lists it by
+        self.after_stall = f"peer {link.name!r} counts as down"
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.link.address
+
+    @property
+    def authority(self) -> str:
+        return self.link.authority
+
+    @property
+    def pool(self) -> UpstreamPool:
+        return self.link.pool
+
+    @property
+    def credentials(self) -> bytes:
+        return self.link.auth_header
+
+    def request_target(self, target: str, ask_as: str | None, has_body: bool) -> str:
+        if ask_as is not None and not has_body:
+            target = with_model_query(target, ask_as)
+        return self.link.path_prefix + target
+
+    def patience(self) -> None:
+        return None
+
+    def serving(self) -> bool:
+        return True  # never being stopped by this router
+
+    def answered(self, seconds: float) -> None:
+        self.peers.answered(self.link, seconds)
+
+    def failed(self, reason: str) -> str:
+        self.peers.failed(self.link, reason)
+        return f" (peer {self.link.name!r} at {self.link.url})"
+
+    def unhealthy(self, reason: str) -> None:
+        self.peers.failed(self.link, reason)
+
+    async def died(self, grace: float) -> bool:
+        return False  # a peer is no process of ours
+
+    def release(self) -> None:
+        self.peers.give_back(self.link)
 
 
 @dataclass
@@ -513,14 +563,14 @@ class Peers:
 
     # ------------------------------------------------------------------------------------------ leases
 
-    def take(self, route: str) -> tuple[PeerLink, str]:
-        """A request for a route begins: the peer's link and the model's id there."""
+    def take(self, route: str) -> tuple[PeerTarget, str]:
+        """A request for a route begins: its target on the peer and the model's id there."""
         self.check_known(route)
         found = self.target(route)
         assert found is not None
         peer, model = found
         peer.in_flight += 1
-        return peer.link, model
+        return PeerTarget(self, peer.link, route), model
 
     def give_back(self, link: PeerLink) -> None:
         peer = self._peers.get(link.name)
