@@ -61,7 +61,7 @@ from llama_router.upstream.context_cache import ContextKeeper
 from llama_router.upstream.logs import LogBuffers
 from llama_router.upstream.peers import Peers
 from llama_router.upstream.rpc import probe_all, unanswered
-from llama_router.upstream.slots import SlotWatch, slot_work
+from llama_router.upstream.slots import SlotReader, Work, slot_work
 from llama_router.upstream.supervisor import LoadError, StoppedBeforeSpawn, Upstream
 from llama_router.upstream.target import Target
 from llama_router.upstream.upstream_http import UpstreamPool
@@ -135,7 +135,7 @@ class LocalTarget:
         return target
 
     def patience(self) -> Callable[[float], Awaitable[bool]]:
-        return functools.partial(self.controller.still_working, self.upstream)
+        return functools.partial(self.controller.slots.still_working, self.upstream)
 
     def serving(self) -> bool:
         upstream = self.upstream
@@ -193,8 +193,7 @@ class Controller:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._session: aiohttp.ClientSession | None = None
         self._socket_dir: Path | None = None  # upstreams' Unix sockets, private to the router
-        self._slot_watches: dict[Upstream, SlotWatch] = {}
-        self._slot_reads: dict[Upstream, asyncio.Future[None]] = {}
+        self.slots = SlotReader(self._read_slots, self.now)
 
     def _spec(self, profile: ResolvedProfile) -> ProfileSpec:
         return ProfileSpec(
@@ -573,8 +572,7 @@ class Controller:
         reason = upstream.exit_reason(when)
         if self.upstreams.get(name) is upstream:
             del self.upstreams[name]
-        self._slot_watches.pop(upstream, None)
-        self._slot_reads.pop(upstream, None)
+        self.slots.forget(upstream)
         out_of_memory = state is State.STARTING and any(OUT_OF_MEMORY.search(line) for line in upstream.log)
         if state is State.STOPPING:
             log.info("%s stopped", name)
@@ -626,21 +624,8 @@ class Controller:
             for gone in [upstream for upstream in misses if upstream.gone.is_set()]:
                 del misses[gone]
 
-    async def still_working(self, upstream: Upstream, silent: float) -> bool:
-        """Asked when a request has had nothing from `upstream` for `silent` seconds: whether the
-        upstream is at work (its slots show progress), so the request is queued behind others, not
-        stalled. One reading of `/slots` answers every request that asks at about the same time."""
-        watch = self._slot_watches.setdefault(upstream, SlotWatch())
-        if watch.due(self.now(), silent):
-            reading = self._slot_reads.get(upstream)
-            if reading is None or reading.done():
-                reading = asyncio.ensure_future(self._read_slots(upstream, watch, silent))
-                self._slot_reads[upstream] = reading
-            await asyncio.shield(reading)  # a request that goes away leaves the reading to the others
-        return watch.working(self.now(), silent)
-
-    async def _read_slots(self, upstream: Upstream, watch: SlotWatch, timeout: float) -> None:
-        """Read the upstream's `/slots` into `watch`; no answer within `timeout` reads as no work."""
+    async def _read_slots(self, upstream: Upstream, timeout: float) -> Work | None:
+        """The upstream's `/slots` as work in progress; no answer within `timeout` reads as none."""
         assert self._session is not None
         work = None
         try:
@@ -651,7 +636,7 @@ class Controller:
                     work = slot_work(await response.json(content_type=None))
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             log.debug("no /slots from %s: %s", upstream.profile.name, exc)
-        watch.read(work, self.now())
+        return work
 
     async def upstream_refused(self, upstream: Upstream, patience: float = 2.0) -> bool:
         """A connection to `upstream` was refused. If its process has died, wait until the router has

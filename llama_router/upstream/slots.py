@@ -1,17 +1,24 @@
 """Whether an upstream that sends nothing is at work: its `/slots`, read and compared over time.
 
-The relay asks (`Controller.still_working`) when a request has been silent for its stall limit;
-one reading of the upstream's `/slots` answers every request asking."""
+The relay asks (a local target's patience: `SlotReader.still_working`) when a request has been silent
+for its stall limit; one reading of the upstream's `/slots` answers every request asking.
+"""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
+from typing import Generic, TypeAlias, TypeVar
+
+Work: TypeAlias = tuple[tuple[int, int], ...]  # (task id, tokens done) per processing slot
+U = TypeVar("U", bound=Hashable)  # an upstream
 
 # Seconds within which one reading of an upstream's `/slots` answers every request that asks.
 SLOTS_READ_EVERY = 0.5
 
 
-def slot_work(payload: object) -> tuple[tuple[int, int], ...] | None:
+def slot_work(payload: object) -> Work | None:
     """What llama-server's `GET /slots` says its busy slots have done: (task id, prompt tokens
     processed + tokens generated) for each slot that is processing; None for another answer."""
     if not isinstance(payload, list):
@@ -43,7 +50,7 @@ class SlotWatch:
     server. The slots do: a server at work has a slot processing whose counters grow, while a wedged
     one shows none growing, or does not answer (its processing loop answers `/slots`)."""
 
-    work: tuple[tuple[int, int], ...] | None = None  # None: no reading, or no answer to the last one
+    work: Work | None = None  # None: no reading, or no answer to the last one
     since: float = 0.0  # when `work` was first read as it is
     read_at: float = float("-inf")
 
@@ -52,7 +59,7 @@ class SlotWatch:
         being judged (requests asking at about the same time share one)."""
         return now - self.read_at >= min(SLOTS_READ_EVERY, silent / 4)
 
-    def read(self, work: tuple[tuple[int, int], ...] | None, now: float) -> None:
+    def read(self, work: Work | None, now: float) -> None:
         """A reading of `/slots` (None: it did not answer, or has no such page)."""
         self.read_at = now
         if work is None or work != self.work:
@@ -63,3 +70,34 @@ class SlotWatch:
         is processing and the slots' counters moved within the last `silent` seconds (a first
         reading gets the benefit of the doubt until the next one, `silent` seconds later)."""
         return bool(self.work) and now - self.since < silent
+
+
+class SlotReader(Generic[U]):
+    """One `SlotWatch` per upstream, and the reading of its `/slots` in progress, shared by every
+    request that asks at about the same time."""
+
+    def __init__(self, read: Callable[[U, float], Awaitable[Work | None]], now: Callable[[], float]) -> None:
+        self._read, self._now = read, now
+        self._watches: dict[U, SlotWatch] = {}
+        self._reads: dict[U, asyncio.Future[None]] = {}
+
+    async def still_working(self, upstream: U, silent: float) -> bool:
+        """Asked when a request has had nothing from `upstream` for `silent` seconds: whether the
+        upstream is at work (its slots show progress), so the request is queued behind others, not
+        stalled."""
+        watch = self._watches.setdefault(upstream, SlotWatch())
+        if watch.due(self._now(), silent):
+            reading = self._reads.get(upstream)
+            if reading is None or reading.done():
+                reading = asyncio.ensure_future(self._reading(upstream, watch, silent))
+                self._reads[upstream] = reading
+            await asyncio.shield(reading)  # a request that goes away leaves the reading to the others
+        return watch.working(self._now(), silent)
+
+    async def _reading(self, upstream: U, watch: SlotWatch, timeout: float) -> None:
+        watch.read(await self._read(upstream, timeout), self._now())
+
+    def forget(self, upstream: U) -> None:
+        """The upstream is gone."""
+        self._watches.pop(upstream, None)
+        self._reads.pop(upstream, None)
