@@ -19,7 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from llama_router.config.schema import ConfigError, RouterConfig
-from llama_router.config.state import prepare_state_dir
+from llama_router.config.state import prepare_state_dir, state_dir
 from llama_router.config.tls import server_context
 from llama_router.core.errors import RouterError, printable
 from llama_router.front.access_log import IN_FLIGHT, InFlight, log_request
@@ -36,7 +36,9 @@ from llama_router.front.client_limits import (
 )
 from llama_router.front.cors import cors_headers, preflight_check
 from llama_router.front.error_response import error_response, router_error_response
+from llama_router.manage.activity import ActivityStore
 from llama_router.manage.api import Api
+from llama_router.manage.board import RequestBoard
 from llama_router.manage.dashboard import Dashboard
 from llama_router.manage.metrics import CONTENT_TYPE_LATEST as METRICS_CONTENT_TYPE
 from llama_router.manage.metrics import Metrics
@@ -80,7 +82,7 @@ def _error_response(request: web.Request, exc: Exception) -> web.StreamResponse:
 def each_request(
     in_flight: InFlight,
     metrics: Metrics,
-    dashboard: Dashboard,
+    board: RequestBoard,
     checks: Sequence[Check],
     with_body: Middleware,
 ) -> Middleware:
@@ -99,7 +101,7 @@ def each_request(
         record = RequestRecord(request.method, printable(request.path), time.perf_counter())
         request[RECORD] = record
         in_flight.begin()
-        dashboard.request_started(request)
+        board.request_started(request)
         response: web.StreamResponse | None = None
         try:
             try:
@@ -140,7 +142,7 @@ def each_request(
                 record.model = printable(record.model)
             if record.for_model:
                 metrics.request_done(record)
-            dashboard.request_ended(request, record)
+            board.request_ended(request, record)
             log_request(record, request)
 
     return middleware
@@ -155,7 +157,9 @@ def build_app(config: RouterConfig) -> web.Application:
     in_flight = InFlight()
     proxy = Proxy(controller)
     api = Api(controller, proxy)
-    dashboard = Dashboard(controller, api, key_ring)
+    activity = ActivityStore(state_dir(config) / "activity.sqlite3")
+    board = RequestBoard(activity, key_ring, controller.events)
+    dashboard = Dashboard(controller, api, key_ring, activity, board)
     body_budget = BodyBudget(lambda: int(controller.config.server.max_body_total_mb * MIB))
     # Keys are always checked: a reload may add keys to a router that started without any.
     checks = (
@@ -168,7 +172,7 @@ def build_app(config: RouterConfig) -> web.Application:
         lambda: controller.config.server.body_timeout,
         body_budget,
     )
-    middlewares: list[Any] = [each_request(in_flight, metrics, dashboard, checks, with_body)]
+    middlewares: list[Any] = [each_request(in_flight, metrics, board, checks, with_body)]
     app = web.Application(middlewares=middlewares, client_max_size=int(config.server.max_body_mb * MIB))
 
     def strip_auth_while_keys_are_set(keys: Keys) -> None:
@@ -185,6 +189,7 @@ def build_app(config: RouterConfig) -> web.Application:
     app[BODY_BUDGET] = body_budget
 
     async def on_startup(_: web.Application) -> None:
+        await activity.open()
         await dashboard.start()
         await controller.start()
 
@@ -199,6 +204,8 @@ def build_app(config: RouterConfig) -> web.Application:
         await controller.close(grace=current.server.context_save_timeout + stop + 1)
         metrics.close()
         await dashboard.close()
+        board.close()
+        await activity.close()
 
     app.on_startup.append(on_startup)
     app.on_response_prepare.append(cors_headers(lambda: controller.config.server.cors_origins))

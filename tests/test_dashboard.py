@@ -22,7 +22,7 @@ from llama_router.core.redact import redacted_args
 from llama_router.front.auth import Keys
 from llama_router.front.browser_guard import host_name, own_host
 from llama_router.manage.activity import ActivityRow, ActivityStore
-from llama_router.manage.dashboard import key_labels
+from llama_router.manage.board import key_labels
 from llama_router.relay.request_rules import Timings, parse_timings
 
 from .conftest import RouterFactory, fake_profile, wait_until

@@ -15,21 +15,19 @@ and just finished), and these endpoints for the state at a moment:
 - `GET /router/log` (`?lines=N`, `?follow=1`): the router's own log lines, as `/logs/<model>` does
   for a model.
 
-Per request the dashboard costs a dict entry while the request lasts and one row appended to a list
-when it ends; everything else happens at most every `REQUESTS_INTERVAL` seconds, or when asked.
+The live requests and the activity rows just written are the requests board's
+(llama_router/manage/board.py); the activity store is the app's, which opens and closes it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import mimetypes
 import os
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -37,7 +35,6 @@ from typing import Any
 from aiohttp import web
 
 from llama_router.config.schema import ResolvedProfile, RouterConfig
-from llama_router.config.state import state_dir
 from llama_router.core.errors import RouterError
 from llama_router.core.events import (
     DownloadProgress,
@@ -51,29 +48,25 @@ from llama_router.core.events import (
 )
 from llama_router.core.redact import redacted_args, redacted_env
 from llama_router.core.scheduler import State
-from llama_router.front.auth import KeyRing, Keys, is_admin, presented_key
-from llama_router.manage.activity import ActivityRow, ActivityStore, row_for
+from llama_router.front.auth import KeyRing, is_admin
+from llama_router.manage.activity import ActivityStore
 from llama_router.manage.api import Api
+from llama_router.manage.board import RequestBoard
 from llama_router.manage.logging_setup import TextFormatter
 from llama_router.manage.metrics import status_value
 from llama_router.manage.reload import reload_status
 from llama_router.relay.proxy import RECORD
-from llama_router.relay.request_rules import RequestRecord
 from llama_router.sizing.pagecache import cached_bytes
 from llama_router.upstream.controller import Controller
 from llama_router.upstream.logs import FollowableLog
 
 log = logging.getLogger("llama_router.dashboard")
 
-REQUESTS_INTERVAL = 0.5  # seconds between two `requests` events while requests come and go
 TIMELINE_EVENTS = 500  # lifecycle events kept for a page that opens later
 LOG_TAIL = 20  # lines of a failed model's output shown with it
 ROUTER_LOG_LINES = 1000
-EVENT_ROWS = 50  # activity rows carried by one `requests` event; a page fetches more if it wants them
-LISTED_REQUESTS = 200  # requests listed at most (the counts are always whole)
 DISK_FACTS_AGE = 2.0  # seconds page-cache and saved-cache figures are reused for
 _RUNNING = (State.STARTING, State.READY, State.STOPPING)
-_LIVE_ID: web.RequestKey[int] = web.RequestKey("llama_router.live_id", int)
 
 
 def _ui_files() -> dict[str, Path]:
@@ -94,14 +87,6 @@ UI_HEADERS = {
         "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
     ),
 }
-
-
-def key_labels(keys: Keys) -> dict[bytes, str]:
-    """A label for each accepted key (`api-1`, `admin-2`: its kind and place in the config), for
-    the activity log: which client it was, never the key itself."""
-    labels = {key: f"admin-{index}" for index, key in enumerate(keys.admin, 1)}
-    labels.update({key: f"api-{index}" for index, key in enumerate(keys.api, 1)})
-    return labels
 
 
 class _RouterLogHandler(logging.Handler):
@@ -132,30 +117,24 @@ class _RouterLogHandler(logging.Handler):
 
 
 class Dashboard:
-    """The page, its endpoints, the requests board, the timeline and the activity log's feed."""
+    """The page, its endpoints and the timeline; it reads the activity log and the requests board."""
 
-    def __init__(self, controller: Controller, api: Api, keys: KeyRing) -> None:
+    def __init__(
+        self, controller: Controller, api: Api, keys: KeyRing, activity: ActivityStore, board: RequestBoard
+    ) -> None:
         self.controller = controller
         self.api = api
         self.keys = keys
-        self.activity = ActivityStore(state_dir(controller.config) / "activity.sqlite3")
-        self.activity.on_written = self._rows_written
+        self.activity = activity  # the app's: it opens and closes it
+        self.board = board
         self.router_log = FollowableLog((), ROUTER_LOG_LINES)
         self.timeline: deque[dict[str, Any]] = deque(maxlen=TIMELINE_EVENTS)
         self.load_seconds: dict[str, float] = {}
         self.restarts: dict[str, int] = {}
         self._files = _ui_files()
-        self._live: dict[int, web.Request] = {}
-        self._ids = itertools.count(1)
-        self._labels: dict[bytes, str] = {}
-        self._written: list[dict[str, Any]] = []
-        self._dropped = 0
-        self._last_requests: list[dict[str, Any]] | None = None
-        self._timer: asyncio.TimerHandle | None = None
         self._log_handler: _RouterLogHandler | None = None
         self._disk_facts: tuple[float, RouterConfig, dict[str, dict[str, Any]]] | None = None
         self._sources: dict[str, tuple[ResolvedProfile, str]] = {}
-        keys.subscribe(self._keys_changed)
         controller.events.subscribe(self._on_event)
 
     # ------------------------------------------------------------------------------------------ lifecycle
@@ -163,16 +142,11 @@ class Dashboard:
     async def start(self) -> None:
         self._log_handler = _RouterLogHandler(self.router_log, asyncio.get_running_loop())
         logging.getLogger("llama_router").addHandler(self._log_handler)
-        await self.activity.open()
 
     async def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         if self._log_handler is not None:
             logging.getLogger("llama_router").removeHandler(self._log_handler)
             self._log_handler = None
-        await self.activity.close()
 
     def add_routes(self, app: web.Application) -> None:
         router = app.router
@@ -190,81 +164,8 @@ class Dashboard:
 
     # ------------------------------------------------------------------------------------------ requests
 
-    def request_started(self, request: web.Request) -> None:
-        """Called for every request as it arrives (by the outermost middleware)."""
-        live_id = next(self._ids)
-        request[_LIVE_ID] = live_id
-        self._live[live_id] = request
-        self._changed()
-
-    def request_ended(self, request: web.Request, record: RequestRecord) -> None:
-        """Called for every request once its last byte is out (or its client left)."""
-        self._live.pop(request.get(_LIVE_ID, 0), None)
-        if record.for_model:
-            key = None
-            if self.keys.enabled:
-                presented = presented_key(request)
-                key = self._labels.get(presented) if presented is not None else None
-            self.activity.add(row_for(record, client=request.remote, key=key))
-            self._changed()
-
-    def _keys_changed(self, keys: Keys) -> None:
-        self._labels = key_labels(keys)
-
-    def _changed(self) -> None:
-        """Something the `requests` event shows may have changed: send one within REQUESTS_INTERVAL."""
-        if self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(REQUESTS_INTERVAL, self._send_requests)
-
-    def _rows_written(self, first: int, rows: Sequence[ActivityRow]) -> None:
-        # Only the newest EVENT_ROWS are carried: only those become dicts.
-        kept = rows[-EVENT_ROWS:]
-        start = first + len(rows) - len(kept)
-        self._dropped += len(rows) - len(kept)
-        self._written.extend({"id": start + index, **row._asdict()} for index, row in enumerate(kept))
-        if len(self._written) > EVENT_ROWS:
-            self._dropped += len(self._written) - EVENT_ROWS
-            del self._written[:-EVENT_ROWS]
-        self._changed()
-
-    def _send_requests(self) -> None:
-        self._timer = None
-        listed = self.requests_now()
-        if listed == self._last_requests and not self._written:
-            return
-        self._last_requests = listed
-        rows, dropped = self._written, self._dropped
-        self._written, self._dropped = [], 0
-        self.controller.events.emit(RequestsChanged(listed, rows, dropped))
-        if any(entry["state"] == "waiting" for entry in listed):
-            self._changed()  # a waiting request starts running without arriving or ending: look again
-
-    def requests_now(self) -> list[dict[str, Any]]:
-        """The requests for a model that wait or run now, oldest first (at most LISTED_REQUESTS)."""
-        now_wall, now = time.time(), time.perf_counter()
-        listed = []
-        for live_id, request in self._live.items():
-            record = request[RECORD]
-            if not record.for_model or record.profile is None:
-                continue
-            entry: dict[str, Any] = {
-                "id": live_id,
-                "model": record.model,
-                "profile": record.profile,
-                "path": record.path,
-                "client": request.remote,
-                "arrived": round(now_wall - (now - record.started), 3),
-                "state": "waiting" if record.waited is None else "running",
-            }
-            if record.waited is not None:
-                entry["waited"] = round(record.waited, 3)
-            listed.append(entry)
-            if len(listed) >= LISTED_REQUESTS:
-                break
-        return listed
-
     async def requests(self, _: web.Request) -> web.Response:
-        return web.json_response({"requests": self.requests_now()})
+        return web.json_response({"requests": self.board.requests_now()})
 
     async def cancel(self, request: web.Request) -> web.Response:
         """End a waiting or running request: its client's connection is closed (as if it had left),
@@ -273,7 +174,7 @@ class Dashboard:
             live_id = int(request.match_info["id"])
         except ValueError:
             live_id = -1
-        target = self._live.get(live_id)
+        target = self.board.find(live_id)
         if target is None or target is request or not target[RECORD].for_model:
             raise RouterError(
                 404, f"no request {request.match_info['id']!r} is waiting or running", code="not_found"
@@ -299,8 +200,6 @@ class Dashboard:
                 self.restarts[model] = self.restarts.get(model, 0) + 1
             case FootprintLearned() | Reloaded():
                 self._sources.clear()
-        if self._live:
-            self._changed()  # waiting requests may have been dispatched
 
     # ------------------------------------------------------------------------------------------ page
 
@@ -346,7 +245,7 @@ class Dashboard:
                         {"model": name, **facts["file"]} for name, facts in disk.items() if facts.get("file")
                     ],
                 },
-                "requests": self.requests_now(),
+                "requests": self.board.requests_now(),
                 "timeline": list(self.timeline),
                 "reload": reload_status(request.app),
             }
