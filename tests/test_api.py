@@ -142,7 +142,7 @@ async def test_load_and_unload_answer_at_once_and_status_follows(
 
     status, body = await post_json(router, "/models/load", {"model": "m"})
     assert (status, body["status"]["value"]) == (200, "loaded"), "loading a loaded model is a no-op"
-    assert router.controller.scheduler.view("m").starts == 1
+    assert router.controller.view("m").starts == 1
 
     status, body = await post_json(router, "/models/unload", {"model": "m"})
     assert status == 200 and body["success"] is True, body
@@ -392,14 +392,14 @@ async def test_a_client_leaving_during_the_load_gives_up_its_place(
     router = await start_router(
         {"slow": fake_profile(dummy_model, "--load-delay", "1.0")}, loading_comment_interval=0.05
     )
-    scheduler = router.controller.scheduler
+    view = router.controller.view
     async with aiohttp.ClientSession(base_url=router.url) as session:
         response = await session.post(CHAT, json=chat_body("slow", stream=True))
         assert (await response.content.readline()).startswith(b": loading slow")
-        assert scheduler.view("slow").waiting == 1
+        assert view("slow").waiting == 1
         response.close()
-    await wait_until(lambda: scheduler.view("slow").waiting == 0, what="the request to leave the queue")
-    await wait_until(lambda: scheduler.view("slow").in_flight == 0, what="no request in flight")
+    await wait_until(lambda: view("slow").waiting == 0, what="the request to leave the queue")
+    await wait_until(lambda: view("slow").in_flight == 0, what="no request in flight")
 
 
 # ---------------------------------------------------------------------------------------------- streams

@@ -44,7 +44,7 @@ async def test_a_crash_loop_backs_off_between_tries_and_ends_failed_with_the_rea
     started = time.monotonic()
     status, body = await router.chat("broken")
     assert status == 503 and time.monotonic() - started < 2.0
-    assert router.controller.scheduler.view("broken").starts == 4
+    assert router.controller.view("broken").starts == 4
 
 
 async def test_an_out_of_memory_load_evicts_idle_models_and_succeeds_on_retry(
@@ -67,8 +67,8 @@ async def test_an_out_of_memory_load_evicts_idle_models_and_succeeds_on_retry(
     assert marker.exists(), "the first load really ran out of memory"
     running = {row["model"] for row in router.controller.describe() if row["state"] == "ready"}
     assert running == {"big"}, "the idle models made room for the retry"
-    assert router.controller.scheduler.view("big").starts == 2
-    await wait_until(lambda: router.controller.scheduler.view("a").state.value == "cold", what="a stopped")
+    assert router.controller.view("big").starts == 2
+    await wait_until(lambda: router.controller.view("a").state.value == "cold", what="a stopped")
 
 
 async def test_an_idle_model_failing_its_health_probes_is_restarted(
@@ -172,11 +172,11 @@ async def test_a_fallback_answers_when_the_primary_cannot_load(
         assert response.headers["X-Llama-Router-Fallback"] == "primary -> backup"
         body = await response.json()
     assert body["model"] == "backup", "the answer names the model that gave it"
-    assert router.controller.scheduler.view("primary").failed
+    assert router.controller.view("primary").failed
     # Known to be failed now: the next request goes straight to the fallback.
     async with router.session.post("/v1/chat/completions", json=payload) as response:
         assert response.status == 200
-    assert router.controller.scheduler.view("primary").starts == 1
+    assert router.controller.view("primary").starts == 1
     async with router.session.get("/metrics") as response:
         metrics = await response.text()
     assert 'llama_router_fallbacks_total{model="primary",served_by="backup"} 2.0' in metrics

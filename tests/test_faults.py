@@ -93,13 +93,13 @@ async def test_slow_load_serves_concurrent_requests_with_one_start(
 ) -> None:
     router = await start_router({"slow": fake_profile(dummy_model, "--load-delay", "0.5")})
     tasks = [asyncio.create_task(chat(router, "slow")) for _ in range(6)]
-    await wait_until(lambda: router.controller.scheduler.view("slow").state is State.STARTING, what="load")
+    await wait_until(lambda: router.controller.view("slow").state is State.STARTING, what="load")
     results = await asyncio.gather(*tasks)
     for status, body in results:
         assert status == 200, body
         assert body["model"] == "slow"
         assert body["choices"][0]["message"]["content"].startswith("Hello from")
-    assert router.controller.scheduler.view("slow").starts == 1
+    assert router.controller.view("slow").starts == 1
     assert len(upstream_processes()) == 1
 
 
@@ -124,7 +124,7 @@ async def test_crash_during_load_is_a_503_with_the_log_and_the_router_stays_up(
     assert status == 503, body
     error = assert_openai_error(body, "model_load_failed")
     assert "failed to load model" in error["message"]
-    assert router.controller.scheduler.view("broken").starts == 2
+    assert router.controller.view("broken").starts == 2
 
 
 async def test_load_timeout_is_a_503_and_the_process_is_stopped(
@@ -140,7 +140,7 @@ async def test_load_timeout_is_a_503_and_the_process_is_stopped(
     assert elapsed < 3.0
     await wait_until(lambda: not upstream_processes(), what="the hung upstream to be stopped")
     await wait_until(lambda: "hang" not in router.controller.upstreams, what="the router to forget it")
-    assert router.controller.scheduler.view("hang").state in (State.FAILED, State.COLD)
+    assert router.controller.view("hang").state in (State.FAILED, State.COLD)
 
 
 # ---------------------------------------------------------------------------------------------- crashes
@@ -172,11 +172,11 @@ async def test_crash_mid_stream_ends_the_stream_with_an_error_event(
     await wait_until(lambda: _not_running(router, "crashy"), what="the router to see the crash")
 
     # A request the fake does not crash on: the model is started again and answers.
-    starts = router.controller.scheduler.view("crashy").starts
+    starts = router.controller.view("crashy").starts
     async with router.session.post("/tokenize", json={"model": "crashy", "content": "ab"}) as response:
         assert response.status == 200, await response.text()
         assert (await response.json())["tokens"] == [97, 98]
-    assert router.controller.scheduler.view("crashy").starts == starts + 1
+    assert router.controller.view("crashy").starts == starts + 1
 
 
 async def test_next_request_right_after_a_crash_restarts_the_model(
@@ -236,7 +236,7 @@ async def test_upstream_exiting_while_idle_is_restarted_on_the_next_request(
     await wait_until(lambda: _not_running(router, "flaky"), what="the router to see the upstream exited")
     status, body = await chat(router, "flaky")
     assert status == 200, body
-    assert router.controller.scheduler.view("flaky").starts == 2
+    assert router.controller.view("flaky").starts == 2
 
 
 async def _not_running(router: RunningRouter, name: str) -> bool:
@@ -292,7 +292,7 @@ async def test_in_flight_request_survives_a_swap(start_router: RouterFactory, du
         return result
 
     slow = asyncio.create_task(timed_chat("a", fake_delay=1.0))
-    await wait_until(lambda: router.controller.scheduler.view("a").in_flight == 1, what="A in flight")
+    await wait_until(lambda: router.controller.view("a").in_flight == 1, what="A in flight")
     status_b, body_b = await timed_chat("b")
     status_a, body_a = await slow
 
@@ -320,7 +320,7 @@ async def test_drain_timeout_stops_a_busy_model_for_a_waiting_one(
     assert status == 200, body
     started = time.monotonic()
     slow = asyncio.create_task(chat(router, "a", fake_delay=5))
-    await wait_until(lambda: router.controller.scheduler.view("a").in_flight == 1, what="A in flight")
+    await wait_until(lambda: router.controller.view("a").in_flight == 1, what="A in flight")
 
     status_b, body_b = await chat(router, "b")
     b_elapsed = time.monotonic() - started
@@ -372,7 +372,7 @@ async def test_client_disconnect_mid_stream_cancels_the_upstream_request(
     response.close()
 
     await wait_until(lambda: _fake_idle(router, "long"), what="the fake upstream's request to be cancelled")
-    await wait_until(lambda: router.controller.scheduler.view("long").in_flight == 0, what="lease released")
+    await wait_until(lambda: router.controller.view("long").in_flight == 0, what="lease released")
     assert (await fake_last(router, "long"))["count"] == report["count"], "the stream was retried or replayed"
     status, body = await chat(router, "long", fake_chunks=2)
     assert status == 200, body
@@ -383,7 +383,7 @@ async def test_client_cancel_while_waiting_for_a_plain_answer_cancels_the_upstre
 ) -> None:
     router = await start_router({"slow": fake_profile(dummy_model)})
     task = asyncio.create_task(router.chat("slow", fake_delay=30))
-    await wait_until(lambda: router.controller.scheduler.view("slow").in_flight == 1, what="dispatch")
+    await wait_until(lambda: router.controller.view("slow").in_flight == 1, what="dispatch")
     await wait_until(lambda: _fake_busy(router, "slow"), what="the fake to get the request")
     upstream = router.controller.upstreams["slow"]
     assert upstream.pid is not None
@@ -399,7 +399,7 @@ async def test_client_cancel_while_waiting_for_a_plain_answer_cancels_the_upstre
         lambda: _upstream_connections(upstream.pid or 0, upstream.port) == 0,
         what="the router to close its connection to the upstream",
     )
-    await wait_until(lambda: router.controller.scheduler.view("slow").in_flight == 0, what="lease released")
+    await wait_until(lambda: router.controller.view("slow").in_flight == 0, what="lease released")
     status, body = await chat(router, "slow")
     assert status == 200, body
 

@@ -147,7 +147,7 @@ async def test_pinned_and_standby_models_on_a_gpu_behave_as_on_ram(
             "other": cuda("model:CUDA0:10000")(dummy_model),
         }
     )
-    view = router.controller.scheduler.view
+    view = router.controller.view
     await wait_until(lambda: view("warm").standby, what="the standby preload")
     await chat_ok(router, "pin")
     await settles_on(router, {"warm", "pin"})  # 22 of 23.5 GB
@@ -177,7 +177,7 @@ async def test_two_gpus_with_a_tensor_split_hold_what_fits_on_each(
     assert row["footprint"]["gpu1"] == pytest.approx(mib(13798.48) + GPU_MARGIN, abs=1024)
     await chat_ok(router, "second")  # 12 GB on gpu1 does not fit beside split's 14
     await settles_on(router, {"second"})
-    assert set(router.controller.scheduler.view("second").footprint) == {"gpu1", "ram"}
+    assert set(router.controller.view("second").footprint) == {"gpu1", "ram"}
     await chat_ok(router, "first")  # 9 GB on gpu0 fits beside second
     await settles_on(router, {"first", "second"})
     await chat_ok(router, "split")  # needs gpu1 from second; gpu0 still holds first beside it
@@ -241,13 +241,11 @@ async def test_a_footprint_learned_on_a_gpu_the_router_no_longer_sees_gives_way_
     profiles = {"m": cuda("model:CUDA0:8000")(dummy_model)}
     router = await start_router(profiles)
     await chat_ok(router, "m")
-    assert "gpu0" in router.controller.scheduler.view("m").footprint
+    assert "gpu0" in router.controller.view("m").footprint
     await router.close()
     nvidia(error="driver_not_loaded")  # a driver update waiting for a reboot, say
     again = await start_router(profiles)
-    assert set(again.controller.scheduler.view("m").footprint) == {"ram"}, (
-        "the estimate, not a gpu0 of 0 bytes"
-    )
+    assert set(again.controller.view("m").footprint) == {"ram"}, "the estimate, not a gpu0 of 0 bytes"
     await chat_ok(again, "m")
 
 
@@ -260,7 +258,7 @@ async def test_the_drivers_figure_for_a_gpu_without_a_budget_is_left_out(
     )
     router = await start_router({"m": profile}, memory={"gpus": [20000]})
     await chat_ok(router, "m")
-    assert set(router.controller.scheduler.view("m").footprint) == {"gpu0", "ram"}
+    assert set(router.controller.view("m").footprint) == {"gpu0", "ram"}
     async with router.session.post("/models/unload", json={"model": "m"}) as response:
         assert response.status == 200
     await settles_on(router, set())

@@ -204,4 +204,4 @@ async def test_the_real_llama_server_is_learned_from_the_buffers_it_logs(
     assert logged, "llama-server logged no buffer"
     assert {match["buffer"].strip() for match in logged} <= {"CPU", "CPU_Mapped", "CPU_REPACK"}
     in_ram = sum(int(float(match["mib"]) * MIB) for match in logged)
-    assert router.controller.scheduler.view("m").footprint == {"ram": in_ram + RAM_MARGIN}
+    assert router.controller.view("m").footprint == {"ram": in_ram + RAM_MARGIN}

@@ -56,7 +56,7 @@ async def fake_last(router: RunningRouter, name: str) -> dict[str, Any]:
 
 
 def no_process_started(router: RunningRouter) -> bool:
-    return upstream_processes() == [] and all(v.starts == 0 for v in router.controller.scheduler.views())
+    return upstream_processes() == [] and all(v.starts == 0 for v in router.controller.views())
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -188,8 +188,8 @@ async def test_alias_routes_to_its_profile_and_answers_with_the_alias(router: Ru
         ]
     assert events[-1] == "[DONE]"
     assert all(json.loads(event)["model"] == "a" for event in events[:-1])
-    assert router.controller.scheduler.view("alpha-model").starts == 1
-    assert router.controller.scheduler.view("beta-model").starts == 0
+    assert router.controller.view("alpha-model").starts == 1
+    assert router.controller.view("beta-model").starts == 0
 
 
 async def test_alias_is_the_model_in_answers_from_a_real_llama_server(
@@ -230,4 +230,4 @@ async def test_every_model_post_path_reaches_the_upstream(router: RunningRouter)
         if status != 200 or (last["method"], last["path"]) != ("POST", path) or last["body"] != payload:
             problems.append(f"{path}: {status} {text[:200]} (upstream saw {last['method']} {last['path']})")
     assert not problems, "\n".join(problems)
-    assert router.controller.scheduler.view("beta-model").starts == 1
+    assert router.controller.view("beta-model").starts == 1

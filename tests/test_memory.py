@@ -75,17 +75,17 @@ async def test_learned_footprint_replaces_the_estimate_and_survives_a_restart(
     profiles = {"m": fake_profile(dummy_model, "--memory-mib", "300")}
     state = tmp_path / "learned"
     router = await start_router(profiles, state_dir=str(state))
-    estimate = router.controller.scheduler.view("m").footprint["ram"]
+    estimate = router.controller.view("m").footprint["ram"]
     assert (await router.chat("m"))[0] == 200
     await wait_until(lambda: (state / "footprints.json").exists(), what="the learned footprint to be saved")
-    learned = router.controller.scheduler.view("m").footprint["ram"]
+    learned = router.controller.view("m").footprint["ram"]
     assert learned != estimate
     assert 300 * MIB <= learned < 400 * MIB
     saved = json.loads((state / "footprints.json").read_text())
     assert saved["m"]["footprint"]["ram"] == learned
     await router.close()
     again = await start_router(profiles, state_dir=str(state))
-    assert again.controller.scheduler.view("m").footprint["ram"] == learned
+    assert again.controller.view("m").footprint["ram"] == learned
 
 
 async def test_standby_profile_is_preloaded_and_yields_to_real_demand(
@@ -95,7 +95,7 @@ async def test_standby_profile_is_preloaded_and_yields_to_real_demand(
         {"warm": sized(dummy_model, 600, standby=True), "other": sized(dummy_model, 600)},
         memory={"ram": 1000},
     )
-    await wait_until(lambda: router.controller.scheduler.view("warm").standby, what="the standby preload")
+    await wait_until(lambda: router.controller.view("warm").standby, what="the standby preload")
     async with router.session.get("/v1/models") as response:
         states = {entry["id"]: entry["status"]["value"] for entry in (await response.json())["data"]}
     assert states["warm"] == "standby"
@@ -109,7 +109,7 @@ async def test_ttl_unloads_an_idle_model(start_router: RouterFactory, dummy_mode
     events: list[dict[str, Any]] = []
     router.controller.events.subscribe(lambda event: events.append(event.json()))
     assert (await router.chat("short"))[0] == 200
-    view = router.controller.scheduler.view
+    view = router.controller.view
     await wait_until(lambda: view("short").state.value == "cold", what="the ttl to unload the model")
     assert await running(router) == {}
     assert not upstream_processes()

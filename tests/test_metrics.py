@@ -122,7 +122,7 @@ async def test_queue_depth_and_loading_state_while_a_model_loads(
     router = await start_router({"slow": fake_profile(dummy_model, "--load-delay", "0.8")})
     tasks = [asyncio.create_task(router.chat("slow")) for _ in range(3)]
     deadline = time.monotonic() + 10
-    while router.controller.scheduler.queue_depth < 3:
+    while router.controller.queue_depth < 3:
         assert time.monotonic() < deadline, "the requests did not queue"
         await asyncio.sleep(0.01)
     samples = await scrape(router)

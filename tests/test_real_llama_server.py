@@ -106,7 +106,7 @@ async def test_concurrent_requests_across_a_swap_are_all_served(
     for model, (status, body) in zip(models, results, strict=True):
         assert status == 200, body
         assert body["model"] == model
-    starts = {view.name: view.starts for view in router.controller.scheduler.views()}
+    starts = {view.name: view.starts for view in router.controller.views()}
     # Requests for the same model are batched: far fewer loads than requests.
     assert sum(starts.values()) <= 4, starts
 

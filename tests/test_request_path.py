@@ -438,7 +438,7 @@ async def test_mixed_traffic_across_swaps_leaves_nothing_behind(
     assert swaps > 0, "the two models took turns"
 
     async def all_idle() -> bool:
-        views = router.controller.scheduler.views()
+        views = router.controller.views()
         if any(view.in_flight or view.waiting for view in views):
             return False
         reports = [await fake_report(router, name) for name in list(router.controller.upstreams)]
