@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import os
 import sys
 import time
@@ -73,6 +74,29 @@ def dummy_model(tmp_path: Path) -> Path:
 def fake_profile(model: Path, *flags: str, **extra: Any) -> dict[str, Any]:
     """A profile that runs the fake upstream with the given fault flags."""
     return {"model": str(model), "binary": sys.executable, "args": [str(FAKE_UPSTREAM), *flags], **extra}
+
+
+# The error types OpenAI's API answers with, by status (any other 4xx: invalid_request_error).
+OPENAI_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
+
+
+def assert_openai_error(body: Any, code: str | None = None, *, status: int | None = None) -> dict[str, Any]:
+    """`body` (parsed, or the JSON text) is `{"error": {"message", "type", "code"}}`, the one shape of
+    every refusal: a message, the type its `status` gives (when given), and `code` (when given).
+    Returns the inner error, for assertions on its message."""
+    if isinstance(body, (str, bytes)):
+        body = json.loads(body)
+    assert isinstance(body, dict) and set(body) == {"error"}, body
+    error = body["error"]
+    assert isinstance(error, dict) and {"message", "type", "code"} <= set(error), error
+    assert isinstance(error["message"], str) and error["message"], error
+    assert isinstance(error["type"], str) and error["type"], error
+    if status is not None:
+        kind = OPENAI_ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+        assert error["type"] == kind, (status, error)
+    if code is not None:
+        assert error["code"] == code, error
+    return dict(error)
 
 
 class RunningRouter:

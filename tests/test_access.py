@@ -11,7 +11,7 @@ import pytest
 
 from llama_router.front.auth import ACCESS, Access, access_of
 
-from .conftest import RouterFactory, RunningRouter, fake_profile
+from .conftest import RouterFactory, RunningRouter, assert_openai_error, fake_profile
 
 # (method, path with query, JSON body, what it needs where keys are configured)
 CALLS: list[tuple[str, str, Any, Access]] = [
@@ -120,7 +120,7 @@ async def test_a_get_naming_a_model_reaches_only_its_read_only_api(
     for path in ("/etc/shadow", "/fake/last", "/index.html", "/tools", "/v1/props", "/health/../etc"):
         status, body = await call(router, "GET", f"{path}?model=m", None, None)
         assert status == 404, (path, body)
-        assert body["error"]["code"] == "not_found"
+        assert_openai_error(body, "not_found")
         assert "/props, /slots, /metrics, /lora-adapters" in body["error"]["message"]
     assert router.controller.upstreams == {}, "no refused path loaded the model"
     status, props = await call(router, "GET", "/props?model=m", None, None)

@@ -18,7 +18,14 @@ from llama_router.config.schema import load_config
 from llama_router.sizing.context_window import training_length
 from tests.make_tiny_models import make_model
 
-from .conftest import RouterFactory, RunningRouter, fake_profile, upstream_processes, wait_until
+from .conftest import (
+    RouterFactory,
+    RunningRouter,
+    assert_openai_error,
+    fake_profile,
+    upstream_processes,
+    wait_until,
+)
 
 CHAT = "/v1/chat/completions"
 
@@ -46,13 +53,6 @@ async def wait_status(router: RunningRouter, model: str, value: str, timeout: fl
         if time.monotonic() > deadline:
             raise AssertionError(f"{model} stayed {current!r}, expected {value!r}")
         await asyncio.sleep(0.02)
-
-
-def assert_error(body: Any, code: str) -> dict[str, Any]:
-    assert isinstance(body, dict) and set(body) == {"error"}, body
-    assert body["error"]["code"] == code, body
-    assert body["error"]["message"] and body["error"]["type"], body
-    return dict(body["error"])
 
 
 def sse_lines(raw: bytes) -> list[str]:
@@ -115,7 +115,7 @@ async def test_models_lists_answer_from_memory_with_status_and_context(
     assert (status, one) == (200, entries["chat"])
     status, body = await get_json(router, "/v1/models/nope")
     assert status == 404
-    assert_error(body, "model_not_found")
+    assert_openai_error(body, "model_not_found")
     assert upstream_processes() == [], "listing never starts anything"
 
 
@@ -181,13 +181,13 @@ async def test_control_errors_are_openai_shaped(start_router: RouterFactory, dum
     for path in ("/models/load", "/models/unload"):
         status, body = await post_json(router, path, {"model": "nope"})
         assert status == 404
-        assert "m" in assert_error(body, "model_not_found")["message"]
+        assert "m" in assert_openai_error(body, "model_not_found")["message"]
         status, body = await post_json(router, path, {})
         assert status == 400
-        assert_error(body, "missing_model")
+        assert_openai_error(body, "missing_model")
         async with router.session.post(path, data=b"{not json") as response:
             assert response.status == 400
-            assert_error(await response.json(), "invalid_json")
+            assert_openai_error(await response.json(), "invalid_json")
     assert upstream_processes() == []
 
 
@@ -197,7 +197,7 @@ async def test_a_failed_load_is_a_503_with_the_log_and_a_failed_status(
     router = await start_router({"broken": fake_profile(dummy_model, "--crash-during-load")})
     status, body = await post_json(router, "/models/load?wait=1", {"model": "broken"})
     assert status == 503
-    assert "failed to load model" in assert_error(body, "model_load_failed")["message"]
+    assert "failed to load model" in assert_openai_error(body, "model_load_failed")["message"]
     status, listing = await get_json(router, "/v1/models")
     [entry] = listing["data"]
     assert entry["status"]["value"] == "failed"
@@ -242,7 +242,7 @@ async def test_upstream_passthrough_keeps_method_path_query_and_body(
     assert (status, props["build_info"]) == (200, "fake_upstream")
     status, body = await get_json(router, "/upstream/nope/props")
     assert status == 404
-    assert_error(body, "model_not_found")
+    assert_openai_error(body, "model_not_found")
 
 
 # ---------------------------------------------------------------------------------------------- routing
@@ -255,7 +255,7 @@ async def test_other_servers_probe_paths_are_404(
     router = await start_router({"m": fake_profile(dummy_model)})
     status, body = await get_json(router, path)
     assert status == 404
-    assert_error(body, "not_found")
+    assert_openai_error(body, "not_found")
 
 
 async def test_gets_route_by_model_query(start_router: RouterFactory, dummy_model: Path) -> None:
@@ -264,7 +264,8 @@ async def test_gets_route_by_model_query(start_router: RouterFactory, dummy_mode
     assert (status, props["build_info"]) == (200, "fake_upstream")
     # Any other GET naming a model is a 404: only the upstream's read-only API is reached this way.
     status, body = await get_json(router, "/fake/last", params={"model": "m"})
-    assert status == 404 and body["error"]["code"] == "not_found", body
+    assert status == 404, body
+    assert_openai_error(body, "not_found", status=status)
 
 
 async def test_bare_probes_answer_as_llama_server_router_mode_and_are_no_errors(
@@ -281,7 +282,7 @@ async def test_bare_probes_answer_as_llama_server_router_mode_and_are_no_errors(
     for path in ("/v1/props", "/version"):
         status, body = await get_json(router, path)
         assert status == 404, path
-        assert_error(body, "not_found")
+        assert_openai_error(body, "not_found")
     status, props = await get_json(router, "/props", params={"model": "m"})
     assert status == 200 and props["build_info"] == "fake_upstream", "with ?model= it is the model's"
     async with router.session.get("/metrics") as response:
@@ -382,7 +383,7 @@ async def test_a_load_failing_after_comments_ends_the_stream_with_an_error_event
     assert lines[0].startswith(": loading broken")
     data = [line[len("data: ") :] for line in lines if line.startswith("data: ")]
     assert len(data) == 1, lines
-    error = assert_error(json.loads(data[0]), "model_load_failed")
+    error = assert_openai_error(json.loads(data[0]), "model_load_failed")
     assert "failed to load model" in error["message"]
 
 
@@ -485,7 +486,7 @@ async def test_logs_show_the_buffer_and_follow_streams_new_lines_until_the_clien
     await wait_until(lambda: api.log_followers == 0, what="the follower to be dropped")
     status, body = await get_json(router, "/logs/nope")
     assert status == 404
-    assert_error(body, "model_not_found")
+    assert_openai_error(body, "model_not_found")
 
 
 async def test_shutting_down_ends_open_event_and_log_streams(

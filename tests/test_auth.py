@@ -14,7 +14,7 @@ import yaml
 from llama_router.app import build_app
 from llama_router.config.schema import ConfigError, ServerConfig, load_config
 
-from .conftest import RouterFactory, RunningRouter, fake_profile
+from .conftest import RouterFactory, RunningRouter, assert_openai_error, fake_profile
 
 CHAT = "/v1/chat/completions"
 HERMES_PROBES = ("/api/v1/models", "/api/tags", "/v1/props", "/props")
@@ -33,12 +33,6 @@ async def call(
         return response.status, dict(response.headers), body
 
 
-def assert_error(body: Any, code: str) -> None:
-    assert isinstance(body, dict) and set(body) == {"error"}, body
-    assert body["error"]["code"] == code, body
-    assert body["error"]["message"], body
-
-
 async def test_api_keys_guard_everything_but_health(start_router: RouterFactory, dummy_model: Path) -> None:
     router = await start_router({"m": fake_profile(dummy_model)}, api_keys=["user-key"])
     status, _, body = await call(router, "GET", "/health")
@@ -48,12 +42,12 @@ async def test_api_keys_guard_everything_but_health(start_router: RouterFactory,
         status, headers, body = await call(router, "GET", path)
         assert status == 401, (path, body)
         assert headers["WWW-Authenticate"].startswith("Bearer")
-        assert_error(body, "invalid_api_key")
+        assert_openai_error(body, "invalid_api_key")
     status, _, body = await call(router, "POST", CHAT, json={"model": "m", "messages": []})
     assert status == 401
     status, _, body = await call(router, "GET", "/v1/models", bearer("wrong"))
     assert status == 401
-    assert_error(body, "invalid_api_key")
+    assert_openai_error(body, "invalid_api_key")
 
     status, _, body = await call(router, "GET", "/v1/models", bearer("user-key"))
     assert (status, [entry["id"] for entry in body["data"]]) == (200, ["m"])
@@ -101,7 +95,7 @@ async def test_admin_keys_guard_the_control_endpoints(start_router: RouterFactor
         assert status == 401, (path, body)
         status, _, body = await call(router, method, path, bearer("user-key"), json=payload)
         assert status == 403, (path, body)
-        assert_error(body, "admin_key_required")
+        assert_openai_error(body, "admin_key_required")
         status, _, body = await call(router, method, path, bearer("wrong"), json=payload)
         assert status == 401, (path, body)
     assert router.controller.upstreams == {}, "nothing was loaded by a refused request"

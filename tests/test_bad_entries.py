@@ -17,7 +17,7 @@ from llama_router.cli import main
 from llama_router.config.schema import load_config
 from llama_router.core.scheduler import Fail, FailReason, ProfileSpec, Rules, Scheduler, Start, State
 from llama_router.sizing.footprint import FootprintStore
-from tests.conftest import ROOT, RouterFactory, fake_profile, wait_until
+from tests.conftest import ROOT, RouterFactory, assert_openai_error, fake_profile, wait_until
 from tests.router_process import RouterProcess, write_config
 
 
@@ -153,7 +153,7 @@ async def test_a_profile_whose_binary_is_gone_is_failed_while_the_others_serve(
             assert response.status == 200
         async with session.post("/v1/chat/completions", json={"model": "gone", **chat}) as response:
             assert response.status == 503
-            error = (await response.json())["error"]
+            error = assert_openai_error(await response.json(), status=response.status)
         assert error["code"] == "model_load_failed"
         assert "profiles.gone.binary" in error["message"] and str(missing) in error["message"]
         async with session.get("/v1/models") as response:

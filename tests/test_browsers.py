@@ -9,7 +9,7 @@ from typing import Any
 
 import aiohttp
 
-from tests.conftest import RouterFactory, RunningRouter, fake_profile
+from tests.conftest import RouterFactory, RunningRouter, assert_openai_error, fake_profile
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 EVIL = "http://evil.example"
@@ -37,7 +37,7 @@ async def test_llama_servers_cors_headers_are_not_passed_on(
         "/v1/chat/completions", data='{"model": "m"}', headers={"Origin": EVIL, "Content-Type": "text/plain"}
     ) as response:  # the "simple" request a page may send without asking first
         assert response.status == 403
-        assert (await response.json())["error"]["code"] == "cross_origin_refused"
+        assert_openai_error(await response.json(), "cross_origin_refused", status=response.status)
         assert "Access-Control-Allow-Origin" not in response.headers
 
 
@@ -78,7 +78,8 @@ async def test_only_the_routers_own_names_and_the_allowed_ones_are_served(
 ) -> None:
     router = await start_router({"m": fake_profile(dummy_model)}, allowed_hosts=["llm.home.lan"])
     status, body, _ = await _get(router, "/v1/models", Host="evil.example")
-    assert status == 403 and body["error"]["code"] == "host_not_allowed"
+    assert status == 403, body
+    assert_openai_error(body, "host_not_allowed", status=status)
     assert "server.allowed_hosts" in body["error"]["message"]
     for host in ("llm.home.lan", "LLM.home.lan:8080", "localhost", f"127.0.0.1:{router.port}"):
         assert (await _get(router, "/v1/models", Host=host))[0] == 200, host

@@ -19,7 +19,7 @@ import pytest
 from llama_router.app import BODY_BUDGET
 from llama_router.front.client_limits import MIB
 from llama_router.relay.request_rules import SMALL_VALUE, top_level_fields
-from tests.conftest import RouterFactory, RunningRouter, fake_profile, wait_until
+from tests.conftest import RouterFactory, RunningRouter, assert_openai_error, fake_profile, wait_until
 from tests.router_process import RouterProcess, write_config
 
 TIMEOUT = 5.0
@@ -68,7 +68,8 @@ async def test_a_body_over_the_limit_is_refused_before_it_is_read(
     async with connected(router) as (reader, writer):
         writer.write(head("POST", "/v1/chat/completions", f"Content-Length: {200 * 1024 * 1024}"))
         status, _, body = await answer(reader)  # no byte of the 200 MB was sent
-        assert status == 413 and body["error"]["code"] == "request_too_large"
+        assert status == 413, body
+        assert_openai_error(body, "request_too_large", status=status)
         assert "server.max_body_mb" in body["error"]["message"]
         assert await closed(reader)
     assert router.controller.upstreams == {}
@@ -86,7 +87,8 @@ async def test_a_body_without_a_length_is_cut_off_at_the_limit(
                 writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
                 await writer.drain()
         status, _, body = await answer(reader)
-        assert status == 413 and body["error"]["code"] == "request_too_large"
+        assert status == 413, body
+        assert_openai_error(body, "request_too_large", status=status)
 
 
 async def test_a_body_under_the_limit_is_served(start_router: RouterFactory, dummy_model: Path) -> None:
@@ -105,7 +107,8 @@ async def test_a_stalled_body_gets_408_and_its_connection_closed(
         writer.write(head("POST", "/v1/chat/completions", "Content-Length: 1000") + b'{"model": "m"')
         started = time.monotonic()
         status, _, body = await answer(reader)
-        assert status == 408 and body["error"]["code"] == "request_timeout"
+        assert status == 408, body
+        assert_openai_error(body, "request_timeout", status=status)
         assert 0.3 <= time.monotonic() - started < 3
         assert await closed(reader)
 
@@ -129,7 +132,8 @@ async def test_a_trickled_body_is_bounded_by_a_total_time_not_a_timer_per_byte(
             status, _, body = await answer(reader)
         finally:
             trickling.cancel()
-        assert status == 408 and body["error"]["code"] == "request_timeout"
+        assert status == 408, body
+        assert_openai_error(body, "request_timeout", status=status)
         assert "did not arrive within 0.5s (server.body_timeout)" in body["error"]["message"]
 
 
@@ -155,7 +159,7 @@ async def test_past_the_total_for_bodies_a_new_body_gets_503_before_it_is_read(
         writer.write(head("POST", "/v1/chat/completions", f"Content-Length: {len(payload)}"))  # no body
         status, headers, body = await answer(reader)
         assert status == 503 and headers["retry-after"] == "1"
-        assert body["error"]["code"] == "bodies_over_capacity"
+        assert_openai_error(body, "bodies_over_capacity")
         assert "server.max_body_total_mb" in body["error"]["message"]
         assert await closed(reader)
     async with router.session.get("/health") as response:
@@ -186,7 +190,7 @@ async def test_a_body_without_a_length_gets_503_when_it_grows_past_the_total(
         writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
         status, headers, body = await answer(reader)
         assert status == 503 and headers["retry-after"] == "1"
-        assert body["error"]["code"] == "bodies_over_capacity"
+        assert_openai_error(body, "bodies_over_capacity")
     assert budget.held == MIB - 1000  # the refused body gave back what it took
     holder.close()
     await wait_until(lambda: budget.held == 0, what="the held body to be given back")
@@ -233,7 +237,8 @@ async def test_past_the_connection_cap_a_client_is_told_and_health_still_answers
         async with connected(router) as (reader, writer):
             writer.write(head("POST", "/v1/chat/completions", "Content-Length: 2") + b"{}")
             status, headers, body = await answer(reader)
-            assert status == 503 and body["error"]["code"] == "too_many_connections"
+            assert status == 503, body
+            assert_openai_error(body, "too_many_connections", status=status)
             assert headers["retry-after"] == "1"
             assert await closed(reader)
     await asyncio.sleep(0.05)  # the router has seen them go
@@ -251,7 +256,7 @@ async def test_a_body_the_json_parser_cannot_take_is_a_400(
     ):
         async with router.session.post("/v1/chat/completions", data=raw) as response:
             assert response.status == 400
-            assert (await response.json())["error"]["code"] == "invalid_json"
+            assert_openai_error(await response.json(), "invalid_json", status=response.status)
     assert router.controller.upstreams == {}
 
 
@@ -283,7 +288,7 @@ async def test_a_large_body_is_read_for_its_model_without_parsing_it_whole(
     broken = '{"model": "m", "messages": [{"role": "user", "content": "' + text + '"}]'  # no closing brace
     async with router.session.post("/v1/chat/completions", data=broken) as response:
         assert response.status == 400
-        assert (await response.json())["error"]["code"] == "invalid_json"
+        assert_openai_error(await response.json(), "invalid_json", status=response.status)
 
 
 @pytest.mark.parametrize(

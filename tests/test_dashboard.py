@@ -25,8 +25,8 @@ from llama_router.manage.activity import ActivityRow, ActivityStore
 from llama_router.manage.board import key_labels
 from llama_router.relay.request_rules import Timings, parse_timings
 
-from .conftest import RouterFactory, fake_profile, wait_until
-from .test_api import CHAT, assert_error, chat_body, get_json, post_json, read_event
+from .conftest import RouterFactory, assert_openai_error, fake_profile, wait_until
+from .test_api import CHAT, chat_body, get_json, post_json, read_event
 
 
 def row(model: str = "m", status: int = 200, **extra: Any) -> ActivityRow:
@@ -219,10 +219,10 @@ async def test_finished_requests_become_activity_rows_with_tokens_speeds_and_tim
     assert exported["generated_tokens"] == str(streamed["generated_tokens"])
     status, body = await get_json(router, "/activity", params={"status": "teapot"})
     assert status == 400
-    assert_error(body, "invalid_filter")
+    assert_openai_error(body, "invalid_filter")
     status, body = await get_json(router, "/activity", params={"limit": "many"})
     assert status == 400
-    assert_error(body, "invalid_filter")
+    assert_openai_error(body, "invalid_filter")
 
     await router.close()
     again = await start_router(profiles, state_dir=str(tmp_path / "kept"))
@@ -376,7 +376,7 @@ async def test_the_page_is_served_at_ui_and_browsers_are_sent_there(
     for path in ("/", "/api/tags", "/api/v1/models"):
         status, body = await get_json(router, path, headers={"Authorization": "Bearer user-key"})
         assert status == 404, path
-        assert_error(body, "not_found")
+        assert_openai_error(body, "not_found")
     status, body = await get_json(router, "/ui/secrets.txt")
     assert status == 404
     status, body = await get_json(router, "/overview")
@@ -421,7 +421,7 @@ async def test_waiting_requests_are_listed_on_the_events_feed_and_cancel_ends_th
         assert event["requests"] == []
         status, body = await post_json(router, f"/requests/{waiting['id']}/cancel")
         assert status == 404
-        assert_error(body, "not_found")
+        assert_openai_error(body, "not_found")
 
         # The plain feed got the model's lifecycle only, never the requests.
         plain_events: list[dict[str, Any]] = []
@@ -439,7 +439,7 @@ async def test_cancel_needs_an_admin_key_where_admin_keys_are_set(
     router = await start_router({"m": fake_profile(dummy_model)}, api_keys=["user"], admin_keys=["root"])
     status, body = await post_json(router, "/requests/1/cancel", headers={"Authorization": "Bearer user"})
     assert status == 403
-    assert_error(body, "admin_key_required")
+    assert_openai_error(body, "admin_key_required")
     status, body = await post_json(router, "/requests/1/cancel", headers={"Authorization": "Bearer root"})
     assert status == 404, "an admin may cancel; there is no request 1 now"
     status, body = await get_json(router, "/requests", headers={"Authorization": "Bearer user"})
@@ -507,17 +507,17 @@ async def test_without_keys_foreign_hosts_and_cross_origin_state_changes_are_ref
     port = router.port
     status, body = await get_json(router, "/v1/models", headers={"Host": f"evil.example:{port}"})
     assert status == 403, "a DNS-rebound name"
-    assert_error(body, "host_not_allowed")
+    assert_openai_error(body, "host_not_allowed")
     assert (await get_json(router, "/v1/models", headers={"Host": f"localhost:{port}"}))[0] == 200
     assert (await get_json(router, "/health", headers={"Host": "evil.example"}))[0] == 200
 
     foreign = {"Origin": "http://evil.example"}
     status, body = await post_json(router, "/models/load", {"model": "m"}, headers=foreign)
     assert status == 403
-    assert_error(body, "cross_origin_refused")
+    assert_openai_error(body, "cross_origin_refused")
     status, body = await post_json(router, CHAT, chat_body("m"), headers={"Sec-Fetch-Site": "cross-site"})
     assert status == 403
-    assert_error(body, "cross_origin_refused")
+    assert_openai_error(body, "cross_origin_refused")
     status, body = await get_json(router, "/unload", headers={"Sec-Fetch-Site": "cross-site"})
     assert status == 403, "llama-swap's GET /unload changes state too"
     assert router.controller.view("m").state.value == "cold", "nothing was loaded"
@@ -540,4 +540,4 @@ async def test_with_keys_the_key_is_the_guard_whatever_the_host(
     assert (await post_json(router, CHAT, chat_body("m"), headers=headers))[0] == 200
     status, body = await post_json(router, CHAT, chat_body("m"), headers={"Host": "router.example.org"})
     assert status == 401
-    assert_error(body, "invalid_api_key")
+    assert_openai_error(body, "invalid_api_key")

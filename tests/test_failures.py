@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .conftest import RouterFactory, RunningRouter, fake_profile, wait_until
+from .conftest import RouterFactory, RunningRouter, assert_openai_error, fake_profile, wait_until
 
 
 async def model_status(router: RunningRouter, name: str) -> str:
@@ -31,7 +31,7 @@ async def test_a_crash_loop_backs_off_between_tries_and_ends_failed_with_the_rea
     status, body = await router.chat("broken")
     elapsed = time.monotonic() - started
     assert status == 503
-    assert body["error"]["code"] == "model_load_failed"
+    assert_openai_error(body, "model_load_failed")
     assert "failed 3 times" in body["error"]["message"]
     assert "failed to load model" in body["error"]["message"]  # the log tail
     assert elapsed >= 0.2 + 0.4, "the retries backed off: 0.2 s, then 0.4 s"

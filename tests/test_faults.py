@@ -24,24 +24,20 @@ from llama_router.core.events import Event, Stopping
 from llama_router.core.scheduler import State
 from llama_router.upstream.supervisor import Upstream
 
-from .conftest import ROOT, RouterFactory, RunningRouter, fake_profile, upstream_processes, wait_until
+from .conftest import (
+    ROOT,
+    RouterFactory,
+    RunningRouter,
+    assert_openai_error,
+    fake_profile,
+    upstream_processes,
+    wait_until,
+)
 
 CHAT = "/v1/chat/completions"
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-
-def assert_openai_error(body: Any, code: str | None = None) -> dict[str, Any]:
-    """`body` is `{"error": {"message", "type", "code"}}`; returns the inner error."""
-    assert isinstance(body, dict) and set(body) == {"error"}, body
-    error = body["error"]
-    assert {"message", "type", "code"} <= set(error), error
-    assert isinstance(error["message"], str) and error["message"], error
-    assert isinstance(error["type"], str) and error["type"], error
-    if code is not None:
-        assert error["code"] == code, error
-    return dict(error)
 
 
 async def chat(router: RunningRouter, model: str, timeout: float = 10, **body: Any) -> tuple[int, Any]:

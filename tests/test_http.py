@@ -11,7 +11,7 @@ import pytest
 
 from llama_router.relay.request_rules import MODEL_POST_PATHS
 
-from .conftest import RouterFactory, RunningRouter, fake_profile, upstream_processes
+from .conftest import RouterFactory, RunningRouter, assert_openai_error, fake_profile, upstream_processes
 
 
 async def call(
@@ -22,20 +22,6 @@ async def call(
         text = await response.text()
         assert "Traceback" not in text, text
         return response.status, dict(response.headers), text
-
-
-def openai_error(status: int, text: str, expected_status: int, code: str | None = None) -> dict[str, Any]:
-    """`text` is `{"error": {"message", "type", "code"}}` with `expected_status`; returns the inner error."""
-    assert status == expected_status, text
-    body = json.loads(text)
-    assert isinstance(body, dict) and set(body) == {"error"}, body
-    error = body["error"]
-    assert {"message", "type", "code"} <= set(error), error
-    assert isinstance(error["message"], str) and error["message"]
-    assert error["type"] == ("server_error" if status >= 500 else "invalid_request_error")
-    if code is not None:
-        assert error["code"] == code, error
-    return dict(error)
 
 
 @pytest.fixture
@@ -66,7 +52,8 @@ async def test_missing_model_is_400(router: RunningRouter) -> None:
     bodies: list[dict[str, Any]] = [{"messages": []}, {"model": "", "messages": []}, {"model": None}]
     for body in bodies:
         status, _, text = await call(router, "POST", "/v1/chat/completions", json=body)
-        error = openai_error(status, text, 400, "missing_model")
+        assert status == 400, text
+        error = assert_openai_error(text, "missing_model", status=status)
         assert "model" in error["message"]
     assert no_process_started(router)
 
@@ -74,13 +61,15 @@ async def test_missing_model_is_400(router: RunningRouter) -> None:
 async def test_model_that_is_not_a_string_is_400(router: RunningRouter) -> None:
     for model in (3, ["alpha"], {"id": "alpha"}):
         status, _, text = await call(router, "POST", "/v1/chat/completions", json={"model": model})
-        openai_error(status, text, 400)
+        assert status == 400, text
+        assert_openai_error(text, status=status)
     assert no_process_started(router)
 
 
 async def test_unknown_model_is_404_listing_the_known_names(router: RunningRouter) -> None:
     status, _, text = await call(router, "POST", "/v1/chat/completions", json={"model": "gpt-4o"})
-    error = openai_error(status, text, 404, "model_not_found")
+    assert status == 404, text
+    error = assert_openai_error(text, "model_not_found", status=status)
     assert "gpt-4o" in error["message"]
     for name in ("alpha-model", "beta-model", "alpha"):
         assert name in error["message"]
@@ -94,14 +83,16 @@ async def test_unknown_model_is_404_listing_the_known_names(router: RunningRoute
 async def test_malformed_json_is_400(router: RunningRouter, data: bytes) -> None:
     headers = {"Content-Type": "application/json"}
     status, _, text = await call(router, "POST", "/v1/chat/completions", data=data, headers=headers)
-    openai_error(status, text, 400)
+    assert status == 400, text
+    assert_openai_error(text, status=status)
     assert no_process_started(router)
 
 
 @pytest.mark.parametrize("payload", [[{"model": "alpha"}], "alpha", 42, None])
 async def test_body_that_is_not_an_object_is_400(router: RunningRouter, payload: Any) -> None:
     status, _, text = await call(router, "POST", "/v1/chat/completions", data=json.dumps(payload))
-    openai_error(status, text, 400)
+    assert status == 400, text
+    assert_openai_error(text, status=status)
     assert no_process_started(router)
 
 
@@ -119,7 +110,8 @@ async def test_body_that_is_not_an_object_is_400(router: RunningRouter, payload:
 async def test_unknown_path_is_an_openai_shaped_404(router: RunningRouter, method: str, path: str) -> None:
     status, headers, text = await call(router, method, path, json={"model": "alpha"})
     assert headers["Content-Type"].startswith("application/json")
-    error = openai_error(status, text, 404)
+    assert status == 404, text
+    error = assert_openai_error(text, status=status)
     assert path in error["message"]
     assert no_process_started(router)
 
@@ -127,7 +119,7 @@ async def test_unknown_path_is_an_openai_shaped_404(router: RunningRouter, metho
 async def test_get_on_a_post_path_is_an_openai_shaped_error(router: RunningRouter) -> None:
     status, _, text = await call(router, "GET", "/v1/chat/completions")
     assert status in (404, 405), text
-    openai_error(status, text, status)
+    assert_openai_error(text, status=status)
     assert no_process_started(router)
 
 
@@ -160,7 +152,8 @@ async def test_props_is_the_routers_own_or_the_named_models(router: RunningRoute
     assert no_process_started(router)
 
     status, _, text = await call(router, "GET", "/props", params={"model": "nope"})
-    openai_error(status, text, 404, "model_not_found")
+    assert status == 404, text
+    assert_openai_error(text, "model_not_found", status=status)
 
     status, _, text = await call(router, "GET", "/props", params={"model": "beta-model"})
     assert status == 200, text

@@ -22,7 +22,14 @@ from llama_router.sizing.footprint import GPU_MARGIN, RAM_MARGIN, _estimate_from
 from llama_router.sizing.gguf import read_header
 from llama_router.sizing.memory import MIB
 
-from .conftest import RouterFactory, RunningRouter, fake_profile, upstream_processes, wait_until
+from .conftest import (
+    RouterFactory,
+    RunningRouter,
+    assert_openai_error,
+    fake_profile,
+    upstream_processes,
+    wait_until,
+)
 
 
 def sized(model: Path, mib: int, **extra: Any) -> dict[str, Any]:
@@ -64,7 +71,7 @@ async def test_pinned_model_stays_and_an_oversized_model_is_refused_with_a_reaso
     assert (await router.chat("pin"))[0] == 200
     status, body = await router.chat("big")
     assert status == 503
-    assert body["error"]["code"] == "model_too_large"
+    assert_openai_error(body, "model_too_large")
     assert "pinned" in body["error"]["message"]
     assert set(await running(router)) == {"pin"}
 
@@ -235,7 +242,8 @@ async def test_a_cpu_moe_profile_fits_a_gpu_that_only_holds_the_rest(
 
     router = await start_router(profiles, memory=memory)
     status, body = await router.chat("all-on-gpu")
-    assert (status, body["error"]["code"]) == (503, "model_too_large")
+    assert status == 503, body
+    assert_openai_error(body, "model_too_large", status=status)
     assert (await router.chat("moe"))[0] == 200
 
 
@@ -407,5 +415,6 @@ async def test_a_long_context_gemma3_profile_fits_a_gpu_that_only_holds_its_swa_
 
     router = await start_router(profiles, memory=memory)
     status, body = await router.chat("swa-full")
-    assert (status, body["error"]["code"]) == (503, "model_too_large")
+    assert status == 503, body
+    assert_openai_error(body, "model_too_large", status=status)
     assert (await router.chat("swa"))[0] == 200

@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 import yaml
 
+from tests.conftest import assert_openai_error
 from tests.fake_hub import FakeHub, Repo, hub_env
 from tests.router_process import ROOT, RouterProcess
 
@@ -159,12 +160,12 @@ async def test_download_becomes_a_profile_that_serves_and_can_be_removed(
 
         async with session.post(f"{router.url}/models", json=body, headers=ADMIN) as response:
             assert response.status == 400
-            assert (await response.json())["error"]["code"] == "model_exists"
+            assert_openai_error(await response.json(), "model_exists", status=response.status)
 
         delete = f"{router.url}/models"
         async with session.delete(delete, params={"model": "mine"}, headers=ADMIN) as response:
             assert response.status == 403
-            error = (await response.json())["error"]
+            error = assert_openai_error(await response.json(), status=response.status)
             assert error["code"] == "model_not_removable" and str(router.config) in error["message"]
         async with session.delete(
             delete, params={"model": MODEL, "delete_files": "1"}, headers=USER
@@ -199,7 +200,7 @@ async def test_downloads_that_cannot_happen_are_refused_and_one_under_way_can_be
         ):
             async with session.post(f"{router.url}/models", json=body, headers=ADMIN) as response:
                 assert response.status == 400, body
-                error = (await response.json())["error"]
+                error = assert_openai_error(await response.json(), status=response.status)
                 assert error["code"] == code, (body, error)
         assert list(await models(session, router.url)) == ["mine"]
 
@@ -267,7 +268,7 @@ async def test_a_model_added_over_http_cannot_run_code_or_touch_files(
         load = {"model": "mine"}
         async with session.post(f"{router.url}/models/load", json=load, headers=USER) as response:
             assert response.status == 403, "an inference key never changes what runs"
-            assert (await response.json())["error"]["code"] == "admin_key_required"
+            assert_openai_error(await response.json(), "admin_key_required", status=response.status)
     assert not any(line.startswith("FAKE LOG LINE") for line in router.raw), "no forged log line"
 
 
@@ -305,7 +306,8 @@ async def test_a_router_written_profile_made_before_the_allow_list_fails_to_load
         chat = {"model": "old", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
         async with session.post(f"{router.url}/v1/chat/completions", json=chat, headers=USER) as response:
             answer = await response.json()
-            assert response.status == 503 and answer["error"]["code"] == "model_load_failed", answer
+            assert response.status == 503, answer
+            assert_openai_error(answer, "model_load_failed", status=response.status)
         assert "'--tools'" in answer["error"]["message"]
         chat["model"] = "tiny:q8_0-v1.0"
         async with session.post(f"{router.url}/v1/chat/completions", json=chat, headers=USER) as response:

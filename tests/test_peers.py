@@ -27,7 +27,7 @@ from llama_router.config.addresses import parse_url
 from llama_router.config.schema import ConfigError, load_config
 from llama_router.upstream.peers import same_host_redirect
 from tests.certs import make_ca, make_certs
-from tests.conftest import FAKE_UPSTREAM, wait_until
+from tests.conftest import FAKE_UPSTREAM, assert_openai_error, wait_until
 from tests.router_process import RouterProcess, free_port
 
 CHAT = "/v1/chat/completions"
@@ -325,7 +325,7 @@ async def test_a_slow_peer_gets_loading_comments_and_the_model_list_never_waits_
         async with aiohttp.ClientSession() as session, session.post(url + CHAT, json=body("hung/big")) as r:
             answer = await r.json()
             assert r.status == 502
-        assert answer["error"]["code"] == "upstream_stalled"
+        assert_openai_error(answer, "upstream_stalled")
         assert "hung" in answer["error"]["message"]
 
 
@@ -337,7 +337,7 @@ async def test_a_peer_that_is_down_answers_502_naming_it_and_its_reason(peered: 
         async with session.post(url + CHAT, json=body("gone/x")) as response:
             answer = await response.json()
             assert response.status == 502
-        assert answer["error"]["code"] == "upstream_unreachable"
+        assert_openai_error(answer, "upstream_unreachable")
         assert "gone/x" in answer["error"]["message"]
         assert "refused" in answer["error"]["message"].lower()
         async with session.get(url + "/running") as response:
@@ -378,7 +378,7 @@ async def test_a_bare_name_two_peers_list_is_a_404_naming_both(peered: Start) ->
         async with session.post(url + CHAT, json=body("shared")) as response:
             answer = await response.json()
             assert response.status == 404
-        assert answer["error"]["code"] == "model_ambiguous"
+        assert_openai_error(answer, "model_ambiguous")
         assert "a/shared" in answer["error"]["message"] and "b/shared" in answer["error"]["message"]
         async with session.post(url + CHAT, json=body("b/shared")) as response:
             assert response.status == 200

@@ -18,7 +18,7 @@ import yaml
 from llama_router.config.schema import load_config
 from llama_router.core.events import Event, EventBus, ReloadFailed
 from llama_router.manage.reload import ConfigReloader
-from tests.conftest import fake_profile, wait_until
+from tests.conftest import assert_openai_error, fake_profile, wait_until
 from tests.router_process import RouterProcess, write_config
 
 
@@ -127,7 +127,8 @@ async def test_reload_keeps_untouched_model_serving_and_restarts_changed_one(
     status, answer = await chat(router.url, "change")
     assert status == 200 and "changed-v2" in answer["choices"][0]["message"]["content"]
     status, answer = await chat(router.url, "gone")
-    assert status == 404 and answer["error"]["code"] == "model_not_found"
+    assert status == 404, answer
+    assert_openai_error(answer, "model_not_found", status=status)
     assert (await chat(router.url, "new"))[0] == 200
     router.signal(signal.SIGTERM)
     assert await router.wait_exit() == 0
@@ -294,7 +295,8 @@ async def test_keys_follow_reloads_added_rotated_and_removed(
     changed = await router.wait_log(lambda e: e.get("event") == "keys_changed", what="the keys change")
     assert (changed["api_keys"], changed["admin_keys"]) == (1, 1)
     status, body = await get_status(router.url, "/v1/models")
-    assert (status, body["error"]["code"]) == (401, "invalid_api_key")
+    assert status == 401, body
+    assert_openai_error(body, "invalid_api_key", status=status)
     assert (await get_status(router.url, "/v1/models", "first-key"))[0] == 200
     assert not await upstream_saw_auth(router.url, "first-key"), "the router's key is kept from the upstream"
 
@@ -367,7 +369,7 @@ async def test_a_reload_applies_new_scheduling_settings(
         async with session.post("/v1/chat/completions", json=body) as refused:
             assert refused.status == 429, await refused.text()
             assert refused.headers["Retry-After"] == "1"
-            error = (await refused.json())["error"]
+            error = assert_openai_error(await refused.json(), status=refused.status)
             assert error["code"] == "too_many_waiting" and "max_waiting" in error["message"], error
         async with await asyncio.wait_for(first, 20) as answered:
             assert answered.status == 200, await answered.text()

@@ -22,7 +22,7 @@ import aiohttp
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import RouterFactory, RunningRouter, fake_profile, wait_until
+from .conftest import RouterFactory, RunningRouter, assert_openai_error, fake_profile, wait_until
 
 CHAT = "/v1/chat/completions"
 TIMEOUT = 20.0  # seconds any one answer may take before a test fails
@@ -64,17 +64,6 @@ def stream_contents(events: list[str]) -> list[str]:
             if choice.get("delta", {}).get("content"):
                 contents.append(choice["delta"]["content"])
     return contents
-
-
-def assert_openai_error(body: Any, code: str | None = None) -> dict[str, Any]:
-    """`body` is `{"error": {"message", "type", "code"}}`; returns the inner error."""
-    assert isinstance(body, dict) and set(body) == {"error"}, body
-    error = body["error"]
-    assert {"message", "type", "code"} <= set(error), error
-    assert isinstance(error["message"], str) and error["message"], error
-    if code is not None:
-        assert error["code"] == code, error
-    return dict(error)
 
 
 @dataclass

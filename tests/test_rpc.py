@@ -23,7 +23,7 @@ from llama_router.config.schema import ConfigError, load_config
 from llama_router.core.events import Event, Loading, Stopped
 from llama_router.sizing.footprint import GPU_MARGIN, RAM_MARGIN, BufferTally, estimate
 from llama_router.sizing.memory import MIB, Device, rpc_devices
-from tests.conftest import ROOT, RouterFactory, wait_until
+from tests.conftest import ROOT, RouterFactory, assert_openai_error, wait_until
 from tests.router_process import accepts_connections, free_port
 
 WORKER = "127.0.0.1:50052"
@@ -241,7 +241,7 @@ async def test_a_worker_that_does_not_answer_fails_the_load_with_its_address(
     )
     status, answer = await router.chat("split")
     assert status == 503
-    assert answer["error"]["code"] == "model_load_failed"
+    assert_openai_error(answer, "model_load_failed")
     assert f"rpc worker {worker} does not answer: connection refused" in answer["error"]["message"]
     assert not router.controller.upstreams  # no llama-server was started for it
 
