@@ -121,3 +121,29 @@ def test_an_import_of_a_wing_above_is_refused() -> None:
         "llama_router.upstream.controller:4 imports llama_router.manage.api (manage)",
         "llama_router.upstream.controller:5 imports llama_router.cli (the top)",
     ]
+
+
+# The implementations of a lease's target (upstream/target.py): a process of ours, a peer.
+TARGETS = frozenset({"LocalTarget", "PeerTarget", "PeerLink", "Upstream"})
+
+
+def target_questions(source: str) -> list[int]:
+    """The lines of `isinstance(..., <an implementation of Target>)` in a module's source."""
+    return [
+        node.lineno
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id == "isinstance"
+        and len(node.args) == 2
+        and TARGETS & {name.id for name in ast.walk(node.args[1]) if isinstance(name, ast.Name)}
+    ]
+
+
+def test_no_module_asks_which_target_a_lease_holds() -> None:
+    """A lease's target is one interface: the relay and the controller send through it and are told
+    what became of it, and nobody tells a process of ours from a peer by its class."""
+    asked = [f"{module}:{line}" for module, path in modules() for line in target_questions(path.read_text())]
+    assert asked == [], "isinstance on a lease's target:\n" + "\n".join(asked)
+    assert target_questions("if isinstance(lease.target, (PeerTarget, int)):\n    pass\n") == [1]
+    assert target_questions("isinstance(upstream, PeerLink)\nisinstance(exc, TimeoutError)\n") == [1]
