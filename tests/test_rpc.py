@@ -21,7 +21,8 @@ import yaml
 from llama_router.config.addresses import parse_worker
 from llama_router.config.schema import ConfigError, load_config
 from llama_router.core.events import Event, Loading, Stopped
-from llama_router.sizing.footprint import GPU_MARGIN, RAM_MARGIN, BufferTally, estimate
+from llama_router.sizing.buffer_log import BufferTally
+from llama_router.sizing.footprint import GPU_MARGIN, RAM_MARGIN, estimate
 from llama_router.sizing.memory import MIB, Device, rpc_devices
 from tests.conftest import ROOT, RouterFactory, assert_openai_error, wait_until
 from tests.router_process import accepts_connections, free_port

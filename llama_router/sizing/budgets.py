@@ -10,7 +10,7 @@ from __future__ import annotations
 from llama_router.config.schema import ResolvedProfile, RouterConfig
 from llama_router.config.state import state_dir
 from llama_router.core.devices import device_name, worker_of
-from llama_router.sizing.footprint import FootprintStore, estimate
+from llama_router.sizing.footprint import FootprintStore, Sources, estimate
 from llama_router.sizing.memory import MIB, Device, detect_devices, rpc_devices
 
 
@@ -49,11 +49,25 @@ class Sizing:
         """A configured footprint, else one learned on an earlier load, else the GGUF estimate."""
         if profile.footprint_mib is not None:
             return {device: mib * MIB for device, mib in profile.footprint_mib.items()}, "configured"
-        learned = self.footprints.get(profile)
-        # Not one that names a GPU this machine no longer budgets (NVML broken, fewer GPUs).
-        if learned is not None and set(learned) <= {device.name for device in self.devices}:
+        learned = self._learned(profile)
+        if learned is not None:
             return learned, "learned"
         return estimate(profile, self.devices), "estimated"
+
+    def _learned(self, profile: ResolvedProfile) -> dict[str, int] | None:
+        """The footprint learned on an earlier load, unless one names a GPU this machine no longer
+        budgets (NVML broken, fewer GPUs)."""
+        learned = self.footprints.get(profile)
+        if learned is not None and set(learned) <= {device.name for device in self.devices}:
+            return learned
+        return None
+
+    def footprint_why(self, profile: ResolvedProfile | None) -> Sources:
+        """Per device, the log lines behind a learned footprint (none for a configured or estimated
+        one), so a person can check each figure against `nvidia-smi`."""
+        if profile is None or profile.footprint_mib is not None or self._learned(profile) is None:
+            return {}
+        return self.footprints.sources(profile)
 
     def with_claims(self, profile: ResolvedProfile, footprint: dict[str, int]) -> dict[str, int]:
         """A footprint with what a model holds besides bytes: a resident slot under `max_resident`,

@@ -17,7 +17,6 @@ import logging
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -45,36 +44,12 @@ CACHE_TYPE_BYTES = {
 RAM_MARGIN = 64 * MIB  # process, threads, tokenizer, HTTP server
 GPU_MARGIN = 384 * MIB  # CUDA context and compute buffers not known before a load
 
-# One buffer line of llama.cpp's load log, in every spelling it has had: now `load_tensors: %12s model
-# buffer size = %8.2f MiB` (src/llama-model.cpp), `llama_kv_cache: %10s KV buffer size` (llama-kv-cache.cpp),
-# `llama_context: %10s  output buffer size` and `sched_reserve: %10s compute buffer size`
-# (llama-context.cpp), `RS` (llama-memory-recurrent.cpp), `LoRA` (llama-adapter.cpp), the projector's
-# `alloc_compute_meta: ... compute buffer size` (tools/mtmd/clip.cpp); before 2025 `llm_load_tensors:
-# %10s buffer size`, `llama_kv_cache_init:` and `llama_new_context_with_model:`. Summaries (`KV self
-# size`, `llama_kv_cache: size = ...`, the memory breakdown table) are not buffers and do not match.
-_BUFFER_LINE = re.compile(
-    r"^(?P<func>\w+): +(?P<buffer>\S+) +(?:(?P<kind>\w[\w ]*?) +)?buffer size = *(?P<mib>\d+(?:\.\d+)?) MiB\b"
-)
-# With --log-prefix (and --log-timestamps) each line starts with `[M.s.ms.us ]<level letter> `; with
-# --log-colors it carries ANSI colour codes; with --log-jsonl it is a JSON object whose `msg` is the line.
-_LOG_PREFIX = re.compile(r"^(?:\d+\.\d+\.\d+\.\d+ )?([IWED]) ")
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-# The projector (mmproj) logs its weights apart from its buffers: `clip_ctx: CLIP using CUDA0 backend`,
-# then `load_hparams: model size: 851.19 MiB` for each modality (the whole file each time).
-_CLIP_BACKEND = re.compile(r"^\w+: CLIP using (\S+) backend")
-_CLIP_SIZE = re.compile(r"^\w+: model size: +(\d+(?:\.\d+)?) MiB")
-# llama-server's `main: model loaded`, once the model, its projector and its draft model are loaded:
-# every buffer line comes before it.
-_LOADED = re.compile(r"\bmodel loaded\b")
-# Buffer names of llama.cpp's backends: `<backend><k>` is the k-th GPU the process sees; Metal's are
-# `MTL<k>` (`Metal` before late 2025) with `_Mapped` / `_Private` variants; `<backend>_Split` holds
-# row-split weights spread over all GPUs; `CPU`, `CPU_Mapped`, `CPU_REPACK`, `AMX`, `<backend>_Host`
-# (pinned host memory) and the like are host RAM; `RPC<k>[<host:port>]` is on that RPC worker.
-_GPU_BUFFER = re.compile(r"^(?:CUDA|ROCm|Vulkan|SYCL|MUSA|CANN)(\d+)$")
+# Buffer names of llama.cpp's backends, one place for the estimate's `-ot` targets and the load log:
+# `<backend><k>` is the k-th GPU the process sees and `<backend><k>_Split` that GPU's rows of
+# row-split (`-sm row`) weights; Metal's are `MTL<k>` (`Metal` before late 2025) with `_Mapped` /
+# `_Private` variants.
+_GPU_BUFFER = re.compile(r"^(?:CUDA|ROCm|Vulkan|SYCL|MUSA|CANN)(\d+)(?:_Split)?$")
 _METAL_BUFFER = re.compile(r"^(?:MTL(\d+)|Metal)(?:_Mapped|_Private)?$")
-_SPLIT_BUFFER = re.compile(r"^(?:CUDA|ROCm|SYCL|MUSA)_Split$")
-_HOST_BUFFER = re.compile(r"^(?:CPU(?:_\w+)?|AMX|\w+_Host)$")
-_RPC_BUFFER = re.compile(r"^RPC\d+\[(?P<worker>[^\]]+)\]$")
 # llama.cpp's LLM_FFN_EXPS_REGEX (common/common.h): the stacked per-expert FFN weights of a MoE layer,
 # not its router (`ffn_gate_inp`) nor its shared expert (`ffn_*_shexp`).
 EXPERTS_REGEX = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"
@@ -169,7 +144,7 @@ def describe(footprint: Mapping[str, int]) -> str:
     return ", ".join(parts) or "nothing"
 
 
-def _visible_gpus(env: Mapping[str, str], gpu_devices: Sequence[str]) -> list[str]:
+def visible_gpus(env: Mapping[str, str], gpu_devices: Sequence[str]) -> list[str]:
     """The router's GPUs that a llama-server with this environment sees, in the order it numbers them
     (its `CUDA0` is the first of them). ROCm narrows the list first by `ROCR_VISIBLE_DEVICES`, then
     by `HIP_VISIBLE_DEVICES`, which counts within what is left and, unset, yields to
@@ -213,7 +188,7 @@ def _estimate_from_header(
     """`workers`: the devices of the profile's RPC workers, which llama.cpp puts before the local GPUs
     when it spreads the offloaded layers (and numbers `--tensor-split` so)."""
     n_layer = int(header.arch_value("block_count", 0) or 0)
-    gpus = _visible_gpus(env, gpu_devices)
+    gpus = visible_gpus(env, gpu_devices)
     offload = [*workers, *gpus]
     ngl_text = flag_value(args, "-ngl", "--gpu-layers", "--n-gpu-layers")
     if not offload or flag_value(args, "--device", "-dev") == "none":
@@ -253,7 +228,7 @@ def _estimate_from_header(
     ram_kv = sum(layer_kv[:first_gpu_layer])
 
     footprint = {"ram": placed["ram"] + ram_kv + RAM_MARGIN}
-    shares = _layer_shares(args, offload) if offloaded > 0 else {}
+    shares = layer_shares(args, offload) if offloaded > 0 else {}
     for device in offload:
         share = shares.get(device, 0.0)
         if share > 0 or device in placed:
@@ -326,7 +301,7 @@ def _pad(cells: int) -> int:
     return -(-cells // SWA_PAD) * SWA_PAD
 
 
-def _layer_shares(args: Sequence[str], gpus: Sequence[str]) -> dict[str, float]:
+def layer_shares(args: Sequence[str], gpus: Sequence[str]) -> dict[str, float]:
     """Each offload device's share of the offloaded layers (visible GPUs, after RPC workers): equal
     unless `--tensor-split` says otherwise."""
     split_text = flag_value(args, "-ts", "--tensor-split")
@@ -398,42 +373,6 @@ def _layer_of(name: str) -> int | None:
     return None
 
 
-class BufferLine(NamedTuple):
-    """One buffer llama.cpp logged."""
-
-    buffer: str  # its buffer type's name: CUDA0, CPU_Mapped, MTL0_Mapped, CUDA_Host...
-    kind: str  # "model" (weights), "KV", "output", "compute", "RS", "LoRA"...
-    nbytes: int
-
-
-def parse_buffer_line(text: str) -> BufferLine | None:
-    """The buffer a line of llama.cpp's log (without its decorations) reports, if it reports one."""
-    match = _BUFFER_LINE.match(text)
-    if match is None:
-        return None
-    # Before 2025 the weights' line had no kind: `llm_load_tensors:      CUDA0 buffer size = ...`.
-    kind = match["kind"] or ("model" if match["func"].endswith("load_tensors") else "")
-    return BufferLine(match["buffer"], kind, int(float(match["mib"]) * MIB))
-
-
-def log_message(line: str) -> tuple[str, bool]:
-    """A line of llama-server's output without its decorations, and whether it was logged at debug
-    level (as the trial loads of `--fit` are; only `-v` shows them)."""
-    text = _ANSI.sub("", line).strip()
-    if text.startswith("{"):
-        try:
-            entry = json.loads(text)
-        except ValueError:
-            return text, False
-        if isinstance(entry, dict) and isinstance(entry.get("msg"), str):
-            return entry["msg"].strip(), str(entry.get("level", "")).lower().startswith("d")
-        return text, False
-    prefix = _LOG_PREFIX.match(text)
-    if prefix is not None:
-        return text[prefix.end() :], prefix.group(1) == "D"
-    return text, False
-
-
 def gpu_ordinal(buffer: str) -> int | None:
     """k for a buffer of the k-th GPU a llama.cpp process sees (`CUDA<k>`, `ROCm<k>`, `Vulkan<k>`,
     `MTL<k>_Mapped`, `Metal`...); None for host memory and anything else."""
@@ -444,144 +383,6 @@ def gpu_ordinal(buffer: str) -> int | None:
     if metal is not None:
         return int(metal.group(1) or 0)
     return None
-
-
-@dataclass
-class _Load:
-    """The buffers of one model load: its weights first, then its context's."""
-
-    bytes: dict[str, int] = field(default_factory=dict)
-    unbudgeted: dict[str, int] = field(default_factory=dict)  # by buffer name
-    weight_lines: int = 0
-    weights: int = 0
-    context_seen: bool = False
-
-    def trial(self) -> bool:
-        """One of `--fit`'s trial loads: weights logged at 0 MiB, no memory behind any buffer."""
-        return self.weight_lines > 0 and self.weights == 0
-
-
-class BufferTally:
-    """Adds up, per device, the buffers llama-server logs while it loads.
-
-    Each model load logs its weights' buffers, then its context's (output, KV, compute); a draft
-    model's load follows the main one and counts too. A trial load of `--fit` (all weights at 0 MiB,
-    shown only with -v) does not. llama.cpp numbers the GPUs it sees, so `CUDA0` is the first GPU the
-    process's `*_VISIBLE_DEVICES` leaves; row-split (`*_Split`) weights are spread over the GPUs as
-    `--tensor-split` shares them. Buffers on a GPU the router has no budget for are left out (a
-    budget of nothing would refuse the model for ever) and said once, when the footprint is taken.
-    """
-
-    def __init__(
-        self,
-        devices: Sequence[Device] = (),
-        args: Sequence[str] = (),
-        env: Mapping[str, str] | None = None,
-        label: str = "llama-server",
-    ) -> None:
-        self.devices = list(devices)
-        self.visible = _visible_gpus(env or {}, [device.name for device in devices if is_gpu(device.name)])
-        self.budgeted = {device.name for device in devices}
-        self.shares = _layer_shares(args, self.visible)
-        self.label = label
-        self._loads: list[_Load] = []
-        self._clip_device: str | None = None
-        self._clip_counted = False
-        self.loaded = False  # the output said the model is loaded: every buffer has been logged
-
-    @classmethod
-    def of(cls, profile: ResolvedProfile, devices: Sequence[Device]) -> BufferTally:
-        return cls(devices, profile.args, profile.env, f"llama-server for {profile.name!r}")
-
-    def feed(self, line: str) -> None:
-        text, debug = log_message(line)
-        if debug:
-            return
-        buffer = parse_buffer_line(text)
-        if buffer is not None:
-            weights = buffer.kind == "model"
-            if not self._loads or (weights and self._loads[-1].context_seen):
-                self._loads.append(_Load())
-            load = self._loads[-1]
-            if weights:
-                load.weight_lines += 1
-                load.weights += buffer.nbytes
-            else:
-                load.context_seen = True
-            self._add(load, buffer.buffer, buffer.nbytes)
-            return
-        clip = _CLIP_BACKEND.match(text)
-        if clip is not None:
-            self._clip_device = clip.group(1)
-            return
-        if _LOADED.search(text):
-            self.loaded = True
-            return
-        size = _CLIP_SIZE.match(text)
-        if size is not None and self._clip_device is not None and not self._clip_counted:
-            self._clip_counted = True  # each modality logs the size of the whole file again
-            if not self._loads:
-                self._loads.append(_Load())
-            self._add(self._loads[-1], self._clip_device, int(float(size.group(1)) * MIB))
-
-    def _add(self, load: _Load, buffer: str, nbytes: int) -> None:
-        """Put a buffer's bytes on the router's devices."""
-        rpc = _RPC_BUFFER.match(buffer)
-        if _HOST_BUFFER.match(buffer):
-            placed = {"ram": nbytes}
-        elif rpc is not None:
-            device = device_name(rpc["worker"])
-            placed = {device: nbytes} if device in self.budgeted else {}
-        elif _SPLIT_BUFFER.match(buffer):
-            placed = {gpu: int(nbytes * share) for gpu, share in self.shares.items() if share > 0}
-        else:
-            ordinal = gpu_ordinal(buffer)
-            if ordinal is None:
-                log.debug("%s: buffer %s is in memory the router does not manage", self.label, buffer)
-                return
-            if ordinal < len(self.visible):
-                placed = {self.visible[ordinal]: nbytes}
-            elif _METAL_BUFFER.match(buffer):
-                placed = {"ram": nbytes}  # an Apple GPU's memory is host RAM
-            else:
-                placed = {}
-        if not placed:
-            load.unbudgeted[buffer] = load.unbudgeted.get(buffer, 0) + nbytes
-        for device, amount in placed.items():
-            load.bytes[device] = load.bytes.get(device, 0) + amount
-
-    def logged(self) -> dict[str, int]:
-        """Bytes per device of the real loads so far, as logged."""
-        total: dict[str, int] = {}
-        for load in self._loads:
-            if not load.trial():
-                for device, amount in load.bytes.items():
-                    total[device] = total.get(device, 0) + amount
-        return total
-
-    def footprint(self) -> dict[str, int]:
-        """What was logged plus the margins nothing logs (process, CUDA context), as the budgets
-        count it."""
-        unbudgeted: dict[str, int] = {}
-        for load in self._loads:
-            if not load.trial():
-                for buffer, amount in load.unbudgeted.items():
-                    unbudgeted[buffer] = unbudgeted.get(buffer, 0) + amount
-        if unbudgeted:
-            log.warning(
-                "%s logged %s on GPUs the router has no budget for (see `llama-router check`); "
-                "they are left out of its footprint",
-                self.label,
-                describe(unbudgeted),
-            )
-        logged = self.logged()
-        if not logged:
-            return {}
-        result = {
-            device: amount + (GPU_MARGIN if device != "ram" else 0) for device, amount in logged.items()
-        }
-        result["ram"] = result.get("ram", 0) + RAM_MARGIN
-        return count_shared_memory(result, self.devices)
 
 
 def _valid_entry(entry: object) -> dict[str, int] | None:
@@ -598,6 +399,29 @@ def _valid_entry(entry: object) -> dict[str, int] | None:
     ):
         return None
     return dict(footprint)
+
+
+# Why a learned footprint is what it is: per device, the log lines that made it up and what each put
+# there (`{"gpu0": [{"line": "load_tensors: CUDA0 model buffer size = 8000.00 MiB", "bytes": ...}]}`).
+Sources = dict[str, list[dict[str, object]]]
+
+
+def _valid_sources(entry: dict[str, object]) -> Sources:
+    """A saved entry's sources, or none when they are missing or of another shape (an older file)."""
+    sources = entry.get("sources")
+    if not isinstance(sources, dict):
+        return {}
+    valid: Sources = {}
+    for device, lines in sources.items():
+        if isinstance(device, str) and isinstance(lines, list):
+            valid[device] = [
+                {"line": item["line"], "bytes": item["bytes"]}
+                for item in lines
+                if isinstance(item, dict)
+                and isinstance(item.get("line"), str)
+                and type(item.get("bytes")) is int
+            ]
+    return valid
 
 
 def identity(profile: ResolvedProfile) -> str:
@@ -641,7 +465,11 @@ class FootprintStore:
             if footprint is None:
                 log.warning("%s: dropped the entry for %r, which is not a learned footprint", path, name)
                 continue
-            self._data[name] = {"identity": entry["identity"], "footprint": footprint}
+            self._data[name] = {
+                "identity": entry["identity"],
+                "footprint": footprint,
+                "sources": _valid_sources(entry),
+            }
 
     def _quarantine(self, why: str) -> None:
         """Move an unreadable state file aside so the next save does not lose it, and say so."""
@@ -654,8 +482,22 @@ class FootprintStore:
         footprint = entry.get("footprint")
         return dict(footprint) if isinstance(footprint, dict) else None
 
-    def put(self, profile: ResolvedProfile, footprint: dict[str, int]) -> None:
-        self._data[profile.name] = {"identity": identity(profile), "footprint": footprint}
+    def sources(self, profile: ResolvedProfile) -> Sources:
+        """The lines behind a profile's learned footprint; none for another footprint."""
+        entry = self._data.get(profile.name)
+        if not entry or entry.get("identity") != identity(profile):
+            return {}
+        sources = entry.get("sources")
+        return dict(sources) if isinstance(sources, dict) else {}
+
+    def put(
+        self, profile: ResolvedProfile, footprint: dict[str, int], sources: Sources | None = None
+    ) -> None:
+        self._data[profile.name] = {
+            "identity": identity(profile),
+            "footprint": footprint,
+            "sources": sources or {},
+        }
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             partial = self.path.with_suffix(".partial")

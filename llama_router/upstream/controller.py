@@ -55,7 +55,7 @@ from llama_router.core.scheduler import (
     Stop,
 )
 from llama_router.sizing.budgets import Sizing
-from llama_router.sizing.footprint import BufferTally
+from llama_router.sizing.buffer_log import BufferTally
 from llama_router.sizing.memory import MIB, nvml_usage_by_pid, page_in
 from llama_router.upstream.context_cache import ContextKeeper
 from llama_router.upstream.logs import LogBuffers
@@ -474,14 +474,16 @@ class Controller:
         del self._tallies[name]
         if upstream.profile.footprint_mib is not None:
             return
-        measured = tally.footprint()
+        measured, sources = tally.measured()
         by_driver = nvml_usage_by_pid().get(upstream.pid or -1, {})
         by_driver = {device: used for device, used in by_driver.items() if device in self.sizing.budget()}
         if by_driver:
             measured = {**measured, **by_driver}
+            why = f"NVML: what the driver says process {upstream.pid} uses (wins over the log)"
+            sources |= {device: [{"line": why, "bytes": used}] for device, used in by_driver.items()}
         if not measured:
             return
-        self.sizing.footprints.put(upstream.profile, measured)
+        self.sizing.footprints.put(upstream.profile, measured, sources)
         self.events.emit(FootprintLearned(name, measured))
         self._apply(
             self.scheduler.footprint_measured(
@@ -699,6 +701,7 @@ class Controller:
                     "last_error": view.last_error or None,
                     "standby": view.standby,
                     "footprint": {k: v for k, v in view.footprint.items() if k != "slots"},
+                    "footprint_why": self.sizing.footprint_why(self.config.profiles.get(view.name)),
                 }
             )
         return rows
