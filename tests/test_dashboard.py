@@ -272,6 +272,10 @@ async def test_overview_shows_models_devices_footprint_sources_and_the_ttl_count
     (ram,) = overview["devices"]
     assert [(entry["model"], entry["source"]) for entry in ram["models"]] == [("demo-a", "learned")]
     assert ram["models"][0]["bytes"] == loaded["footprint"]["ram"] <= ram["used"]
+    why = loaded["footprint_why"]["ram"]  # the lines llama-server logged, to check the figure by
+    assert sum(entry["bytes"] for entry in why) == loaded["footprint"]["ram"]
+    assert any("CPU_Mapped model buffer size" in entry["line"] for entry in why), why
+    assert models["demo-b"]["footprint_why"] == {}, "an estimate has no log lines behind it"
     kinds = [event["event"] for event in overview["timeline"] if event.get("model") == "demo-a"]
     assert kinds[:2] == ["loading", "ready"]
 

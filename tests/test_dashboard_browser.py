@@ -136,6 +136,8 @@ async def test_devices_and_models_panels_show_both_demo_profiles(
         "document.querySelector('.card.model[data-model=demo-b] [class*=source-]').textContent"
     )
     assert footprint == "learned", "its footprint is what llama-server said it used"
+    why = await each(page, ".card.model[data-model=demo-b] .why-device[data-device=ram] li")
+    assert any("model buffer size" in line for line in why), "the log lines behind the figure"
     await shoot(page, screenshots, "models")
 
 

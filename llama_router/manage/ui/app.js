@@ -362,6 +362,23 @@ function renderDevices() {
   $("#memory-notes").replaceChildren(...overview.memory_notes.map((note) => h("li", {}, note)));
 }
 
+// The log lines behind a learned footprint, per device, to check against nvidia-smi.
+function whyDetails(model, why) {
+  return h(
+    "details",
+    { class: "why" },
+    h("summary", {}, "the log lines behind each device's figure"),
+    why.map(([device, lines]) =>
+      h(
+        "div",
+        { class: "why-device", "data-device": device },
+        h("strong", {}, `${device} ${bytes(model.footprint[device])}`),
+        h("ul", {}, lines.map((entry) => h("li", {}, h("span", { class: "num" }, bytes(entry.bytes)), " ", h("code", {}, entry.line)))),
+      ),
+    ),
+  );
+}
+
 // Models: state, figures and actions.
 function renderModels() {
   const root = $("#models");
@@ -380,6 +397,8 @@ function renderModels() {
       ["requests", `${model.in_flight} running · ${model.waiting} waiting${model.draining ? " · draining" : ""}`],
       ["ttl", h("span", { class: "ttl", "data-expires": model.ttl_expires_at ?? "" }, ttlText(model))],
     ];
+    const why = Object.entries(model.footprint_why || {});
+    if (why.length) rows.push(["why this number", whyDetails(model, why)]);
     if (model.retry_at) rows.push(["back-off", h("span", { class: "retry", "data-at": model.retry_at }, retryText(model.retry_at))]);
     if (model.keep_context) rows.push(["saved context", bytes(model.saved_context_bytes)]);
     if (model.aliases.length) rows.push(["aliases", model.aliases.join(", ")]);
