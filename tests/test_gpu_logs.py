@@ -278,7 +278,10 @@ def test_the_footprint_says_per_device_which_lines_make_it_up_and_they_add_up() 
         == "load_tensors:   CUDA_Split model buffer size = 18035.30 MiB (75% of it, per --tensor-split)"
     )
     assert top["bytes"] == int(int(18035.30 * MIB) * 0.75)
-    assert sources["gpu0"][-1] == {"line": "not logged: the GPU context (margin)", "bytes": GPU_MARGIN}
+    assert sources["gpu0"][-1] == {
+        "line": "not logged: the backend's context on it (margin)",
+        "bytes": GPU_MARGIN,
+    }
 
 
 def test_a_footprints_lines_are_capped_and_the_rest_summed() -> None:

@@ -343,7 +343,11 @@ class BufferTally:
         sources: Sources = {}
         for device, margin in margins.items():
             sources[device] = _capped([part for part in parts if part.device == device])
-            what = "the process, its threads and HTTP server" if device == "ram" else "the GPU context"
+            what = (
+                "the process, its threads and HTTP server"
+                if device == "ram"
+                else "the backend's context on it"
+            )
             sources[device].append({"line": f"not logged: {what} (margin)", "bytes": margin})
         shared = result["ram"] - unshared["ram"]
         if shared:
