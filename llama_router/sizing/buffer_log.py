@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 from llama_router.config.schema import ResolvedProfile
 from llama_router.core.devices import device_name
+from llama_router.sizing.context_window import flag_value
 from llama_router.sizing.footprint import (
     GPU_MARGIN,
     RAM_MARGIN,
@@ -181,6 +182,11 @@ class BufferTally:
         self.visible = visible_gpus(env or {}, [device.name for device in devices if is_gpu(device.name)])
         self.budgeted = {device.name for device in devices}
         self.shares = layer_shares(args, self.visible)
+        # The GPUs a `-sm tensor` group spans: those `--device` names, else all that take a share.
+        listed_names = (flag_value(args, "--device", "-dev") or "").split(",")
+        named = [gpu_ordinal(name.strip()) for name in listed_names]
+        listed = [self.visible[k] for k in named if k is not None and k < len(self.visible)]
+        self.group = listed or [gpu for gpu, share in self.shares.items() if share > 0]
         self.label = label
         self._loads: list[_Load] = []
         self._clip_device: str | None = None
@@ -280,7 +286,7 @@ class BufferTally:
             if names and all(ordinal is not None for ordinal in ordinals):
                 gpus = [self.visible[k] for k in ordinals if k is not None and k < len(self.visible)]
             else:
-                gpus = [gpu for gpu, share in self.shares.items() if share > 0]
+                gpus = self.group
             return {gpu: (nbytes, "on each GPU of the -sm tensor group") for gpu in gpus}
         ordinal = gpu_ordinal(buffer)
         if ordinal is None:
