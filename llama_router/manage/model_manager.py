@@ -26,7 +26,15 @@ import yaml
 
 from llama_router.config import hub
 from llama_router.config.allowed_args import profile_problems
-from llama_router.config.schema import CREATED_BY_ROUTER, Profile, ProfilesFile, ResolvedProfile, profiles_dir
+from llama_router.config.schema import (
+    CREATED_BY_ROUTER,
+    NAME,
+    NAME_RULE,
+    Profile,
+    ProfilesFile,
+    ResolvedProfile,
+    profiles_dir,
+)
 from llama_router.core.errors import RouterError, printable
 from llama_router.core.events import DownloadFailed, DownloadFinished, DownloadProgress, ModelRemoved
 from llama_router.manage.model_files import files_in_use, profile_files
@@ -37,9 +45,6 @@ log = logging.getLogger("llama_router.models")
 Reload = Callable[[str], Awaitable[bool]]
 PROGRESS_INTERVAL = 0.25  # seconds between two progress events of one file (its last one always goes)
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-# A name (or alias) given to POST /models: an id a person can type, and put on a command line.
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
-NAME_RULE = "letters, digits and '._:-' (starting with a letter or digit), at most 128 characters"
 REFERENCE_ID = re.compile(r"[!-~]{1,256}")  # the `<org>/<repo>:<quant>` id: visible ASCII, no space
 # The keys of a POST /models body that go into the profile; `model` and `name` say what and as what.
 PROFILE_KEYS = ("hf_file", "hf_revision", "mmproj", "args", "aliases", "description")
@@ -255,7 +260,10 @@ class ModelManager:
         deleted: list[str] = []
         if delete_files:
             files = profile_files(profile)
-            shared = files_in_use(files, self.controller.config.profiles.values())
+            # A model the cache itself lists (server.hf_cache) holds no file: it goes with the file.
+            shared = files_in_use(
+                files, [p for p in self.controller.config.profiles.values() if p.origin != "cache"]
+            )
             unshared = [file for file in files if file not in shared]
             deleted = [str(blob) for blob in await asyncio.to_thread(hub.remove_cached, unshared)]
         log.info("model %r removed%s", name, f" with {len(deleted)} cached file(s)" if delete_files else "")

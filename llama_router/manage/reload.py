@@ -9,7 +9,9 @@ in force once the new config is applied.
 
 The watcher polls (no extra dependency): each second it compares the files' stats (`profiles.yaml` and
 those in `profiles.d/` beside it) and, if one moved, their content hash, so an editor that rewrites
-the same bytes, or a `touch`, reloads nothing.
+the same bytes, or a `touch`, reloads nothing. The GGUF files of `server.models_dir` (and of the
+Hugging Face cache with `server.hf_cache`) count as part of the config by their names and stats: a
+model file added, removed or still growing reloads it.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ from typing import Any
 
 from aiohttp import web
 
-from llama_router.config.schema import ConfigError, RouterConfig, config_files, load_config
+from llama_router.config.schema import ConfigError, RouterConfig, ServerConfig, config_files, load_config
 from llama_router.config.tls import load_certificate
 from llama_router.core.events import ReloadFailed
 from llama_router.front.auth import KeyRing, resolve_keys, warn_if_open
+from llama_router.manage.model_folders import on_disk
 from llama_router.manage.sdnotify import Notifier
 from llama_router.upstream.controller import Controller
 
@@ -43,8 +46,10 @@ Loader = Callable[[], RouterConfig]
 _Signature = tuple[tuple[str, tuple[int, int, int, int] | None], ...]
 
 
-def _signature(path: Path) -> _Signature:
-    found: list[tuple[str, tuple[int, int, int, int] | None]] = []
+def _signature(path: Path, server: ServerConfig) -> _Signature:
+    found: list[tuple[str, tuple[int, int, int, int] | None]] = [
+        (name, (0, 0, mtime, size)) for name, size, mtime in on_disk(server)
+    ]
     for file in config_files(path):
         try:
             st = file.stat()
@@ -55,8 +60,8 @@ def _signature(path: Path) -> _Signature:
     return tuple(found)
 
 
-def _digest(path: Path) -> str | None:
-    digest = hashlib.sha256()
+def _digest(path: Path, server: ServerConfig) -> str | None:
+    digest = hashlib.sha256(repr(on_disk(server)).encode())
     try:
         for file in config_files(path):
             digest.update(str(file).encode() + b"\0" + file.read_bytes())
@@ -89,8 +94,8 @@ class ConfigReloader:
         self.generation = 0  # successful reloads so far
         self.last_reload: dict[str, Any] | None = None
         self.last_error: dict[str, Any] | None = None
-        self._seen_signature = _signature(self.path)
-        self._seen_digest = _digest(self.path)
+        self._seen_signature = _signature(self.path, self.config.server)
+        self._seen_digest = _digest(self.path, self.config.server)
 
     def status(self) -> dict[str, Any]:
         """What `/health` shows: the file, reload count, last reload and the error that blocks one."""
@@ -113,8 +118,8 @@ class ConfigReloader:
 
     async def _reload(self, trigger: str) -> bool:
         # What was read is what was seen: the watcher must not reload the same content again.
-        self._seen_signature = _signature(self.path)
-        self._seen_digest = _digest(self.path)
+        self._seen_signature = _signature(self.path, self.config.server)
+        self._seen_digest = _digest(self.path, self.config.server)
         started = time.monotonic()
         try:
             new = await asyncio.to_thread(self._loader)
@@ -220,11 +225,11 @@ class ConfigReloader:
 
     def changed_on_disk(self) -> bool:
         """Whether the file's content differs from what was last loaded (cheap when it did not)."""
-        signature = _signature(self.path)
+        signature = _signature(self.path, self.config.server)
         if signature == self._seen_signature:
             return False
         self._seen_signature = signature
-        digest = _digest(self.path)
+        digest = _digest(self.path, self.config.server)
         if digest == self._seen_digest:
             return False
         self._seen_digest = digest

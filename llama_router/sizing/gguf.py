@@ -30,6 +30,14 @@ _SCALARS = {
     12: "<d",
 }
 _STRING, _ARRAY = 8, 9
+# ggml types: (elements per block, bytes per block), for the size a tensor's data must have.
+_BLOCKS = {
+    0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34), 9: (32, 36),
+    10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210), 15: (256, 292),
+    16: (256, 66), 17: (256, 74), 18: (256, 98), 19: (256, 50), 20: (32, 18), 21: (256, 110),
+    22: (256, 82), 23: (256, 136), 24: (1, 1), 25: (1, 2), 26: (1, 4), 27: (1, 8), 28: (1, 8),
+    29: (256, 56), 30: (1, 2), 34: (256, 54), 35: (256, 66), 39: (32, 17),
+}  # fmt: skip
 # Arrays longer than this (token lists, merges) are skipped, not kept: nobody here needs them.
 _KEEP_ARRAY_MAX = 64
 
@@ -54,10 +62,24 @@ class GGUFHeader:
     metadata: dict[str, Any]
     tensors: tuple[TensorInfo, ...]
     file_size: int
+    data_start: int = 0  # where the tensor data begins (after the header, aligned)
 
     @property
     def architecture(self) -> str:
         return str(self.metadata.get("general.architecture", ""))
+
+    def missing_bytes(self) -> int:
+        """How many bytes the tensor data lacks to be whole (0: complete, as far as the types of its
+        tensors are known): a file still being written, or cut short, lacks some."""
+        end = self.data_start
+        for tensor in self.tensors:
+            block = _BLOCKS.get(tensor.ggml_type)
+            elements = 1
+            for dim in tensor.shape:
+                elements *= dim
+            size = elements // block[0] * block[1] if block else 0
+            end = max(end, self.data_start + tensor.offset + size)
+        return max(0, end - self.file_size)
 
     def arch_value(self, key: str, default: Any = None) -> Any:
         """A `<architecture>.<key>` metadata value, e.g. `context_length`."""
@@ -167,4 +189,4 @@ def _read_header_cached(path: str, size: int, mtime_ns: int) -> GGUFHeader:
         TensorInfo(name, shape, kind, offset, max(0, next_offset.get(offset, offset) - offset))
         for name, shape, kind, offset in raw
     )
-    return GGUFHeader(Path(path), version, metadata, tensors, size)
+    return GGUFHeader(Path(path), version, metadata, tensors, size, data_start)
