@@ -1,4 +1,4 @@
-"""The `llama-router` command: `serve`, `check`, `pull` and `status`."""
+"""The `llama-router` command: `serve`, `check`, `init`, `pull` and `status`."""
 
 from __future__ import annotations
 
@@ -275,6 +275,34 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ init
+
+
+def _init(args: argparse.Namespace) -> int:
+    from llama_router.manage.init_config import render
+    from llama_router.manage.model_folders import load
+    from llama_router.upstream.controller import Controller
+
+    output = Path(args.output)
+    if str(output) != "-" and output.exists() and not args.force:
+        raise ConfigError(f"{output}: already exists; give --force to replace it, or another -o")
+    folders = [Path(folder) for folder in args.models_dir or ([] if args.hf_cache else ["."])]
+    config, findings = load(output, models_dirs=folders, hf_cache=args.hf_cache, fresh=True)
+    controller = Controller(config)  # no process is started: it only reads budgets
+    budgets = describe_budgets(controller.devices, controller.memory_notes)
+    text = render(config, findings, controller.devices, budgets, describe_context)
+    if str(output) == "-":
+        sys.stdout.write(text)
+        return 0
+    temporary = output.with_name(f".{output.name}.tmp")
+    temporary.write_text(text, encoding="utf-8")
+    temporary.replace(output)
+    print(
+        f"{output}: {len(config.profiles)} profile(s) written; check it with `llama-router check -c {output}`"
+    )
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ pull
 
 
@@ -481,6 +509,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _config_option(check)
     _models_options(check)
+
+    init = command(
+        "init",
+        "write a commented profiles.yaml for the models in folders",
+        "Write a profiles.yaml with a profile for each GGUF model under --models-dir (default: the "
+        "current folder) and, with --hf-cache, in the Hugging Face cache: estimated memory, context "
+        "per request and --n-gpu-layers for this machine's budgets, the residency keys explained.",
+        _init,
+    )
+    _models_options(init)
+    init.add_argument("-o", "--output", default=DEFAULT_CONFIG, help="file to write ('-': print it)")
+    init.add_argument("--force", action="store_true", help="replace the file if it exists")
 
     pull = command(
         "pull",

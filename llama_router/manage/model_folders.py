@@ -281,16 +281,18 @@ def load(
     models_dirs: Iterable[Path] = (),
     hf_cache: bool = False,
     keep_unrunnable: bool = False,
+    fresh: bool = False,
 ) -> tuple[RouterConfig, Findings]:
     """The config of `path` with the models found on disk added. Folders given here (`--models-dir`)
     come after those of `server.models_dir`; with any folder or the cache, `path` may be missing
-    (then the router is configured by the folders alone)."""
+    (then the router is configured by the folders alone; `fresh`: the file is not read even if it
+    exists, as for `init`, which writes it)."""
     models_dirs = [folder.expanduser().resolve() for folder in models_dirs]
     if not models_dirs and not hf_cache:
         config = load_config(path, keep_unrunnable=keep_unrunnable)
     else:
         file = Path(path).expanduser().resolve()
-        data, file = read_yaml(file) if file.exists() else ({}, file)
+        data, file = read_yaml(file) if file.exists() and not fresh else ({}, file)
         if data is not None and not isinstance(data, dict):
             raise ConfigError(f"{file}: <top>: expected a mapping with 'server' and 'profiles' keys")
         data = dict(data or {})
