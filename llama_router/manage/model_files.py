@@ -51,3 +51,9 @@ def files_in_use(files: Iterable[Path], profiles: Iterable[ResolvedProfile]) -> 
         if (identity := file_identity(file)) is not None
     }
     return {file for file in files if file_identity(file) in used}
+
+
+def files_to_keep(files: Iterable[Path], profiles: Iterable[ResolvedProfile]) -> set[Path]:
+    """Those of `files` a deletion must keep: the ones a profile runs from. A model the Hugging Face
+    cache lists by itself (`server.hf_cache`) is the file, not a user of it: it never keeps one."""
+    return files_in_use(files, [profile for profile in profiles if profile.origin != "cache"])

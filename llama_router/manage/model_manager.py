@@ -37,7 +37,7 @@ from llama_router.config.schema import (
 )
 from llama_router.core.errors import RouterError, printable
 from llama_router.core.events import DownloadFailed, DownloadFinished, DownloadProgress, ModelRemoved
-from llama_router.manage.model_files import files_in_use, profile_files
+from llama_router.manage.model_files import files_to_keep, profile_files
 from llama_router.upstream.controller import Controller
 
 log = logging.getLogger("llama_router.models")
@@ -260,10 +260,7 @@ class ModelManager:
         deleted: list[str] = []
         if delete_files:
             files = profile_files(profile)
-            # A model the cache itself lists (server.hf_cache) holds no file: it goes with the file.
-            shared = files_in_use(
-                files, [p for p in self.controller.config.profiles.values() if p.origin != "cache"]
-            )
+            shared = files_to_keep(files, self.controller.config.profiles.values())
             unshared = [file for file in files if file not in shared]
             deleted = [str(blob) for blob in await asyncio.to_thread(hub.remove_cached, unshared)]
         log.info("model %r removed%s", name, f" with {len(deleted)} cached file(s)" if delete_files else "")

@@ -28,11 +28,11 @@ from typing import Any
 
 from aiohttp import web
 
-from llama_router.config.schema import ConfigError, RouterConfig, ServerConfig, config_files, load_config
+from llama_router.config.schema import ConfigError, RouterConfig, ServerConfig, config_files
 from llama_router.config.tls import load_certificate
 from llama_router.core.events import ReloadFailed
 from llama_router.front.auth import KeyRing, resolve_keys, warn_if_open
-from llama_router.manage.model_folders import on_disk
+from llama_router.manage.model_folders import load, on_disk
 from llama_router.manage.sdnotify import Notifier
 from llama_router.upstream.controller import Controller
 
@@ -62,11 +62,14 @@ def _signature(path: Path, server: ServerConfig) -> _Signature:
 
 def _digest(path: Path, server: ServerConfig) -> str | None:
     digest = hashlib.sha256(repr(on_disk(server)).encode())
-    try:
-        for file in config_files(path):
-            digest.update(str(file).encode() + b"\0" + file.read_bytes())
-    except OSError:
-        return None
+    for file in config_files(path):
+        try:
+            content = file.read_bytes()
+        except FileNotFoundError:  # no profiles.yaml: the folders alone are the config, till one comes
+            content = b"\0absent"
+        except OSError:
+            return None
+        digest.update(str(file).encode() + b"\0" + content)
     return digest.hexdigest()
 
 
@@ -88,7 +91,7 @@ class ConfigReloader:
         self.keys = keys  # what requests are checked against; None: new keys are validated, not applied
         self.config = config
         self.path = config.path
-        self._loader: Loader = loader or (lambda: load_config(self.path))
+        self._loader: Loader = loader or (lambda: load(self.path)[0])
         self._notifier = notifier or Notifier(None)
         self._lock = asyncio.Lock()
         self.generation = 0  # successful reloads so far
