@@ -287,7 +287,12 @@ def _init(args: argparse.Namespace) -> int:
     if str(output) != "-" and output.exists() and not args.force:
         raise ConfigError(f"{output}: already exists; give --force to replace it, or another -o")
     folders = [Path(folder) for folder in args.models_dir or ([] if args.hf_cache else ["."])]
-    config, findings = load(output, models_dirs=folders, hf_cache=args.hf_cache, fresh=True)
+    config, findings = load(
+        output, models_dirs=folders, hf_cache=args.hf_cache, fresh=True, keep_unrunnable=True
+    )
+    if not config.profiles:
+        searched = ", ".join(map(str, config.server.models_dir)) or "the Hugging Face cache"
+        raise ConfigError(f"no GGUF model found in {searched}; nothing to write")
     controller = Controller(config)  # no process is started: it only reads budgets
     budgets = describe_budgets(controller.devices, controller.memory_notes)
     text = render(config, findings, controller.devices, budgets, describe_context)

@@ -17,7 +17,7 @@ import yaml
 from gguf import GGUFWriter
 
 from llama_router.cli import main
-from llama_router.config.schema import load_config
+from llama_router.config.schema import ConfigError, load_config
 from llama_router.manage.init_config import gpu_layers, render
 from llama_router.manage.model_files import files_to_keep
 from llama_router.manage.model_folders import Findings, load, model_id
@@ -128,6 +128,15 @@ async def test_a_folder_is_served_with_no_profiles_file_and_follows_its_files(
     assert set(await get_models(router.url)) == {"tiny-a", "tiny-split", "tiny-c"}
     status, answer = await chat(router.url, "tiny-b")
     assert status == 404 and answer["error"]["code"] == "model_not_found"
+    # A found model goes with its file: DELETE /models says so and removes nothing.
+    async with (
+        aiohttp.ClientSession() as session,
+        session.delete(f"{router.url}/models?model=tiny-a") as response,
+    ):
+        assert response.status == 403
+        error = (await response.json())["error"]
+    assert error["code"] == "model_not_removable" and "remove the file" in error["message"]
+    assert (folder / "tiny-a.gguf").is_file()
 
 
 def test_check_says_why_each_file_is_not_served(
@@ -154,6 +163,7 @@ def test_ids_are_typeable_stable_and_collisions_resolved_by_rule(model_folder: P
     for place in (first, second):
         place.mkdir()
         shutil.copy(model_folder / "tiny-a.gguf", place / "Tiny-A.gguf")
+    (first / "back").symlink_to(first)  # a link up the tree is followed once, not forever
     config, _ = load(tmp_path / "none.yaml", models_dirs=[first, second])
     loser = (second / "Tiny-A.gguf").resolve()
     suffix = hashlib.sha256(str(loser).encode()).hexdigest()[:6]
@@ -163,6 +173,17 @@ def test_ids_are_typeable_stable_and_collisions_resolved_by_rule(model_folder: P
     }
     again, _ = load(tmp_path / "none.yaml", models_dirs=[first, second])
     assert list(again.profiles) == list(config.profiles)  # the same ids on every start
+
+
+def test_default_args_refuse_what_belongs_to_one_model(tmp_path: Path, model_folder: Path) -> None:
+    path = tmp_path / "profiles.yaml"
+    path.write_text(
+        yaml.safe_dump({"server": {"models_dir": [str(model_folder)], "default_args": ["--mmproj", "x"]}})
+    )
+    with pytest.raises(
+        ConfigError, match=r"profiles.yaml: server.default_args: --mmproj: not for every model"
+    ):
+        load(path)
 
 
 def test_a_profile_for_the_same_file_wins_and_owns_the_name(

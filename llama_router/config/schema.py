@@ -273,7 +273,13 @@ class ServerConfig(_Strict):
     @field_validator("default_args")
     @classmethod
     def _default_args(cls, args: list[str]) -> list[str]:
-        return _no_reserved_args(args)
+        flags = {arg.split("=", 1)[0] for arg in _no_reserved_args(args)}
+        if clash := sorted(flags & {*HF_ARGS, *MMPROJ_ARGS, *RPC_ARGS}):
+            raise ValueError(
+                f"{', '.join(clash)}: not for every model found (a projector is attached by its file "
+                "name; downloads and RPC workers belong in a profile)"
+            )
+        return args
 
     @field_validator("allowed_args")
     @classmethod

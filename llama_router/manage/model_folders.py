@@ -112,8 +112,15 @@ def _kind(header: GGUFHeader, name: str) -> str | None:
 
 
 def _files(folder: Path) -> Iterable[Path]:
-    """The files under `folder`, sorted, hidden ones (and hidden folders) left out."""
+    """The files under `folder`, sorted, hidden ones (and hidden folders) left out; a linked folder
+    is followed once (a link back up the tree ends there)."""
+    seen: set[tuple[int, int]] = set()
     for root, dirs, files in os.walk(folder, followlinks=True):
+        identity = file_identity(Path(root))
+        if identity is None or identity in seen:
+            dirs[:] = []
+            continue
+        seen.add(identity)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
             if not name.startswith("."):

@@ -243,6 +243,13 @@ class ModelManager:
                 404, f"model {model!r} not found; known models: {known}", code="model_not_found"
             )
         profile = config.profiles[name]
+        if profile.origin in ("models_dir", "cache"):
+            where = "a models_dir folder" if profile.origin == "models_dir" else "the Hugging Face cache"
+            raise RouterError(
+                403,
+                f"model {name!r} is the file {profile.model_path} in {where}; remove the file to remove it",
+                code="model_not_removable",
+            )
         if not profile.removable:
             raise RouterError(
                 403,
