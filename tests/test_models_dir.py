@@ -247,6 +247,29 @@ def test_the_hugging_face_cache_lists_its_models_as_llama_cpp_does(
     with_profile, _ = load(tmp_path / "profiles.yaml")
     assert "acme/tiny-GGUF:Q8_0" not in with_profile.profiles
     assert files_to_keep(files, with_profile.profiles.values()) == set(files)
+    # `init` writes them as the `hf:` profiles they are, which resolve from the cache alone.
+    written = tmp_path / "init.yaml"
+    assert main(["init", "--hf-cache", "-o", str(written)]) == 0
+    profiles = load_config(written).profiles
+    assert {name: (p.hf, p.model_path.name) for name, p in profiles.items()} == {
+        "acme/other-GGUF:UD-Q4_K_XL": ("acme/other-GGUF@main", "other-UD-Q4_K_XL.gguf"),
+        "acme/tiny-GGUF:Q8_0": ("acme/tiny-GGUF@main", "tiny-Q8_0.gguf"),
+    }
+    assert profiles["acme/tiny-GGUF:Q8_0"].mmproj_path == tiny.mmproj_path
+
+
+async def test_a_cached_model_answers_by_its_cache_name(
+    model_folder: Path, tmp_path: Path, router_processes: list[RouterProcess]
+) -> None:
+    cache = tmp_path / "hub"
+    make_cache(cache, "acme/tiny-GGUF", {"tiny-Q8_0.gguf": (model_folder / "tiny-a.gguf").read_bytes()})
+    router = RouterProcess(tmp_path / "profiles.yaml", args=("--hf-cache",))
+    router.env.update(HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1", XDG_STATE_HOME=str(tmp_path / "state"))
+    router_processes.append(await router.start())
+    models = await get_models(router.url)
+    assert {name: entry["source"] for name, entry in models.items()} == {"acme/tiny-GGUF:Q8_0": "cache"}
+    status, answer = await chat(router.url, "acme/tiny-GGUF:Q8_0")
+    assert status == 200 and answer["model"] == "acme/tiny-GGUF:Q8_0", answer
 
 
 def test_init_writes_a_file_check_accepts(

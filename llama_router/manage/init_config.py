@@ -115,7 +115,7 @@ def _profile(
     args = [*profile.args, *([GPU_LAYER_FLAG, str(layers)] if layers is not None else [])]
     sized = profile.model_copy(update={"args": tuple(args)})
     out = [f"  {_q(name)}:"]
-    if profile.origin == "cache" and profile.hf is not None:
+    if profile.origin == "cache":
         repo, _, quant = name.partition(":")
         out.append(f"    hf: {_q(repo)}")
         out.append(f"    hf_file: {_q(_in_snapshot(profile.model_path))}  # quant {quant}")
