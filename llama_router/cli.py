@@ -357,8 +357,11 @@ def _router_url(args: argparse.Namespace) -> tuple[str, str | None]:
     key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if args.url:
         return args.url.rstrip("/"), key
-    data, path = read_yaml(args.config)
-    server = _server_section(data, path)
+    if args.config == DEFAULT_CONFIG and not Path(args.config).exists():
+        server = ServerConfig()  # a router serving folders alone has no file: its defaults
+    else:
+        data, path = read_yaml(args.config)
+        server = _server_section(data, path)
     host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(server.host, server.host)
     if ":" in host:
         host = f"[{host}]"

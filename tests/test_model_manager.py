@@ -153,6 +153,7 @@ async def test_download_becomes_a_profile_that_serves_and_can_be_removed(
 
         listed = await models(session, router.url)
         assert (listed[MODEL]["can_remove"], listed["mine"]["can_remove"]) == (True, False)
+        assert (listed[MODEL]["source"], listed["mine"]["source"]) == ("api", "profile")
         chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
         async with session.post(f"{router.url}/v1/chat/completions", json=chat, headers=USER) as response:
             assert response.status == 200, await response.text()
