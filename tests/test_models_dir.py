@@ -139,6 +139,25 @@ async def test_a_folder_is_served_with_no_profiles_file_and_follows_its_files(
     assert (folder / "tiny-a.gguf").is_file()
 
 
+async def test_an_empty_folder_is_served_once_a_model_arrives(
+    model_folder: Path,
+    tmp_path: Path,
+    router_processes: list[RouterProcess],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    empty = tmp_path / "later"
+    assert main(["check", "-c", str(tmp_path / "none.yaml"), "--models-dir", str(empty)]) == 2
+    assert f"server.models_dir (or --models-dir): not a folder: {empty}" in capsys.readouterr().err
+    empty.mkdir()
+    router = RouterProcess(tmp_path / "none.yaml", args=("--models-dir", str(empty)))
+    router.env["XDG_STATE_HOME"] = str(tmp_path / "state")
+    router_processes.append(await router.start())
+    assert await get_models(router.url) == {}
+    shutil.copy(model_folder / "tiny-a.gguf", empty / "tiny-a.gguf")
+    await router.wait_log(lambda e: "tiny-a" in e.get("added", []), what="tiny-a added")
+    assert (await chat(router.url, "tiny-a"))[0] == 200
+
+
 def test_check_says_why_each_file_is_not_served(
     folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -312,6 +312,9 @@ def load(
         config = parse_config(data, file, keep_unrunnable=keep_unrunnable)
     if not config.server.models_dir and not config.server.hf_cache:
         return config, Findings()
+    absent = [folder for folder in config.server.models_dir if not folder.is_dir()]
+    if absent and not keep_unrunnable:  # a router waits for it (a mount may come later); `check` does not
+        raise ConfigError(f"{config.path}: server.models_dir (or --models-dir): not a folder: {absent[0]}")
     findings = discover(config)
     for skipped in findings.skipped:
         log.info("not served: %s: %s", skipped.path, skipped.reason)
