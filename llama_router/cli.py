@@ -281,7 +281,7 @@ def _check(args: argparse.Namespace) -> int:
 def _init(args: argparse.Namespace) -> int:
     from llama_router.manage.init_config import render
     from llama_router.manage.model_folders import load
-    from llama_router.upstream.controller import Controller
+    from llama_router.sizing.budgets import Sizing
 
     output = Path(args.output)
     if str(output) != "-" and output.exists() and not args.force:
@@ -293,9 +293,9 @@ def _init(args: argparse.Namespace) -> int:
     if not config.profiles:
         searched = ", ".join(map(str, config.server.models_dir)) or "the Hugging Face cache"
         raise ConfigError(f"no GGUF model found in {searched}; nothing to write")
-    controller = Controller(config)  # no process is started: it only reads budgets
-    budgets = describe_budgets(controller.devices, controller.memory_notes)
-    text = render(config, findings, controller.devices, budgets, describe_context)
+    sizing = Sizing(config)
+    budgets = describe_budgets(sizing.devices, sizing.notes)
+    text = render(config, findings, sizing.devices, budgets, describe_context)
     if str(output) == "-":
         sys.stdout.write(text)
         return 0
