@@ -251,7 +251,10 @@ def _check(args: argparse.Namespace) -> int:
 
     config, findings = _load_found(args)
     sizing = Sizing(config)
-    print(f"{config.path}: OK, {len(config.profiles)} profile(s)")
+    if config.path.exists():
+        print(f"{config.path}: OK, {len(config.profiles)} profile(s)")
+    else:  # the folders alone are the config
+        print(f"no {config.path}; models from the folders: OK, {len(config.profiles)} profile(s)")
     try:
         listen = describe_listen(config.server)
     except ConfigError as exc:

@@ -165,7 +165,8 @@ def test_check_says_why_each_file_is_not_served(
     write_gguf(folder / "mmproj-tiny-b-f16.gguf", kind="mmproj", arch="clip")
     assert main(["check", "-c", str(tmp_path / "none.yaml"), "--models-dir", str(folder)]) == 0
     out = capsys.readouterr().out
-    assert "OK, 3 profile(s)" in out
+    assert out.startswith(f"no {tmp_path / 'none.yaml'}; models from the folders: OK, 3 profile(s)")
+    assert [line[2:] for line in out.splitlines() if line.startswith("- ")] == sorted(MODELS)  # by id
     for name, reason in reasons.items():
         line = next(line for line in out.splitlines() if f"/{name}:" in line)
         assert reason in line, line

@@ -279,6 +279,7 @@ def discover(config: RouterConfig) -> Findings:
             name = _unique(ref, first, taken)
             taken.add(name)
             findings.models.append(FoundModel(name, first, "cache", resolved.mmproj_path))
+    findings.models.sort(key=lambda model: (model.origin != "models_dir", model.name))  # listed by id
     return findings
 
 
