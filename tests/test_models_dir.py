@@ -21,10 +21,12 @@ from llama_router.config.schema import ConfigError, load_config
 from llama_router.manage.init_config import gpu_layers, render
 from llama_router.manage.model_files import files_to_keep
 from llama_router.manage.model_folders import Findings, load, model_id
+from llama_router.manage.reload import ConfigReloader
 from llama_router.sizing.memory import MIB, Device
 from tests.fake_hub import make_cache
 from tests.make_tiny_models import make_model
 from tests.router_process import RouterProcess
+from tests.test_reload import _FakeController
 
 MODELS = {"tiny-a", "tiny-b", "tiny-split"}
 
@@ -156,6 +158,23 @@ async def test_an_empty_folder_is_served_once_a_model_arrives(
     shutil.copy(model_folder / "tiny-a.gguf", empty / "tiny-a.gguf")
     await router.wait_log(lambda e: "tiny-a" in e.get("added", []), what="tiny-a added")
     assert (await chat(router.url, "tiny-a"))[0] == 200
+
+
+def test_a_file_being_copied_in_reloads_once_it_holds_still(folder: Path, tmp_path: Path) -> None:
+    config, _ = load(tmp_path / "none.yaml", models_dirs=[folder])
+    reloader = ConfigReloader(_FakeController(), config)  # type: ignore[arg-type]
+    assert not reloader.changed_on_disk()
+    data = (folder / "tiny-a.gguf").read_bytes()
+    with open(folder / "copy.gguf", "wb") as copy:
+        for start in range(0, len(data), len(data) // 3):  # each look finds it grown: not yet
+            copy.write(data[start : start + len(data) // 3])
+            copy.flush()
+            assert not reloader.changed_on_disk()
+    assert reloader.changed_on_disk()  # whole and unchanged since the last look: now
+    assert not reloader.changed_on_disk()
+    (folder / "copy.gguf").unlink()
+    assert not reloader.changed_on_disk()
+    assert reloader.changed_on_disk()
 
 
 def test_check_says_why_each_file_is_not_served(

@@ -11,7 +11,7 @@ The watcher polls (no extra dependency): each second it compares the files' stat
 those in `profiles.d/` beside it) and, if one moved, their content hash, so an editor that rewrites
 the same bytes, or a `touch`, reloads nothing. The GGUF files of `server.models_dir` (and of the
 Hugging Face cache with `server.hf_cache`) count as part of the config by their names and stats: a
-model file added, removed or still growing reloads it.
+model file added or removed reloads it, once it has stopped changing from one look to the next.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any
 
 from aiohttp import web
 
-from llama_router.config.schema import ConfigError, RouterConfig, ServerConfig, config_files
+from llama_router.config.schema import ConfigError, RouterConfig, config_files
 from llama_router.config.tls import load_certificate
 from llama_router.core.events import ReloadFailed
 from llama_router.front.auth import KeyRing, resolve_keys, warn_if_open
@@ -44,11 +44,13 @@ Loader = Callable[[], RouterConfig]
 # Per file of the config (profiles.yaml, then profiles.d/*.yaml): its name and (device, inode,
 # mtime_ns, size), None if unreadable.
 _Signature = tuple[tuple[str, tuple[int, int, int, int] | None], ...]
+# The GGUF files of the models_dir folders (and the cache): (path, size, mtime_ns) each.
+Folders = tuple[tuple[str, int, int], ...]
 
 
-def _signature(path: Path, server: ServerConfig) -> _Signature:
+def _signature(path: Path, folders: Folders) -> _Signature:
     found: list[tuple[str, tuple[int, int, int, int] | None]] = [
-        (name, (0, 0, mtime, size)) for name, size, mtime in on_disk(server)
+        (name, (0, 0, mtime, size)) for name, size, mtime in folders
     ]
     for file in config_files(path):
         try:
@@ -60,8 +62,8 @@ def _signature(path: Path, server: ServerConfig) -> _Signature:
     return tuple(found)
 
 
-def _digest(path: Path, server: ServerConfig) -> str | None:
-    digest = hashlib.sha256(repr(on_disk(server)).encode())
+def _digest(path: Path, folders: Folders) -> str | None:
+    digest = hashlib.sha256(repr(folders).encode())
     for file in config_files(path):
         try:
             content = file.read_bytes()
@@ -97,8 +99,7 @@ class ConfigReloader:
         self.generation = 0  # successful reloads so far
         self.last_reload: dict[str, Any] | None = None
         self.last_error: dict[str, Any] | None = None
-        self._seen_signature = _signature(self.path, self.config.server)
-        self._seen_digest = _digest(self.path, self.config.server)
+        self._seen_files()
 
     def status(self) -> dict[str, Any]:
         """What `/health` shows: the file, reload count, last reload and the error that blocks one."""
@@ -120,9 +121,7 @@ class ConfigReloader:
                 self._notifier.ready(self._status_line())
 
     async def _reload(self, trigger: str) -> bool:
-        # What was read is what was seen: the watcher must not reload the same content again.
-        self._seen_signature = _signature(self.path, self.config.server)
-        self._seen_digest = _digest(self.path, self.config.server)
+        self._seen_files()
         started = time.monotonic()
         try:
             new = await asyncio.to_thread(self._loader)
@@ -226,13 +225,25 @@ class ConfigReloader:
             line += "; last reload failed: " + str(self.last_error["message"]).splitlines()[0][:200]
         return line
 
+    def _seen_files(self) -> None:
+        """What is read now is what was seen: the watcher must not reload the same content again."""
+        self._last_folders = on_disk(self.config.server)
+        self._seen_signature = _signature(self.path, self._last_folders)
+        self._seen_digest = _digest(self.path, self._last_folders)
+
     def changed_on_disk(self) -> bool:
-        """Whether the file's content differs from what was last loaded (cheap when it did not)."""
-        signature = _signature(self.path, self.config.server)
+        """Whether the files' content differs from what was last loaded (cheap when it did not). A
+        model file that changed since the last look is still being written (a copy, a download): it
+        is looked at again until it holds still, so a long copy reloads once, when it is whole."""
+        folders = on_disk(self.config.server)
+        if folders != self._last_folders:
+            self._last_folders = folders
+            return False
+        signature = _signature(self.path, folders)
         if signature == self._seen_signature:
             return False
         self._seen_signature = signature
-        digest = _digest(self.path, self.config.server)
+        digest = _digest(self.path, folders)
         if digest == self._seen_digest:
             return False
         self._seen_digest = digest
