@@ -41,10 +41,10 @@ async def post_json(router: RunningRouter, path: str, payload: Any = None, **kwa
 
 
 async def statuses(router: RunningRouter) -> dict[str, str]:
-    """Each model's `status.value` as `/v1/models` reports it (in the router's own words)."""
+    """Each model's status as `/v1/models` reports it in the router's own words (`status.detail`)."""
     status, listing = await get_json(router, "/v1/models")
     assert status == 200, listing
-    return {entry["id"]: entry["status"]["value"] for entry in listing["data"]}
+    return {entry["id"]: entry["status"]["detail"] for entry in listing["data"]}
 
 
 async def wait_status(router: RunningRouter, model: str, value: str, timeout: float = 10.0) -> None:
@@ -200,9 +200,11 @@ async def test_a_failed_load_is_a_503_with_the_log_and_a_failed_status(
     assert "failed to load model" in assert_openai_error(body, "model_load_failed")["message"]
     status, listing = await get_json(router, "/v1/models")
     [entry] = listing["data"]
-    assert entry["status"]["value"] == "failed"
+    assert (entry["status"]["value"], entry["status"]["detail"]) == ("unloaded", "failed")
     assert entry["status"]["failed"] is True
-    assert entry["status"]["error"]
+    reason, *output = entry["status"]["error"].splitlines()
+    assert "exited" in reason and output, "the reason and the last lines of the model's output"
+    assert any("failed to load model" in line for line in output)
 
 
 async def test_loading_another_model_swaps_and_unload_all_stops_everything(
@@ -292,11 +294,17 @@ async def test_bare_probes_answer_as_llama_server_router_mode_and_are_no_errors(
     assert upstream_processes() != [], "only the ?model= read loaded the model"
 
 
-async def test_llama_cpp_shaped_models_list_uses_router_mode_words(
-    start_router: RouterFactory, dummy_model: Path
+# The `status.value` words Open WebUI's model selector knows (a badge, and Eject for `loaded`).
+OPEN_WEBUI_STATUS_VALUES = {"loaded", "sleeping", "loading", "unloaded"}
+
+
+@pytest.mark.parametrize("listing", ["/v1/models", "/models"])
+async def test_the_lists_open_webui_reads_speak_router_modes_words(
+    start_router: RouterFactory, dummy_model: Path, listing: str
 ) -> None:
-    """Open WebUI's llama.cpp connection shows "Loaded" and Eject only for `loaded`: a standby
-    model is `loaded` there, a failed one `unloaded` with `failed`, our word in `detail`."""
+    """Open WebUI reads `/v1/models` (the URL with `/v1`) or `/models` (without): either way a
+    standby model is `loaded`, a failed or unloading one `unloaded` (`failed: true` when it failed),
+    and our own word is in `detail`; `/running` keeps ours."""
     router = await start_router(
         {
             "warm": fake_profile(dummy_model, standby=True),
@@ -305,24 +313,27 @@ async def test_llama_cpp_shaped_models_list_uses_router_mode_words(
         }
     )
 
-    async def both(model: str) -> tuple[dict[str, Any], dict[str, Any]]:
-        ours = {e["id"]: e["status"] for e in (await get_json(router, "/v1/models"))[1]["data"]}
-        native = {e["id"]: e["status"] for e in (await get_json(router, "/models"))[1]["data"]}
-        return ours[model], native[model]
+    async def status_of(model: str) -> dict[str, Any]:
+        listed = {e["id"]: e["status"] for e in (await get_json(router, listing))[1]["data"]}
+        assert {status["value"] for status in listed.values()} <= OPEN_WEBUI_STATUS_VALUES, listed
+        _, entry = await get_json(router, f"/v1/models/{model}")
+        assert entry["status"] == listed[model], "one entry, wherever it is read"
+        return listed[model]
 
     await wait_until(lambda: router.controller.view("warm").standby, what="the standby preload")
-    assert await both("warm") == ({"value": "standby"}, {"value": "loaded", "detail": "standby"})
+    assert await status_of("warm") == {"value": "loaded", "detail": "standby"}
 
     status, _ = await post_json(router, "/models/load?wait=1", {"model": "broken"})
     assert status == 503
-    ours, native = await both("broken")
-    assert (ours["value"], native["value"], native["detail"]) == ("failed", "unloaded", "failed")
-    assert native["failed"] is True and native["error"]
+    broken = await status_of("broken")
+    assert (broken["value"], broken["detail"], broken["failed"]) == ("unloaded", "failed", True)
+    assert broken["error"]
 
     await post_json(router, "/models/load?wait=1", {"model": "stuck"})
     await post_json(router, "/models/unload", {"model": "stuck"})
-    ours, native = await both("stuck")
-    assert (ours, native) == ({"value": "unloading"}, {"value": "unloaded", "detail": "unloading"})
+    assert await status_of("stuck") == {"value": "unloaded", "detail": "unloading"}
+    _, running = await get_json(router, "/running")
+    assert {row["model"]: row["status"] for row in running["running"]}["stuck"] == "unloading"
     await wait_status(router, "stuck", "unloaded")
 
 

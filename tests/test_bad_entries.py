@@ -158,7 +158,7 @@ async def test_a_profile_whose_binary_is_gone_is_failed_while_the_others_serve(
         assert "profiles.gone.binary" in error["message"] and str(missing) in error["message"]
         async with session.get("/v1/models") as response:
             statuses = {entry["id"]: entry["status"] for entry in (await response.json())["data"]}
-    assert statuses["gone"]["value"] == "failed" and "profiles.gone.binary" in statuses["gone"]["error"]
+    assert statuses["gone"]["detail"] == "failed" and "profiles.gone.binary" in statuses["gone"]["error"]
     assert statuses["ok"]["value"] == "loaded"
 
 

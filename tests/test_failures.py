@@ -14,7 +14,7 @@ from .conftest import RouterFactory, RunningRouter, assert_openai_error, fake_pr
 async def model_status(router: RunningRouter, name: str) -> str:
     async with router.session.get("/v1/models") as response:
         entries = {entry["id"]: entry for entry in (await response.json())["data"]}
-    return str(entries[name]["status"]["value"])
+    return str(entries[name]["status"]["detail"])
 
 
 async def test_a_crash_loop_backs_off_between_tries_and_ends_failed_with_the_reason(

@@ -39,8 +39,8 @@ from llama_router.core.events import (
     Stopped,
 )
 from llama_router.core.scheduler import ProfileView, State
+from llama_router.core.status import client_status, our_word, view_word
 from llama_router.front.access_log import mark_long_lived
-from llama_router.manage.metrics import status_value
 from llama_router.manage.model_manager import ModelManager
 from llama_router.manage.reload import RELOADER
 from llama_router.relay.proxy import RECORD, Proxy
@@ -55,10 +55,6 @@ KEEPALIVE = 15.0  # seconds between keep-alive comments on idle event streams
 PROPS_TIMEOUT = 5.0  # seconds to read a freshly loaded model's `/props`
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _RUNNING = (State.STARTING, State.READY, State.STOPPING)
-# Our status values that llama-server's router mode lacks, as the nearest of its own: a standby
-# model is loaded; one being stopped takes no more requests; a failed one is unloaded with
-# `failed: true`, as router mode reports an instance that exited with an error.
-NATIVE_STATUS = {"standby": "loaded", "unloading": "unloaded", "failed": "unloaded"}
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -266,43 +262,23 @@ class Api:
 
     # ------------------------------------------------------------------------------------------ lists
 
-    def _status(self, view: ProfileView) -> dict[str, Any]:
-        # A cold model that requests wait for is loading as far as clients can tell: its load is
-        # decided, and it starts as soon as memory is free (a swap drains the model it replaces).
-        waited_for = view.state is State.COLD and view.waiting > 0
-        status: dict[str, Any] = {
-            "value": "loading" if waited_for else status_value(view.state.value, view.standby)
-        }
-        if view.state is State.FAILED:
-            status["failed"] = True
-            if view.last_error:
-                status["error"] = view.last_error.splitlines()[0]
-        return status
+    @staticmethod
+    def _status(view: ProfileView) -> dict[str, Any]:
+        """A model's `status` on the lists clients read (`/v1/models`, `/models`, `/v1/models/<id>`,
+        the answers of load and unload): router mode's word in `value`, ours in `detail`."""
+        return client_status(view_word(view), view.last_error)
 
-    def _native_status(self, view: ProfileView) -> dict[str, Any]:
-        """`_status` in llama-server router mode's words, which Open WebUI's llama.cpp connection
-        reads (it shows the "Loaded" badge and Eject button for `loaded` only); ours is in `detail`."""
-        status = self._status(view)
-        ours = status["value"]
-        status["value"] = NATIVE_STATUS.get(ours, ours)
-        status["detail"] = ours
-        return status
-
-    def model_entry(self, view: ProfileView, *, native: bool = False) -> dict[str, Any]:
+    def model_entry(self, view: ProfileView) -> dict[str, Any]:
         static = self._entries().get(view.name) or {"id": view.name, "object": "model"}
         entry = dict(static)
-        entry["status"] = self._native_status(view) if native else self._status(view)
+        entry["status"] = self._status(view)
         # Bytes per device it uses (learned once loaded) or is expected to use (configured or estimated).
         entry["memory"] = {device: amount for device, amount in view.footprint.items() if device != "slots"}
         return entry
 
-    def models_payload(self, *, native: bool = False) -> dict[str, Any]:
-        """The OpenAI model list with each model's status; `native`: as llama-server's router mode
-        words it on `/models`."""
-        return {
-            "object": "list",
-            "data": [self.model_entry(view, native=native) for view in self.controller.views()],
-        }
+    def models_payload(self) -> dict[str, Any]:
+        """The OpenAI model list with each model's status, in llama-server router mode's words."""
+        return {"object": "list", "data": [self.model_entry(view) for view in self.controller.views()]}
 
     async def models(self, _: web.Request) -> web.Response:
         """The local models, then the peers' (`<peer>/<model>`, from their last listing: never waits),
@@ -316,7 +292,7 @@ class Api:
         )
 
     async def native_models(self, _: web.Request) -> web.Response:
-        payload = self.models_payload(native=True)
+        payload = self.models_payload()
         payload["data"].extend(self.manager.pending())
         return web.json_response(payload)
 
@@ -385,7 +361,7 @@ class Api:
         rows = []
         for row, view in zip(self.controller.describe(), self.controller.views(), strict=True):
             if view.state in _RUNNING:
-                rows.append({**row, "status": status_value(view.state.value, view.standby)})
+                rows.append({**row, "status": our_word(view.state, view.standby)})
         return web.json_response(
             {
                 "running": rows,

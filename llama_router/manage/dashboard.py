@@ -48,12 +48,12 @@ from llama_router.core.events import (
 )
 from llama_router.core.redact import redacted_args, redacted_env
 from llama_router.core.scheduler import State
+from llama_router.core.status import our_word
 from llama_router.front.auth import KeyRing, is_admin
 from llama_router.manage.activity import ActivityStore
 from llama_router.manage.api import Api
 from llama_router.manage.board import RequestBoard
 from llama_router.manage.logging_setup import TextFormatter
-from llama_router.manage.metrics import status_value
 from llama_router.manage.reload import reload_status
 from llama_router.relay.proxy import RECORD
 from llama_router.sizing.pagecache import cached_bytes
@@ -277,7 +277,7 @@ class Dashboard:
                 continue
             entry: dict[str, Any] = {
                 **row,
-                "status": status_value(view.state.value, view.standby),
+                "status": our_word(view.state, view.standby),
                 "footprint_source": self._source(profile),
                 "load_seconds": self.load_seconds.get(view.name),
                 "loads": view.starts,

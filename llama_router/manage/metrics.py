@@ -33,34 +33,19 @@ from llama_router.core.events import (
     Unhealthy,
 )
 from llama_router.core.scheduler import State
+from llama_router.core.status import our_word
 from llama_router.relay.request_rules import RequestRecord
 from llama_router.upstream.controller import Controller
 
 log = logging.getLogger("llama_router.metrics")
 
-__all__ = ["CONTENT_TYPE_LATEST", "Metrics", "status_value"]
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 
 UNKNOWN_MODEL = "unknown"  # label for requests naming no known model (keeps label values bounded)
 
 LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
 CONTEXT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30)
-
-_STATUS = {
-    State.COLD.value: "unloaded",
-    State.STARTING.value: "loading",
-    State.READY.value: "loaded",
-    State.STOPPING.value: "unloading",
-    State.FAILED.value: "failed",
-}
-
-
-def status_value(state: str, standby: bool = False) -> str:
-    """The status clients see (llama-server router-mode words) for a scheduler state."""
-    if standby and state == State.READY.value:
-        return "standby"
-    return _STATUS.get(state, state)
-
 
 # ---------------------------------------------------------------------------------------------- metrics
 
@@ -102,7 +87,7 @@ class _LiveState(Collector):
             "llama_router_upstream_rss_bytes", "Resident set size of the model's process", labels=["model"]
         )
         for view in views:
-            state.add_metric([view.name, status_value(view.state.value, view.standby)], 1)
+            state.add_metric([view.name, our_word(view.state, view.standby)], 1)
             in_flight.add_metric([view.name], view.in_flight)
             waiting.add_metric([view.name], view.waiting)
             if view.state in (State.STARTING, State.READY, State.STOPPING):

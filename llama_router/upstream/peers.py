@@ -40,6 +40,7 @@ from llama_router.config.schema import ResolvedPeer
 from llama_router.config.tls import peer_context
 from llama_router.core.errors import RouterError, printable
 from llama_router.core.events import Event, PeerChanged
+from llama_router.core.status import ROUTER_MODE_WORDS, client_status
 from llama_router.upstream.upstream_http import UpstreamPool
 
 log = logging.getLogger("llama_router.peers")
@@ -268,6 +269,9 @@ def model_entry(name: str, state: str, model: PeerModel, created: int) -> dict[s
         entry.update(context_length=window, n_ctx=window, meta={"n_ctx": window})
     if model.status is not None:
         entry["status"] = model.status
+        value = model.status.get("value")
+        if value in ROUTER_MODE_WORDS:  # a peer that still lists our own words
+            entry["status"] = {**model.status, **client_status(value, str(model.status.get("error", "")))}
     return entry
 
 
