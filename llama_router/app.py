@@ -228,7 +228,7 @@ def build_app(config: RouterConfig) -> web.Application:
     async def metrics_page(request: web.Request) -> web.StreamResponse:
         """The router's metrics; with `?model=`, that model's own (llama-server's `--metrics`)."""
         if request.query.get("model"):
-            return await proxy.handle_get(request)
+            return await api.model_read(request)
         return web.Response(body=metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
     app.router.add_get("/health", health)
@@ -238,7 +238,7 @@ def build_app(config: RouterConfig) -> web.Application:
     for path in MODEL_POST_PATHS:
         app.router.add_post(path, proxy.handle_post)
     for path in MODEL_GET_PATHS:
-        app.router.add_get(path, proxy.handle_get)
+        app.router.add_get(path, api.model_read)
     app.router.add_route("*", "/{tail:.*}", api.fallback)
     return app
 

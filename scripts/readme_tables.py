@@ -36,7 +36,7 @@ def access_table() -> str:
     ]
     for rule in ACCESS:
         method = "any" if rule.method == "*" else rule.method
-        endpoint = "any other request" if rule.path == "{path}" else f"{method} `{rule.path}`"
+        endpoint = "any other request" if rule.path == "{path}" else f"{method} `{rule.shown}`"
         lines.append(f"| {endpoint} | {rule.what} | " + " | ".join(CELLS[rule.access]) + " |")
     return "\n".join(lines)
 

@@ -32,7 +32,12 @@ CALLS: list[tuple[str, str, Any, Access]] = [
     ("POST", "/v1/chat/completions", {"model": "nope", "messages": []}, Access.INFERENCE),
     ("GET", "/v1/models", None, Access.INFERENCE),
     ("GET", "/models", None, Access.INFERENCE),
-    ("GET", "/props", None, Access.INFERENCE),
+    ("GET", "/props?model=nope", None, Access.INFERENCE),
+    ("GET", "/props", None, Access.OPEN),
+    ("GET", "/v1/props", None, Access.OPEN),
+    ("GET", "/api/v1/models", None, Access.OPEN),
+    ("GET", "/api/tags", None, Access.OPEN),
+    ("GET", "/version", None, Access.OPEN),
     ("GET", "/slots?model=nope", None, Access.INFERENCE),
     ("GET", "/lora-adapters?model=nope", None, Access.INFERENCE),
     ("GET", "/metrics", None, Access.INFERENCE),
@@ -60,9 +65,16 @@ CONFIGS = {
 def test_the_calls_cover_every_row_of_the_table() -> None:
     covered = set()
     for method, path, _, wanted in CALLS:
-        bare = path.partition("?")[0]
-        row = next(rule for rule in ACCESS if rule.method in ("*", method) and rule.pattern().fullmatch(bare))
-        assert row.access is wanted is access_of(method, bare), (method, path, row)
+        bare, _, query = path.partition("?")
+        params = {part.partition("=")[0] for part in query.split("&") if part}
+        row = next(
+            rule
+            for rule in ACCESS
+            if rule.method in ("*", method)
+            and rule.pattern().fullmatch(bare)
+            and (not rule.query or rule.query in params)
+        )
+        assert row.access is wanted is access_of(method, bare, params), (method, path, row)
         covered.add(row)
     assert covered == set(ACCESS), f"rows no call exercises: {set(ACCESS) - covered}"
 
@@ -123,6 +135,11 @@ async def test_a_get_naming_a_model_reaches_only_its_read_only_api(
         assert_openai_error(body, "not_found")
         assert "/props, /slots, /metrics, /lora-adapters" in body["error"]["message"]
     assert router.controller.upstreams == {}, "no refused path loaded the model"
+    status, props = await call(router, "GET", "/props?model=m", None, None)
+    assert (status, props["loaded"]) == (200, False), "a GET never loads a model: answered from memory"
+    assert router.controller.upstreams == {}
+    status, _ = await call(router, "POST", "/models/load?wait=1", {"model": "m"}, None)
+    assert status == 200
     status, props = await call(router, "GET", "/props?model=m", None, None)
     assert (status, props["build_info"]) == (200, "fake_upstream"), "the model's own /props"
     status, slots = await call(router, "GET", "/slots?model=m", None, None)

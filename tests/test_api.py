@@ -97,7 +97,7 @@ async def test_models_lists_answer_from_memory_with_status_and_context(
         assert entry["object"] == "model"
         assert entry["owned_by"] == "llamacpp"
         assert isinstance(entry["created"], int)
-        assert entry["status"] == {"value": "unloaded"}
+        assert entry["status"] == {"value": "unloaded", "detail": "unloaded"}
     assert entries["chat"]["aliases"] == ["gpt-4o-mini"]
     assert (entries["chat"]["context_length"], entries["chat"]["n_ctx"]) == (65536, 65536)
     assert entries["long"]["context_length"] == 131072
@@ -262,6 +262,7 @@ async def test_other_servers_probe_paths_are_404(
 
 async def test_gets_route_by_model_query(start_router: RouterFactory, dummy_model: Path) -> None:
     router = await start_router({"m": fake_profile(dummy_model)})
+    await post_json(router, "/models/load?wait=1", {"model": "m"})
     status, props = await get_json(router, "/props", params={"model": "m"})
     assert (status, props["build_info"]) == (200, "fake_upstream")
     # Any other GET naming a model is a 404: only the upstream's read-only API is reached this way.
@@ -286,12 +287,54 @@ async def test_bare_probes_answer_as_llama_server_router_mode_and_are_no_errors(
         assert status == 404, path
         assert_openai_error(body, "not_found")
     status, props = await get_json(router, "/props", params={"model": "m"})
-    assert status == 200 and props["build_info"] == "fake_upstream", "with ?model= it is the model's"
+    assert status == 200 and props["model_alias"] == "m", "with ?model= it is the model's"
     async with router.session.get("/metrics") as response:
         metrics = await response.text()
     errors = [line for line in metrics.splitlines() if line.startswith("llama_router_errors_total{")]
     assert errors == [], errors
-    assert upstream_processes() != [], "only the ?model= read loaded the model"
+    assert upstream_processes() == [], "no probe loaded anything"
+
+
+async def test_no_get_loads_a_model(start_router: RouterFactory, dummy_model: Path) -> None:
+    """`/props?model=`, `/slots?model=` and `/v1/models/<id>` of a model that is not loaded are
+    answered from the config and the estimate, then from the `/props` it gave at its last load;
+    the model stays unloaded (`/running` does not list it). Reads only a running model has are 409s."""
+    router = await start_router({"m": fake_profile(dummy_model, "--ctx-size", "8192", "--parallel", "2")})
+
+    async def running() -> list[str]:
+        _, body = await get_json(router, "/running")
+        return [row["model"] for row in body["running"]]
+
+    status, props = await get_json(router, "/props", params={"model": "m"})
+    assert status == 200, props
+    assert (props["loaded"], props["source"], props["model_alias"]) == (False, "config and estimate", "m")
+    assert props["default_generation_settings"]["n_ctx"] == 4096, "a request's window: 8192 over 2 slots"
+    assert props["status"] == {"value": "unloaded", "detail": "unloaded"}
+    status, slots = await get_json(router, "/slots", params={"model": "m"})
+    assert status == 200 and [slot["n_ctx"] for slot in slots] == [4096, 4096]
+    assert not any(slot["is_processing"] for slot in slots)
+    status, entry = await get_json(router, "/v1/models/m")
+    assert (status, entry["status"]["value"], entry["n_ctx"]) == (200, "unloaded", 4096)
+    for path in ("/metrics", "/lora-adapters"):
+        status, body = await get_json(router, path, params={"model": "m"})
+        assert status == 409, (path, body)
+        assert_openai_error(body, "model_not_loaded")
+    assert await running() == [] and upstream_processes() == [], "no GET loaded the model"
+    assert await statuses(router) == {"m": "unloaded"}
+
+    await post_json(router, "/models/load?wait=1", {"model": "m"})
+    deadline = time.monotonic() + 10
+    while (await get_json(router, "/v1/models/m"))[1]["context"]["source"] != "props":
+        assert time.monotonic() < deadline, "the router reads the loaded model's /props"
+        await asyncio.sleep(0.02)
+    status, props = await get_json(router, "/props", params={"model": "m"})
+    assert (status, props["build_info"], "loaded" in props) == (200, "fake_upstream", False), "its own"
+    await post_json(router, "/models/unload?wait=1", {"model": "m"})
+    status, props = await get_json(router, "/props", params={"model": "m"})
+    assert (props["loaded"], props["source"]) == (False, "last /props of this model")
+    assert props["build_info"] == "fake_upstream" and props["default_generation_settings"]["params"]
+    assert props["default_generation_settings"]["n_ctx"] == 8192, "what it said, not the estimate"
+    assert await running() == [] and upstream_processes() == []
 
 
 # The `status.value` words Open WebUI's model selector knows (a badge, and Eject for `loaded`).
@@ -437,7 +480,7 @@ async def test_events_report_loads_with_durations_and_subscribers_do_not_leak(
         assert response.headers["Content-Type"].startswith("text/event-stream")
         snapshot = await read_event(response)
         assert snapshot["event"] == "snapshot"
-        assert snapshot["models"] == [{"model": "m", "status": {"value": "unloaded"}}]
+        assert snapshot["models"] == [{"model": "m", "status": {"value": "unloaded", "detail": "unloaded"}}]
         assert api.event_subscribers == 1
 
         await post_json(router, "/models/load", {"model": "m"})

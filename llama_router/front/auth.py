@@ -19,7 +19,7 @@ import ipaddress
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -42,12 +42,19 @@ class Access(enum.Enum):
 @dataclass(frozen=True)
 class Rule:
     """One row of the access table: a method (`*`: any) and a path pattern (`{x}`: one segment,
-    `{path}`: the rest), what it needs, and what it is for."""
+    `{path}`: the rest), what it needs, and what it is for; with `query`, only requests that carry
+    that query parameter (`/props?model=` is a model's data, bare `/props` is not)."""
 
     method: str
     path: str
     access: Access
     what: str
+    query: str = ""
+
+    @property
+    def shown(self) -> str:
+        """The row's endpoint as the README shows it."""
+        return f"{self.path}?{self.query}=" if self.query else self.path
 
     def pattern(self) -> re.Pattern[str]:
         parts = re.split(r"(\{[a-z]+\})", self.path)
@@ -77,7 +84,12 @@ ACCESS: tuple[Rule, ...] = (
     Rule("POST", "/v1/chat/completions", Access.INFERENCE, "inference (and the other inference paths)"),
     Rule("GET", "/v1/models", Access.INFERENCE, "model lists (`/models` too)"),
     Rule("GET", "/models", Access.INFERENCE, "model lists, llama-server router mode's shape"),
-    Rule("GET", "/props", Access.INFERENCE, "`?model=`: that model's read-only page (see below)"),
+    Rule("GET", "/props", Access.INFERENCE, "that model's `/props` (from memory when not loaded)", "model"),
+    Rule("GET", "/props", Access.OPEN, "router mode's placeholder: no model data (servers' probes)"),
+    Rule("GET", "/v1/props", Access.OPEN, "a probe for llama-server: always a 404 here"),
+    Rule("GET", "/api/v1/models", Access.OPEN, "a probe for LM Studio: always a 404 here"),
+    Rule("GET", "/api/tags", Access.OPEN, "a probe for Ollama: always a 404 here"),
+    Rule("GET", "/version", Access.OPEN, "a probe for vLLM: always a 404 here"),
     Rule("GET", "/slots", Access.INFERENCE, "`?model=`: that model's read-only page"),
     Rule("GET", "/lora-adapters", Access.INFERENCE, "`?model=`: that model's read-only page"),
     Rule("GET", "/metrics", Access.INFERENCE, "the router's metrics (`?model=`: that model's)"),
@@ -94,14 +106,20 @@ ACCESS: tuple[Rule, ...] = (
 )
 
 
-# The table indexed for the request path: exact paths by (method, path), then the patterns in order.
-# No pattern row comes before an exact row it would match, so this keeps "the first row that matches".
-_EXACT = {(rule.method, rule.path): rule.access for rule in ACCESS if "{" not in rule.path}
+# The table indexed for the request path: rows with a query parameter, exact paths by (method, path),
+# then the patterns in order. No pattern row comes before an exact row it would match, and each row
+# with a query comes before the same path's row without, so this keeps "the first row that matches".
+_QUERIED = {(rule.method, rule.path): (rule.query, rule.access) for rule in ACCESS if rule.query}
+_EXACT = {(rule.method, rule.path): rule.access for rule in ACCESS if "{" not in rule.path and not rule.query}
 _PATTERNS = [(rule.method, rule.pattern(), rule.access) for rule in ACCESS if "{" in rule.path]
 
 
-def access_of(method: str, path: str) -> Access:
-    """What a request needs where keys are configured (the first matching row of `ACCESS`)."""
+def access_of(method: str, path: str, query: Container[str] = ()) -> Access:
+    """What a request needs where keys are configured (the first matching row of `ACCESS`);
+    `query`: the names of its query parameters."""
+    queried = _QUERIED.get((method, path))
+    if queried is not None and queried[0] in query:
+        return queried[1]
     access = _EXACT.get((method, path)) or _EXACT.get(("*", path))
     if access is not None:
         return access
@@ -194,12 +212,12 @@ def warn_if_open(keys: Keys, host: str) -> None:
 
 def is_open(request: web.Request) -> bool:
     """Whether `request` is answered without a key."""
-    return access_of(request.method, request.path) is Access.OPEN
+    return access_of(request.method, request.path, request.query) is Access.OPEN
 
 
 def is_admin_request(request: web.Request) -> bool:
     """Whether `request` changes what runs (it needs an admin key where keys are configured)."""
-    return access_of(request.method, request.path) is Access.ADMIN
+    return access_of(request.method, request.path, request.query) is Access.ADMIN
 
 
 def is_admin(ring: KeyRing, request: web.Request) -> bool:
@@ -248,7 +266,7 @@ def key_check(ring: KeyRing) -> Callable[[web.Request], web.StreamResponse | Non
     def check_key(request: web.Request) -> web.StreamResponse | None:
         if not ring.enabled:
             return None
-        access = access_of(request.method, request.path)
+        access = access_of(request.method, request.path, request.query)
         if access is Access.OPEN:
             return None
         keys = ring.keys

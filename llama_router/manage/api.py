@@ -42,9 +42,10 @@ from llama_router.core.scheduler import ProfileView, State
 from llama_router.core.status import client_status, our_word, view_word
 from llama_router.front.access_log import mark_long_lived
 from llama_router.manage.model_manager import ModelManager
+from llama_router.manage.model_reads import not_running, props_from_memory, slots_from_memory
 from llama_router.manage.reload import RELOADER
 from llama_router.relay.proxy import RECORD, Proxy
-from llama_router.relay.request_rules import MODEL_READ_PATHS, model_in_body
+from llama_router.relay.request_rules import MODEL_READ_PATHS, model_in_body, model_in_query
 from llama_router.sizing.context_window import Window, learned, profile_window
 from llama_router.upstream.controller import Controller
 from llama_router.upstream.logs import FollowableLog
@@ -123,6 +124,8 @@ class Api:
         self._static: dict[str, dict[str, Any]] = {}
         # Windows llama-server reported on `/props` once loaded, with the profile they were read for.
         self._learned: dict[str, tuple[ResolvedProfile, Window]] = {}
+        # The whole `/props` each model gave at its last load, with the profile it was read for.
+        self._last_props: dict[str, tuple[ResolvedProfile, dict[str, Any]]] = {}
         self._session: aiohttp.ClientSession | None = None
         self.manager = ModelManager(controller)
         self._entries()
@@ -199,8 +202,11 @@ class Api:
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             log.debug("could not read /props of %s: %s", name, exc)
             return
+        if not isinstance(props, dict):
+            return
+        self._last_props[name] = (profile, props)
         estimate = profile_window(profile)
-        window = learned(estimate, props) if isinstance(props, dict) else None
+        window = learned(estimate, props)
         if window is None:
             return
         if estimate is not None and estimate.per_request != window.per_request:
@@ -333,7 +339,7 @@ class Api:
         fields a single model would fill, so clients probing for llama.cpp recognise it without
         loading anything, and it is no client error."""
         if request.query.get("model"):
-            return await self.proxy.handle_get(request)
+            return await self.model_read(request)
         server = self.controller.config.server
         return web.json_response(
             {
@@ -346,6 +352,25 @@ class Api:
                 "build_info": f"llama-router {__version__}",
             }
         )
+
+    async def model_read(self, request: web.Request) -> web.StreamResponse:
+        """`GET <read-only path>?model=<id>`: the model's own answer while it is loaded or loading;
+        otherwise what the router knows, without loading it (model_reads.py)."""
+        model = model_in_query(request.path, request.query.get("model"))
+        request[RECORD].model = model
+        name = self.proxy.route_for(model)
+        profile = self.controller.config.profiles.get(name)
+        view = self.controller.view(name) if profile is not None else None
+        if profile is None or view is None or view.state in (State.STARTING, State.READY):
+            return await self.proxy.handle_get(request)
+        window = self.window(profile)
+        if request.path == "/props":
+            last = self._last_props.get(name)
+            kept = last[1] if last is not None and last[0] == profile else None
+            return web.json_response(props_from_memory(profile, window, kept, self._status(view)))
+        if request.path == "/slots":
+            return web.json_response(slots_from_memory(window))
+        raise not_running(name, request.path)
 
     async def model(self, request: web.Request) -> web.Response:
         wanted = request.match_info["model"]
@@ -496,7 +521,9 @@ class Api:
             "event": "snapshot",
             "time": time.time(),
             "models": [
-                {"model": view.name, "status": self._status(view)} for view in self.controller.views()
+                # Our own words here, as on the dashboard (which reads this stream).
+                {"model": view.name, "status": {**self._status(view), "value": view_word(view)}}
+                for view in self.controller.views()
             ],
             "peers": self.controller.peers.describe(),
         }
