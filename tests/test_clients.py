@@ -19,6 +19,7 @@ import pytest
 from tests.make_tiny_models import make_model
 
 from .conftest import RouterFactory, RunningRouter, fake_profile, upstream_processes
+from .hermes_replay import Replay
 
 CHAT = "/v1/chat/completions"
 HERMES_MINIMUM_CONTEXT = 64_000
@@ -320,6 +321,9 @@ async def hermes_context_lengths(session: aiohttp.ClientSession, key: str) -> di
 
 
 async def test_hermes_agent_probing_and_chat(start_router: RouterFactory, dummy_model: Path) -> None:
+    """Hermes Agent's start, replayed in its order (tests/hermes_replay.py), with API keys set: the
+    probe paths answer alike with and without a key, so one round finds llama.cpp; the context comes
+    from the list, and a later start's `/props?model=` is answered without loading the model."""
     router = await start_router(
         {
             "agent": fake_profile(dummy_model, "--ctx-size", "65536"),
@@ -328,25 +332,40 @@ async def test_hermes_agent_probing_and_chat(start_router: RouterFactory, dummy_
         api_keys=["hermes-key"],
     )
     async with aiohttp.ClientSession(base_url=router.url) as session:
-        # Server-type detection, without an Authorization header: nothing may answer 200.
+        # Server-type detection: the same answer with no key, a wrong key and the key; no model data.
         for path in ("/api/v1/models", "/api/tags", "/v1/props", "/props", "/version"):
-            async with session.get(path) as response:
-                assert response.status in (401, 404), (path, response.status)
-                assert "models" not in await response.json()
-        # Same probes with the key: no LM Studio, Ollama or vLLM signature; llama.cpp's router mode.
-        auth = {"Authorization": "Bearer hermes-key"}
-        for path in ("/api/v1/models", "/api/tags", "/version", "/v1/props"):
-            async with session.get(path, headers=auth) as response:
-                assert response.status == 404, path
-        async with session.get("/props", headers=auth) as response:
-            assert response.status == 200
-            assert (await response.json())["role"] == "router"
+            answers = []
+            for key in (None, "wrong", "hermes-key"):
+                headers = {"Authorization": f"Bearer {key}"} if key else {}
+                async with session.get(path, headers=headers) as response:
+                    answers.append((response.status, await response.json()))
+            assert all(answer == answers[0] for answer in answers), (path, answers)
+            status, body = answers[0]
+            assert status == (200 if path == "/props" else 404), (path, body)
+            assert "models" not in body and "agent" not in json.dumps(body)
 
-        lengths = await hermes_context_lengths(session, "hermes-key")
-        assert lengths == {"agent": 65536, "small": 8192}
-        assert lengths["agent"] >= HERMES_MINIMUM_CONTEXT > lengths["small"]
+        first = Replay(session, "hermes-key")
+        assert await first.start("agent") == 65536
+        old = Replay(session, "hermes-key")  # 0.19: detection rounds without the key first
+        assert await old.start("agent", keyless_rounds=2) == 65536
+        for replay in (first, old):
+            assert [call.status for call in replay.calls if call.status in (401, 403)] == []
+            assert replay.server_type == "llamacpp"
+        assert len(old.calls) == len(first.calls), "one keyless round is enough"
+        assert [call.keyed for call in old.calls[:4]] == [False] * 4
         assert upstream_processes() == [], "reading metadata loaded nothing"
 
+        # A later start reconciles its saved context with `/props?model=` of a model not loaded.
+        later = Replay(session, "hermes-key")
+        assert await later.start("agent", cached=65536) == 65536
+        assert later.calls[-1].path == "/props?model=agent" and later.calls[-1].status == 200
+        assert upstream_processes() == []
+        async with session.get("/running", headers={"Authorization": "Bearer hermes-key"}) as response:
+            assert (await response.json())["running"] == [], "still unloaded"
+        assert await Replay(session, "hermes-key").start("small", cached=65536) == 8192, "Hermes refuses it"
+        assert HERMES_MINIMUM_CONTEXT > 8192
+
+        auth = {"Authorization": "Bearer hermes-key"}
         body = {
             "model": "agent",
             "messages": [
@@ -362,8 +381,10 @@ async def test_hermes_agent_probing_and_chat(start_router: RouterFactory, dummy_
             chunks = await read_stream(response)
         assert all(chunk["model"] == "agent" for chunk in chunks)
 
+        loaded = Replay(session, "hermes-key")
+        assert await loaded.start("agent", cached=65536) == 65536, "the loaded model's own /props"
         lengths = await hermes_context_lengths(session, "hermes-key")
-        assert lengths["agent"] == 65536, "the loaded model's own n_ctx, read through /props?model="
+        assert lengths == {"agent": 65536, "small": 8192}
 
 
 async def test_hermes_is_told_the_window_each_request_gets_with_parallel_slots(
