@@ -148,6 +148,7 @@ async def test_download_becomes_a_profile_that_serves_and_can_be_removed(
         written = yaml.safe_load(profile_file.read_text())
         assert written["created_by"] == "llama-router"
         assert written["profiles"][MODEL]["hf"] == MODEL
+        assert written["downloaded"] == {MODEL: finished["files"]}, "recorded when downloaded"
         assert router.config.read_text() == user_yaml, "the user's file and its comments are untouched"
         assert finished["files"][0].startswith(str(cache)), "downloaded into the Hugging Face cache"
 
@@ -168,13 +169,10 @@ async def test_download_becomes_a_profile_that_serves_and_can_be_removed(
             assert response.status == 403
             error = assert_openai_error(await response.json(), status=response.status)
             assert error["code"] == "model_not_removable" and str(router.config) in error["message"]
-        async with session.delete(
-            delete, params={"model": MODEL, "delete_files": "1"}, headers=USER
-        ) as response:
+        async with session.delete(delete, params={"model": MODEL}, headers=USER) as response:
             assert response.status == 403, "removing needs the admin key too"
-        async with session.delete(
-            delete, params={"model": MODEL, "delete_files": "1"}, headers=ADMIN
-        ) as response:
+        # Open WebUI's "Delete Model" sends no delete_files: the files go by default.
+        async with session.delete(delete, params={"model": MODEL}, headers=ADMIN) as response:
             assert response.status == 200, await response.text()
             answer = await response.json()
         assert answer["success"] is True and len(answer["deleted_files"]) == 1
@@ -187,6 +185,47 @@ async def test_download_becomes_a_profile_that_serves_and_can_be_removed(
         await native.wait_for(lambda e: e["event"] == "model_remove" and e["model"] == MODEL)
         await events.close()
         await native.close()
+
+
+async def download(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> dict[str, Any]:
+    """POST /models, then its `download_finished` event."""
+    events = EventStream(session, f"{url}/events")
+    try:
+        await events.wait_for(lambda e: e["event"] == "snapshot")
+        async with session.post(f"{url}/models", json=body, headers=ADMIN) as response:
+            assert response.status == 200, await response.text()
+            name = (await response.json())["model"]
+        return await events.wait_for(lambda e: e["event"] == "download_finished" and e["model"] == name)
+    finally:
+        await events.close()
+
+
+async def test_deleting_a_model_frees_its_files_unless_another_profile_uses_them(
+    router: RouterProcess, fake_hub: FakeHub
+) -> None:
+    """The same GGUF downloaded as two models (one file in the cache): removing one keeps it, removing
+    the other deletes it; `delete_files=0` keeps a model's files."""
+    async with aiohttp.ClientSession() as session:
+        first = await download(session, router.url, {"model": MODEL, "args": ARGS})
+        second = await download(session, router.url, {"model": MODEL, "name": "twin", "args": ARGS})
+        assert first["files"] == second["files"]
+        [gguf] = [Path(file) for file in first["files"]]
+        blob = gguf.resolve()
+        delete = f"{router.url}/models"
+        async with session.delete(delete, params={"model": "twin"}, headers=ADMIN) as response:
+            assert response.status == 200, await response.text()
+            assert (await response.json())["deleted_files"] == [], "the other model reads that file"
+        assert gguf.exists() and blob.exists()
+        async with session.delete(delete, params={"model": MODEL}, headers=ADMIN) as response:
+            assert (await response.json())["deleted_files"] == [str(blob)]
+        assert not gguf.exists() and not blob.exists()
+
+        kept = await download(session, router.url, {"model": MODEL, "name": "kept", "args": ARGS})
+        params = {"model": "kept", "delete_files": "0"}
+        async with session.delete(delete, params=params, headers=ADMIN) as response:
+            assert (await response.json())["deleted_files"] == []
+        assert all(Path(file).exists() for file in kept["files"])
+        assert set(await models(session, router.url)) == {"mine"}
 
 
 async def test_downloads_that_cannot_happen_are_refused_and_one_under_way_can_be_cancelled(

@@ -546,6 +546,11 @@ class ProfilesFile(_Strict):
         description="'llama-router' in the files POST /models wrote (DELETE /models removes those)",
     )
     profiles: dict[str, Profile] = Field(default_factory=dict, description="profiles, as in profiles.yaml")
+    downloaded: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="the files POST /models downloaded for each of its profiles: DELETE /models deletes "
+        "them, unless another profile uses them",
+    )
 
 
 class ResolvedProfile(BaseModel):

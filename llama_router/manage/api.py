@@ -72,8 +72,9 @@ def _positive_int(value: Any) -> int | None:
 # ---------------------------------------------------------------------------------------------- logs
 
 
-def _flag(request: web.Request, name: str) -> bool:
-    return request.query.get(name, "").lower() in ("1", "true", "yes", "on")
+def _flag(request: web.Request, name: str, default: bool = False) -> bool:
+    value = request.query.get(name)
+    return default if value is None else value.lower() in ("1", "true", "yes", "on")
 
 
 def _transport_closed(request: web.Request) -> bool:
@@ -313,14 +314,17 @@ class Api:
 
     async def remove_model(self, request: web.Request) -> web.Response:
         """`DELETE /models?model=<name>` (router mode's "Delete Model"): removes a profile POST /models
-        created, and with `?delete_files=1` its files in the Hugging Face cache; a hand-written profile
+        created and the files downloaded for it that no other profile uses (`?delete_files=0` keeps
+        them: Open WebUI's dialog promises the delete and sends no such flag); a hand-written profile
         is refused (403)."""
         model = request.query.get("model")
         if not model:
             raise RouterError(400, "add ?model=<name> to say which model to remove", code="missing_model")
         request[RECORD].model = model
         answer = await self.manager.remove(
-            model, self._reloader(request), delete_files=_flag(request, "delete_files")
+            model,
+            self._reloader(request),
+            delete_files=_flag(request, "delete_files", default=True),
         )
         return web.json_response(answer)
 

@@ -161,7 +161,8 @@ class ModelManager:
             found = await asyncio.to_thread(
                 hub.pull, download.ref, progress_bars=False, progress=self._reporter(download)
             )
-            path = await asyncio.to_thread(self._write_profile, download)
+            files = [*found.model_paths, *([found.mmproj_path] if found.mmproj_path is not None else [])]
+            path = await asyncio.to_thread(self._write_profile, download, files)
             if not await reload(f"POST /models {name}"):
                 path.unlink(missing_ok=True)
                 reason = "downloaded, but the config could not be reloaded with it (see /health)"
@@ -175,11 +176,8 @@ class ModelManager:
             log.warning("download of %r failed: %s", name, reason)
             self.controller.events.emit(DownloadFailed(name, reason))
             return
-        files = [str(file) for file in found.model_paths]
-        if found.mmproj_path is not None:
-            files.append(str(found.mmproj_path))
         log.info("model %r downloaded; its profile is %s", name, path)
-        self.controller.events.emit(DownloadFinished(name, files, str(path)))
+        self.controller.events.emit(DownloadFinished(name, [str(file) for file in files], str(path)))
 
     def _reporter(self, download: Download) -> hub.ByteProgress:
         """The progress callback of a download's thread: records bytes, sends at most one event per
@@ -200,8 +198,9 @@ class ModelManager:
 
         return report
 
-    def _write_profile(self, download: Download) -> Path:
-        """`profiles.d/<name>.yaml` with the new profile, written whole or not at all."""
+    def _write_profile(self, download: Download, files: list[Path]) -> Path:
+        """`profiles.d/<name>.yaml` with the new profile and the files downloaded for it (what
+        DELETE /models deletes), written whole or not at all."""
         folder = profiles_dir(self.controller.config.path)
         folder.mkdir(parents=True, exist_ok=True)
         stem = _UNSAFE.sub("-", download.name).strip("-.") or "model"
@@ -210,12 +209,17 @@ class ModelManager:
         while path.exists():
             counter += 1
             path = folder / f"{stem}-{counter}.yaml"
-        document = {"created_by": CREATED_BY_ROUTER, "profiles": {download.name: download.profile}}
+        document = {
+            "created_by": CREATED_BY_ROUTER,
+            "profiles": {download.name: download.profile},
+            "downloaded": {download.name: [str(file) for file in files]},
+        }
         ProfilesFile.model_validate(document)
         header = (
             f"# Created by llama-router for POST /models on {time.strftime('%Y-%m-%d %H:%M:%S')}.\n"
-            "# DELETE /models?model=<name> removes it (this file only). Edit it freely; move the\n"
-            "# profile into profiles.yaml (and delete this file) to make it a hand-written one.\n"
+            "# DELETE /models?model=<name> removes it, and the files it downloaded that no other profile\n"
+            "# uses (?delete_files=0 keeps them). Edit it freely; move the profile into profiles.yaml\n"
+            "# (and delete this file) to make it a hand-written one.\n"
         )
         temporary = path.with_name(f".{path.name}.tmp")
         temporary.write_text(header + yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
@@ -226,7 +230,8 @@ class ModelManager:
 
     async def remove(self, model: str, reload: Reload, *, delete_files: bool) -> dict[str, Any]:
         """Remove a profile POST /models created (cancelling its download if still under way), and
-        with `delete_files` its files in the Hugging Face cache that no other profile uses."""
+        with `delete_files` the files downloaded for it that no other profile uses (compared as files
+        on disk: files_to_keep); a profile written before downloads were recorded gives its own files."""
         download = self.downloads.get(model)
         if download is not None:
             download.cancelled = True
@@ -257,7 +262,7 @@ class ModelManager:
                 "models added with POST /models can be removed this way: edit that file to remove it",
                 code="model_not_removable",
             )
-        await asyncio.to_thread(_drop_profile, profile)
+        recorded = await asyncio.to_thread(_drop_profile, profile)
         if not await reload(f"DELETE /models {name}"):
             raise RouterError(
                 503,
@@ -266,7 +271,7 @@ class ModelManager:
             )
         deleted: list[str] = []
         if delete_files:
-            files = profile_files(profile)
+            files = recorded if recorded is not None else profile_files(profile)
             shared = files_to_keep(files, self.controller.config.profiles.values())
             unshared = [file for file in files if file not in shared]
             deleted = [str(blob) for blob in await asyncio.to_thread(hub.remove_cached, unshared)]
@@ -305,19 +310,24 @@ class ModelManager:
             await asyncio.wait(tasks, timeout=5)
 
 
-def _drop_profile(profile: ResolvedProfile) -> None:
-    """Take `profile` out of the router-written file that holds it: the file goes with its last one."""
+def _drop_profile(profile: ResolvedProfile) -> list[Path] | None:
+    """Take `profile` out of the router-written file that holds it (the file goes with its last one);
+    returns the files recorded as downloaded for it (None: the file records none)."""
     source = profile.source
     assert source is not None
     document = yaml.safe_load(source.read_text(encoding="utf-8")) or {}
     profiles = document.get("profiles") or {}
     profiles.pop(profile.name, None)
+    downloads = document.get("downloaded") or {}
+    listed = downloads.pop(profile.name, None)
+    recorded = [Path(file) for file in listed] if isinstance(listed, list) else None
     if not profiles:
         source.unlink()
-        return
+        return recorded
     header = "".join(
         line for line in source.read_text(encoding="utf-8").splitlines(True) if line.startswith("#")
     )
     temporary = source.with_name(f".{source.name}.tmp")
     temporary.write_text(header + yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
     temporary.replace(source)
+    return recorded
