@@ -16,6 +16,7 @@ import aiohttp
 import openai
 import pytest
 
+from llama_router.relay.loading_feedback import MARK
 from tests.make_tiny_models import make_model
 
 from .conftest import RouterFactory, RunningRouter, fake_profile, upstream_processes
@@ -175,11 +176,12 @@ async def test_openai_sdk_reads_loading_progress_as_reasoning_never_as_content(
         assert content == other == "Hello from fake-model. (1) (2) (3) (4)", "the answer is untouched"
         assert all(chunk.model == "slow" for chunk in chunks)
         lines = first.strip().splitlines()
-        assert lines[0] == "Loading slow…"
-        assert lines[-1].startswith("slow is loaded after ")
-        places = {re.findall(r"\((\w+) in its queue of 2\)", text)[-1] for text in (first, second)}
-        assert places == {"1st", "2nd"}, (first, second)
-        waited = [int(line.rsplit("… ", 1)[1].removesuffix(" s")) for line in lines if "queue" in line]
+        assert all(line.startswith(MARK) for line in lines), "each line in the router's fixed form"
+        assert lines[0] == f"{MARK}Loading slow…"
+        assert lines[-1].startswith(f"{MARK}slow is loaded after ")
+        places = {re.findall(r"\((next in line|1 request ahead)\)", text)[-1] for text in (first, second)}
+        assert places == {"next in line", "1 request ahead"}, (first, second)
+        waited = [int(line.rsplit("… ", 1)[1].removesuffix(" s")) for line in lines if "(" in line]
         assert waited == sorted(waited), "seconds waited only grow"
         assert not any(
             getattr(delta, "reasoning_content", None) and delta.content
@@ -190,6 +192,23 @@ async def test_openai_sdk_reads_loading_progress_as_reasoning_never_as_content(
 
         reasoning, content, _ = await stream(client, "quiet")
         assert reasoning == "" and content.startswith("Hello from"), "comments by default"
+
+        # Open WebUI replays the last answer's reasoning: the model never reads the router's lines.
+        alone, third, _ = await stream(client, "slow")  # loaded: the model's own (no) reasoning
+        assert alone == "" and third
+        replayed = [
+            {"role": "user", "content": f"what does {MARK}Loading slow… mean?"},
+            {"role": "assistant", "content": content, "reasoning_content": first},
+            {"role": "assistant", "content": other, "reasoning_content": second + "The sky scatters blue."},
+            {"role": "user", "content": "and then?"},
+        ]
+        await client.chat.completions.create(model="slow", messages=replayed)  # type: ignore[arg-type]
+        async with router.session.get("/upstream/slow/fake/last", params={"path": CHAT}) as response:
+            sent = (await response.json())["body"]["messages"]
+        assert sent[0] == replayed[0] and sent[3] == replayed[3], "nothing else is touched"
+        assert "reasoning_content" not in sent[1], "only the router's lines were in it"
+        assert sent[1]["content"] == content
+        assert sent[2]["reasoning_content"] == "The sky scatters blue."
 
     # Other streams than chat completions keep to comments.
     async with router.session.post("/models/unload?wait=1", json={"model": "slow"}) as response:

@@ -5,29 +5,34 @@ hears SSE comment lines (`: loading <model> … 3s`): proxies and clients with i
 connection, and no client shows them. With `loading_feedback: reasoning` (per profile or under
 `server:`), a streamed chat completion instead hears the progress as `reasoning_content` deltas,
 which Open WebUI and other chat UIs show as the model "thinking" and leave out of the answer: the
-model's name, the request's place in its queue and the seconds waited. Nothing is ever put in
+model's name, the requests ahead of this one and the seconds waited. Nothing is ever put in
 `content`, and other endpoints (completions, responses, messages) always get comments.
+
+Each of those lines starts with `MARK`. Chat UIs keep the reasoning and may send it back with the
+next request (Open WebUI's llama.cpp connection replays it as the assistant's `reasoning_content`),
+so before a parsed chat request goes on, `strip_loading_lines` takes the lines so marked out of its
+assistant messages' `reasoning_content`: the model never reads the router's progress. Nothing else
+in a conversation is touched.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from llama_router.core.scheduler import ProfileView, State
 
 CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
+MARK = "[llama-router] "  # the start of each loading line the router writes as reasoning
+_MARKED_LINE = re.compile(r"^" + re.escape(MARK) + r".*(?:\n+|$)", re.MULTILINE)
 
 
 def comment(text: str) -> bytes:
     return f": {text}\n\n".encode()
-
-
-def _ordinal(number: int) -> str:
-    suffix = "th" if 10 <= number % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(number % 10, "th")
-    return f"{number}{suffix}"
 
 
 @dataclass
@@ -44,13 +49,13 @@ class LoadingFeedback:
         """The first message, sent with the answer's headers."""
         if not self.reasoning:
             return comment(f"loading {self.model} …")
-        return self._delta(f"Loading {self.model}…\n")
+        return self._delta(f"{MARK}Loading {self.model}…\n")
 
     def loading(self, elapsed: float, view: ProfileView | None) -> bytes:
         """A message while the model is not ready yet (`view`: its state now, when known)."""
         if not self.reasoning:
             return comment(f"loading {self.model} … {elapsed:.0f}s")
-        return self._delta(f"{self._state(view)} {self.model} ({self._place(view)})… {elapsed:.0f} s\n")
+        return self._delta(f"{MARK}{self._state(view)} {self.model} ({self._ahead(view)})… {elapsed:.0f} s\n")
 
     def waiting(self, elapsed: float) -> bytes:
         """A keep-alive while the loaded model works on the prompt, before its first chunk."""
@@ -60,7 +65,7 @@ class LoadingFeedback:
         """The last message, when the model took the request (nothing for comments)."""
         if not self.reasoning:
             return b""
-        return self._delta(f"{self.model} is loaded after {elapsed:.0f} s.\n\n")
+        return self._delta(f"{MARK}{self.model} is loaded after {elapsed:.0f} s.\n\n")
 
     def _state(self, view: ProfileView | None) -> str:
         if view is None or view.state is State.STARTING:
@@ -71,10 +76,14 @@ class LoadingFeedback:
             return "Waiting for the previous run to stop:"
         return "Waiting for memory to load"  # cold, while other models drain for it
 
-    def _place(self, view: ProfileView | None) -> str:
-        waiting = max(view.waiting if view is not None else 0, 1)
-        position = min(self.position, waiting)
-        return f"{_ordinal(position)} in its queue of {waiting}"
+    def _ahead(self, view: ProfileView | None) -> str:
+        """The requests ahead of this one: those that waited when it joined, fewer as the queue
+        empties (never more than the others waiting now)."""
+        others = max((view.waiting if view is not None else 1) - 1, 0)
+        ahead = min(self.position - 1, others)
+        if ahead <= 0:
+            return "next in line"
+        return f"{ahead} request{'s' if ahead > 1 else ''} ahead"
 
     def _delta(self, text: str) -> bytes:
         delta = (
@@ -89,3 +98,25 @@ class LoadingFeedback:
             "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
         }
         return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+
+def strip_loading_lines(payload: dict[str, Any]) -> bool:
+    """Take the router's loading lines out of the assistant messages' `reasoning_content` of a chat
+    request (a `reasoning_content` left empty goes); True when something was taken out."""
+    messages = payload.get("messages")
+    if not isinstance(messages, list):
+        return False
+    changed = False
+    for message in messages:
+        if not isinstance(message, dict) or message.get("role") != "assistant":
+            continue
+        reasoning = message.get("reasoning_content")
+        if not isinstance(reasoning, str) or MARK not in reasoning:
+            continue
+        kept = _MARKED_LINE.sub("", reasoning)
+        if kept.strip():
+            message["reasoning_content"] = kept
+        else:
+            del message["reasoning_content"]
+        changed = True
+    return changed

@@ -28,11 +28,12 @@ from aiohttp import web
 
 from llama_router.core.errors import RouterError, error_body
 from llama_router.core.scheduler import ProfileView
-from llama_router.relay.loading_feedback import CHAT_PATHS, LoadingFeedback
+from llama_router.relay.loading_feedback import CHAT_PATHS, LoadingFeedback, strip_loading_lines
 from llama_router.relay.request_rules import (
     EXIT_GRACE,
     PEER_DROP,
     SSE_HEADERS,
+    WHOLE_PARSE_UP_TO,
     ModelRenamer,
     RequestRecord,
     Resend,
@@ -128,6 +129,8 @@ class Proxy:
         record.model = model
         profile = self.route_for(model)
         stream = payload.get("stream") is True
+        if request.path in CHAT_PATHS and len(body) <= WHOLE_PARSE_UP_TO and strip_loading_lines(payload):
+            body = json.dumps(payload, ensure_ascii=False).encode()  # parsed whole: nothing else changes
         return await self.forward(request, profile, body, requested=model, stream=stream)
 
     async def handle_get(self, request: web.Request) -> web.StreamResponse:
