@@ -168,7 +168,7 @@ def describe_context(profile: ResolvedProfile) -> list[tuple[str, str]]:
 def describe_budgets(devices: list[Device], notes: list[str]) -> list[str]:
     """The `check` lines of the memory budgets: each device's, where it came from, and why there is
     no GPU budget when there is none."""
-    from llama_router.sizing.footprint import size_text
+    from llama_router.core.devices import size_text
 
     lines = ["memory budgets:"]
     width = max(len(device.name) for device in devices)
@@ -246,8 +246,8 @@ def describe_limits(server: ServerConfig) -> str:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from llama_router.core.devices import describe
     from llama_router.sizing.budgets import Sizing
-    from llama_router.sizing.footprint import describe
 
     config, findings = _load_found(args)
     sizing = Sizing(config)

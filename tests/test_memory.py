@@ -72,7 +72,10 @@ async def test_pinned_model_stays_and_an_oversized_model_is_refused_with_a_reaso
     status, body = await router.chat("big")
     assert status == 503
     assert_openai_error(body, "model_too_large")
-    assert "pinned" in body["error"]["message"]
+    assert body["error"]["message"] == (
+        "model 'big' needs ram 500 MiB: more than the budget (ram 1000 MiB) leaves beside pinned "
+        "models; resident now: 'pin' (pinned) ram 600 MiB"
+    ), "sizes per device in MiB or GiB, the budget, and what is resident"
     assert set(await running(router)) == {"pin"}
 
 
@@ -104,8 +107,8 @@ async def test_standby_profile_is_preloaded_and_yields_to_real_demand(
     )
     await wait_until(lambda: router.controller.view("warm").standby, what="the standby preload")
     async with router.session.get("/v1/models") as response:
-        states = {entry["id"]: entry["status"]["value"] for entry in (await response.json())["data"]}
-    assert states["warm"] == "standby"
+        states = {entry["id"]: entry["status"] for entry in (await response.json())["data"]}
+    assert states["warm"] == {"value": "loaded", "detail": "standby"}
     assert (await router.chat("other"))[0] == 200  # the standby model gives way
     assert set(await running(router)) == {"other"}
     assert len(upstream_processes()) == 1

@@ -591,7 +591,10 @@ def test_a_model_that_cannot_fit_beside_pinned_models_fails_with_a_reason() -> N
     load(d, "pin")
     _request, decisions = d.arrive("big")
     assert len(decisions) == 1 and isinstance(decisions[0], Fail)
-    assert decisions[0].code == "model_too_large" and "pinned" in decisions[0].message
+    assert decisions[0].code == "model_too_large"
+    message = decisions[0].message
+    assert message.startswith("model 'big' needs gpu0 ") and "more than the budget (gpu0 " in message
+    assert message.endswith("leaves beside pinned models; resident now: 'pin' (pinned) gpu0 0 MiB")
     assert resident(s) == {"pin"}
 
 

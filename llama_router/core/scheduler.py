@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from llama_router.core.devices import LEASED_PREFIX
+from llama_router.core.devices import LEASED_PREFIX, describe
 
 Resources = Mapping[str, int]
 
@@ -694,10 +694,7 @@ class Scheduler:
                 decisions.append(self._start(slot, now, preload=False))
                 continue
             if not self._fits(slot.footprint, self._pinned_usage(exclude=slot)):
-                message = (
-                    f"model {slot.spec.name!r} needs {dict(slot.footprint)}, more than the budget "
-                    f"{dict(self._budget)} leaves beside pinned models"
-                )
+                message = self._too_large(slot)
                 decisions.extend(self._fail_waiting(slot, FailReason.MODEL_TOO_LARGE, message))
                 continue
             decisions.extend(self._make_room(slot, now, wanted_victims))
@@ -733,6 +730,19 @@ class Scheduler:
             ):
                 decisions.append(self._start(slot, now, preload=True))
         return decisions
+
+    def _too_large(self, slot: _Slot) -> str:
+        """Why `slot` can never load beside the pinned models, in sizes per device a person reads."""
+        resident = [
+            f"{other.spec.name!r}{' (pinned)' if other.spec.pinned else ''} {describe(other.footprint)}"
+            for other in self._slots.values()
+            if other is not slot and other.state in (State.STARTING, State.READY, State.STOPPING)
+        ]
+        return (
+            f"model {slot.spec.name!r} needs {describe(slot.footprint)}: more than the budget "
+            f"({describe(self._budget)}) leaves beside pinned models; resident now: "
+            f"{'; '.join(resident) or 'none'}"
+        )
 
     def _pinned_usage(self, exclude: _Slot) -> dict[str, int]:
         usage: dict[str, int] = {}

@@ -14,8 +14,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from llama_router.config.schema import ResolvedProfile, RouterConfig
+from llama_router.core.devices import describe, size_text
 from llama_router.manage.model_folders import Findings
-from llama_router.sizing.footprint import describe, estimate, size_text
+from llama_router.sizing.footprint import estimate
 from llama_router.sizing.gguf import read_header
 from llama_router.sizing.memory import Device, is_gpu
 

@@ -21,14 +21,13 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from llama_router.config.schema import ResolvedProfile
-from llama_router.core.devices import device_name
+from llama_router.core.devices import describe, device_name
 from llama_router.sizing.context_window import flag_value
 from llama_router.sizing.footprint import (
     GPU_MARGIN,
     RAM_MARGIN,
     Sources,
     count_shared_memory,
-    describe,
     gpu_ordinal,
     layer_shares,
     visible_gpus,

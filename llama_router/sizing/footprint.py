@@ -131,19 +131,6 @@ def count_shared_memory(footprint: Mapping[str, int], devices: Sequence[Device])
     return result
 
 
-def size_text(amount: int) -> str:
-    """Bytes for people: `70 MiB`, `23.5 GiB`."""
-    return f"{amount / MIB:.0f} MiB" if amount < 10 * 1024 * MIB else f"{amount / (1024 * MIB):.1f} GiB"
-
-
-def describe(footprint: Mapping[str, int]) -> str:
-    """A footprint for people: `gpu0 4.2 GiB, ram 70 MiB`."""
-    parts = [
-        f"{device} {size_text(amount)}" for device, amount in sorted(footprint.items()) if device != "slots"
-    ]
-    return ", ".join(parts) or "nothing"
-
-
 def visible_gpus(env: Mapping[str, str], gpu_devices: Sequence[str]) -> list[str]:
     """The router's GPUs that a llama-server with this environment sees, in the order it numbers them
     (its `CUDA0` is the first of them). ROCm narrows the list first by `ROCR_VISIBLE_DEVICES`, then
