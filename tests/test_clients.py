@@ -84,7 +84,7 @@ async def test_openai_sdk_lists_chats_streams_and_gets_not_found(
         models = [model async for model in client.models.list()]
         assert [model.id for model in models] == ["tiny-a", "tiny-b"]
         assert all(model.owned_by == "llamacpp" for model in models)
-        assert (models[0].model_extra or {})["status"] == {"value": "unloaded"}
+        assert (models[0].model_extra or {})["status"] == {"value": "unloaded", "detail": "unloaded"}
         assert (await client.models.retrieve("tiny-b")).id == "tiny-b"
         assert upstream_processes() == [], "listing started nothing"
 
@@ -423,7 +423,32 @@ async def test_hermes_is_told_the_window_each_request_gets_with_parallel_slots(
         before = await hermes_context_lengths(session, "unused")
         assert before == {"split": 32768, "whole": 65536}
         assert before["split"] < HERMES_MINIMUM_CONTEXT <= before["whole"]
+
+        async def props(name: str) -> dict[str, Any]:
+            async with session.get("/props", params={"model": name}) as response:
+                assert response.status == 200
+                answer: dict[str, Any] = await response.json()
+                return answer
+
+        async def running() -> list[str]:
+            async with session.get("/running") as response:
+                return [row["model"] for row in (await response.json())["running"]]
+
+        # Hermes 0.21 asks /props?model= first: a cold model is answered without loading it.
+        cold = await props("split")
+        assert (cold["loaded"], cold["source"]) == (False, "config and estimate")
+        assert cold["default_generation_settings"]["n_ctx"] == 32768
+        assert await running() == [] and upstream_processes() == []
         for name in before:
             async with session.post("/models/load?wait=1", json={"model": name}) as response:
                 assert response.status == 200
         assert await hermes_context_lengths(session, "unused") == before, "what /props?model= says"
+        live = await props("split")
+        assert "loaded" not in live and live["default_generation_settings"]["n_ctx"] == 32768, "its own"
+        async with session.post("/models/unload?wait=1", json={"model": "split"}) as response:
+            assert response.status == 200
+        remembered = await props("split")
+        assert (remembered["loaded"], remembered["source"]) == (False, "last /props of this model")
+        assert remembered["build_info"] == live["build_info"], "llama-server's own answer, kept"
+        assert remembered["default_generation_settings"]["n_ctx"] == 32768
+        assert await running() == ["whole"]
