@@ -38,11 +38,15 @@ async def test_api_keys_guard_everything_but_health(start_router: RouterFactory,
     status, _, body = await call(router, "GET", "/health")
     assert (status, body["status"]) == (200, "ok"), "health is open for service managers"
 
-    for path in ("/v1/models", "/models", "/metrics", "/running", "/events", "/logs/m", *HERMES_PROBES):
+    for path in ("/v1/models", "/models", "/metrics", "/running", "/events", "/logs/m", "/props?model=m"):
         status, headers, body = await call(router, "GET", path)
         assert status == 401, (path, body)
         assert headers["WWW-Authenticate"].startswith("Bearer")
         assert_openai_error(body, "invalid_api_key")
+    for path in HERMES_PROBES:  # server-type probes: the same answer with or without a key, no model data
+        assert (await call(router, "GET", path))[::2] == (
+            await call(router, "GET", path, bearer("user-key"))
+        )[::2]
     status, _, body = await call(router, "POST", CHAT, json={"model": "m", "messages": []})
     assert status == 401
     status, _, body = await call(router, "GET", "/v1/models", bearer("wrong"))

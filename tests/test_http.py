@@ -156,6 +156,11 @@ async def test_props_is_the_routers_own_or_the_named_models(router: RunningRoute
     assert_openai_error(text, "model_not_found", status=status)
 
     status, _, text = await call(router, "GET", "/props", params={"model": "beta-model"})
+    assert (status, json.loads(text)["loaded"]) == (200, False), "not loaded: answered from memory"
+    assert no_process_started(router)
+    status, _, text = await call(router, "POST", "/models/load?wait=1", json={"model": "beta-model"})
+    assert status == 200, text
+    status, _, text = await call(router, "GET", "/props", params={"model": "beta-model"})
     assert status == 200, text
     props = json.loads(text)
     assert props["build_info"] == "fake_upstream", "the answer came from the upstream"
