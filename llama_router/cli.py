@@ -426,7 +426,8 @@ def _status(args: argparse.Namespace) -> int:
     table = [("MODEL", "STATE", "PID", "PORT", "IN FLIGHT", "WAITING")]
     for entry in models.get("data", []) if isinstance(models, dict) else []:
         row = rows.get(entry.get("id"), {})
-        state = (entry.get("status") or {}).get("value") or row.get("state") or "?"
+        status = entry.get("status") or {}  # our own word is in `detail` (`value`: router mode's)
+        state = status.get("detail") or status.get("value") or row.get("state") or "?"
         table.append(
             (
                 str(entry.get("id")),

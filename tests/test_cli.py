@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from llama_router.cli import build_parser, main
-from tests.conftest import RouterFactory, fake_profile
+from tests.conftest import RouterFactory, fake_profile, wait_until
 from tests.router_process import free_port
 
 COMMANDS = ("serve", "check", "pull", "status")
@@ -86,10 +86,15 @@ async def status(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[i
 async def test_status_against_a_running_router(
     start_router: RouterFactory, dummy_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    profiles = {"a": fake_profile(dummy_model), "b": fake_profile(dummy_model)}
-    router = await start_router(profiles, max_resident=2)
+    profiles = {
+        "a": fake_profile(dummy_model),
+        "b": fake_profile(dummy_model),
+        "w": fake_profile(dummy_model, standby=True),
+    }
+    router = await start_router(profiles, max_resident=3)
     assert (await router.chat("a"))[0] == 200
     pid = router.controller.upstreams["a"].pid
+    await wait_until(lambda: router.controller.view("w").standby, what="the standby preload")
 
     code, out, err = await status(["status", "--url", router.url], capsys)
     assert code == 0, err
@@ -100,11 +105,12 @@ async def test_status_against_a_running_router(
     assert row_a[1] == "loaded" and row_a[2] == str(pid)
     row_b = next(line.split() for line in lines if line.startswith("b "))
     assert row_b[1] == "unloaded" and row_b[2] == "-"
+    assert next(line.split() for line in lines if line.startswith("w "))[1] == "standby", "our own word"
 
     code, out, _ = await status(["status", "--url", router.url, "--json"], capsys)
     assert code == 0
     report = json.loads(out)
-    assert [m["id"] for m in report["models"]["data"]] == ["a", "b"]
+    assert [m["id"] for m in report["models"]["data"]] == ["a", "b", "w"]
     assert report["running"]["running"][0]["pid"] == pid
 
     # Without --url, the address comes from the config file.
