@@ -170,6 +170,10 @@ async def test_openai_sdk_reads_loading_progress_as_reasoning_never_as_content(
         return reasoning, content, chunks
 
     async with sdk(router) as client:
+        alone, _, _ = await stream(client, "slow")  # the only request: nothing is ahead of it
+        assert set(re.findall(r"\(([^()]*)\)…", alone)) == {"next in line"}, alone
+        async with router.session.post("/models/unload?wait=1", json={"model": "slow"}) as response:
+            assert response.status == 200
         (first, content, chunks), (second, other, _) = await asyncio.gather(
             stream(client, "slow"), stream(client, "slow")
         )
@@ -194,8 +198,8 @@ async def test_openai_sdk_reads_loading_progress_as_reasoning_never_as_content(
         assert reasoning == "" and content.startswith("Hello from"), "comments by default"
 
         # Open WebUI replays the last answer's reasoning: the model never reads the router's lines.
-        alone, third, _ = await stream(client, "slow")  # loaded: the model's own (no) reasoning
-        assert alone == "" and third
+        loaded, third, _ = await stream(client, "slow")  # loaded: the model's own (no) reasoning
+        assert loaded == "" and third
         replayed = [
             {"role": "user", "content": f"what does {MARK}Loading slow… mean?"},
             {"role": "assistant", "content": content, "reasoning_content": first},
