@@ -280,6 +280,9 @@ def test_the_hugging_face_cache_lists_its_models_as_llama_cpp_does(
     # A cache entry is the file itself: it never keeps a file from a deletion, a profile does.
     files = list(tiny.model_files)
     assert files_to_keep(files, config.profiles.values()) == set()
+    folder_config, _ = load(tmp_path / "none.yaml", models_dirs=[files[0].parent])
+    assert {profile.origin for profile in folder_config.profiles.values()} == {"models_dir"}
+    assert files_to_keep(files, folder_config.profiles.values()) == set(), "so is a folder's model"
     (tmp_path / "profiles.yaml").write_text(
         yaml.safe_dump({"profiles": {"pinned": {"hf": "acme/tiny-GGUF:Q8_0"}}, "server": {"hf_cache": True}})
     )

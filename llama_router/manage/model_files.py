@@ -54,6 +54,8 @@ def files_in_use(files: Iterable[Path], profiles: Iterable[ResolvedProfile]) -> 
 
 
 def files_to_keep(files: Iterable[Path], profiles: Iterable[ResolvedProfile]) -> set[Path]:
-    """Those of `files` a deletion must keep: the ones a profile runs from. A model the Hugging Face
-    cache lists by itself (`server.hf_cache`) is the file, not a user of it: it never keeps one."""
-    return files_in_use(files, [profile for profile in profiles if profile.origin != "cache"])
+    """Those of `files` a deletion must keep: the ones a profile runs from. A model listed only
+    because its file sits in a `models_dir` folder or the Hugging Face cache (`server.hf_cache`) is
+    the file, not a user of it: it never keeps one."""
+    listed = ("cache", "models_dir")
+    return files_in_use(files, [profile for profile in profiles if profile.origin not in listed])
