@@ -48,6 +48,12 @@ Behaviour / fault flags:
 ``--accepts-unix-socket``  listen on a Unix socket when ``--host`` is a path ending in the socket
                            suffix, and say so in ``--help``, as llama-server builds since late 2025
                            do (without it, such a ``--host`` fails to bind, as older builds do)
+``--child-protocol KIND``  say in ``--help`` that it has router mode (``--models-max``), and when
+                           started with ``LLAMA_SERVER_ROUTER_PORT`` set, act as a router child:
+                           KIND ``llama`` writes llama.cpp's state reports to stdout (``loading``
+                           at 0, 0.25, 0.5, 0.75 over ``--load-delay``, then 1, then ``ready``);
+                           KIND ``garbled`` writes a report in a shape no router knows (a newer
+                           protocol). Once loaded, either exits with code 1 when its stdin closes
 ``--list-models N``        ``/v1/models`` lists N more models (``m0000001``...), built once at start:
                            a peer with a huge list
 ``--redirect-models URL``  ``/v1/models`` answers 302 to URL
@@ -118,6 +124,7 @@ if __name__ == "__main__":
         print(
             f"usage: fake_upstream [flags] --host HOST --port PORT --model PATH\n\n--host HOST  "
             f"{host_help('--accepts-unix-socket' in sys.argv[1:])}"
+            + ("\n--models-max N  for router server" if "--child-protocol" in sys.argv[1:] else "")
         )
         sys.exit(0)
 
@@ -125,6 +132,7 @@ import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import contextlib  # noqa: E402
 import json  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 from collections.abc import AsyncIterator  # noqa: E402
 from typing import Any  # noqa: E402
@@ -176,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drop-kept-alive", action="store_true")
     p.add_argument("--accepts-unix-socket", action="store_true")
     p.add_argument("--slots", action="store_true")
+    p.add_argument("--child-protocol", choices=("llama", "garbled"), default=None)
     p.add_argument("--list-models", type=int, default=0, metavar="N")
     p.add_argument("--redirect-models", default=None, metavar="URL")
     return p
@@ -814,7 +823,15 @@ async def serve(args: argparse.Namespace) -> None:
                     log(line.rstrip("\n"))
     if args.nvml_mib:
         register_gpu_use(args.nvml_mib)
-    if args.load_delay > 0:
+    child = args.child_protocol if "LLAMA_SERVER_ROUTER_PORT" in os.environ else None
+    if child == "llama":
+        for step in range(4):
+            report("loading", {"stages": ["text_model"], "current": "text_model", "value": step / 4})
+            await asyncio.sleep(args.load_delay / 4)
+    elif child == "garbled":
+        print("cmd_child_to_router:state:v2 loading text_model 0.5", flush=True)
+        await asyncio.sleep(args.load_delay)
+    elif args.load_delay > 0:
         await asyncio.sleep(args.load_delay)
     if args.crash_during_load:
         log(f"llama_model_load: error loading model: fake failure for '{args.model}'")
@@ -833,12 +850,30 @@ async def serve(args: argparse.Namespace) -> None:
     fake.loaded = True
     fake.loaded_at = time.monotonic()
     log("main: model loaded")
+    if child is not None:
+        if child == "llama":
+            report("loading", {"stages": ["text_model"], "current": "text_model", "value": 1.0})
+            report("ready", {"id": model_stem(args.model), "object": "model", "owned_by": "llamacpp"})
+        threading.Thread(target=exit_when_stdin_closes, daemon=True).start()
     log("srv  update_slots: all slots are idle")
     if args.exit_after is not None:
         await asyncio.sleep(args.exit_after)
         log("fake_upstream: exiting while idle (--exit-after)")
         os._exit(EXIT_IDLE_CRASH)
     await asyncio.Event().wait()  # serve until a signal ends the process
+
+
+def report(state: str, payload: dict[str, Any]) -> None:
+    """A state report to the router, on stdout as llama-server's router child writes it."""
+    print("cmd_child_to_router:state:" + json.dumps({"state": state, "payload": payload}), flush=True)
+
+
+def exit_when_stdin_closes() -> None:
+    """As a llama-server router child does once loaded: its router is gone when its stdin closes."""
+    while sys.stdin.readline():
+        pass
+    log("srv    operator(): EOF on stdin detected, forcing shutdown...")
+    os._exit(1)
 
 
 def main(argv: list[str] | None = None) -> None:

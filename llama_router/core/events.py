@@ -44,6 +44,17 @@ class Loading(Event):
 
 
 @dataclass(frozen=True)
+class LoadingProgress(Event):
+    """How far a model's load has come, as its llama-server reported it (router child protocol):
+    `progress` is its report (`stages`, `current`, `value`), `percent` over all stages."""
+
+    kind: ClassVar[str] = "loading_progress"
+    model: str
+    progress: dict[str, Any]
+    percent: int
+
+
+@dataclass(frozen=True)
 class Ready(Event):
     """A model answers `/health` and takes requests."""
 

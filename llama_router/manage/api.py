@@ -32,6 +32,7 @@ from llama_router.core.events import (
     Event,
     Failed,
     Loading,
+    LoadingProgress,
     ModelRemoved,
     Ready,
     Reloaded,
@@ -87,6 +88,12 @@ def native_event(event: Event) -> dict[str, Any] | None:
     match event:
         case Loading(model=model):
             return {"model": model, "event": "status_change", "data": {"status": "loading"}}
+        case LoadingProgress(model=model, progress=progress):
+            return {
+                "model": model,
+                "event": "status_change",
+                "data": {"status": "loading", "progress": progress},
+            }
         case Ready(model=model):
             return {"model": model, "event": "status_change", "data": {"status": "loaded"}}
         case Stopped(model=model):
@@ -269,11 +276,14 @@ class Api:
 
     # ------------------------------------------------------------------------------------------ lists
 
-    @staticmethod
-    def _status(view: ProfileView) -> dict[str, Any]:
+    def _status(self, view: ProfileView) -> dict[str, Any]:
         """A model's `status` on the lists clients read (`/v1/models`, `/models`, `/v1/models/<id>`,
-        the answers of load and unload): router mode's word in `value`, ours in `detail`."""
-        return client_status(view_word(view), view.last_error)
+        the answers of load and unload): router mode's word in `value`, ours in `detail`; while it
+        loads, `progress` as its llama-server reports it."""
+        status = client_status(view_word(view), view.last_error)
+        if progress := self.controller.load_progress(view.name):
+            status["progress"] = progress.payload
+        return status
 
     def model_entry(self, view: ProfileView) -> dict[str, Any]:
         static = self._entries().get(view.name) or {"id": view.name, "object": "model"}
@@ -284,8 +294,10 @@ class Api:
         return entry
 
     def models_payload(self) -> dict[str, Any]:
-        """The OpenAI model list with each model's status, in llama-server router mode's words."""
-        return {"object": "list", "data": [self.model_entry(view) for view in self.controller.views()]}
+        """The OpenAI model list with each model's status, in llama-server router mode's words, then
+        the models being downloaded."""
+        data = [self.model_entry(view) for view in self.controller.views()]
+        return {"object": "list", "data": data + self.manager.pending()}
 
     async def models(self, _: web.Request) -> web.Response:
         """The local models, then the peers' (`<peer>/<model>`, from their last listing: never waits),
@@ -299,9 +311,7 @@ class Api:
         )
 
     async def native_models(self, _: web.Request) -> web.Response:
-        payload = self.models_payload()
-        payload["data"].extend(self.manager.pending())
-        return web.json_response(payload)
+        return web.json_response(self.models_payload())
 
     async def add_model(self, request: web.Request) -> web.Response:
         """`POST /models {"model": "<org>/<repo>[:<quant>]"}` (router mode's "Download Model"): the

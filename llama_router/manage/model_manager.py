@@ -39,6 +39,7 @@ from llama_router.core.errors import RouterError, printable
 from llama_router.core.events import DownloadFailed, DownloadFinished, DownloadProgress, ModelRemoved
 from llama_router.manage.model_files import files_to_keep, profile_files
 from llama_router.upstream.controller import Controller
+from llama_router.upstream.downloads import PendingModel
 
 log = logging.getLogger("llama_router.models")
 
@@ -58,7 +59,8 @@ class Download:
     ref: hub.HfRef
     profile: dict[str, Any]
     cancelled: bool = False
-    progress: dict[str, tuple[int, int | None]] = field(default_factory=dict)  # file -> (done, total)
+    # Its bytes so far and its end, where requests for it wait (kept by the controller).
+    pending: PendingModel = field(init=False)
     task: asyncio.Task[None] | None = None
 
 
@@ -118,12 +120,15 @@ class ModelManager:
             )
         ref = hub.HfRef.parse(checked.hf or "", checked.hf_file, checked.hf_revision, checked.mmproj)
         download = Download(name, ref, profile)
+        download.pending = PendingModel(name)
         self.downloads[name] = download  # taken while the Hub is asked
         try:
             await asyncio.to_thread(hub.remote_files, ref)
         except hub.HubError as exc:
             self.downloads.pop(name, None)
             raise RouterError(400, str(exc), code="model_not_downloadable") from None
+        # Listed, and waited for by requests, from now on: before this answers.
+        self.controller.downloads[name] = download.pending
         download.task = asyncio.create_task(self._download(download, reload), name=f"download {name}")
         log.info("downloading %s as model %r", ref.describe(), name)
         return name
@@ -172,6 +177,9 @@ class ModelManager:
             reason = str(exc) if isinstance(exc, hub.HubError) else f"cannot write its profile: {exc}"
         finally:
             self.downloads.pop(name, None)
+            if self.controller.downloads.get(name) is download.pending:
+                del self.controller.downloads[name]
+            download.pending.end(reason)
         if reason is not None:
             log.warning("download of %r failed: %s", name, reason)
             self.controller.events.emit(DownloadFailed(name, reason))
@@ -188,7 +196,7 @@ class ModelManager:
         def report(file: str, done: int, total: int | None) -> None:
             if download.cancelled:
                 raise hub.Cancelled(download.name)
-            download.progress[file] = (done, total)
+            download.pending.progress[file] = (done, total)
             now = time.monotonic()
             if done != total and now - sent.get(file, float("-inf")) < PROGRESS_INTERVAL:
                 return
@@ -280,7 +288,7 @@ class ModelManager:
         return {"success": True, "model": name, "deleted_files": deleted}
 
     def pending(self) -> list[dict[str, Any]]:
-        """Downloads under way as llama-server router mode lists them on `/models`."""
+        """Downloads under way, as `/models` and `/v1/models` list them."""
         return [
             {
                 "id": download.name,
@@ -289,11 +297,13 @@ class ModelManager:
                 "created": int(self.controller.started_at),
                 "aliases": [],
                 "status": {
-                    "value": "downloading",
+                    # Loading as far as a client can tell (a request for it waits for it): Open
+                    # WebUI shows it as such, and keeps it in its list.
+                    "value": "loading",
                     "detail": "downloading",
                     "progress": {
                         file: {"done": done, "total": total}
-                        for file, (done, total) in download.progress.items()
+                        for file, (done, total) in download.pending.progress.items()
                     },
                 },
                 "can_remove": True,

@@ -5,7 +5,9 @@ hears SSE comment lines (`: loading <model> … 3s`): proxies and clients with i
 connection, and no client shows them. With `loading_feedback: reasoning` (per profile or under
 `server:`), a streamed chat completion instead hears the progress as `reasoning_content` deltas,
 which Open WebUI and other chat UIs show as the model "thinking" and leave out of the answer: the
-model's name, the requests ahead of this one and the seconds waited. Nothing is ever put in
+model's name, the requests ahead of this one and the seconds waited. Where the model's
+llama-server reports how far its load has come, or while the model is still being downloaded, the
+messages say so: `Loading qwen3-8b… 42 %`, `Downloading qwen3-8b… 7 %`. Nothing is ever put in
 `content`, and other endpoints (completions, responses, messages) always get comments.
 
 Each of those lines starts with `MARK`. Chat UIs keep the reasoning and may send it back with the
@@ -35,6 +37,19 @@ def comment(text: str) -> bytes:
     return f": {text}\n\n".encode()
 
 
+@dataclass(frozen=True)
+class Progress:
+    """How far a waiting request's model has come: `verb` what it is doing (Loading, Downloading),
+    `percent` how far (None: not known)."""
+
+    verb: str
+    percent: int | None
+
+    def words(self, model: str, *, lower: bool = False) -> str:
+        shown = f" {self.percent} %" if self.percent is not None else ""
+        return f"{self.verb.lower() if lower else self.verb} {model}…{shown}"
+
+
 @dataclass
 class LoadingFeedback:
     """The progress messages of one waiting stream, as SSE bytes to write."""
@@ -51,8 +66,14 @@ class LoadingFeedback:
             return comment(f"loading {self.model} …")
         return self._delta(f"{MARK}Loading {self.model}…\n")
 
-    def loading(self, elapsed: float, view: ProfileView | None) -> bytes:
-        """A message while the model is not ready yet (`view`: its state now, when known)."""
+    def loading(self, elapsed: float, view: ProfileView | None, progress: Progress | None = None) -> bytes:
+        """A message while the model is not ready yet (`view`: its state now, when known;
+        `progress`: how far its download or load has come, where known)."""
+        if progress is not None:
+            if not self.reasoning:
+                return comment(f"{progress.words(self.model, lower=True)} ({elapsed:.0f}s)")
+            where = f"{self._ahead(view)}, " if view is not None else ""
+            return self._delta(f"{MARK}{progress.words(self.model)} ({where}{elapsed:.0f} s)\n")
         if not self.reasoning:
             return comment(f"loading {self.model} … {elapsed:.0f}s")
         return self._delta(f"{MARK}{self._state(view)} {self.model} ({self._ahead(view)})… {elapsed:.0f} s\n")

@@ -28,7 +28,7 @@ from aiohttp import web
 
 from llama_router.core.errors import RouterError, error_body
 from llama_router.core.scheduler import ProfileView
-from llama_router.relay.loading_feedback import CHAT_PATHS, LoadingFeedback, strip_loading_lines
+from llama_router.relay.loading_feedback import CHAT_PATHS, LoadingFeedback, Progress, strip_loading_lines
 from llama_router.relay.request_rules import (
     EXIT_GRACE,
     PEER_DROP,
@@ -57,6 +57,7 @@ from llama_router.relay.request_rules import (
     upstream_head,
 )
 from llama_router.upstream.controller import Controller, Lease
+from llama_router.upstream.downloads import PendingModel
 from llama_router.upstream.upstream_http import Answer, Pieces, UpstreamError, UpstreamTimeout
 
 # Each request's record, on the request.
@@ -127,17 +128,28 @@ class Proxy:
         body = await request.read()
         model, payload = model_in_body(body)
         record.model = model
-        profile = self.route_for(model)
         stream = payload.get("stream") is True
         if request.path in CHAT_PATHS and len(body) <= WHOLE_PARSE_UP_TO and strip_loading_lines(payload):
             body = json.dumps(payload, ensure_ascii=False).encode()  # parsed whole: nothing else changes
-        return await self.forward(request, profile, body, requested=model, stream=stream)
+        download = self._download_of(model)
+        profile = model if download is not None else self.route_for(model)
+        return await self.forward(request, profile, body, requested=model, stream=stream, download=download)
 
     async def handle_get(self, request: web.Request) -> web.StreamResponse:
         record = request[RECORD]
         record.for_model = True
         model = record.model = model_in_query(request.path, request.query.get("model"))
-        return await self.forward(request, self.route_for(model), None, requested=model)
+        download = self._download_of(model)
+        profile = model if download is not None else self.route_for(model)
+        return await self.forward(request, profile, None, requested=model, download=download)
+
+    def _download_of(self, model: str) -> PendingModel | None:
+        """The download under way of a model no profile serves yet (POST /models): a request for
+        it waits for the download, then for the load."""
+        download = self.controller.downloads.get(model)
+        if download is None or self.controller.config.resolve_name(model) is not None:
+            return None
+        return download
 
     async def forward(
         self,
@@ -148,8 +160,11 @@ class Proxy:
         requested: str | None = None,
         path: str | None = None,
         stream: bool = False,
+        download: PendingModel | None = None,
     ) -> web.StreamResponse:
-        """Hold `profile`'s upstream for the length of this request and relay its answer."""
+        """Hold `profile`'s upstream for the length of this request and relay its answer (once
+        `download`, where the model is still being downloaded, has ended: its `wait_timeout`
+        counts from then)."""
         record = request[RECORD]
         record.for_model = True
         record.profile = profile
@@ -160,9 +175,12 @@ class Proxy:
         # When it reached the router, on the controller's clock: it keeps its place before requests
         # for other models that the scheduler hears of first.
         arrived = self.controller.now() - (time.perf_counter() - record.started)
-        if stream and self.loading_interval > 0 and not self.controller.accepting(profile):
+        waits = download is not None or not self.controller.accepting(profile)
+        if stream and self.loading_interval > 0 and waits:
             feedback = self._feedback(request, profile, requested or profile)
-            acquiring = asyncio.ensure_future(self._acquire_in_line(profile, feedback, client, arrived))
+            acquiring = asyncio.ensure_future(
+                self._acquire_in_line(profile, feedback, client, arrived, download)
+            )
             try:
                 await asyncio.wait({acquiring}, timeout=self.loading_interval)
             except asyncio.CancelledError:
@@ -170,11 +188,13 @@ class Proxy:
                 raise
             if not acquiring.done():
                 return await self._stream_while_waiting(
-                    request, profile, feedback, acquiring, body, path, requested, started
+                    request, profile, feedback, acquiring, body, path, requested, started, download
                 )
             lease = self._lease(request, acquiring, started)
         else:
             try:
+                if download is not None:
+                    await download.arrived()
                 lease = await self.controller.acquire(profile, client=client, arrived=arrived)
             except RouterError:
                 self._waited(request, started)
@@ -380,15 +400,33 @@ class Proxy:
 
     def _feedback(self, request: web.Request, profile: str, name: str) -> LoadingFeedback:
         """How this waiting stream hears of its model's progress (see loading_feedback.py)."""
-        config = self.controller.config.profiles.get(profile)
-        chat = request.path in CHAT_PATHS
-        return LoadingFeedback(name, chat and config is not None and config.loading_feedback == "reasoning")
+        config = self.controller.config
+        profiled = config.profiles.get(profile)  # none yet for a model being downloaded
+        how = profiled.loading_feedback if profiled is not None else config.server.loading_feedback
+        return LoadingFeedback(name, request.path in CHAT_PATHS and how == "reasoning")
+
+    def _progress(self, profile: str, download: PendingModel | None) -> Progress | None:
+        """How far the model a request waits for has come: its download, then its load (where its
+        llama-server reports that)."""
+        if download is not None and not download.ended.done():
+            fraction = download.fraction
+            return Progress("Downloading", int(fraction * 100) if fraction is not None else None)
+        load = self.controller.load_progress(profile)
+        return Progress("Loading", load.percent) if load is not None else None
 
     async def _acquire_in_line(
-        self, profile: str, feedback: LoadingFeedback, client: Hashable | None, arrived: float | None = None
+        self,
+        profile: str,
+        feedback: LoadingFeedback,
+        client: Hashable | None,
+        arrived: float | None = None,
+        download: PendingModel | None = None,
     ) -> Lease:
-        """Acquire `profile`, noting the request's place in its queue in the very step it joins it
-        (the controller queues it before its first await), so requests arriving together differ."""
+        """Acquire `profile` (once `download` has ended), noting the request's place in its queue in
+        the very step it joins it (the controller queues it before its first await), so requests
+        arriving together differ."""
+        if download is not None:
+            await download.arrived()
         feedback.position = self.controller.view(profile).waiting + 1
         return await self.controller.acquire(profile, client=client, arrived=arrived)
 
@@ -428,6 +466,7 @@ class Proxy:
         path: str | None,
         requested: str | None,
         started: float,
+        download: PendingModel | None = None,
     ) -> web.StreamResponse:
         """Answer a streamed request whose model is not ready yet: progress while it loads (SSE
         comments, or reasoning deltas), comments until its first chunk, then the upstream's stream;
@@ -444,7 +483,9 @@ class Proxy:
                     lease = await self._with_feedback(
                         response,
                         acquiring,
-                        lambda elapsed: feedback.loading(elapsed, self._view(profile)),
+                        lambda elapsed: feedback.loading(
+                            elapsed, self._view(profile), self._progress(profile, download)
+                        ),
                         started,
                     )
                 except RouterError as exc:

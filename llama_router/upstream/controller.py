@@ -34,6 +34,7 @@ from llama_router.core.events import (
     FallbackServed,
     FootprintLearned,
     Loading,
+    LoadingProgress,
     Ready,
     Reloaded,
     Stopped,
@@ -57,7 +58,9 @@ from llama_router.core.scheduler import (
 from llama_router.sizing.budgets import Sizing
 from llama_router.sizing.buffer_log import BufferTally
 from llama_router.sizing.memory import MIB, nvml_usage_by_pid, page_in
+from llama_router.upstream.child_protocol import LoadProgress
 from llama_router.upstream.context_cache import ContextKeeper
+from llama_router.upstream.downloads import PendingModel
 from llama_router.upstream.logs import LogBuffers
 from llama_router.upstream.peers import Peers
 from llama_router.upstream.rpc import probe_all, unanswered
@@ -185,6 +188,7 @@ class Controller:
         self.contexts = ContextKeeper(config, state_dir(config) / "slots")
         self.logs = LogBuffers(config)
         self.upstreams: dict[str, Upstream] = {}
+        self.downloads: dict[str, PendingModel] = {}  # models on their way in (POST /models)
         self.owner_tag = f"{os.getpid()}"
         self._ids = itertools.count(1)
         self._waiters: dict[int, asyncio.Future[Upstream]] = {}
@@ -459,6 +463,16 @@ class Controller:
             if tally.loaded and upstream and self.scheduler.view(profile).state is State.READY:
                 self._learn_footprint(upstream)
 
+    def _record_progress(self, profile: str, progress: LoadProgress) -> None:
+        upstream = self.upstreams.get(profile)
+        if upstream is not None and upstream.progress is progress:
+            self.events.emit(LoadingProgress(profile, progress.payload, progress.percent))
+
+    def load_progress(self, profile: str) -> LoadProgress | None:
+        """How far `profile`'s load has come, where its llama-server reports it."""
+        upstream = self.upstreams.get(profile)
+        return upstream.progress if upstream is not None else None
+
     def _read_ahead(self, profile: ResolvedProfile) -> None:
         """Keep a likely-next model's file in the page cache while host RAM is free."""
         if self.config.server.readahead and self._loop is not None:
@@ -504,6 +518,7 @@ class Controller:
             health_interval=server.health_interval,
             owner_tag=self.owner_tag,
             on_output=self._record_output,
+            on_progress=self._record_progress,
             extra_args=self.contexts.extra_args(profile),
             socket_dir=self._socket_dir,
         )

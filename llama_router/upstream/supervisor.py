@@ -31,6 +31,8 @@ import psutil
 
 from llama_router.config.schema import ResolvedProfile
 from llama_router.core.redact import scrub, secret_values
+from llama_router.upstream import child_protocol
+from llama_router.upstream.child_protocol import LoadProgress, NotUnderstood
 from llama_router.upstream.lifeline import lifeline
 
 log = logging.getLogger("llama_router.upstream")
@@ -45,10 +47,10 @@ OWNER_ENV = "LLAMA_ROUTER_OWNER"
 
 # The longest Unix socket path the kernel takes (sun_path is 108 bytes on Linux, 104 on macOS).
 MAX_SOCKET_PATH = 103
-# Seconds `<binary> --help` may take when asked whether it listens on Unix sockets.
+# Seconds `<binary> --help` may take when asked what the binary can do.
 HELP_TIMEOUT = 10.0
 _socket_numbers = itertools.count(1)
-_unix_support: dict[tuple[str, ...], bool] = {}
+_help_outputs: dict[tuple[str, ...], bytes] = {}
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -58,18 +60,18 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-async def listens_on_unix_sockets(profile: ResolvedProfile) -> bool:
-    """Whether the profile's llama-server takes a Unix socket path as `--host` (builds since late
-    2025 do, and say so in `--help`). Asked once per binary (and its version on disk) and args."""
+async def _help_output(profile: ResolvedProfile) -> bytes:
+    """The profile's `<binary> [args] --help`, run once per binary (and its version on disk) and args:
+    what it says tells which features it has. Empty where it cannot be run."""
     try:
         mtime = str(profile.binary.stat().st_mtime_ns)
     except OSError:
-        return False
+        return b""
     key = (str(profile.binary), mtime, *profile.args)
-    known = _unix_support.get(key)
+    known = _help_outputs.get(key)
     if known is not None:
         return known
-    found = False
+    output = b""
     try:
         process = await asyncio.create_subprocess_exec(
             str(profile.binary),
@@ -83,16 +85,28 @@ async def listens_on_unix_sockets(profile: ResolvedProfile) -> bool:
         )
         try:
             output, _ = await asyncio.wait_for(process.communicate(), HELP_TIMEOUT)
-            found = b".sock" in output
         finally:
             if process.returncode is None:
                 process.kill()
                 await process.wait()
     except (OSError, TimeoutError):
         pass
-    _unix_support[key] = found
+    _help_outputs[key] = output
+    return output
+
+
+async def listens_on_unix_sockets(profile: ResolvedProfile) -> bool:
+    """Whether the profile's llama-server takes a Unix socket path as `--host` (builds since late
+    2025 do, and say so in `--help`)."""
+    found = b".sock" in await _help_output(profile)
     log.debug("%s %s Unix sockets", profile.binary, "listens on" if found else "cannot listen on")
     return found
+
+
+async def reports_its_load(profile: ResolvedProfile) -> bool:
+    """Whether the profile's llama-server reports its load's progress when started as a router
+    child (child_protocol.py)."""
+    return child_protocol.has_child_protocol(await _help_output(profile))
 
 
 def owns_listener(pid: int, port: int) -> bool:
@@ -219,6 +233,7 @@ class Upstream:
         host: str = "127.0.0.1",
         owner_tag: str = "",
         on_output: Callable[[str, str], None] | None = None,
+        on_progress: Callable[[str, LoadProgress], None] | None = None,
         extra_args: list[str] | None = None,
         socket_dir: Path | None = None,
     ) -> None:
@@ -234,6 +249,10 @@ class Upstream:
         self.health_interval = health_interval
         self.owner_tag = owner_tag
         self.on_output = on_output
+        self.on_progress = on_progress
+        # Started as a router child (child_protocol.py): its load's progress is read from its output.
+        self.reports_load = False
+        self.progress: LoadProgress | None = None  # the last progress it reported, while it loads
         # Secret values of its command line and environment, cut from its output before it is kept.
         self._secrets = secret_values([*profile.args, *self.extra_args], profile.env)
         self.process: asyncio.subprocess.Process | None = None
@@ -281,8 +300,10 @@ class Upstream:
             return False
 
     def tail(self, lines: int = 20) -> str:
-        """The last lines of the upstream's output, for error messages."""
-        return "\n".join(list(self.log)[-lines:])
+        """The last lines of the upstream's output, for error messages (its state reports left out:
+        they say nothing of why it failed)."""
+        said = [line for line in self.log if not line.startswith(child_protocol.STATE_PREFIX)]
+        return "\n".join(said[-lines:])
 
     async def _listen_address(self) -> tuple[str, int]:
         """The `--host` and `--port` to give it: a socket in the private directory where the binary
@@ -316,12 +337,17 @@ class Upstream:
         env = {**os.environ, **self.profile.env}
         if self.owner_tag:
             env[OWNER_ENV] = self.owner_tag
+        self.reports_load = await reports_its_load(self.profile)
+        if self.reports_load:
+            # Only its presence matters to the child; it never connects back to this port.
+            env[child_protocol.ROUTER_PORT_ENV] = "0"
         command = [*self.profile.command(host, port), *self.extra_args]
         self.spawned_at = time.monotonic()
         try:
             self.process = await asyncio.create_subprocess_exec(
                 *command,
-                stdin=asyncio.subprocess.DEVNULL,
+                # A router child exits when its stdin closes: it stays open for the child's life.
+                stdin=asyncio.subprocess.PIPE if self.reports_load else asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
                 env=env,
@@ -351,11 +377,39 @@ class Upstream:
             if not raw:
                 return
             line = scrub(raw.decode("utf-8", "replace").rstrip("\r\n"), self._secrets)
-            self.log.append(line)
+            self.log.append(line)  # state reports too: the log keeps everything the child wrote
+            if self.reports_load:
+                self._read_state(line)
             if not self._says_ready.is_set() and any(mark in line for mark in READY_MARKS):
                 self._says_ready.set()
             if self.on_output is not None:
                 self.on_output(self.profile.name, line)
+
+    def _read_state(self, line: str) -> None:
+        """Note the progress a state report gives; one not understood ends the reading of reports
+        (the load goes on, watched as for a binary without them)."""
+        try:
+            state = child_protocol.parse_state(line)
+            if state is None:
+                return
+            if state.state == "ready":
+                self.progress = None
+                self._says_ready.set()
+                return
+            progress = child_protocol.load_progress(state.payload) if state.state == "loading" else None
+        except NotUnderstood as exc:
+            log.warning(
+                "%s: state report not understood (%s); its load's progress is not followed",
+                self.profile.name,
+                exc,
+            )
+            self.reports_load = False
+            self.progress = None
+            return
+        if progress is not None and not self.ready_at:
+            self.progress = progress
+            if self.on_progress is not None:
+                self.on_progress(self.profile.name, progress)
 
     async def wait_ready(self, session: aiohttp.ClientSession) -> None:
         """Poll `/health` until it answers 200; raise LoadError at once if the process exits.
@@ -377,6 +431,7 @@ class Upstream:
                         async with session.get(url, timeout=timeout) as response:
                             if response.status == 200:
                                 self.ready_at = time.monotonic()
+                                self.progress = None
                                 return
                 # Poll again after the interval, or at once when the output says it has loaded.
                 says_ready = asyncio.ensure_future(self._says_ready.wait())
@@ -414,6 +469,8 @@ class Upstream:
         assert self.process is not None
         code = await self.process.wait()
         lifeline().released(self.process.pid)
+        self._close_stdin()
+        self.progress = None
         await self._drain_reader()
         if self._own_session is not None:
             await self._own_session.close()
@@ -441,6 +498,13 @@ class Upstream:
                 await process.wait()
         # The group leader is gone; make sure nothing it forked lingers in its group.
         self._signal_group(signal.SIGKILL)
+        self._close_stdin()
+
+    def _close_stdin(self) -> None:
+        """Let go of a router child's stdin (once it has exited: closing it earlier makes the child
+        exit at once, with code 1, where a stop lets it finish what it is doing)."""
+        if self.process is not None and self.process.stdin is not None:
+            self.process.stdin.close()
 
     @staticmethod
     async def _exits_within(process: asyncio.subprocess.Process, seconds: float) -> bool:
