@@ -54,6 +54,7 @@ class Repo:
     token: str | None = None  # when set, requests must carry `Authorization: Bearer <token>`
     commit: str = ""
     delay: float = 0.0  # seconds a file download takes (sent in pieces): a slow link
+    broken: bool = False  # its files are listed, but each download ends, after `delay`, in a 404
 
     def __post_init__(self) -> None:
         self.commit = self.commit or commit_of(self.files)
@@ -124,6 +125,11 @@ class FakeHub:
         }
         if request.method == "HEAD":
             return web.Response(headers=headers)
+        if repo.broken:
+            await asyncio.sleep(repo.delay)
+            raise web.HTTPNotFound(
+                headers={"X-Error-Code": "EntryNotFound", "X-Repo-Commit": repo.commit}, text="gone"
+            )
         if not repo.delay:
             return web.Response(
                 body=data, headers={k: v for k, v in headers.items() if k != "Content-Length"}

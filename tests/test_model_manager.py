@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import yaml
 
 from tests.conftest import assert_openai_error
 from tests.fake_hub import FakeHub, Repo, hub_env
+from tests.make_tiny_models import make_model
 from tests.router_process import ROOT, RouterProcess
 
 REPO = "acme/tiny-GGUF"
@@ -31,6 +33,8 @@ server:
   admin_keys: [admin-key]
   host: 127.0.0.1
   state_dir: {state}
+  loading_comment_interval: 0.2
+  loading_feedback: reasoning
 profiles:
   mine:               # hand-written
     model: {model}
@@ -71,14 +75,29 @@ class EventStream:
             await self._task
 
 
+@pytest.fixture(scope="session")
+def slow_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model of about 40 MB: huggingface_hub reports bytes every 10 MB, so its download, sent
+    slowly, is seen part of the way."""
+    return make_model(
+        tmp_path_factory.mktemp("slow") / "slow.gguf", seed=4, n_embd=512, n_layer=2, vocab=2000
+    )
+
+
 @pytest.fixture
-async def fake_hub(tiny_models: tuple[Path, Path]) -> AsyncIterator[FakeHub]:
+async def fake_hub(tiny_models: tuple[Path, Path], slow_model: Path) -> AsyncIterator[FakeHub]:
     files = {
         "tiny-Q8_0.gguf": tiny_models[0].read_bytes(),
         "tiny-Q4_K_M.gguf": tiny_models[1].read_bytes(),
         "README.md": b"# tiny",
     }
-    hub = await FakeHub({REPO: Repo(files), "acme/slow-GGUF": Repo(files, delay=1.5)}).start()
+    hub = await FakeHub(
+        {
+            REPO: Repo(files),
+            "acme/slow-GGUF": Repo({"slow-Q8_0.gguf": slow_model.read_bytes()}, delay=1.5),
+            "acme/broken-GGUF": Repo(files, delay=1.0, broken=True),
+        }
+    ).start()
     yield hub
     await hub.close()
 
@@ -250,7 +269,7 @@ async def test_downloads_that_cannot_happen_are_refused_and_one_under_way_can_be
         async with session.post(f"{router.url}/models", json={"model": slow}, headers=ADMIN) as response:
             assert response.status == 200
         listed = await models(session, router.url)
-        assert listed[slow]["status"]["value"] == "downloading"
+        assert listed[slow]["status"]["value"] == "loading"
         async with session.delete(f"{router.url}/models", params={"model": slow}, headers=ADMIN) as response:
             assert response.status == 200, await response.text()
         failed = await events.wait_for(lambda e: e["event"] == "download_failed")
@@ -353,3 +372,86 @@ async def test_a_router_written_profile_made_before_the_allow_list_fails_to_load
         async with session.post(f"{router.url}/v1/chat/completions", json=chat, headers=USER) as response:
             assert response.status == 200, await response.text()
         await events.close()
+
+
+async def stream_chat(
+    session: aiohttp.ClientSession, url: str, model: str
+) -> tuple[list[str], str, list[Any]]:
+    """A streamed chat: its reasoning lines, its content and the errors it carried."""
+    chat = {"model": model, "stream": True, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    reasoning, content, errors = [], [], []
+    async with session.post(f"{url}/v1/chat/completions", json=chat, headers=USER) as response:
+        assert response.status == 200, await response.text()
+        async for raw in response.content:
+            line = raw.decode().strip()
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[len("data: ") :])
+            if "error" in chunk:
+                errors.append(chunk["error"])
+                continue
+            delta = chunk["choices"][0]["delta"] if chunk.get("choices") else {}
+            reasoning.append(delta.get("reasoning_content") or "")
+            content.append(delta.get("content") or "")
+    return [line for line in "".join(reasoning).splitlines() if line], "".join(content), errors
+
+
+async def test_a_model_being_downloaded_is_listed_at_once_and_a_chat_for_it_waits_for_it(
+    router: RouterProcess,
+) -> None:
+    slow = "acme/slow-GGUF:Q8_0"
+    async with aiohttp.ClientSession() as session:
+        body = {"model": slow, "args": ARGS}
+        async with session.post(f"{router.url}/models", json=body, headers=ADMIN) as response:
+            assert response.status == 200, await response.text()
+        # What Open WebUI reads right after "Download": the model is there, loading.
+        for path in ("/models", "/v1/models"):
+            async with session.get(f"{router.url}{path}", headers=USER) as response:
+                listed = {entry["id"]: entry for entry in (await response.json())["data"]}
+            status = listed[slow]["status"]
+            assert (status["value"], status["detail"]) == ("loading", "downloading"), path
+            assert isinstance(status["progress"], dict), "its bytes so far, file by file"
+
+        plain = {"model": slow, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+        waiting = asyncio.ensure_future(
+            session.post(f"{router.url}/v1/chat/completions", json=plain, headers=USER)
+        )
+        lines, content, errors = await stream_chat(session, router.url, slow)
+        assert not errors and content, (errors, lines)
+        assert lines[0] == f"Loading {slow}…"
+        downloading = [
+            int(p) for line in lines for p in re.findall(rf"^Downloading {re.escape(slow)}… (\d+) %", line)
+        ]
+        assert downloading and downloading == sorted(downloading), lines
+        assert any(0 < p < 100 for p in downloading), lines
+        assert lines[-1].startswith(f"{slow} is loaded after "), lines
+        async with await waiting as response:
+            assert response.status == 200, await response.text()
+            assert (await response.json())["model"] == slow
+
+
+async def test_a_failed_download_is_a_clear_error_to_every_request_waiting_for_it(
+    router: RouterProcess,
+) -> None:
+    broken = "acme/broken-GGUF:Q8_0"
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{router.url}/models", json={"model": broken}, headers=ADMIN) as response:
+            assert response.status == 200, await response.text()
+        plain = {"model": broken, "messages": [{"role": "user", "content": "hi"}]}
+
+        async def ask() -> tuple[int, Any]:
+            async with session.post(
+                f"{router.url}/v1/chat/completions", json=plain, headers=USER
+            ) as response:
+                return response.status, await response.json()
+
+        (status, answer), (lines, content, errors) = await asyncio.gather(
+            ask(), stream_chat(session, router.url, broken)
+        )
+        assert status == 502 and answer["error"]["code"] == "download_failed", answer
+        assert f"the download of model {broken!r} failed" in answer["error"]["message"]
+        assert errors == [answer["error"]] and not content
+        assert lines[0] == f"Loading {broken}…"
+        assert broken not in await models(session, router.url), "no longer listed"
+        status, answer = await ask()
+        assert status == 404 and answer["error"]["code"] == "model_not_found"
