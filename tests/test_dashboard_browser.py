@@ -376,3 +376,31 @@ async def test_with_keys_the_page_asks_for_one_and_load_needs_the_admin_key(
     await page.click('.card.model[data-model="demo-b"] button.load')
     await status_on_screen(page, "demo-b", "loaded")
     assert page.errors == []
+
+
+async def test_a_load_shows_its_progress_on_the_model_and_in_its_device_share(
+    start_router: RouterFactory, dummy_model: Path, browser: Browser, screenshots: Path
+) -> None:
+    flags = ("--child-protocol", "llama", "--load-delay", "3.2")  # reports 0, 25, 50, 75 %, 0.8 s apart
+    profile = fake_profile(dummy_model, *flags, footprint={"ram": 100})
+    router = await start_router({"slow": profile}, memory={"ram": 320})
+    page = await open_panel(browser, router, "models")
+    await post_json(router, "/models/load", {"model": "slow"})
+    card = '.card.model[data-model="slow"] .loadbar .pct'
+    await page.wait_for(f"document.querySelector('{card}')", what="a bar on the loading model's card")
+    first = await page.evaluate(f"document.querySelector('{card}').textContent")
+    assert first in ("0 %", "25 %", "50 %"), first
+
+    await page.evaluate("location.hash = '#devices'")
+    share = '.device[data-device=ram] .segment .loadbar[data-progress="slow"]'
+    fill = f"(e => e && e.style.getPropertyValue('--p'))(document.querySelector('{share}'))"
+    await page.wait_for(fill, what="the loading model's share of RAM")
+    before = await page.evaluate(fill)
+    await page.wait_for(f"{fill} !== {json.dumps(before)}", what="the share to fill further as it loads")
+    after = await page.evaluate(fill)
+    assert before in ("0%", "25%", "50%") and after in ("25%", "50%", "75%", None), (before, after)
+    await shoot(page, screenshots, "devices-loading")
+
+    await page.evaluate("location.hash = '#models'")
+    await status_on_screen(page, "slow", "loaded")
+    assert await each(page, ".loadbar") == [], "no bar once loaded"

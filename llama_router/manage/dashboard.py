@@ -41,6 +41,7 @@ from llama_router.core.events import (
     Event,
     Failed,
     FootprintLearned,
+    LoadingProgress,
     Ready,
     Reloaded,
     RequestsChanged,
@@ -190,7 +191,8 @@ class Dashboard:
     # ------------------------------------------------------------------------------------------ events
 
     def _on_event(self, event: Event) -> None:
-        if isinstance(event, (RequestsChanged, DownloadProgress)):  # not what the timeline is for
+        # Not what the timeline is for (several a second); the page reads progress from /events.
+        if isinstance(event, (RequestsChanged, DownloadProgress, LoadingProgress)):
             return
         self.timeline.append(event.json())
         match event:
@@ -295,6 +297,8 @@ class Dashboard:
                 "keep_context": profile.keep_context,
                 "saved_context_bytes": disk.get(view.name, {}).get("saved_context_bytes"),
             }
+            progress = self.controller.load_progress(view.name) if view.state is State.STARTING else None
+            entry["progress"] = progress.percent if progress is not None else None  # of its load
             if view.state is State.FAILED:
                 entry["log_tail"] = list(self.controller.logs[view.name])[-LOG_TAIL:]
             models.append(entry)
@@ -310,6 +314,7 @@ class Dashboard:
                     "bytes": model["footprint"][name],
                     "source": model["footprint_source"],
                     "status": model["status"],
+                    "progress": model["progress"],
                 }
                 for model in models
                 if model["state"] in _RUNNING and model["footprint"].get(name)

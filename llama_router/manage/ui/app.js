@@ -256,6 +256,10 @@ function onEvent(event) {
     return;
   }
   if (event.event === "download_progress") return; // many a second while a model downloads
+  if (event.event === "loading_progress") {
+    showProgress(event.model, event.percent); // several a second while a model loads
+    return;
+  }
   state.timeline.push(event);
   if (state.timeline.length > 1000) state.timeline.splice(0, state.timeline.length - 1000);
   if (event.event === "reloaded" || event.event === "config_error") loadConfig();
@@ -292,7 +296,41 @@ function statusBadge(status) {
   return h("span", { class: `badge status-${status}`, "data-status": status }, status);
 }
 
-// Devices: a bar per budget with the resident models stacked in it.
+// How far a model's load has come (where its llama-server reports it): a bar on its card and a fill
+// in its share of each device, updated in place as reports arrive.
+function progressBar(model, percent) {
+  if (percent === null || percent === undefined) return null;
+  return h(
+    "span",
+    { class: "loadbar", "data-progress": model, title: `loading: ${percent} %`, style: `--p:${percent}%` },
+    h("span", { class: "fill", style: `width:${percent}%` }),
+    h("span", { class: "pct" }, `${percent} %`),
+  );
+}
+
+function showProgress(model, percent) {
+  if (!state.overview) return;
+  let known = true;
+  for (const entry of [...state.overview.models, ...state.overview.devices.flatMap((device) => device.models)]) {
+    if (entry.model !== model) continue;
+    known = known && entry.progress !== null && entry.progress !== undefined;
+    entry.progress = percent;
+  }
+  if (!known) {
+    renderDevices();
+    renderModels();
+    return;
+  }
+  for (const bar of document.querySelectorAll(".loadbar")) {
+    if (bar.dataset.progress !== model) continue;
+    bar.title = `loading: ${percent} %`;
+    bar.style.setProperty("--p", `${percent}%`);
+    bar.querySelector(".fill").style.width = `${percent}%`;
+    bar.querySelector(".pct").textContent = `${percent} %`;
+  }
+}
+
+// Devices: a bar per budget with the resident models stacked in it (a loading one filling its share).
 function renderDevices() {
   const overview = state.overview;
   const root = $("#devices");
@@ -310,7 +348,8 @@ function renderDevices() {
             style: `width:${share}%;background:${colorOf(item.model)}`,
             title: `${item.model}: ${bytes(item.bytes)} (${item.source})`,
           },
-          `${item.model} ${bytes(item.bytes)}`,
+          progressBar(item.model, item.progress),
+          h("span", { class: "label" }, `${item.model} ${bytes(item.bytes)}`),
         ),
       );
     }
@@ -319,7 +358,7 @@ function renderDevices() {
         "tr",
         { "data-model": item.model },
         h("td", {}, h("span", { class: "swatch", style: `background:${colorOf(item.model)}` }), item.model),
-        h("td", {}, statusBadge(item.status)),
+        h("td", {}, statusBadge(item.status), " ", progressBar(item.model, item.progress)),
         h("td", { class: "num" }, bytes(item.bytes)),
         h("td", {}, h("span", { class: `badge source-${item.source}` }, item.source)),
       ),
@@ -410,7 +449,7 @@ function renderModels() {
       h(
         "div",
         { class: "card model", "data-model": model.model },
-        h("h3", {}, h("span", { class: "swatch", style: `background:${colorOf(model.model)}` }), model.model, statusBadge(model.status)),
+        h("h3", {}, h("span", { class: "swatch", style: `background:${colorOf(model.model)}` }), model.model, statusBadge(model.status), progressBar(model.model, model.progress)),
         h("div", { class: "sub" }, model.description || " "),
         h("div", {}, chips),
         h("dl", {}, rows.map(([name, value]) => [h("dt", {}, name), h("dd", {}, value)])),
