@@ -847,12 +847,13 @@ async def serve(args: argparse.Namespace) -> None:
         )
         log("llama_model_load: error loading model: unable to allocate CUDA0 buffer")
         os._exit(EXIT_LOAD_FAILED)
+    if child == "llama":  # the last report comes before it answers, as llama-server's does
+        report("loading", {"stages": ["text_model"], "current": "text_model", "value": 1.0})
     fake.loaded = True
     fake.loaded_at = time.monotonic()
     log("main: model loaded")
     if child is not None:
         if child == "llama":
-            report("loading", {"stages": ["text_model"], "current": "text_model", "value": 1.0})
             report("ready", {"id": model_stem(args.model), "object": "model", "owned_by": "llamacpp"})
         threading.Thread(target=exit_when_stdin_closes, daemon=True).start()
     log("srv  update_slots: all slots are idle")

@@ -297,7 +297,7 @@ class Dashboard:
                 "keep_context": profile.keep_context,
                 "saved_context_bytes": disk.get(view.name, {}).get("saved_context_bytes"),
             }
-            progress = self.controller.load_progress(view.name) if view.state is State.STARTING else None
+            progress = self.controller.load_progress(view.name)
             entry["progress"] = progress.percent if progress is not None else None  # of its load
             if view.state is State.FAILED:
                 entry["log_tail"] = list(self.controller.logs[view.name])[-LOG_TAIL:]

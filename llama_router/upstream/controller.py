@@ -464,14 +464,16 @@ class Controller:
                 self._learn_footprint(upstream)
 
     def _record_progress(self, profile: str, progress: LoadProgress) -> None:
-        upstream = self.upstreams.get(profile)
-        if upstream is not None and upstream.progress is progress:
+        if self.load_progress(profile) is progress:
             self.events.emit(LoadingProgress(profile, progress.payload, progress.percent))
 
     def load_progress(self, profile: str) -> LoadProgress | None:
-        """How far `profile`'s load has come, where its llama-server reports it."""
+        """How far `profile`'s load has come, where its llama-server reports it (None once it is
+        ready: a report read after that is not news)."""
         upstream = self.upstreams.get(profile)
-        return upstream.progress if upstream is not None else None
+        if upstream is None or self.scheduler.view(profile).state is not State.STARTING:
+            return None
+        return upstream.progress
 
     def _read_ahead(self, profile: ResolvedProfile) -> None:
         """Keep a likely-next model's file in the page cache while host RAM is free."""

@@ -27,11 +27,11 @@ class PendingModel:
     @property
     def fraction(self) -> float | None:
         """Bytes done over bytes to do, once the size of every file seen is known."""
-        totals = [total for _, total in self.progress.values()]
-        if not totals or any(total is None for total in totals):
+        files = list(self.progress.values())  # one step: the download's thread may add a file
+        if not files or any(total is None for _, total in files):
             return None
-        whole = sum(total or 0 for total in totals)
-        return sum(done for done, _ in self.progress.values()) / whole if whole else None
+        whole = sum(total or 0 for _, total in files)
+        return sum(done for done, _ in files) / whole if whole else None
 
     def end(self, error: str | None) -> None:
         if not self.ended.done():

@@ -406,7 +406,7 @@ class Upstream:
             self.reports_load = False
             self.progress = None
             return
-        if progress is not None and not self.ready_at:
+        if progress is not None:
             self.progress = progress
             if self.on_progress is not None:
                 self.on_progress(self.profile.name, progress)
