@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import psutil
 import pytest
 
 from llama_router.app import API
@@ -172,6 +173,9 @@ async def test_real_llama_server_reports_its_load_everywhere(
     assert status == 200
     async with router.session.get("/v1/models") as response:
         assert "progress" not in (await response.json())["data"][0]["status"], "none once loaded"
+    async with router.session.post("/models/unload?wait=1", json={"model": "big"}) as response:
+        assert response.status == 200
+    assert upstream.returncode == 0, "a stop lets it end cleanly: its stdin closes only after it exited"
 
 
 # ---------------------------------------------------------------------------------------------- fake
@@ -245,6 +249,18 @@ async def test_a_child_that_dies_mid_load_fails_its_waiting_requests_and_leaves_
     assert "progress" not in status
     await wait_until(lambda: not upstream_processes(), what="the dead child to be reaped")
     await sse.close()
+
+
+async def test_a_binary_without_router_mode_is_started_as_before(
+    start_router: RouterFactory, dummy_model: Path
+) -> None:
+    router = await start_router({"m": fake_profile(dummy_model)})
+    status, _ = await router.chat("m")
+    assert status == 200
+    upstream = router.controller.upstreams["m"]
+    assert upstream.pid is not None and upstream.process is not None
+    assert "LLAMA_SERVER_ROUTER_PORT" not in psutil.Process(upstream.pid).environ()
+    assert upstream.process.stdin is None, "its stdin is /dev/null, as ever"
 
 
 # ---------------------------------------------------------------------------------------------- parsing

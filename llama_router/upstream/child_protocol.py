@@ -11,7 +11,8 @@ arrive among the log lines, each whole:
 
 `loading` comes at 0, at most every 200 ms while tensors are read, and at 1 for each stage (the text
 model, then a speculative and a multimodal one where there are). Once loaded, the child reads its
-stdin and exits at once when that closes, so the router keeps it open for the child's life.
+stdin: it exits at once (code 1) when that closes, so the router keeps it open for the child's life,
+and shuts down on `cmd_router_to_child:exit`, which a stop sends with its SIGTERM.
 
 A binary has the protocol where its `--help` shows router mode (`--models-max`). A report this
 module does not understand (a newer protocol, a damaged line) turns the reports off for that process:
@@ -27,6 +28,9 @@ from typing import Any
 
 ROUTER_PORT_ENV = "LLAMA_SERVER_ROUTER_PORT"
 STATE_PREFIX = "cmd_child_to_router:state:"
+# What the router writes on a child's stdin to have it shut down (as a SIGTERM would); a child that
+# is sent only a signal waits for its stdin to close after shutting down, and then exits with code 1.
+EXIT_COMMAND = b"cmd_router_to_child:exit\n"
 # What `--help` shows in builds that have router mode, and with it the child protocol.
 HELP_MARK = b"--models-max"
 

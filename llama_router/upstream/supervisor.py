@@ -486,6 +486,7 @@ class Upstream:
         process = self.process
         if process is None or process.returncode is not None:
             return
+        self._ask_child_to_exit()
         self._signal_group(signal.SIGTERM)
         # llama-server waits for running requests after a first SIGTERM; a second signal makes it exit
         # at once. Give it a moment to exit cleanly first.
@@ -499,6 +500,14 @@ class Upstream:
         # The group leader is gone; make sure nothing it forked lingers in its group.
         self._signal_group(signal.SIGKILL)
         self._close_stdin()
+
+    def _ask_child_to_exit(self) -> None:
+        """Send a router child the exit command (child_protocol.py) its SIGTERM needs to end with
+        code 0; a child still loading reads it only if it gets that far."""
+        stdin = self.process.stdin if self.process is not None else None
+        if stdin is not None and not stdin.is_closing():
+            with contextlib.suppress(OSError, RuntimeError):
+                stdin.write(child_protocol.EXIT_COMMAND)
 
     def _close_stdin(self) -> None:
         """Let go of a router child's stdin (once it has exited: closing it earlier makes the child
