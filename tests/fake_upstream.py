@@ -53,7 +53,9 @@ Behaviour / fault flags:
                            KIND ``llama`` writes llama.cpp's state reports to stdout (``loading``
                            at 0, 0.25, 0.5, 0.75 over ``--load-delay``, then 1, then ``ready``);
                            KIND ``garbled`` writes a report in a shape no router knows (a newer
-                           protocol). Once loaded, either exits with code 1 when its stdin closes
+                           protocol). Once loaded, either exits with code 0 on the router's exit
+                           command on stdin, with code 1 when its stdin closes, and on SIGTERM
+                           only waits for one of those, as llama-server's router child does
 ``--list-models N``        ``/v1/models`` lists N more models (``m0000001``...), built once at start:
                            a peer with a huge list
 ``--redirect-models URL``  ``/v1/models`` answers 302 to URL
@@ -95,7 +97,15 @@ def log(message: str) -> None:
         pass
 
 
+# Set once a router child has loaded: like llama-server's, it then shuts down on a signal but ends only
+# when its router's exit command (code 0) or the end of its stdin (code 1) comes.
+child_waits_for_stdin = False
+
+
 def _on_terminate(signum: int, frame: object) -> None:
+    if child_waits_for_stdin:
+        log(f"main: received signal {signum}, shutting down; waiting for the exit command on stdin")
+        return
     log(f"main: received signal {signum}, exiting")
     os._exit(0)
 
@@ -853,6 +863,8 @@ async def serve(args: argparse.Namespace) -> None:
     fake.loaded_at = time.monotonic()
     log("main: model loaded")
     if child is not None:
+        global child_waits_for_stdin
+        child_waits_for_stdin = True
         if child == "llama":
             report("ready", {"id": model_stem(args.model), "object": "model", "owned_by": "llamacpp"})
         threading.Thread(target=exit_when_stdin_closes, daemon=True).start()
@@ -870,9 +882,12 @@ def report(state: str, payload: dict[str, Any]) -> None:
 
 
 def exit_when_stdin_closes() -> None:
-    """As a llama-server router child does once loaded: its router is gone when its stdin closes."""
-    while sys.stdin.readline():
-        pass
+    """As a llama-server router child does once loaded: its router's exit command ends it, and so
+    does the end of its stdin (its router is gone), with code 1."""
+    while line := sys.stdin.readline():
+        if "cmd_router_to_child:exit" in line:
+            log("srv    operator(): exit command received, exiting...")
+            os._exit(0)
     log("srv    operator(): EOF on stdin detected, forcing shutdown...")
     os._exit(1)
 

@@ -199,11 +199,13 @@ async def test_progress_feeds_sse_lists_and_comments_and_a_stop_ends_the_child_c
     assert shown and all(re.fullmatch(r": loading m… (\d+) % \(\d+s\)", c) for c in shown), comments
     assert {"25", "50", "75"} & {re.findall(r"(\d+) %", c)[0] for c in shown}
 
+    upstream = router.controller.upstreams["m"]
     async with router.session.post("/models/unload?wait=1", json={"model": "m"}) as response:
         assert response.status == 200
     await sse.wait_for("m", "unloaded")
     kinds = [event.kind for event in events]
-    assert "stopped" in kinds and "failed" not in kinds, "stopped, not crashed, with its stdin open"
+    assert "stopped" in kinds and "failed" not in kinds
+    assert upstream.returncode == 0, "the exit command ended it, not its stdin closing (code 1)"
     await sse.close()
 
 
