@@ -411,6 +411,8 @@ async def test_a_model_being_downloaded_is_listed_at_once_and_a_chat_for_it_wait
             status = listed[slow]["status"]
             assert (status["value"], status["detail"]) == ("loading", "downloading"), path
             assert isinstance(status["progress"], dict), "its bytes so far, file by file"
+        async with session.get(f"{router.url}/v1/models/{slow}", headers=USER) as response:
+            assert (await response.json())["status"]["detail"] == "downloading"
 
         plain = {"model": slow, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
         waiting = asyncio.ensure_future(

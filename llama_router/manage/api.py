@@ -388,6 +388,8 @@ class Api:
 
     async def model(self, request: web.Request) -> web.Response:
         wanted = request.match_info["model"]
+        if (pending := self.manager.pending(wanted)) and self.controller.config.resolve_name(wanted) is None:
+            return web.json_response(pending[0])  # being downloaded
         name = self.proxy.route_for(wanted)
         if name not in self.controller.config.profiles:  # a peer's model
             found = self.controller.peers.entry(wanted, name)

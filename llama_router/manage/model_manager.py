@@ -287,8 +287,8 @@ class ModelManager:
         self.controller.events.emit(ModelRemoved(name, deleted))
         return {"success": True, "model": name, "deleted_files": deleted}
 
-    def pending(self) -> list[dict[str, Any]]:
-        """Downloads under way, as `/models` and `/v1/models` list them."""
+    def pending(self, name: str | None = None) -> list[dict[str, Any]]:
+        """Downloads under way (only `name`'s, if given), as `/models` and `/v1/models` list them."""
         return [
             {
                 "id": download.name,
@@ -309,6 +309,7 @@ class ModelManager:
                 "can_remove": True,
             }
             for download in self.downloads.values()
+            if name is None or download.name == name
         ]
 
     async def close(self) -> None:
