@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 import yaml
 
+from llama_router.relay.loading_feedback import MARK
 from tests.conftest import assert_openai_error
 from tests.fake_hub import FakeHub, Repo, hub_env
 from tests.make_tiny_models import make_model
@@ -393,7 +394,9 @@ async def stream_chat(
             delta = chunk["choices"][0]["delta"] if chunk.get("choices") else {}
             reasoning.append(delta.get("reasoning_content") or "")
             content.append(delta.get("content") or "")
-    return [line for line in "".join(reasoning).splitlines() if line], "".join(content), errors
+    lines = [line for line in "".join(reasoning).splitlines() if line]
+    assert all(line.startswith(MARK) for line in lines), lines
+    return [line.removeprefix(MARK) for line in lines], "".join(content), errors
 
 
 async def test_a_model_being_downloaded_is_listed_at_once_and_a_chat_for_it_waits_for_it(
