@@ -249,7 +249,8 @@ async def test_overview_shows_models_devices_footprint_sources_and_the_ttl_count
     assert models["demo-a"]["ttl_expires_at"] is None, "not loaded: no countdown"
     assert [device["name"] for device in overview["devices"]] == ["ram"]
     assert overview["devices"][0]["models"] == []
-    files = {entry["model"]: entry for entry in overview["readahead"]["files"]}
+    files = {profile: entry for entry in overview["readahead"]["files"] for profile in entry["profiles"]}
+    assert files["demo-b"]["path"] == str(tiny_models[1])
     assert files["demo-b"]["bytes"] == tiny_models[1].stat().st_size
     assert 0 < files["demo-b"]["cached_bytes"] <= files["demo-b"]["bytes"], "its header was just read"
 
@@ -418,10 +419,15 @@ async def test_waiting_requests_are_listed_on_the_events_feed_and_cancel_ends_th
             await response.read()
         await wait_until(lambda: router.controller.queue_depth == 0, what="the queue to empty")
 
-        while not event["activity"]:
-            event = await read_event(feed)
-        (cancelled,) = event["activity"]
+        rows: list[dict[str, Any]] = []
+        while len(rows) < 2:  # the cancelled request's row, and the cancel call's own
+            rows += event["activity"]
+            event = await read_event(feed) if len(rows) < 2 else event
+        (cancelled,) = [row for row in rows if row["action"] is None]
         assert (cancelled["model"], cancelled["status"], cancelled["error"]) == ("slow", 499, "cancelled")
+        (call,) = [row for row in rows if row["action"] == "cancel"]
+        assert (call["model"], call["status"], call["client"]) == ("slow", 200, "127.0.0.1")
+        assert call["detail"] == f"request {waiting['id']} (POST {CHAT})"
         assert event["requests"] == []
         status, body = await post_json(router, f"/requests/{waiting['id']}/cancel")
         assert status == 404
