@@ -53,13 +53,15 @@ def demo(tiny_models: tuple[Path, Path], llama_server: Path) -> dict[str, Any]:
 
 
 async def open_panel(browser: Browser, router: RunningRouter, panel: str, key: str | None = None) -> Page:
-    """The dashboard on `panel`, once it follows the router's events and has drawn the models."""
+    """The dashboard on `panel` (a hash: `models?q=qwen`), once it follows the router's events and
+    has read the models."""
     page = await browser.new_page()
     await page.goto(f"{router.url}/ui/#{panel}")
     if key is not None:
         await enter_key(page, key)
     await page.wait_for("document.querySelector('#live:not(.off)')", what="the live event stream")
-    await page.wait_for("document.querySelectorAll('.card.model').length > 0", what="the models")
+    # The model lists are filled from the first overview, whichever panel is on screen.
+    await page.wait_for("document.querySelectorAll('#chat-model option').length > 0", what="the models")
     return page
 
 
@@ -122,7 +124,7 @@ async def test_devices_and_models_panels_show_both_demo_profiles(
     )
     segments = await each(page, ".device .segment")
     assert sorted(segment.split()[0] for segment in segments) == ["demo-a", "demo-b"]
-    cached = await each(page, "#readahead tr", "e.dataset.model")
+    cached = await each(page, "#readahead tr", "e.children[1].textContent")
     assert cached == ["demo-a", "demo-b"], "both profiles' files in the page-cache list"
     await shoot(page, screenshots, "devices")
 
