@@ -516,11 +516,7 @@ function renderModels() {
     return (nodes.card ??= modelCard(model));
   });
   for (const name of modelNodes.keys()) if (!modelIndex.has(name)) modelNodes.delete(name);
-  const container = view === "table" ? $("#models-table tbody") : $("#models");
-  const current = container.children;
-  if (current.length !== wanted.length || wanted.some((node, index) => current[index] !== node)) {
-    container.replaceChildren(...wanted);
-  }
+  reconcile(view === "table" ? $("#models-table tbody") : $("#models"), wanted);
   $("#models").hidden = view !== "cards";
   $("#models-table").hidden = view !== "table";
   $("#view-cards").classList.toggle("active", view === "cards");
@@ -534,12 +530,25 @@ function renderModels() {
   }
 }
 
+// Make `container`'s children the `wanted` nodes, in order, touching only those that differ: a
+// model whose row changed costs one removal and one insertion, not a redraw of the table.
+function reconcile(container, wanted) {
+  const keep = new Set(wanted);
+  for (const child of [...container.children]) if (!keep.has(child)) child.remove();
+  wanted.forEach((node, index) => {
+    const at = container.children[index];
+    if (at !== node) container.insertBefore(node, at || null);
+  });
+}
+
 function footprintText(model) {
   return Object.entries(model.footprint).map(([device, n]) => `${device} ${bytes(n)}`).join(", ") || "–";
 }
 
-function requestsText(model) {
+// Running and waiting requests; in the table, a dash for none.
+function requestsText(model, compact) {
   const counts = requestCounts.get(model.model) || { running: 0, waiting: 0 };
+  if (compact && !counts.running && !counts.waiting && !model.draining) return "–";
   return `${counts.running} running · ${counts.waiting} waiting${model.draining ? " · draining" : ""}`;
 }
 
@@ -557,12 +566,12 @@ function modelRow(model) {
     "tr",
     { class: "model", "data-model": model.model },
     h("td", { class: "name" }, h("span", { class: "swatch", style: `background:${colorOf(model.model)}` }), model.model,
-      model.aliases.length ? h("span", { class: "aliases" }, ` ${model.aliases.join(", ")}`) : null),
+      model.aliases.length ? h("span", { class: "aliases" }, `also ${model.aliases.join(", ")}`) : null),
     h("td", {}, statusBadge(model.status)),
     h("td", {}, footprintText(model)),
     h("td", { class: "num" }, seconds(model.load_seconds)),
     h("td", { title: model.last_used ? new Date(model.last_used * 1000).toISOString() : "" }, model.last_used ? clock(model.last_used) : "–"),
-    h("td", { class: "live-requests" }, requestsText(model)),
+    h("td", { class: "live-requests compact" }, requestsText(model, true)),
     h("td", { class: "ttl", "data-expires": model.ttl_expires_at ?? null }, ttlText(model)),
     h("td", {}, h("span", { class: `badge source-${model.footprint_source}` }, model.footprint_source)),
     h("td", { class: "actions" }, actions(model)),
@@ -621,7 +630,7 @@ function liveCounts() {
     if (!model || !nodes) continue;
     for (const node of [nodes.card, nodes.row]) {
       const cell = node?.querySelector(".live-requests");
-      if (cell) cell.textContent = requestsText(model);
+      if (cell) cell.textContent = requestsText(model, cell.classList.contains("compact"));
     }
   }
 }
