@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 
 from llama_router.core.redact import redacted_args
 from llama_router.front.auth import Keys
@@ -474,6 +475,60 @@ async def test_activity_rows_name_the_key_by_label_never_the_key(
 
     await wait_until(keys, what="the activity row")
     assert await keys() == ["api-2"]
+
+
+async def test_config_reloads_are_kept_as_management_rows_with_trigger_and_outcome(
+    start_router: RouterFactory, dummy_model: Path
+) -> None:
+    router = await start_router({"m": fake_profile(dummy_model)})
+    path = router.config.path
+    good = yaml.safe_load(path.read_text())
+    path.write_text("profiles: [")
+    assert not await router.server.reloader.reload("SIGHUP")
+    good["profiles"]["n"] = fake_profile(dummy_model)
+    path.write_text(yaml.safe_dump(good))
+    assert await router.server.reloader.reload("SIGHUP")
+
+    async def rows() -> list[dict[str, Any]]:
+        return (await get_json(router, "/activity", params={"kind": "management"}))[1]["activity"]
+
+    await wait_until(lambda: _count(rows, 2), what="two reload rows")
+    done, failed = await rows()
+    assert (done["action"], done["status"], done["error"]) == ("reload", 200, None)
+    assert done["detail"] == "SIGHUP: added: n"
+    assert (failed["action"], failed["status"], failed["error"]) == ("reload", 400, "config_error")
+    assert failed["detail"].startswith(f"SIGHUP: {path}"), failed["detail"]
+    assert (done["key"], done["client"]) == (None, None), "no HTTP call made it"
+
+
+async def test_management_rows_name_the_key_by_label_and_the_model(
+    start_router: RouterFactory, dummy_model: Path
+) -> None:
+    router = await start_router(
+        {"m": fake_profile(dummy_model)}, api_keys=["user"], admin_keys=["root", "ops"]
+    )
+    for key, status in (("ops", 200), ("user", 403), ("wrong", 401)):
+        headers = {"Authorization": f"Bearer {key}"}
+        assert (await post_json(router, "/unload", headers=headers))[0] == status
+    assert (await post_json(router, "/models/load?wait=1", {"model": "m"}, headers=headers))[0] == 401
+    root = {"Authorization": "Bearer root"}
+    assert (await post_json(router, "/models/load?wait=1", {"model": "m"}, headers=root))[0] == 200
+    assert (await post_json(router, "/unload?wait=1", headers=root))[0] == 200
+
+    async def rows() -> list[dict[str, Any]]:
+        params = {"kind": "management"}
+        return (await get_json(router, "/activity", params=params, headers=root))[1]["activity"]
+
+    await wait_until(lambda: _count(rows, 6), what="six management rows")
+    shown = [(r["action"], r["model"], r["status"], r["key"], r["detail"]) for r in reversed(await rows())]
+    assert shown == [
+        ("unload_all", "", 200, "admin-2", "nothing was loaded"),
+        ("unload_all", "", 403, "api-1", None),
+        ("unload_all", "", 401, "unknown key", None),
+        ("load", "", 401, "unknown key", None),
+        ("load", "m", 200, "admin-1", None),
+        ("unload_all", "", 200, "admin-1", "m"),
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- router log

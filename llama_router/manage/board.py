@@ -102,9 +102,9 @@ class RequestBoard:
             return None
         return self._labels.get(presented, "unknown key")
 
-    def config_reloaded(self, trigger: str, error: str | None, summary: str) -> None:
+    def config_reloaded(self, trigger: str, error: str | None, summary: str, seconds: float) -> None:
         """A config reload's audit row (no HTTP call makes one: SIGHUP, the file watch, a download)."""
-        record = RequestRecord("", "", time.perf_counter())
+        record = RequestRecord("", "", time.perf_counter() - seconds)
         record.status, record.error = (200, None) if error is None else (400, "config_error")
         detail = f"{trigger}: {summary if error is None else error.splitlines()[0]}"
         self.activity.add(management_row(record, "reload", client=None, key=None, detail=detail))

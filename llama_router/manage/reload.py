@@ -99,8 +99,8 @@ class ConfigReloader:
         self.generation = 0  # successful reloads so far
         self.last_reload: dict[str, Any] | None = None
         self.last_error: dict[str, Any] | None = None
-        # Told of each reload as it ends (trigger, error or None, what changed): the audit rows.
-        self.audit: Callable[[str, str | None, str], None] | None = None
+        # Told of each reload as it ends (trigger, error or None, what changed, seconds): audit rows.
+        self.audit: Callable[[str, str | None, str, float], None] | None = None
         self._seen_files()
 
     def status(self) -> dict[str, Any]:
@@ -118,9 +118,11 @@ class ConfigReloader:
         async with self._lock:
             self._notifier.reloading()
             try:
+                started = time.perf_counter()
                 ok = await self._reload(trigger)
                 if self.audit is not None:
-                    self.audit(trigger, None if ok else self._error_message(), self._changes())
+                    error = None if ok else self._error_message()
+                    self.audit(trigger, error, self._changes(), time.perf_counter() - started)
                 return ok
             finally:
                 self._notifier.ready(self._status_line())

@@ -565,7 +565,7 @@ function modelRow(model) {
   return h(
     "tr",
     { class: "model", "data-model": model.model },
-    h("td", { class: "name" }, h("span", { class: "swatch", style: `background:${colorOf(model.model)}` }), model.model,
+    h("td", { class: "name", title: [model.model, ...model.aliases].join("\n") }, h("span", { class: "swatch", style: `background:${colorOf(model.model)}` }), model.model,
       model.aliases.length ? h("span", { class: "aliases" }, `also ${model.aliases.join(", ")}`) : null),
     h("td", {}, statusBadge(model.status)),
     h("td", {}, footprintText(model)),
