@@ -72,6 +72,7 @@ async def one_round(
 ) -> dict[str, Any]:
     page = await browser.new_page()
     await page.send("Performance.enable", timeMode="threadTicks")
+    await page.send("Page.bringToFront")  # a tab in the background may not record its paints
     navigated = time.perf_counter()
     await page.goto(f"{url}/ui/#{args.panel}", timeout=60)
     # Every model on the page, as a card or a table row (whichever the page draws).
@@ -82,8 +83,12 @@ async def one_round(
     await page.wait_for(everyone, 60, what="every model on the page")
     drawn = time.perf_counter() - navigated
     paint = await page.evaluate(
-        "performance.getEntriesByType('paint').filter(e => e.name === 'first-contentful-paint')"
-        ".map(e => e.startTime)[0] ?? null"
+        """new Promise(resolve => {
+            new PerformanceObserver(list => resolve(list.getEntries()
+                .find(e => e.name === 'first-contentful-paint')?.startTime ?? null))
+                .observe({type: 'paint', buffered: true});
+            setTimeout(() => resolve(null), 3000);
+        })"""
     )
     await asyncio.sleep(1.0)  # the first overview's work is done
     before = await metrics(page)
