@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import logging
+import sqlite3
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -119,6 +120,27 @@ async def test_activity_is_bounded_filtered_exported_and_kept_in_its_file(tmp_pa
     await again.open()
     assert [entry["id"] for entry in await again.query()] == [7, 6, 5, 4, 3], "kept across a restart"
     await again.close()
+
+
+async def test_a_log_from_before_the_audit_columns_gains_them_and_keeps_its_rows(tmp_path: Path) -> None:
+    path = tmp_path / "activity.sqlite3"
+    old_columns = [name for name in ActivityRow._fields if name not in ("action", "detail")]
+    with sqlite3.connect(path) as db:
+        db.execute(f"CREATE TABLE activity (id INTEGER PRIMARY KEY, {', '.join(old_columns)})")
+        values = row("old")._asdict()
+        db.execute(
+            f"INSERT INTO activity ({', '.join(old_columns)}) VALUES ({', '.join('?' * len(old_columns))})",
+            [values[name] for name in old_columns],
+        )
+    db.close()
+    store = ActivityStore(path)
+    await store.open()
+    store.add(row("m")._replace(action="load", detail=None, status=403))
+    await store.flush()
+    assert [(r["model"], r["action"]) for r in await store.query()] == [("m", "load"), ("old", None)]
+    assert [r["model"] for r in await store.query(kind="request")] == ["old"]
+    assert [r["model"] for r in await store.query(kind="management")] == ["m"]
+    await store.close()
 
 
 async def test_the_csv_export_never_hands_a_spreadsheet_a_formula(

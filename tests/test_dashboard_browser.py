@@ -401,6 +401,7 @@ async def test_three_hundred_models_in_a_table_filtered_and_sorted_as_the_url_sa
     files = await each(page, "#readahead tr", "[e.dataset.path, Number(e.dataset.profiles)]")
     assert sorted(count for _, count in files) == [100, 200], files
     assert {Path(path).name for path, _ in files} == {"weights-a.gguf", "weights-b.gguf"}
+    await shoot(page, screenshots, "devices-300-profiles", max_height=900)
     assert page.errors == []
 
 
