@@ -193,8 +193,6 @@ function setUpKeys() {
     $("#key-dialog").close();
     $("#forget-key").hidden = false;
     reconnect();
-    loadActivity();
-    loadAudit();
   });
   $("#forget-key").hidden = !sessionStorage.getItem(KEY_STORE);
   $("#forget-key").addEventListener("click", () => {
@@ -264,7 +262,11 @@ async function loadOverview() {
 function onEvent(event) {
   state.lastEvent = Date.now();
   if (event.event === "snapshot") {
+    // The stream is followed from here on: what was written before it is read now, so no row
+    // falls between a read and the stream.
     refreshOverview(0);
+    loadActivity();
+    loadAudit();
     return;
   }
   if (event.event === "requests") {
@@ -1189,8 +1191,6 @@ function start() {
   $("#chat-model").addEventListener("change", updateChatStatus);
   showPanel();
   connect();
-  loadActivity();
-  loadAudit();
   setInterval(tick, 1000);
   setInterval(() => state.panel === "timeline" && renderTimeline(), 5000);
 }
