@@ -666,7 +666,7 @@ function renderTimeline() {
   if (!state.overview) return;
   const now = Date.now() / 1000;
   const chosen = $("#timeline-window").value;
-  const first = Math.min(...state.timeline.filter((e) => e.model).map((e) => e.time));
+  const first = Math.min(...state.timeline.filter((e) => e.model).map((e) => e.time), ...state.audit.map((row) => row.time));
   // "auto": from the first event kept to now, so a young router's few seconds fill the strip.
   const windowSeconds = chosen === "auto" ? Math.min(3600, Math.max(5, Number.isFinite(first) ? (now - first) * 1.1 : 300)) : Number(chosen);
   const start = now - windowSeconds;
