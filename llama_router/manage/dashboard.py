@@ -6,10 +6,12 @@ and just finished), and these endpoints for the state at a moment:
 
 - `GET /overview`: every model with what the router knows of it (state, footprint and its source,
   load time, restarts, TTL, back-off, saved prompt caches), each device's budget with the resident
-  models stacked in it, the page-cache state of model files, the requests now, the recent timeline;
+  models stacked in it, the page-cache state of each model file (once, with the profiles using it),
+  the requests now, the recent timeline;
 - `GET /config`: the profiles as loaded (keys and secret-looking values never shown), the last reload;
-- `GET /activity` (`?model=`, `?status=`, `?limit=`, `?before=`, `?after=`) and `GET /activity.csv`:
-  one row per finished request, from the SQLite activity log (llama_router/manage/activity.py);
+- `GET /activity` (`?model=`, `?status=`, `?kind=`, `?limit=`, `?before=`, `?after=`) and
+  `GET /activity.csv`: one row per finished request and per management call, from the SQLite
+  activity log (llama_router/manage/activity.py);
 - `GET /requests` and `POST /requests/<id>/cancel` (an admin endpoint): what waits and runs, and a
   way to end one (its client's connection is closed, which also stops the upstream's work on it);
 - `GET /router/log` (`?lines=N`, `?follow=1`): the router's own log lines, as `/logs/<model>` does
