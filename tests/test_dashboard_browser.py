@@ -463,7 +463,7 @@ async def test_activity_timeline_and_logs_filter_by_model_and_show_who_managed_w
 
     page = await open_panel(browser, router, "timeline?model=demo-a", key="user-key")
     await page.wait_for(
-        "document.querySelectorAll('#timeline-table tr.manage').length === 2", what="the two calls"
+        "document.querySelectorAll('#timeline-table tr.manage').length === 2", 60, what="the two calls"
     )
     assert set(await each(page, "#timeline-table tbody tr", "e.dataset.model")) == {"demo-a"}
     calls = await each(page, "#timeline-table tr.manage", "[e.dataset.action, e.children[4].textContent]")
@@ -481,6 +481,7 @@ async def test_activity_timeline_and_logs_filter_by_model_and_show_who_managed_w
     await page.wait_for(
         "document.querySelector('#activity-table tbody tr') && [...document.querySelectorAll("
         "'#activity-table tbody tr')].every(r => r.dataset.model === 'demo-b')",
+        60,
         what="demo-b's rows only",
     )
     assert await page.evaluate("document.querySelector('#activity-model').value") == "demo-b"
@@ -488,6 +489,7 @@ async def test_activity_timeline_and_logs_filter_by_model_and_show_who_managed_w
     await page.wait_for(
         "document.querySelectorAll('#activity-table tbody tr[data-action]').length === 2 &&"
         " document.querySelectorAll('#activity-table tbody tr').length === 2",
+        60,
         what="the management calls only",
     )
     keys = await each(
@@ -496,7 +498,9 @@ async def test_activity_timeline_and_logs_filter_by_model_and_show_who_managed_w
     assert keys == ["admin-2", "admin-2"]
 
     await page.evaluate("location.hash = '#logs?model=demo-b'")
-    await page.wait_for("document.querySelector('#log').textContent.includes('slot')", what="demo-b's log")
+    await page.wait_for(
+        "document.querySelector('#log').textContent.includes('slot')", 60, what="demo-b's log"
+    )
     assert await page.evaluate("document.querySelector('#log-source').value") == "demo-b"
     await choose(page, "#log-source", "")
     await page.wait_for("location.hash === '#logs'", what="the router's log in the URL")

@@ -843,16 +843,21 @@ function passes(row, filter) {
 
 const ACTIVITY_KEPT = 500; // rows the page holds
 
+let activityAsked = 0; // the newest read: an older answer that comes later is dropped
 async function loadActivity() {
   const params = new URLSearchParams({ limit: "200" });
   const filter = activityFilter();
   for (const [name, value] of Object.entries(filter)) if (value) params.set(name, value);
+  const asked = ++activityAsked;
+  let rows;
   try {
-    state.activity = (await getJson(`/activity?${params}`)).activity;
+    rows = (await getJson(`/activity?${params}`)).activity;
   } catch (error) {
     if (!(error instanceof ApiError && error.status === 401)) toast(`activity: ${error.message}`, true);
     return;
   }
+  if (asked !== activityAsked) return;
+  state.activity = rows;
   if (state.panel === "activity") draw("activity");
   else state.stale.add("activity");
 }
