@@ -273,6 +273,7 @@ class RouterServer:
             tls=self.tls,
         )
         self.app[RELOADER] = self.reloader
+        self.reloader.audit = self.app[DASHBOARD].board.config_reloaded
         self.runner = web.AppRunner(
             self.app,
             handler_cancellation=True,

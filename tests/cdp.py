@@ -154,11 +154,12 @@ class Page:
         if not found:
             raise PageError(f"nothing enabled to click at {selector}")
 
-    async def screenshot(self, path: Path) -> Path:
-        """A PNG of the whole page (beyond the window's height) at `path`."""
+    async def screenshot(self, path: Path, max_height: int = 4000) -> Path:
+        """A PNG of the whole page (beyond the window's height, up to `max_height`) at `path`."""
         metrics = await self.send("Page.getLayoutMetrics")
         size = metrics.get("cssContentSize") or metrics["contentSize"]
-        clip = {"x": 0, "y": 0, "width": size["width"], "height": min(size["height"], 4000), "scale": 1}
+        height = min(size["height"], max_height)
+        clip = {"x": 0, "y": 0, "width": size["width"], "height": height, "scale": 1}
         shot = await self.send("Page.captureScreenshot", format="png", captureBeyondViewport=True, clip=clip)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(base64.b64decode(shot["data"]))

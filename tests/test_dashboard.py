@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import logging
+import sqlite3
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 
 from llama_router.core.redact import redacted_args
 from llama_router.front.auth import Keys
@@ -118,6 +120,27 @@ async def test_activity_is_bounded_filtered_exported_and_kept_in_its_file(tmp_pa
     await again.open()
     assert [entry["id"] for entry in await again.query()] == [7, 6, 5, 4, 3], "kept across a restart"
     await again.close()
+
+
+async def test_a_log_from_before_the_audit_columns_gains_them_and_keeps_its_rows(tmp_path: Path) -> None:
+    path = tmp_path / "activity.sqlite3"
+    old_columns = [name for name in ActivityRow._fields if name not in ("action", "detail")]
+    with sqlite3.connect(path) as db:
+        db.execute(f"CREATE TABLE activity (id INTEGER PRIMARY KEY, {', '.join(old_columns)})")
+        values = row("old")._asdict()
+        db.execute(
+            f"INSERT INTO activity ({', '.join(old_columns)}) VALUES ({', '.join('?' * len(old_columns))})",
+            [values[name] for name in old_columns],
+        )
+    db.close()
+    store = ActivityStore(path)
+    await store.open()
+    store.add(row("m")._replace(action="load", detail=None, status=403))
+    await store.flush()
+    assert [(r["model"], r["action"]) for r in await store.query()] == [("m", "load"), ("old", None)]
+    assert [r["model"] for r in await store.query(kind="request")] == ["old"]
+    assert [r["model"] for r in await store.query(kind="management")] == ["m"]
+    await store.close()
 
 
 async def test_the_csv_export_never_hands_a_spreadsheet_a_formula(
@@ -249,7 +272,8 @@ async def test_overview_shows_models_devices_footprint_sources_and_the_ttl_count
     assert models["demo-a"]["ttl_expires_at"] is None, "not loaded: no countdown"
     assert [device["name"] for device in overview["devices"]] == ["ram"]
     assert overview["devices"][0]["models"] == []
-    files = {entry["model"]: entry for entry in overview["readahead"]["files"]}
+    files = {profile: entry for entry in overview["readahead"]["files"] for profile in entry["profiles"]}
+    assert files["demo-b"]["path"] == str(tiny_models[1])
     assert files["demo-b"]["bytes"] == tiny_models[1].stat().st_size
     assert 0 < files["demo-b"]["cached_bytes"] <= files["demo-b"]["bytes"], "its header was just read"
 
@@ -418,10 +442,15 @@ async def test_waiting_requests_are_listed_on_the_events_feed_and_cancel_ends_th
             await response.read()
         await wait_until(lambda: router.controller.queue_depth == 0, what="the queue to empty")
 
-        while not event["activity"]:
-            event = await read_event(feed)
-        (cancelled,) = event["activity"]
+        rows: list[dict[str, Any]] = []
+        while len(rows) < 2:  # the cancelled request's row, and the cancel call's own
+            rows += event["activity"]
+            event = await read_event(feed) if len(rows) < 2 else event
+        (cancelled,) = [row for row in rows if row["action"] is None]
         assert (cancelled["model"], cancelled["status"], cancelled["error"]) == ("slow", 499, "cancelled")
+        (call,) = [row for row in rows if row["action"] == "cancel"]
+        assert (call["model"], call["status"], call["client"]) == ("slow", 200, "127.0.0.1")
+        assert call["detail"] == f"request {waiting['id']} (POST {CHAT})"
         assert event["requests"] == []
         status, body = await post_json(router, f"/requests/{waiting['id']}/cancel")
         assert status == 404
@@ -468,6 +497,60 @@ async def test_activity_rows_name_the_key_by_label_never_the_key(
 
     await wait_until(keys, what="the activity row")
     assert await keys() == ["api-2"]
+
+
+async def test_config_reloads_are_kept_as_management_rows_with_trigger_and_outcome(
+    start_router: RouterFactory, dummy_model: Path
+) -> None:
+    router = await start_router({"m": fake_profile(dummy_model)})
+    path = router.config.path
+    good = yaml.safe_load(path.read_text())
+    path.write_text("profiles: [")
+    assert not await router.server.reloader.reload("SIGHUP")
+    good["profiles"]["n"] = fake_profile(dummy_model)
+    path.write_text(yaml.safe_dump(good))
+    assert await router.server.reloader.reload("SIGHUP")
+
+    async def rows() -> list[dict[str, Any]]:
+        return (await get_json(router, "/activity", params={"kind": "management"}))[1]["activity"]
+
+    await wait_until(lambda: _count(rows, 2), what="two reload rows")
+    done, failed = await rows()
+    assert (done["action"], done["status"], done["error"]) == ("reload", 200, None)
+    assert done["detail"] == "SIGHUP: added: n"
+    assert (failed["action"], failed["status"], failed["error"]) == ("reload", 400, "config_error")
+    assert failed["detail"].startswith(f"SIGHUP: {path}"), failed["detail"]
+    assert (done["key"], done["client"]) == (None, None), "no HTTP call made it"
+
+
+async def test_management_rows_name_the_key_by_label_and_the_model(
+    start_router: RouterFactory, dummy_model: Path
+) -> None:
+    router = await start_router(
+        {"m": fake_profile(dummy_model)}, api_keys=["user"], admin_keys=["root", "ops"]
+    )
+    for key, status in (("ops", 200), ("user", 403), ("wrong", 401)):
+        headers = {"Authorization": f"Bearer {key}"}
+        assert (await post_json(router, "/unload", headers=headers))[0] == status
+    assert (await post_json(router, "/models/load?wait=1", {"model": "m"}, headers=headers))[0] == 401
+    root = {"Authorization": "Bearer root"}
+    assert (await post_json(router, "/models/load?wait=1", {"model": "m"}, headers=root))[0] == 200
+    assert (await post_json(router, "/unload?wait=1", headers=root))[0] == 200
+
+    async def rows() -> list[dict[str, Any]]:
+        params = {"kind": "management"}
+        return (await get_json(router, "/activity", params=params, headers=root))[1]["activity"]
+
+    await wait_until(lambda: _count(rows, 6), what="six management rows")
+    shown = [(r["action"], r["model"], r["status"], r["key"], r["detail"]) for r in reversed(await rows())]
+    assert shown == [
+        ("unload_all", "", 200, "admin-2", "nothing was loaded"),
+        ("unload_all", "", 403, "api-1", None),
+        ("unload_all", "", 401, "unknown key", None),
+        ("load", "", 401, "unknown key", None),
+        ("load", "m", 200, "admin-1", None),
+        ("unload_all", "", 200, "admin-1", "m"),
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- router log

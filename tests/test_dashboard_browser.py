@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import os
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,9 @@ import pytest
 from aiohttp import web
 
 from tests.cdp import Browser, Page, chromium, find_chromium
+from tests.many_models import many_profiles
 
-from .conftest import RouterFactory, RunningRouter, fake_profile, wait_until
+from .conftest import FAKE_UPSTREAM, RouterFactory, RunningRouter, fake_profile, wait_until
 from .test_api import CHAT, chat_body, post_json
 from .test_dashboard import demo_profiles
 
@@ -53,13 +55,15 @@ def demo(tiny_models: tuple[Path, Path], llama_server: Path) -> dict[str, Any]:
 
 
 async def open_panel(browser: Browser, router: RunningRouter, panel: str, key: str | None = None) -> Page:
-    """The dashboard on `panel`, once it follows the router's events and has drawn the models."""
+    """The dashboard on `panel` (a hash: `models?q=qwen`), once it follows the router's events and
+    has read the models."""
     page = await browser.new_page()
     await page.goto(f"{router.url}/ui/#{panel}")
     if key is not None:
         await enter_key(page, key)
     await page.wait_for("document.querySelector('#live:not(.off)')", what="the live event stream")
-    await page.wait_for("document.querySelectorAll('.card.model').length > 0", what="the models")
+    # The model lists are filled from the first overview, whichever panel is on screen.
+    await page.wait_for("document.querySelectorAll('#chat-model option').length > 0", what="the models")
     return page
 
 
@@ -99,8 +103,8 @@ def no_cors_post(url: str, body: dict[str, Any]) -> str:
     )
 
 
-async def shoot(page: Page, folder: Path, name: str) -> None:
-    path = await page.screenshot(folder / f"{name}.png")
+async def shoot(page: Page, folder: Path, name: str, max_height: int = 4000) -> None:
+    path = await page.screenshot(folder / f"{name}.png", max_height)
     assert path.stat().st_size > 10_000, "a screenshot of a drawn page"
     print(f"screenshot: {path}")
     assert page.errors == [], f"the page reported errors: {page.errors}"
@@ -122,7 +126,7 @@ async def test_devices_and_models_panels_show_both_demo_profiles(
     )
     segments = await each(page, ".device .segment")
     assert sorted(segment.split()[0] for segment in segments) == ["demo-a", "demo-b"]
-    cached = await each(page, "#readahead tr", "e.dataset.model")
+    cached = await each(page, "#readahead tr", "e.children[1].textContent")
     assert cached == ["demo-a", "demo-b"], "both profiles' files in the page-cache list"
     await shoot(page, screenshots, "devices")
 
@@ -313,6 +317,196 @@ async def test_timeline_logs_and_config_panels(
     await shoot(page, screenshots, "config")
 
 
+# ---------------------------------------------------------------------------------------------- many models
+
+QWEN_LOADED = "qwen3-14b-q4_k_m-8k"
+LLAMA_LOADED = "llama-3.1-8b-instruct-q8_0-4k"
+ROWS = "#models-table tbody tr"
+
+
+@pytest.fixture
+def three_hundred(tmp_path: Path) -> dict[str, Any]:
+    """300 profiles on two model files, as a model folder makes them (they run the fake upstream)."""
+    files = []
+    for name in ("weights-a.gguf", "weights-b.gguf"):
+        (tmp_path / name).write_bytes(b"GGUF" + bytes(4096))
+        files.append(tmp_path / name)
+    return many_profiles(files, 300, {"binary": sys.executable, "args": [str(FAKE_UPSTREAM)]})
+
+
+async def start_many(start_router: RouterFactory, profiles: dict[str, Any]) -> RunningRouter:
+    router = await start_router(profiles, memory={"ram": 100_000})
+    for model in (QWEN_LOADED, LLAMA_LOADED):
+        assert (await post_json(router, "/models/load?wait=1", {"model": model}))[0] == 200
+    return router
+
+
+async def table_rows(page: Page) -> list[str]:
+    return await each(page, ROWS, "e.dataset.model")
+
+
+async def test_three_hundred_models_in_a_table_filtered_and_sorted_as_the_url_says(
+    start_router: RouterFactory, three_hundred: dict[str, Any], browser: Browser, screenshots: Path
+) -> None:
+    router = await start_many(start_router, three_hundred)
+    page = await open_panel(browser, router, "models")
+    await page.wait_for(f"document.querySelectorAll({json.dumps(ROWS)}).length === 300", what="300 rows")
+    assert await page.evaluate("document.querySelectorAll('.card.model').length") == 0, "the table, not cards"
+    cells = await each(page, f'{ROWS}[data-model="{QWEN_LOADED}"] td', "e.textContent")
+    assert cells[0] == QWEN_LOADED and cells[1] == "loaded", cells
+    assert cells[7] in ("configured", "learned", "estimated"), cells
+    await page.click('#models-table th[data-sort="state"]')  # the loaded ones first
+    assert (await table_rows(page))[:2] == sorted([LLAMA_LOADED, QWEN_LOADED])
+    await shoot(page, screenshots, "models-table", max_height=1100)
+
+    # Typing in the filter box: the rows follow, and the URL holds the filter.
+    await page.evaluate(
+        "(() => { const q = document.querySelector('#models-q'); q.value = 'qwen3 loaded';"
+        " q.dispatchEvent(new Event('input')); })()"
+    )
+    assert await table_rows(page) == [QWEN_LOADED]
+    assert await page.evaluate("location.hash") == "#models?sort=state&q=qwen3+loaded"
+
+    # A link with a filter and a sort opens on the same view.
+    link = f"{router.url}/ui/#models?q=qwen&state=unloaded&sort=name&dir=desc"
+    other = await browser.new_page()
+    await other.goto(link)
+    await other.wait_for(
+        f"document.querySelectorAll({json.dumps(ROWS)}).length > 0", what="the filtered rows"
+    )
+    shown = await table_rows(other)
+    qwen = {name for name in three_hundred if "qwen" in name} - {QWEN_LOADED}
+    assert shown == sorted(qwen, reverse=True), "every unloaded qwen, Z to A"
+    assert await other.evaluate(
+        "[document.querySelector('#models-q').value, document.querySelector('#models-state').value]"
+    ) == ["qwen", "unloaded"]
+    assert (
+        await other.evaluate("document.querySelector('#models-count').textContent")
+        == f"{len(qwen)} of 300 models"
+    )
+    await shoot(other, screenshots, "models-filtered", max_height=1100)
+
+    # Sorting by a column: a click sorts A to Z, a second Z to A; both are written in the URL.
+    await other.click('#models-table th[data-sort="name"]')
+    assert await table_rows(other) == sorted(shown)
+    assert "sort=name" in await other.evaluate("location.hash")
+    await other.click("#view-cards")
+    assert await each(other, ".card.model", "e.dataset.model") == sorted(shown)
+    assert "view=cards" in await other.evaluate("location.hash")
+    assert other.errors == []
+
+    # The page cache lists each file once, with the profiles that use it.
+    await page.evaluate("location.hash = '#devices'")
+    await page.wait_for("document.querySelectorAll('#readahead tr').length === 2", what="two files")
+    files = await each(page, "#readahead tr", "[e.dataset.path, Number(e.dataset.profiles)]")
+    assert sorted(count for _, count in files) == [100, 200], files
+    assert {Path(path).name for path, _ in files} == {"weights-a.gguf", "weights-b.gguf"}
+    await shoot(page, screenshots, "devices-300-profiles", max_height=900)
+    assert page.errors == []
+
+
+async def test_an_update_redraws_what_changed_not_every_panel(
+    start_router: RouterFactory, three_hundred: dict[str, Any], browser: Browser
+) -> None:
+    router = await start_many(start_router, three_hundred)
+    page = await open_panel(browser, router, "models")
+    await page.wait_for(f"document.querySelectorAll({json.dumps(ROWS)}).length === 300", what="300 rows")
+    assert await page.evaluate("document.querySelector('#devices').children.length") == 0, (
+        "a panel not on screen is not drawn"
+    )
+    # Each row is marked, and every row added from now on is noted.
+    await page.evaluate(
+        f"""(() => {{
+            document.querySelectorAll({json.dumps(ROWS)}).forEach(row => {{ row.kept = true; }});
+            window.added = [];
+            new MutationObserver(changes => changes.forEach(c => c.addedNodes.forEach(
+                n => window.added.push(n.dataset.model)))).observe(
+                document.querySelector('#models-table tbody'), {{childList: true}});
+        }})()"""
+    )
+    target = "gemma-2-9b-it-q4_k_m-4k"
+    assert (await post_json(router, "/models/load?wait=1", {"model": target}))[0] == 200
+    await page.wait_for(
+        f"document.querySelector('{ROWS}[data-model=\"{target}\"] [data-status=loaded]')",
+        what=f"{target} shown as loaded",
+    )
+    added = await page.evaluate("window.added")
+    assert added and set(added) == {target}, f"only {target}'s row was rebuilt: {added}"
+    kept = await page.evaluate(
+        f"[...document.querySelectorAll({json.dumps(ROWS)})].filter(r => r.kept).length"
+    )
+    assert kept == 299, "every other row is the same element as before"
+
+    # Finished requests are added to the activity table; the rows already there stay.
+    await page.evaluate("location.hash = '#activity?kind=request'")  # not the load calls
+    assert (await router.chat(target))[0] == 200
+    await page.wait_for("document.querySelectorAll('#activity-table tbody tr').length === 1", what="a row")
+    await page.evaluate("document.querySelector('#activity-table tbody tr').kept = true")
+    assert (await router.chat(target))[0] == 200
+    await page.wait_for(
+        "document.querySelectorAll('#activity-table tbody tr').length === 2", what="a 2nd row"
+    )
+    assert await each(page, "#activity-table tbody tr", "Boolean(e.kept)") == [False, True]
+    assert page.errors == []
+
+
+async def test_activity_timeline_and_logs_filter_by_model_and_show_who_managed_what(
+    start_router: RouterFactory, demo: dict[str, Any], browser: Browser, screenshots: Path
+) -> None:
+    router = await start_router(demo, api_keys=["user-key"], admin_keys=["root-key", "ops-key"])
+    ops = {"Authorization": "Bearer ops-key"}
+    assert (await post_json(router, "/models/load?wait=1", {"model": "demo-a"}, headers=ops))[0] == 200
+    for model in ("demo-a", "demo-b"):
+        async with router.session.post(CHAT, json=chat_body(model), headers=ops) as response:
+            assert response.status == 200
+    assert (await post_json(router, "/models/unload?wait=1", {"model": "demo-a"}, headers=ops))[0] == 200
+
+    page = await open_panel(browser, router, "timeline?model=demo-a", key="user-key")
+    await page.wait_for(
+        "document.querySelectorAll('#timeline-table tr.manage').length === 2", 60, what="the two calls"
+    )
+    assert set(await each(page, "#timeline-table tbody tr", "e.dataset.model")) == {"demo-a"}
+    calls = await each(page, "#timeline-table tr.manage", "[e.dataset.action, e.children[4].textContent]")
+    assert [action for action, _ in calls] == ["unload", "load"], "newest first"
+    assert all("admin-2" in text and "127.0.0.1" in text for _, text in calls), calls
+    assert all("ops-key" not in text for _, text in calls)
+    assert await each(page, "#timeline-strip g.audit", "e.dataset.action") == ["load", "unload"]
+    assert await each(page, "#timeline-strip .lane-label") == ["demo-a"], "one lane: the filter's model"
+    await choose(page, "#timeline-kind", "management")
+    await page.wait_for("location.hash === '#timeline?model=demo-a&kind=management'", what="the URL")
+    assert set(await each(page, "#timeline-table tbody tr", "e.className")) == {"manage"}
+    await shoot(page, screenshots, "timeline-audit")
+
+    await page.evaluate("location.hash = '#activity?model=demo-b'")
+    await page.wait_for(
+        "document.querySelector('#activity-table tbody tr') && [...document.querySelectorAll("
+        "'#activity-table tbody tr')].every(r => r.dataset.model === 'demo-b')",
+        60,
+        what="demo-b's rows only",
+    )
+    assert await page.evaluate("document.querySelector('#activity-model').value") == "demo-b"
+    await page.evaluate("location.hash = '#activity?kind=management'")
+    await page.wait_for(
+        "document.querySelectorAll('#activity-table tbody tr[data-action]').length === 2 &&"
+        " document.querySelectorAll('#activity-table tbody tr').length === 2",
+        60,
+        what="the management calls only",
+    )
+    keys = await each(
+        page, "#activity-table tbody tr", "e.lastElementChild.previousElementSibling.textContent"
+    )
+    assert keys == ["admin-2", "admin-2"]
+
+    await page.evaluate("location.hash = '#logs?model=demo-b'")
+    await page.wait_for(
+        "document.querySelector('#log').textContent.includes('slot')", 60, what="demo-b's log"
+    )
+    assert await page.evaluate("document.querySelector('#log-source').value") == "demo-b"
+    await choose(page, "#log-source", "")
+    await page.wait_for("location.hash === '#logs'", what="the router's log in the URL")
+    assert page.errors == []
+
+
 # ---------------------------------------------------------------------------------------------- security
 
 
@@ -403,4 +597,10 @@ async def test_a_load_shows_its_progress_on_the_model_and_in_its_device_share(
 
     await page.evaluate("location.hash = '#models'")
     await status_on_screen(page, "slow", "loaded")
-    assert await each(page, ".loadbar") == [], "no bar once loaded"
+    assert await each(page, "#panel-models .loadbar") == [], "no bar on the model once loaded"
+    await page.evaluate("location.hash = '#devices'")  # a panel is drawn when it is shown
+    await page.wait_for(
+        "document.querySelector('.device[data-device=ram] .segment') && "
+        "!document.querySelector('#panel-devices .loadbar')",
+        what="the model's share of RAM, without a bar, once loaded",
+    )

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import json
 import re
+import signal
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import pytest
 import yaml
 
 from llama_router.relay.loading_feedback import MARK
-from tests.conftest import assert_openai_error
+from tests.conftest import assert_openai_error, wait_until
 from tests.fake_hub import FakeHub, Repo, hub_env
 from tests.make_tiny_models import make_model
 from tests.router_process import ROOT, RouterProcess
@@ -460,3 +461,65 @@ async def test_a_failed_download_is_a_clear_error_to_every_request_waiting_for_i
         assert broken not in await models(session, router.url), "no longer listed"
         status, answer = await ask()
         assert status == 404 and answer["error"]["code"] == "model_not_found"
+
+
+async def test_management_calls_are_kept_with_the_key_label_and_client_across_a_restart(
+    router: RouterProcess, tmp_path: Path, router_processes: list[RouterProcess]
+) -> None:
+    """Who loaded, unloaded and downloaded what, from where, and how it ended: one activity row per
+    call (a refused one too), with the key's label and never the key, still there after a restart."""
+
+    async def audit(url: str) -> list[dict[str, Any]]:
+        params = {"kind": "management"}
+        async with session.get(f"{url}/activity", params=params, headers=USER) as response:
+            assert response.status == 200
+            return list(reversed((await response.json())["activity"]))  # oldest first
+
+    async with aiohttp.ClientSession() as session:
+        events = EventStream(session, f"{router.url}/events")
+        await events.wait_for(lambda e: e["event"] == "snapshot")
+        calls = [
+            ("/models/load?wait=1", {"model": "mine"}, ADMIN, 200),
+            ("/models/unload?wait=1", {"model": "mine"}, ADMIN, 200),
+            ("/models/unload", {"model": "mine"}, USER, 403),
+            ("/models", {"model": MODEL, "args": ARGS}, ADMIN, 200),
+        ]
+        for path, body, headers, status in calls:
+            async with session.post(f"{router.url}{path}", json=body, headers=headers) as response:
+                assert response.status == status, await response.text()
+        await events.wait_for(lambda e: e["event"] == "download_finished")
+        await events.close()
+        await wait_until(lambda: _rows(audit, router.url, 5), what="five audit rows")
+        rows = await audit(router.url)
+        shown = [(r["action"], r["model"], r["status"], r["key"], r["client"]) for r in rows]
+        assert shown == [
+            ("load", "mine", 200, "admin-1", "127.0.0.1"),
+            ("unload", "mine", 200, "admin-1", "127.0.0.1"),
+            ("unload", "", 403, "api-1", "127.0.0.1"),
+            ("download", MODEL, 200, "admin-1", "127.0.0.1"),
+            ("reload", "", 200, None, None),
+        ]
+        assert rows[-1]["detail"] == f"POST /models {MODEL}: added: {MODEL}", "what the download added"
+        assert all(r["duration_ms"] > 0 for r in rows)
+        async with session.get(f"{router.url}/activity.csv", headers=USER) as response:
+            exported = await response.text()
+        for key in ("admin-key", "user-key"):
+            assert key not in json.dumps(rows) and key not in exported, "labels, never keys"
+        async with session.get(
+            f"{router.url}/activity", params={"kind": "request"}, headers=USER
+        ) as response:
+            assert (await response.json())["activity"] == [], "no request for a model was made"
+        async with session.get(f"{router.url}/activity", params={"kind": "x"}, headers=USER) as response:
+            assert response.status == 400
+            assert (await response.json())["error"]["code"] == "invalid_filter"
+
+        router.signal(signal.SIGTERM)
+        assert await router.wait_exit() == 0
+        again = RouterProcess(router.config, env=router.env)
+        router_processes.append(again)
+        await again.start()
+        assert await audit(again.url) == rows, "the audit rows survive a restart"
+
+
+async def _rows(read: Callable[[str], Any], url: str, wanted: int) -> bool:
+    return len(await read(url)) >= wanted

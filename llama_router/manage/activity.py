@@ -1,4 +1,6 @@
-"""The activity log: one row per finished request for a model, kept in SQLite under `state_dir`.
+"""The activity log: one row per finished request for a model, and one per management call (load,
+unload, unload all, cancel, download, delete, a config reload: who did what, from where, and how it
+ended), kept in SQLite under `state_dir`.
 
 What each request cost (tokens, cached tokens, prefill and decode speed, time to first token,
 duration) is what people ask of a router after "which models are loaded"; kept in a file, it survives
@@ -53,9 +55,12 @@ class ActivityRow(NamedTuple):
     waited_ms: float | None  # time spent waiting for the model (a load, a swap, the queue)
     key: str | None  # the label of the key it used (never the key)
     client: str | None
+    action: str | None = None  # a management call's name (`load`, `unload`, ...); None: a request
+    detail: str | None = None  # what a management call acted on beyond its model (names, a request id)
 
 
 COLUMNS = ActivityRow._fields
+KINDS = ("request", "management")  # the `kind` filter: requests for a model, or management calls
 _SQL_TYPES = {"time": "REAL NOT NULL", "duration_ms": "REAL NOT NULL", "status": "INTEGER NOT NULL"}
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS activity (id INTEGER PRIMARY KEY, "
@@ -98,6 +103,39 @@ def row_for(record: RequestRecord, *, client: str | None, key: str | None) -> Ac
         waited_ms=round(record.waited * 1000, 2) if record.waited is not None else None,
         key=key,
         client=client,
+    )
+
+
+def management_row(
+    record: RequestRecord,
+    action: str,
+    *,
+    client: str | None,
+    key: str | None,
+    detail: str | None = None,
+) -> ActivityRow:
+    """The activity row of a management call that has just ended: when, what, on which model, the
+    outcome (status and error code), the key's label and the client's address."""
+    duration = time.perf_counter() - record.started
+    return ActivityRow(
+        time=round(time.time() - duration, 3),
+        model=record.model or "",
+        served_by=None,
+        path=record.path,
+        status=record.status,
+        error=record.error,
+        prompt_tokens=None,
+        cached_tokens=None,
+        prefill_tps=None,
+        generated_tokens=None,
+        decode_tps=None,
+        ttft_ms=None,
+        duration_ms=round(duration * 1000, 2),
+        waited_ms=None,
+        key=key,
+        client=client,
+        action=action,
+        detail=detail,
     )
 
 
@@ -181,6 +219,11 @@ class ActivityStore:
                 error.sqlite_errorcode = sqlite3.SQLITE_CORRUPT
                 raise error
             db.execute(_SCHEMA)
+            # A log written before a column existed gains it (empty for its old rows).
+            present = {row[1] for row in db.execute("PRAGMA table_info(activity)")}
+            for name in COLUMNS:
+                if name not in present:
+                    db.execute(f"ALTER TABLE activity ADD COLUMN {name}")
             db.execute("CREATE INDEX IF NOT EXISTS activity_model ON activity (model)")
             db.commit()
         except BaseException:
@@ -253,13 +296,15 @@ class ActivityStore:
         *,
         model: str | None = None,
         status: str | None = None,
+        kind: str | None = None,
         limit: int = 100,
         before: int | None = None,
         after: int | None = None,
     ) -> list[dict[str, Any]]:
-        """The newest rows first, filtered by model (the id asked for, or the profile that answered)
-        and status; `before`/`after` page by row id. ValueError for a bad status filter."""
-        where, params = _where(model, status, before, after)
+        """The newest rows first, filtered by model (the id asked for, or the profile that answered),
+        status and kind (`request` or `management`); `before`/`after` page by row id. ValueError for
+        a bad status or kind filter."""
+        where, params = _where(model, status, before, after, kind)
         sql = f"SELECT id, {', '.join(COLUMNS)} FROM activity{where} ORDER BY id DESC LIMIT ?"
         return list(await self._run(self._select, sql, [*params, max(1, min(limit, PAGE_LIMIT))]))
 
@@ -269,10 +314,12 @@ class ActivityStore:
         names = ("id", *COLUMNS)
         return [dict(zip(names, values, strict=True)) for values in self._db.execute(sql, params)]
 
-    async def csv(self, *, model: str | None = None, status: str | None = None) -> str:
+    async def csv(
+        self, *, model: str | None = None, status: str | None = None, kind: str | None = None
+    ) -> str:
         """Every kept row that passes the filters, oldest first, as CSV with a header line and the
         arrival time in ISO 8601 (UTC) beside its epoch seconds."""
-        where, params = _where(model, status, None, None)
+        where, params = _where(model, status, None, None, kind)
         sql = f"SELECT id, {', '.join(COLUMNS)} FROM activity{where} ORDER BY id"
         rows = await self._run(self._select, sql, params)
         out = io.StringIO()
@@ -299,10 +346,18 @@ def safe_cell(value: Any) -> Any:
 
 
 def _where(
-    model: str | None, status: str | None, before: int | None, after: int | None
+    model: str | None,
+    status: str | None,
+    before: int | None,
+    after: int | None,
+    kind: str | None = None,
 ) -> tuple[str, list[Any]]:
     """The WHERE clause (with its leading space) and parameters of a query's filters."""
     conditions, params = [], []
+    if kind:
+        if kind not in KINDS:
+            raise ValueError(f"kind filter {kind!r}: use {' or '.join(map(repr, KINDS))}")
+        conditions.append("action IS NULL" if kind == "request" else "action IS NOT NULL")
     status_sql, status_params = status_filter(status)
     if status_sql:
         conditions.append(status_sql)

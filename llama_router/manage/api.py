@@ -42,6 +42,7 @@ from llama_router.core.events import (
 from llama_router.core.scheduler import ProfileView, State
 from llama_router.core.status import client_status, our_word, view_word
 from llama_router.front.access_log import mark_long_lived
+from llama_router.manage.audit import DETAIL
 from llama_router.manage.model_manager import ModelManager
 from llama_router.manage.model_reads import not_running, props_from_memory, slots_from_memory
 from llama_router.manage.reload import RELOADER
@@ -460,6 +461,7 @@ class Api:
         force = _flag(request, "force")
         for name in names:
             self.controller.unload(name, force=force)
+        request[DETAIL] = ", ".join(names) or "nothing was loaded"
         if _flag(request, "wait"):
             await self._wait_unloaded(names)
         return web.json_response({"success": True, "unloading": names})

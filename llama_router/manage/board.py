@@ -2,7 +2,8 @@
 written, told as one `requests` event at most every REQUESTS_INTERVAL.
 
 The outermost middleware tells it each request's arrival and end; the dashboard lists and cancels
-from it; it writes each finished request's row to the activity log, labelled with the key's name.
+from it; it writes each finished request's row to the activity log, labelled with the key's name, and
+one row per management call (manage/audit.py) and per config reload.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from aiohttp import web
 
 from llama_router.core.events import DownloadProgress, Event, EventBus, RequestsChanged
 from llama_router.front.auth import KeyRing, Keys, presented_key
-from llama_router.manage.activity import ActivityRow, ActivityStore, row_for
+from llama_router.manage.activity import ActivityRow, ActivityStore, management_row, row_for
+from llama_router.manage.audit import DETAIL, action_of
 from llama_router.relay.proxy import RECORD
 from llama_router.relay.request_rules import RequestRecord
 
@@ -77,12 +79,35 @@ class RequestBoard:
         """Called for every request once its last byte is out (or its client left)."""
         self._live.pop(request.get(_LIVE_ID, 0), None)
         if record.for_model:
-            key = None
-            if self.keys.enabled:
-                presented = presented_key(request)
-                key = self._labels.get(presented) if presented is not None else None
-            self.activity.add(row_for(record, client=request.remote, key=key))
+            self.activity.add(row_for(record, client=request.remote, key=self._key_label(request)))
             self._changed()
+        elif (action := action_of(request.method, request.path)) is not None:
+            self.activity.add(
+                management_row(
+                    record,
+                    action,
+                    client=request.remote,
+                    key=self._key_label(request),
+                    detail=request.get(DETAIL),
+                )
+            )
+
+    def _key_label(self, request: web.Request) -> str | None:
+        """The label of the key a request presented (`admin-1`), `unknown key` for one not accepted,
+        None where no keys are configured or it sent none."""
+        if not self.keys.enabled:
+            return None
+        presented = presented_key(request)
+        if presented is None:
+            return None
+        return self._labels.get(presented, "unknown key")
+
+    def config_reloaded(self, trigger: str, error: str | None, summary: str, seconds: float) -> None:
+        """A config reload's audit row (no HTTP call makes one: SIGHUP, the file watch, a download)."""
+        record = RequestRecord("", "", time.perf_counter() - seconds)
+        record.status, record.error = (200, None) if error is None else (400, "config_error")
+        detail = f"{trigger}: {summary if error is None else error.splitlines()[0]}"
+        self.activity.add(management_row(record, "reload", client=None, key=None, detail=detail))
 
     def _keys_changed(self, keys: Keys) -> None:
         self._labels = key_labels(keys)

@@ -6,10 +6,12 @@ and just finished), and these endpoints for the state at a moment:
 
 - `GET /overview`: every model with what the router knows of it (state, footprint and its source,
   load time, restarts, TTL, back-off, saved prompt caches), each device's budget with the resident
-  models stacked in it, the page-cache state of model files, the requests now, the recent timeline;
+  models stacked in it, the page-cache state of each model file (once, with the profiles using it),
+  the requests now, the recent timeline;
 - `GET /config`: the profiles as loaded (keys and secret-looking values never shown), the last reload;
-- `GET /activity` (`?model=`, `?status=`, `?limit=`, `?before=`, `?after=`) and `GET /activity.csv`:
-  one row per finished request, from the SQLite activity log (llama_router/manage/activity.py);
+- `GET /activity` (`?model=`, `?status=`, `?kind=`, `?limit=`, `?before=`, `?after=`) and
+  `GET /activity.csv`: one row per finished request and per management call, from the SQLite
+  activity log (llama_router/manage/activity.py);
 - `GET /requests` and `POST /requests/<id>/cancel` (an admin endpoint): what waits and runs, and a
   way to end one (its client's connection is closed, which also stops the upstream's work on it);
 - `GET /router/log` (`?lines=N`, `?follow=1`): the router's own log lines, as `/logs/<model>` does
@@ -53,6 +55,7 @@ from llama_router.core.status import our_word
 from llama_router.front.auth import KeyRing, is_admin
 from llama_router.manage.activity import ActivityStore
 from llama_router.manage.api import Api
+from llama_router.manage.audit import DETAIL
 from llama_router.manage.board import RequestBoard
 from llama_router.manage.logging_setup import TextFormatter
 from llama_router.manage.reload import reload_status
@@ -181,6 +184,8 @@ class Dashboard:
                 404, f"no request {request.match_info['id']!r} is waiting or running", code="not_found"
             )
         record = target[RECORD]
+        request[RECORD].model = record.model
+        request[DETAIL] = f"request {live_id} ({record.method} {record.path})"
         record.error = "cancelled"
         transport = target.transport
         if transport is not None:
@@ -241,12 +246,7 @@ class Dashboard:
                 "models": models,
                 "devices": self._devices(models),
                 "memory_notes": self.controller.sizing.notes,
-                "readahead": {
-                    "enabled": config.server.readahead,
-                    "files": [
-                        {"model": name, **facts["file"]} for name, facts in disk.items() if facts.get("file")
-                    ],
-                },
+                "readahead": {"enabled": config.server.readahead, "files": _files_once(disk)},
                 "requests": self.board.requests_now(),
                 "timeline": list(self.timeline),
                 "reload": reload_status(request.app),
@@ -375,6 +375,7 @@ class Dashboard:
             rows = await self.activity.query(
                 model=query.get("model") or None,
                 status=query.get("status") or None,
+                kind=query.get("kind") or None,
                 limit=_int(query, "limit", None) or 100,
                 before=_int(query, "before", None),
                 after=_int(query, "after", None),
@@ -387,7 +388,9 @@ class Dashboard:
         query = request.query
         try:
             text = await self.activity.csv(
-                model=query.get("model") or None, status=query.get("status") or None
+                model=query.get("model") or None,
+                status=query.get("status") or None,
+                kind=query.get("kind") or None,
             )
         except ValueError as exc:
             raise RouterError(400, str(exc), code="invalid_filter") from None
@@ -416,14 +419,33 @@ def _int(query: Any, name: str, default: int | None) -> int | None:
         ) from None
 
 
+def _files_once(disk: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The page-cache view: each model file once, with the profiles that use it (many profiles, one
+    file, is common: the same weights with other settings), in the order profiles are listed."""
+    files: dict[str, dict[str, Any]] = {}
+    for name, facts in disk.items():
+        file = facts.get("file")
+        if file:
+            files.setdefault(file["path"], {**file, "profiles": []})["profiles"].append(name)
+    return list(files.values())
+
+
 def _disk_facts(config: RouterConfig, folders: dict[str, Path]) -> dict[str, dict[str, Any]]:
     facts: dict[str, dict[str, Any]] = {}
+    measured: dict[Path, tuple[int | None, int | None]] = {}  # each file's size and cached bytes, once
+
+    def measure(path: Path) -> tuple[int | None, int | None]:
+        if path not in measured:
+            size = _size(path)
+            measured[path] = (size, cached_bytes(path) if size is not None else None)
+        return measured[path]
+
     for name, profile in config.profiles.items():
         entry: dict[str, Any] = {}
         files = profile.model_files or (profile.model_path,)
-        sizes = [_size(path) for path in files]
+        sizes = [measure(path)[0] for path in files]
         if all(size is not None for size in sizes):
-            cached = [cached_bytes(path) for path in files]
+            cached = [measure(path)[1] for path in files]
             entry["file"] = {
                 "path": str(profile.model_path),
                 "bytes": sum(size or 0 for size in sizes),

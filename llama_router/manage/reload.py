@@ -99,6 +99,8 @@ class ConfigReloader:
         self.generation = 0  # successful reloads so far
         self.last_reload: dict[str, Any] | None = None
         self.last_error: dict[str, Any] | None = None
+        # Told of each reload as it ends (trigger, error or None, what changed, seconds): audit rows.
+        self.audit: Callable[[str, str | None, str, float], None] | None = None
         self._seen_files()
 
     def status(self) -> dict[str, Any]:
@@ -116,7 +118,12 @@ class ConfigReloader:
         async with self._lock:
             self._notifier.reloading()
             try:
-                return await self._reload(trigger)
+                started = time.perf_counter()
+                ok = await self._reload(trigger)
+                if self.audit is not None:
+                    error = None if ok else self._error_message()
+                    self.audit(trigger, error, self._changes(), time.perf_counter() - started)
+                return ok
             finally:
                 self._notifier.ready(self._status_line())
 
@@ -194,6 +201,17 @@ class ConfigReloader:
             extra={"fields": {"event": "config_reloaded", "trigger": trigger, **summary}},
         )
         return True
+
+    def _error_message(self) -> str:
+        return str((self.last_error or {}).get("message", "failed"))
+
+    def _changes(self) -> str:
+        """The last reload's changes in words (`added: a; removed: b`), or `nothing changed`."""
+        last = self.last_reload or {}
+        parts = [
+            f"{key}: {', '.join(last[key])}" for key in ("added", "removed", "restarted") if last.get(key)
+        ]
+        return "; ".join(parts) or "nothing changed"
 
     def _same_tls(self, new: RouterConfig) -> RouterConfig:
         """`new`, with TLS left as the port serves it: turning it on or off needs a restart."""

@@ -2,6 +2,12 @@
 // /events (lifecycle events, and with ?requests=1 the queue and finished requests), /overview,
 // /config, /activity, /logs/<model>, /router/log, and sends /models/load, /models/unload, /unload and
 // /requests/<id>/cancel. Data is put on the page with textContent only, never as HTML.
+//
+// With hundreds of models the page redraws what changed, not every panel: an update marks panels
+// stale, only the panel on screen is drawn, a model's card or row is rebuilt only when its figures
+// changed, and finished requests are added to the activity table rather than redrawing it.
+// The panel and its filters live in the URL's hash (`#models?q=qwen&state=loaded`), so a link shows
+// the same view.
 "use strict";
 
 const KEY_STORE = "llama-router-key";
@@ -10,9 +16,13 @@ const state = {
   timeline: [],
   requests: [],
   activity: [],
+  audit: [], // management calls (load, unload, ...): the timeline shows them
   lastEvent: 0,
   panel: "devices",
+  params: new URLSearchParams(),
+  stale: new Set(), // panels whose data changed while they were not on screen
 };
+const PANELS_DRAWN = { devices: () => renderDevices(), models: () => renderModels(), timeline: () => renderTimeline(), queue: () => renderQueue(), activity: () => renderActivity(new Set()) };
 const colors = ["#2f6fed", "#1f9d55", "#c2410c", "#7047c2", "#0e9f9f", "#b83280", "#6b7a12", "#a15c07"];
 
 // ------------------------------------------------------------------------------------------ helpers
@@ -75,10 +85,15 @@ function clock(epoch) {
   return new Date(epoch * 1000).toLocaleTimeString([], { hour12: false });
 }
 
+let modelIndex = new Map(); // model name -> its place in the overview (colours, lookups)
 function colorOf(model) {
-  const names = (state.overview?.models || []).map((m) => m.model);
-  const index = names.indexOf(model);
-  return colors[(index < 0 ? names.length : index) % colors.length];
+  const index = modelIndex.get(model);
+  return colors[(index === undefined ? modelIndex.size : index) % colors.length];
+}
+
+function modelOf(name) {
+  const index = modelIndex.get(name);
+  return index === undefined ? undefined : state.overview.models[index];
 }
 
 function toast(message, bad = false) {
@@ -178,7 +193,6 @@ function setUpKeys() {
     $("#key-dialog").close();
     $("#forget-key").hidden = false;
     reconnect();
-    loadActivity();
   });
   $("#forget-key").hidden = !sessionStorage.getItem(KEY_STORE);
   $("#forget-key").addEventListener("click", () => {
@@ -238,20 +252,29 @@ async function loadOverview() {
     if (!(error instanceof ApiError && error.status === 401)) toast(`overview: ${error.message}`, true);
     return;
   }
+  modelIndex = new Map(state.overview.models.map((m, index) => [m.model, index]));
   state.timeline = state.overview.timeline.slice();
   state.requests = state.overview.requests;
+  liveCounts();
   renderAll();
 }
 
 function onEvent(event) {
   state.lastEvent = Date.now();
   if (event.event === "snapshot") {
+    // The stream is followed from here on: what was written before it is read now, so no row
+    // falls between a read and the stream.
     refreshOverview(0);
+    loadActivity();
+    loadAudit();
     return;
   }
   if (event.event === "requests") {
     state.requests = event.requests;
-    renderQueue();
+    if (state.panel === "queue") renderQueue();
+    else state.stale.add("queue");
+    queueCount();
+    liveCounts();
     addActivity(event.activity, event.activity_dropped);
     return;
   }
@@ -268,9 +291,50 @@ function onEvent(event) {
 
 // ------------------------------------------------------------------------------------------ panels
 
+// The hash: `#<panel>?<filters>`. Filters typed or chosen on the page are written back with
+// replaceState (no history entry per keystroke, no hashchange); a hash pasted or clicked is read here.
+function readHash() {
+  const [name, query] = (location.hash || "#devices").slice(1).split("?");
+  return { name, params: new URLSearchParams(query || "") };
+}
+
+function writeHash() {
+  const query = state.params.toString();
+  history.replaceState(null, "", `#${state.panel}${query ? `?${query}` : ""}`);
+}
+
+function setParam(name, value) {
+  if (value) state.params.set(name, value);
+  else state.params.delete(name);
+  writeHash();
+}
+
+// Each panel's filter controls and the hash parameter each one is.
+const FILTERS = {
+  models: { "#models-q": "q", "#models-state": "state", "#models-source": "source" },
+  activity: { "#activity-model": "model", "#activity-status": "status", "#activity-kind": "kind" },
+  timeline: { "#timeline-model": "model", "#timeline-kind": "kind" },
+  logs: { "#log-source": "model" },
+};
+
+function controlsFromHash() {
+  for (const [selector, name] of Object.entries(FILTERS[state.panel] || {})) {
+    const control = $(selector);
+    const value = state.params.get(name) || "";
+    if (control.tagName === "SELECT" && value && ![...control.options].some((o) => o.value === value)) {
+      control.append(h("option", { value }, value)); // a model the list does not have (yet)
+    }
+    control.value = value;
+  }
+}
+
 function showPanel() {
-  const name = (location.hash || "#devices").slice(1);
+  const { name, params } = readHash();
+  const before = `${state.panel}?${state.params}`;
   state.panel = document.getElementById(`panel-${name}`) ? name : "devices";
+  state.params = params;
+  controlsFromHash();
+  if (state.panel === "activity" && before !== `${state.panel}?${state.params}`) loadActivity();
   for (const panel of document.querySelectorAll(".panel")) {
     panel.classList.toggle("shown", panel.id === `panel-${state.panel}`);
   }
@@ -281,15 +345,22 @@ function showPanel() {
   if (state.panel === "logs") followLog();
   else stopLog();
   if (state.panel === "config") loadConfig();
-  if (state.panel === "timeline") renderTimeline();
+  if (state.panel === "timeline" || state.stale.has(state.panel)) draw(state.panel);
 }
 
+function draw(panel) {
+  state.stale.delete(panel);
+  PANELS_DRAWN[panel]?.();
+}
+
+// New overview: the panel on screen is drawn now, the others when they are shown.
 function renderAll() {
-  renderDevices();
-  renderModels();
-  renderTimeline();
-  renderQueue();
   fillModelSelects();
+  for (const panel of Object.keys(PANELS_DRAWN)) {
+    if (panel === state.panel) draw(panel);
+    else state.stale.add(panel);
+  }
+  queueCount();
 }
 
 function statusBadge(status) {
@@ -331,8 +402,13 @@ function showProgress(model, percent) {
 }
 
 // Devices: a bar per budget with the resident models stacked in it (a loading one filling its share).
+let devicesDrawn = "";
 function renderDevices() {
   const overview = state.overview;
+  // Redrawn only when what it shows changed (the overview also changes for other panels).
+  const signature = JSON.stringify([overview.devices, overview.readahead, overview.memory_notes, [...modelIndex.keys()]]);
+  if (signature === devicesDrawn) return;
+  devicesDrawn = signature;
   const root = $("#devices");
   root.replaceChildren();
   for (const device of overview.devices) {
@@ -386,13 +462,15 @@ function renderDevices() {
   $("#readahead-state").textContent = readahead.enabled
     ? "Read-ahead is on: the files of standby and recently stopped models are read into the page cache while RAM is free, so a restart reads from memory."
     : "Read-ahead is off (server.readahead: false).";
+  // Each file once, with the profiles that use it (many profiles often share one file).
   const table = h("table", { class: "stack" }, h("tbody", {}, readahead.files.map((file) => {
     const share = file.cached_bytes === null || !file.bytes ? null : file.cached_bytes / file.bytes;
+    const shown = file.profiles.slice(0, 6).join(", ") + (file.profiles.length > 6 ? ` and ${file.profiles.length - 6} more` : "");
     return h(
       "tr",
-      { "data-model": file.model },
-      h("td", {}, file.model),
+      { "data-path": file.path, "data-profiles": file.profiles.length },
       h("td", { class: "code" }, file.path),
+      h("td", { class: "profiles", title: file.profiles.join(", ") }, `${file.profiles.length === 1 ? "" : `${file.profiles.length} profiles: `}${shown}`),
       h("td", {}, h("span", { class: "cachebar" }, h("span", { style: `width:${((share || 0) * 100).toFixed(1)}%` }))),
       h("td", { class: "num" }, share === null ? "unknown" : `${bytes(file.cached_bytes)} of ${bytes(file.bytes)} (${(share * 100).toFixed(0)}%)`),
     );
@@ -418,51 +496,183 @@ function whyDetails(model, why) {
   );
 }
 
-// Models: state, figures and actions.
+// Models: cards (everything about a few models) or a table (many at a glance), filtered and sorted
+// as the hash says. A model's card or row is built once and rebuilt only when its figures change.
+const TABLE_AFTER = 12; // more models than this: the table is the default view
+const MODEL_COLUMNS = {
+  name: (m) => m.model.toLowerCase(),
+  state: (m) => m.status,
+  footprint: (m) => Object.values(m.footprint).reduce((a, b) => a + b, 0),
+  load: (m) => m.load_seconds ?? -1,
+  used: (m) => m.last_used ?? 0,
+  requests: (m) => { const c = requestCounts.get(m.model); return c ? c.running * 1000 + c.waiting : 0; },
+  ttl: (m) => m.ttl ?? -1,
+  source: (m) => m.footprint_source,
+};
+const modelNodes = new Map(); // model name -> { signature, card, row }
+let requestCounts = new Map(); // profile -> { running, waiting }, from the requests now
+
+function modelView() {
+  const view = state.params.get("view");
+  if (view === "cards" || view === "table") return view;
+  return (state.overview?.models.length || 0) > TABLE_AFTER ? "table" : "cards";
+}
+
+// The filter box: each word must be in the name or an alias, or be the model's state or source.
+function modelPasses(model, words, wantedState, wantedSource) {
+  if (wantedState && model.status !== wantedState) return false;
+  if (wantedSource && model.footprint_source !== wantedSource) return false;
+  const names = [model.model, ...model.aliases].join("\n").toLowerCase();
+  return words.every((word) => names.includes(word) || word === model.status || word === model.footprint_source);
+}
+
+function shownModels() {
+  const words = (state.params.get("q") || "").toLowerCase().split(/\s+/).filter(Boolean);
+  const wantedState = state.params.get("state") || "";
+  const wantedSource = state.params.get("source") || "";
+  const shown = state.overview.models.filter((m) => modelPasses(m, words, wantedState, wantedSource));
+  const column = MODEL_COLUMNS[state.params.get("sort")] ? state.params.get("sort") : null;
+  if (column) {
+    const key = MODEL_COLUMNS[column];
+    const sign = state.params.get("dir") === "desc" ? -1 : 1;
+    shown.sort((a, b) => { const x = key(a), y = key(b); return x < y ? -sign : x > y ? sign : 0; });
+  }
+  return shown;
+}
+
 function renderModels() {
-  const root = $("#models");
-  root.replaceChildren();
-  for (const model of state.overview.models) {
-    const footprint = Object.entries(model.footprint).map(([device, n]) => `${device} ${bytes(n)}`).join(", ") || "–";
-    const chips = [];
-    if (model.pinned) chips.push(h("span", { class: "chip" }, "pinned"));
-    if (model.standby_profile) chips.push(h("span", { class: "chip" }, "standby"));
-    chips.push(h("span", { class: "chip" }, `priority ${model.priority}`));
-    if (model.keep_context) chips.push(h("span", { class: "chip" }, "keeps context"));
-    const rows = [
-      ["footprint", h("span", {}, `${footprint} `, h("span", { class: `badge source-${model.footprint_source}` }, model.footprint_source))],
-      ["load time", seconds(model.load_seconds)],
-      ["loads · restarts", `${model.loads} · ${model.restarts}`],
-      ["requests", `${model.in_flight} running · ${model.waiting} waiting${model.draining ? " · draining" : ""}`],
-      ["ttl", h("span", { class: "ttl", "data-expires": model.ttl_expires_at ?? "" }, ttlText(model))],
-    ];
-    const why = Object.entries(model.footprint_why || {});
-    if (why.length) rows.push(["why this number", whyDetails(model, why)]);
-    if (model.retry_at) rows.push(["back-off", h("span", { class: "retry", "data-at": model.retry_at }, retryText(model.retry_at))]);
-    if (model.keep_context) rows.push(["saved context", bytes(model.saved_context_bytes)]);
-    if (model.aliases.length) rows.push(["aliases", model.aliases.join(", ")]);
-    if (model.fallback.length) rows.push(["fallback", model.fallback.join(" → ")]);
-    if (model.pid) rows.push(["process", `pid ${model.pid}`]);
-    const canLoad = !["loaded", "standby", "loading"].includes(model.status);
-    const canUnload = ["loaded", "standby", "loading"].includes(model.status);
-    root.append(
-      h(
-        "div",
-        { class: "card model", "data-model": model.model },
-        h("h3", {}, h("span", { class: "swatch", style: `background:${colorOf(model.model)}` }), model.model, statusBadge(model.status), progressBar(model.model, model.progress)),
-        h("div", { class: "sub" }, model.description || " "),
-        h("div", {}, chips),
-        h("dl", {}, rows.map(([name, value]) => [h("dt", {}, name), h("dd", {}, value)])),
-        model.last_error && model.status !== "loaded" ? h("div", { class: "sub" }, model.last_error.split("\n")[0]) : null,
-        model.log_tail ? h("pre", { class: "log-tail" }, model.log_tail.join("\n")) : null,
-        h(
-          "div",
-          { class: "actions" },
-          h("button", { class: "primary load", disabled: !canLoad, onclick: () => act("/models/load", model.model, "load") }, "Load"),
-          h("button", { class: "unload", disabled: !canUnload, onclick: () => act("/models/unload", model.model, "unload") }, "Unload"),
-        ),
-      ),
-    );
+  const models = state.overview.models;
+  const view = modelView();
+  const shown = shownModels();
+  const seen = new Set();
+  const wanted = shown.map((model) => {
+    const signature = JSON.stringify(model);
+    let nodes = modelNodes.get(model.model);
+    if (!nodes || nodes.signature !== signature) {
+      nodes = { signature, card: null, row: null };
+      modelNodes.set(model.model, nodes);
+    }
+    seen.add(model.model);
+    if (view === "table") return (nodes.row ??= modelRow(model));
+    return (nodes.card ??= modelCard(model));
+  });
+  for (const name of modelNodes.keys()) if (!modelIndex.has(name)) modelNodes.delete(name);
+  reconcile(view === "table" ? $("#models-table tbody") : $("#models"), wanted);
+  $("#models").hidden = view !== "cards";
+  $("#models-table").hidden = view !== "table";
+  $("#view-cards").classList.toggle("active", view === "cards");
+  $("#view-table").classList.toggle("active", view === "table");
+  $("#models-count").textContent = shown.length === models.length ? `${models.length} models` : `${shown.length} of ${models.length} models`;
+  $("#models-none").hidden = shown.length > 0;
+  const sort = state.params.get("sort");
+  for (const th of document.querySelectorAll("#models-table th[data-sort]")) {
+    th.classList.toggle("sorted", th.dataset.sort === sort);
+    th.classList.toggle("desc", th.dataset.sort === sort && state.params.get("dir") === "desc");
+  }
+}
+
+// Make `container`'s children the `wanted` nodes, in order, touching only those that differ: a
+// model whose row changed costs one removal and one insertion, not a redraw of the table.
+function reconcile(container, wanted) {
+  const keep = new Set(wanted);
+  for (const child of [...container.children]) if (!keep.has(child)) child.remove();
+  wanted.forEach((node, index) => {
+    const at = container.children[index];
+    if (at !== node) container.insertBefore(node, at || null);
+  });
+}
+
+function footprintText(model) {
+  return Object.entries(model.footprint).map(([device, n]) => `${device} ${bytes(n)}`).join(", ") || "–";
+}
+
+// Running and waiting requests; in the table, a dash for none.
+function requestsText(model, compact) {
+  const counts = requestCounts.get(model.model) || { running: 0, waiting: 0 };
+  if (compact && !counts.running && !counts.waiting && !model.draining) return "–";
+  return `${counts.running} running · ${counts.waiting} waiting${model.draining ? " · draining" : ""}`;
+}
+
+function actions(model) {
+  const canLoad = !["loaded", "standby", "loading"].includes(model.status);
+  const canUnload = ["loaded", "standby", "loading"].includes(model.status);
+  return [
+    h("button", { class: "primary load", disabled: !canLoad, onclick: () => act("/models/load", model.model, "load") }, "Load"),
+    h("button", { class: "unload", disabled: !canUnload, onclick: () => act("/models/unload", model.model, "unload") }, "Unload"),
+  ];
+}
+
+function modelRow(model) {
+  return h(
+    "tr",
+    { class: "model", "data-model": model.model },
+    h("td", { class: "name", title: [model.model, ...model.aliases].join("\n") }, h("span", { class: "swatch", style: `background:${colorOf(model.model)}` }), model.model,
+      model.aliases.length ? h("span", { class: "aliases" }, `also ${model.aliases.join(", ")}`) : null),
+    h("td", {}, statusBadge(model.status), progressBar(model.model, model.progress)),
+    h("td", {}, footprintText(model)),
+    h("td", { class: "num" }, seconds(model.load_seconds)),
+    h("td", { title: model.last_used ? new Date(model.last_used * 1000).toISOString() : "" }, model.last_used ? clock(model.last_used) : "–"),
+    h("td", { class: "live-requests compact" }, requestsText(model, true)),
+    h("td", { class: "ttl", "data-expires": model.ttl_expires_at ?? null }, ttlText(model)),
+    h("td", {}, h("span", { class: `badge source-${model.footprint_source}` }, model.footprint_source)),
+    h("td", { class: "actions" }, actions(model)),
+  );
+}
+
+function modelCard(model) {
+  const chips = [];
+  if (model.pinned) chips.push(h("span", { class: "chip" }, "pinned"));
+  if (model.standby_profile) chips.push(h("span", { class: "chip" }, "standby"));
+  chips.push(h("span", { class: "chip" }, `priority ${model.priority}`));
+  if (model.keep_context) chips.push(h("span", { class: "chip" }, "keeps context"));
+  const rows = [
+    ["footprint", h("span", {}, `${footprintText(model)} `, h("span", { class: `badge source-${model.footprint_source}` }, model.footprint_source))],
+    ["load time", seconds(model.load_seconds)],
+    ["loads · restarts", `${model.loads} · ${model.restarts}`],
+    ["requests", h("span", { class: "live-requests" }, requestsText(model))],
+    ["ttl", h("span", { class: "ttl", "data-expires": model.ttl_expires_at ?? null }, ttlText(model))],
+  ];
+  const why = Object.entries(model.footprint_why || {});
+  if (why.length) rows.push(["why this number", whyDetails(model, why)]);
+  if (model.retry_at) rows.push(["back-off", h("span", { class: "retry", "data-at": model.retry_at }, retryText(model.retry_at))]);
+  if (model.keep_context) rows.push(["saved context", bytes(model.saved_context_bytes)]);
+  if (model.aliases.length) rows.push(["aliases", model.aliases.join(", ")]);
+  if (model.fallback.length) rows.push(["fallback", model.fallback.join(" → ")]);
+  if (model.pid) rows.push(["process", `pid ${model.pid}`]);
+  return h(
+    "div",
+    { class: "card model", "data-model": model.model },
+    h("h3", {}, h("span", { class: "swatch", style: `background:${colorOf(model.model)}` }), model.model, statusBadge(model.status), progressBar(model.model, model.progress)),
+    h("div", { class: "sub" }, model.description || " "),
+    h("div", {}, chips),
+    h("dl", {}, rows.map(([name, value]) => [h("dt", {}, name), h("dd", {}, value)])),
+    model.last_error && model.status !== "loaded" ? h("div", { class: "sub" }, model.last_error.split("\n")[0]) : null,
+    model.log_tail ? h("pre", { class: "log-tail" }, model.log_tail.join("\n")) : null,
+    h("div", { class: "actions" }, actions(model)),
+  );
+}
+
+// The requests now, counted per model: only the cells whose count changed are written.
+function liveCounts() {
+  const counts = new Map();
+  for (const request of state.requests) {
+    const entry = counts.get(request.profile) || { running: 0, waiting: 0 };
+    entry[request.state === "waiting" ? "waiting" : "running"]++;
+    counts.set(request.profile, entry);
+  }
+  const changed = new Set([...counts.keys(), ...requestCounts.keys()].filter((name) => {
+    const a = counts.get(name), b = requestCounts.get(name);
+    return !a || !b || a.running !== b.running || a.waiting !== b.waiting;
+  }));
+  requestCounts = counts;
+  for (const name of changed) {
+    const model = modelOf(name);
+    const nodes = modelNodes.get(name);
+    if (!model || !nodes) continue;
+    for (const node of [nodes.card, nodes.row]) {
+      const cell = node?.querySelector(".live-requests");
+      if (cell) cell.textContent = requestsText(model, cell.classList.contains("compact"));
+    }
   }
 }
 
@@ -495,11 +705,19 @@ function renderTimeline() {
   if (!state.overview) return;
   const now = Date.now() / 1000;
   const chosen = $("#timeline-window").value;
-  const first = Math.min(...state.timeline.filter((e) => e.model).map((e) => e.time));
+  const first = Math.min(...state.timeline.filter((e) => e.model).map((e) => e.time), ...state.audit.map((row) => row.time));
   // "auto": from the first event kept to now, so a young router's few seconds fill the strip.
   const windowSeconds = chosen === "auto" ? Math.min(3600, Math.max(5, Number.isFinite(first) ? (now - first) * 1.1 : 300)) : Number(chosen);
   const start = now - windowSeconds;
-  const models = state.overview.models.map((m) => m.model);
+  // Lanes for the models something happened to (or that hold memory), as the filters say.
+  const onlyModel = state.params.get("model") || "";
+  const kind = state.params.get("kind") || "";
+  const lifecycle = kind === "management" ? [] : state.timeline;
+  const audit = kind === "lifecycle" ? [] : state.audit.filter((row) => !onlyModel || row.model === onlyModel);
+  const active = new Set([...lifecycle, ...audit].filter((e) => e.model).map((e) => e.model));
+  const models = state.overview.models
+    .filter((m) => (active.has(m.model) || !["unloaded", "failed"].includes(m.status)) && (!onlyModel || m.model === onlyModel))
+    .map((m) => m.model);
   const width = Math.max(600, $("#timeline-strip").clientWidth - 24);
   const left = 120;
   const lane = 30;
@@ -524,7 +742,7 @@ function renderTimeline() {
       const fill = { loading: "#d98b04", loaded: "#1f9d55", stopping: "#9aa2b1" }[phase];
       svg.append(s("rect", { x: x(since), y: y + 4, width: Math.max(2, x(until) - x(since)), height: 14, fill, rx: 3, class: `phase ${phase}`, "data-model": model }));
     };
-    for (const event of state.timeline) {
+    for (const event of lifecycle) {
       if (event.model !== model) continue;
       const next = { loading: "loading", ready: "loaded", stopping: "stopping", stopped: null, failed: null }[event.event];
       if (next === undefined) {
@@ -539,27 +757,47 @@ function renderTimeline() {
       if (event.event === "stopping") mark(svg, x(event.time), y, "#1d2330", STOP_CAUSES[event.cause] || event.cause, event.reason);
     }
     draw(now);
+    for (const row of audit) {
+      if (row.model !== model || row.time < start) continue;
+      const at = x(row.time);
+      const group = s("g", { class: "audit", "data-action": row.action });
+      group.append(s("rect", { x: at - 3, y: y + 8, width: 6, height: 6, transform: `rotate(45 ${at} ${y + 11})`, fill: row.status >= 400 ? "#d64545" : "#2f6fed" }));
+      group.append(s("title", {}, `${row.action} by ${row.key || "no key"} from ${row.client || "–"}: ${row.status}`));
+      svg.append(group);
+    }
   });
   svg.append(s("line", { x1: x(now), x2: x(now), y1: 18, y2: height - 14, stroke: "#2f6fed", "stroke-dasharray": "3 3" }));
   $("#timeline-strip").replaceChildren(svg);
 
+  // The table: lifecycle events and management calls together, newest first.
+  const rows = [
+    ...lifecycle.filter((event) => event.model && (!onlyModel || event.model === onlyModel)),
+    ...audit,
+  ].filter((event) => event.time >= start);
+  rows.sort((a, b) => a.time - b.time);
   const body = $("#timeline-table tbody");
   body.replaceChildren(
-    ...state.timeline
-      .filter((event) => event.model && event.time >= start)
-      .slice(-200)
-      .reverse()
-      .map((event) =>
-        h(
+    ...rows.slice(-200).reverse().map((event) =>
+      event.action
+        ? h(
           "tr",
-          {},
+          { class: "manage", "data-model": event.model, "data-action": event.action },
+          h("td", {}, clock(event.time)),
+          h("td", {}, event.model || "–"),
+          h("td", {}, h("span", { class: "badge action" }, event.action.replace("_", " "))),
+          h("td", {}, ""),
+          h("td", {}, `${event.status}${event.error ? ` ${event.error}` : ""} · ${event.key || "no key"} · ${event.client || "–"}${event.detail ? ` · ${event.detail}` : ""}`),
+        )
+        : h(
+          "tr",
+          { "data-model": event.model },
           h("td", {}, clock(event.time)),
           h("td", {}, event.model),
           h("td", {}, event.event),
           h("td", {}, event.cause ? STOP_CAUSES[event.cause] || event.cause : ""),
           h("td", {}, describeEvent(event)),
         ),
-      ),
+    ),
   );
 }
 
@@ -608,8 +846,12 @@ function renderQueue() {
   );
   $("#queue-empty").hidden = state.requests.length > 0;
   $("#queue-table").hidden = state.requests.length === 0;
+}
+
+function queueCount() {
   const waiting = state.requests.filter((r) => r.state === "waiting").length;
-  $("#queue-count").textContent = state.requests.length ? `${waiting}/${state.requests.length}` : "";
+  const text = state.requests.length ? `${waiting}/${state.requests.length}` : "";
+  if ($("#queue-count").textContent !== text) $("#queue-count").textContent = text;
 }
 
 async function cancelRequest(id) {
@@ -623,11 +865,12 @@ async function cancelRequest(id) {
 
 // Activity: rows from SQLite, then from `requests` events as requests end.
 function activityFilter() {
-  return { model: $("#activity-model").value, status: $("#activity-status").value };
+  return { model: $("#activity-model").value, status: $("#activity-status").value, kind: $("#activity-kind").value };
 }
 
 function passes(row, filter) {
   if (filter.model && row.model !== filter.model && row.served_by !== filter.model) return false;
+  if (filter.kind && (filter.kind === "management") !== Boolean(row.action)) return false;
   const failed = row.status >= 400 || row.error;
   switch (filter.status) {
     case "": return true;
@@ -637,62 +880,113 @@ function passes(row, filter) {
   }
 }
 
+const ACTIVITY_KEPT = 500; // rows the page holds
+
+let activityAsked = 0; // the newest read: an older answer that comes later is dropped
 async function loadActivity() {
   const params = new URLSearchParams({ limit: "200" });
   const filter = activityFilter();
-  if (filter.model) params.set("model", filter.model);
-  if (filter.status) params.set("status", filter.status);
+  for (const [name, value] of Object.entries(filter)) if (value) params.set(name, value);
+  const asked = ++activityAsked;
+  let rows;
   try {
-    state.activity = (await getJson(`/activity?${params}`)).activity;
+    rows = (await getJson(`/activity?${params}`)).activity;
   } catch (error) {
     if (!(error instanceof ApiError && error.status === 401)) toast(`activity: ${error.message}`, true);
     return;
   }
-  renderActivity(new Set());
+  if (asked !== activityAsked) return;
+  state.activity = rows;
+  if (state.panel === "activity") draw("activity");
+  else state.stale.add("activity");
+}
+
+// The management calls for the timeline (kept apart from the activity panel's own filters).
+async function loadAudit() {
+  try {
+    state.audit = (await getJson("/activity?kind=management&limit=500")).activity.reverse();
+  } catch (error) {
+    return; // the activity panel says what went wrong
+  }
+  if (state.panel === "timeline") renderTimeline();
+  else state.stale.add("timeline");
 }
 
 function addActivity(rows, dropped) {
+  const audit = rows.filter((row) => row.action);
+  if (audit.length) {
+    state.audit = state.audit.concat(audit).slice(-500);
+    if (state.panel === "timeline") renderTimeline();
+    else state.stale.add("timeline");
+  }
   if (dropped > 0) {
     loadActivity();
     return;
   }
   const filter = activityFilter();
-  const fresh = rows.filter((row) => passes(row, filter));
+  const fresh = rows.filter((row) => passes(row, filter)).reverse();
   if (!fresh.length) return;
-  state.activity = fresh.reverse().concat(state.activity).slice(0, 500);
-  renderActivity(new Set(fresh.map((row) => row.id)));
+  state.activity = fresh.concat(state.activity).slice(0, ACTIVITY_KEPT);
+  if (state.panel !== "activity") {
+    state.stale.add("activity");
+    return;
+  }
+  // Only the new rows are built; the oldest past the limit leave.
+  const body = $("#activity-table tbody");
+  body.prepend(...fresh.map((row) => activityRow(row, true)));
+  while (body.children.length > ACTIVITY_KEPT) body.lastElementChild.remove();
+  $("#activity-empty").hidden = true;
 }
 
-function renderActivity(fresh) {
-  const body = $("#activity-table tbody");
-  body.replaceChildren(
-    ...state.activity.map((row) =>
-      h(
-        "tr",
-        { class: fresh.has(row.id) ? "fresh" : null, "data-id": row.id, "data-model": row.model },
-        h("td", { title: new Date(row.time * 1000).toISOString() }, clock(row.time)),
-        h("td", {}, row.served_by && row.served_by !== row.model ? `${row.model} → ${row.served_by}` : row.model),
-        h("td", {}, row.path),
-        h("td", { class: row.status >= 400 || row.error ? "st-bad" : "st-ok", title: row.error || "" }, row.error ? `${row.status} ${row.error}` : row.status),
-        h("td", { class: "prompt" }, num(row.prompt_tokens)),
-        h("td", { class: "cached" }, num(row.cached_tokens)),
-        h("td", {}, num(row.prefill_tps, 1)),
-        h("td", { class: "generated" }, num(row.generated_tokens)),
-        h("td", {}, num(row.decode_tps, 1)),
-        h("td", {}, ms(row.ttft_ms)),
-        h("td", {}, ms(row.duration_ms)),
-        h("td", {}, row.key || "–"),
-      ),
-    ),
-  );
+function renderActivity() {
+  $("#activity-table tbody").replaceChildren(...state.activity.map((row) => activityRow(row, false)));
   $("#activity-empty").hidden = state.activity.length > 0;
+}
+
+function outcome(row) {
+  return h("td", { class: row.status >= 400 || row.error ? "st-bad" : "st-ok", title: row.error || "" }, row.error ? `${row.status} ${row.error}` : row.status);
+}
+
+function activityRow(row, fresh) {
+  const attrs = { class: fresh ? "fresh" : null, "data-id": row.id, "data-model": row.model, "data-action": row.action };
+  if (row.action) {
+    // A management call: what was done to which model, by which key, from where.
+    return h(
+      "tr",
+      { ...attrs, class: `manage${fresh ? " fresh" : ""}` },
+      h("td", { title: new Date(row.time * 1000).toISOString() }, clock(row.time)),
+      h("td", {}, row.model || "–"),
+      h("td", {}, h("span", { class: "badge action" }, row.action.replace("_", " ")), row.detail ? ` ${row.detail}` : ""),
+      outcome(row),
+      h("td", { colspan: 6, class: "detail" }, `${row.path || ""}`),
+      h("td", {}, ms(row.duration_ms)),
+      h("td", {}, row.key || "–"),
+      h("td", {}, row.client || "–"),
+    );
+  }
+  return h(
+    "tr",
+    attrs,
+    h("td", { title: new Date(row.time * 1000).toISOString() }, clock(row.time)),
+    h("td", {}, row.served_by && row.served_by !== row.model ? `${row.model} → ${row.served_by}` : row.model),
+    h("td", {}, row.path),
+    outcome(row),
+    h("td", { class: "prompt" }, num(row.prompt_tokens)),
+    h("td", { class: "cached" }, num(row.cached_tokens)),
+    h("td", {}, num(row.prefill_tps, 1)),
+    h("td", { class: "generated" }, num(row.generated_tokens)),
+    h("td", {}, num(row.decode_tps, 1)),
+    h("td", {}, ms(row.ttft_ms)),
+    h("td", {}, ms(row.duration_ms)),
+    h("td", {}, row.key || "–"),
+    h("td", {}, row.client || "–"),
+  );
 }
 
 async function exportCsv() {
   const filter = activityFilter();
   const params = new URLSearchParams();
-  if (filter.model) params.set("model", filter.model);
-  if (filter.status) params.set("status", filter.status);
+  for (const [name, value] of Object.entries(filter)) if (value) params.set(name, value);
   try {
     const response = await call(`/activity.csv?${params}`);
     const blob = await response.blob();
@@ -717,6 +1011,7 @@ function stopLog() {
 async function followLog() {
   stopLog();
   const source = $("#log-source").value;
+  if (state.panel === "logs") setParam("model", source);
   const follow = $("#log-follow").checked;
   const path = source ? `/logs/${encodeURIComponent(source)}` : "/router/log";
   const controller = new AbortController();
@@ -784,9 +1079,13 @@ async function loadConfig() {
 // Playground: a streamed chat with any profile; the loading comments show while it swaps in.
 let chat = { messages: [], controller: null };
 
+let selectsFilled = "";
 function fillModelSelects() {
   const models = state.overview.models;
-  for (const id of ["#chat-model", "#activity-model", "#log-source"]) {
+  const names = models.map((m) => m.model).join("\n");
+  if (names === selectsFilled) return updateChatStatus();
+  selectsFilled = names;
+  for (const id of ["#chat-model", "#activity-model", "#log-source", "#timeline-model"]) {
     const select = $(id);
     const keep = select.value;
     const first = id === "#chat-model" ? [] : [select.options[0]];
@@ -797,7 +1096,7 @@ function fillModelSelects() {
 }
 
 function updateChatStatus() {
-  const model = state.overview?.models.find((m) => m.model === $("#chat-model").value);
+  const model = state.overview && modelOf($("#chat-model").value);
   const badge = $("#chat-model-status");
   badge.className = `badge status-${model?.status || ""}`;
   badge.textContent = model?.status || "";
@@ -885,22 +1184,45 @@ async function sendChat(event) {
 function tick() {
   // Countdowns and running times move on the page itself; nothing is fetched for them.
   if (state.panel === "queue" && state.requests.length) renderQueue();
-  if (!state.overview) return;
-  for (const element of document.querySelectorAll(".ttl[data-expires]")) {
-    const model = state.overview.models.find((m) => m.model === element.closest("[data-model]").dataset.model);
-    if (model) element.textContent = ttlText(model);
+  if (!state.overview || state.panel !== "models") return;
+  for (const element of document.querySelectorAll("#panel-models .ttl[data-expires]")) {
+    const model = modelOf(element.closest("[data-model]").dataset.model);
+    const text = model ? ttlText(model) : null;
+    if (text !== null && element.textContent !== text) element.textContent = text;
   }
-  for (const element of document.querySelectorAll(".retry[data-at]")) element.textContent = retryText(Number(element.dataset.at));
+  for (const element of document.querySelectorAll("#panel-models .retry[data-at]")) element.textContent = retryText(Number(element.dataset.at));
 }
 
 function start() {
   setUpKeys();
   window.addEventListener("hashchange", showPanel);
   $("#timeline-window").addEventListener("change", renderTimeline);
+  // Filters: each control writes its hash parameter, then the panel is drawn again.
+  for (const [panel, controls] of Object.entries(FILTERS)) {
+    for (const [selector, name] of Object.entries(controls)) {
+      $(selector).addEventListener($(selector).tagName === "INPUT" ? "input" : "change", () => {
+        if (state.panel === panel) setParam(name, $(selector).value);
+        if (panel === "models") renderModels();
+        if (panel === "timeline") renderTimeline();
+      });
+    }
+  }
+  for (const view of ["cards", "table"]) {
+    $(`#view-${view}`).addEventListener("click", () => { setParam("view", view); renderModels(); });
+  }
+  for (const th of document.querySelectorAll("#models-table th[data-sort]")) {
+    th.addEventListener("click", () => {
+      const same = state.params.get("sort") === th.dataset.sort;
+      state.params.set("sort", th.dataset.sort);
+      setParam("dir", same && state.params.get("dir") !== "desc" ? "desc" : "");
+      renderModels();
+    });
+  }
   window.addEventListener("resize", () => state.panel === "timeline" && renderTimeline());
   $("#unload-all").addEventListener("click", () => act("/unload", undefined, "unload all"));
   $("#activity-model").addEventListener("change", loadActivity);
   $("#activity-status").addEventListener("change", loadActivity);
+  $("#activity-kind").addEventListener("change", loadActivity);
   $("#activity-csv").addEventListener("click", exportCsv);
   $("#log-source").addEventListener("change", followLog);
   $("#log-follow").addEventListener("change", followLog);
@@ -913,7 +1235,6 @@ function start() {
   $("#chat-model").addEventListener("change", updateChatStatus);
   showPanel();
   connect();
-  loadActivity();
   setInterval(tick, 1000);
   setInterval(() => state.panel === "timeline" && renderTimeline(), 5000);
 }
