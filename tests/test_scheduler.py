@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import pytest
 
+from llama_router.core.placement import Placement
 from llama_router.core.scheduler import (
     GRACE_MIN,
     Decision,
@@ -310,23 +311,37 @@ def test_unload_waits_for_requests_in_flight_unless_forced() -> None:
     assert d.s.unload("a", d.now, force=True) == [Stop("a", "unloaded")]
 
 
+@pytest.mark.parametrize("placed", [False, True], ids=["fixed", "placed"])
 @pytest.mark.parametrize("seed", range(60))
-def test_invariants_hold_under_random_event_sequences(seed: int) -> None:
+def test_invariants_hold_under_random_event_sequences(seed: int, placed: bool) -> None:
     """Budget never exceeded, busy models never stopped unasked, every request ends, one start per
     load, and the state always matches the processes, whatever management calls come when: load,
     unload, forced unload, reload, delete (and adding back), TTL, shutdown, and a load that completes
     after its stop was decided. Once the processes have done what they were told, nothing is left
-    starting or stopping."""
+    starting or stopping. `placed`: the profiles are placed over two GPUs (one needs both, split), and
+    no device goes over its budget whatever the placements."""
     rng = random.Random(seed)
     names = ["a", "b", "c", "d"]
     footprints = {"a": {"gpu": 40}, "b": {"gpu": 30}, "c": {"gpu": 50}, "d": {"gpu": 20}}
     ttls = {"b": 4.0, "d": 1.5}
+    budget = {"gpu0": 45, "gpu1": 45, "ram": 10} if placed else {"gpu": 80}
 
     def specs(present: Sequence[str]) -> list[ProfileSpec]:
+        if placed:
+            return [
+                ProfileSpec(
+                    name,
+                    {"ram": 1},
+                    10.0,
+                    ttl=ttls.get(name),
+                    placement=Placement(("gpu0", "gpu1"), footprints[name]["gpu"], split_extra=2),
+                )
+                for name in present
+            ]
         return [ProfileSpec(name, footprints[name], 10.0, ttl=ttls.get(name)) for name in present]
 
     rules = Rules(drain_timeout=50.0, swap_delay=rng.choice([0, 3]))
-    s = Scheduler(specs(names), {"gpu": 80}, rules)
+    s = Scheduler(specs(names), budget, rules)
     d = Driver(s)
     dispatched: dict[int, str] = {}
     open_requests: set[int] = set()
@@ -354,6 +369,9 @@ def test_invariants_hold_under_random_event_sequences(seed: int) -> None:
                 ended.add(x.request_id)
             elif isinstance(x, Start):
                 assert x.profile not in running, "a second start for a model already starting or running"
+                assert (x.placed is not None) == placed
+                if x.placed is not None:
+                    event(f"placed: {x.placed.how}")
                 running.add(x.profile)
                 # Requests still open on its previous process (cut by a stop) are not this one's.
                 stale.update(r for r, p in dispatched.items() if p == x.profile and r in open_requests)
@@ -369,7 +387,7 @@ def test_invariants_hold_under_random_event_sequences(seed: int) -> None:
                 stopping.add(x.profile)
                 event(f"stop: {x.cause.value}")
         forced.clear()
-        assert s.used()["gpu"] <= 80
+        assert all(s.used()[device] <= amount for device, amount in budget.items()), s.used()
         consistent()
 
     def consistent() -> None:
@@ -449,7 +467,7 @@ def test_invariants_hold_under_random_event_sequences(seed: int) -> None:
             # Reload with a changed command: the model restarts once idle.
             profile = rng.choice(live)
             event(f"reload {s.view(profile).state.value}")
-            apply(d.s.reconfigure(specs(live), {"gpu": 80}, d.now))
+            apply(d.s.reconfigure(specs(live), budget, d.now))
             apply(d.s.restart_when_idle(profile, d.now))
         elif roll < 0.95:
             # Delete a model (its requests are told, its process drains and stops), or add it back.
@@ -461,7 +479,7 @@ def test_invariants_hold_under_random_event_sequences(seed: int) -> None:
                 gone = rng.choice(live)
                 configured.discard(gone)
                 event(f"delete {s.view(gone).state.value}")
-            apply(d.s.reconfigure(specs(sorted(configured)), {"gpu": 80}, d.now))
+            apply(d.s.reconfigure(specs(sorted(configured)), budget, d.now))
         if step % 50 == 0:
             for p in sorted(running):  # a crash of something running now and then
                 if p not in stopping and rng.random() < 0.1 and s.view(p).state is State.READY:
@@ -494,6 +512,8 @@ def test_invariants_hold_under_random_event_sequences(seed: int) -> None:
     if shutdown_at is not None:
         assert not running, "shutdown left a process behind"
     assert events  # the management calls were really made (their mix is in `events`)
+    if placed:
+        assert any(kind.startswith("placed") for kind in events)
 
 
 # ---------------------------------------------------------------------------------------------- memory

@@ -15,12 +15,22 @@ controller's business.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections import deque
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from llama_router.core.devices import LEASED_PREFIX, describe
+from llama_router.core.devices import LEASED_PREFIX, describe, size_text
+from llama_router.core.placement import (
+    Placed,
+    Placement,
+    on_one,
+    partly_in_ram,
+    room,
+    split_over,
+    travelling_need,
+)
 
 Resources = Mapping[str, int]
 
@@ -93,9 +103,10 @@ class Dispatch:
 
 @dataclass(frozen=True)
 class Start:
-    """Spawn the upstream of `profile`."""
+    """Spawn the upstream of `profile`; `placed` says on which GPUs, for a placeable profile."""
 
     profile: str
+    placed: Placed | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -135,6 +146,8 @@ class ProfileSpec:
     standby: bool = False  # preloaded whenever memory is free and nobody waits
     ttl: float | None = None  # unload after this many idle seconds
     cannot_run: str | None = None  # why it cannot be started (its files are missing): failed until fixed
+    # Placeable: the GPUs are chosen at each start; `footprint` is then only what is not on a GPU.
+    placement: Placement | None = None
 
 
 @dataclass
@@ -174,6 +187,10 @@ class _Slot:
     gap: float | None = None  # its clients' last gap between a request ending and the next arriving
     last_client: Hashable | None = None  # the client of its last finished request
     client_moved_on: bool = False  # that client has since asked for another model: no turnaround due
+    need: int = 0  # a placeable profile's bytes on one GPU, learned or estimated: what travels
+    placed: Placed | None = None  # where its last start put it (a placeable profile)
+    target: tuple[str, ...] = ()  # the GPUs it waits for room on: kept while the room is made
+    room_made: tuple[str, ...] = ()  # the models stopped for it since it began waiting
 
     @property
     def holds_resources(self) -> bool:
@@ -201,6 +218,18 @@ class ProfileView:
     failed: bool  # failed too often: only a new request or an explicit load retries it
     retry_at: float | None  # backing off after a failure until then
     ttl_expiry: float | None  # when its `ttl` unloads it, while it sits idle
+    placed: Placed | None = None  # where its last start put it and why (a placeable profile)
+
+
+@dataclass
+class _Plan:
+    """Where a start would go now and what would make way for it (the dry run shows the same)."""
+
+    footprint: dict[str, int]
+    placed: Placed | None  # None for a profile whose command line fixes its devices
+    victims: list[_Slot]
+    now: bool  # it fits beside what holds memory now: start at once
+    enough: bool = True  # the victims free enough (busy loads cannot be stopped: it may wait longer)
 
 
 @dataclass(frozen=True)
@@ -245,6 +274,7 @@ class Scheduler:
             failed=slot.state is State.FAILED and slot.retry_at is None,
             retry_at=slot.retry_at if slot.state is State.FAILED else None,
             ttl_expiry=self._ttl_expiry(slot),
+            placed=slot.placed,
         )
 
     def accepting(self, profile: str) -> bool:
@@ -441,8 +471,8 @@ class Scheduler:
             del self._slots[profile]
         elif slot.restart_after_stop and slot.state is State.COLD and not self._closing:
             slot.restart_after_stop = False
-            if self._fits(slot.footprint, self.used()):
-                decisions.append(self._start(slot, now, preload=True))
+            if (start := self._start_if_it_fits(slot, now, preload=True)) is not None:
+                decisions.append(start)
         decisions.extend(self._place(now))
         return decisions
 
@@ -483,6 +513,8 @@ class Scheduler:
         ):
             for device in devices:
                 slot.footprint[device] = slot.footprint.get(device, 0) + victim.footprint.get(device, 0)
+                if slot.placed is not None and device in slot.placed.gpus:
+                    slot.need += victim.footprint.get(device, 0)  # the retry waits for as much
             decisions.append(
                 self._stop(victim, f"{slot.spec.name!r} ran out of memory loading", StopCause.OUT_OF_MEMORY)
             )
@@ -503,6 +535,10 @@ class Scheduler:
                 slot.removed = False  # added again while its old process still stops: kept
                 if slot.spec.footprint != spec.footprint:
                     slot.footprint = dict(spec.footprint)
+                if spec.placement is not None and (
+                    slot.spec.placement is None or slot.spec.placement.need != spec.placement.need
+                ):
+                    slot.need = spec.placement.need
                 if spec.cannot_run and slot.state is State.COLD:
                     slot.state, slot.last_error, slot.retry_at = State.FAILED, spec.cannot_run, None
                 elif slot.spec.cannot_run and not spec.cannot_run and slot.state is State.FAILED:
@@ -538,6 +574,10 @@ class Scheduler:
         exceeded, stop idle models until it holds again (busy ones are not drained for this)."""
         slot = self._slots[profile]
         slot.footprint = dict(footprint)
+        placement = slot.spec.placement
+        if placement is not None and slot.placed is not None:
+            need = travelling_need(footprint, slot.placed, placement.split_extra)
+            slot.need = slot.need if need is None else need
         projected = self._projected()
         nothing_more = dict.fromkeys(projected, 0)  # within budget as it is
         decisions: list[Decision] = [
@@ -690,6 +730,23 @@ class Scheduler:
         wanted_victims: set[str] = set()
         blocked = False
         for slot in self._candidates():
+            if slot.spec.placement is not None:
+                plan = self._plan(slot)
+                if plan is None:
+                    decisions.extend(
+                        self._fail_waiting(slot, FailReason.MODEL_TOO_LARGE, self._too_large(slot))
+                    )
+                    continue
+                slot.footprint = plan.footprint
+                if plan.now:
+                    decisions.append(self._start(slot, now, preload=False, placed=plan.placed))
+                    continue
+                assert plan.placed is not None
+                if slot.target != plan.placed.gpus:
+                    slot.target, slot.room_made = plan.placed.gpus, ()
+                decisions.extend(self._make_room(slot, now, wanted_victims))
+                blocked = True
+                break
             if self._fits(slot.footprint, self.used()):
                 decisions.append(self._start(slot, now, preload=False))
                 continue
@@ -711,12 +768,122 @@ class Scheduler:
             decisions.extend(self._preload(now))
         return decisions
 
-    def _start(self, slot: _Slot, now: float, *, preload: bool) -> Start:
+    def _start(self, slot: _Slot, now: float, *, preload: bool, placed: Placed | None = None) -> Start:
         slot.state = State.STARTING
         slot.preload = preload
         slot.starts += 1
         slot.load_deadline = now + slot.spec.load_timeout
-        return Start(slot.spec.name)
+        if placed is not None:
+            placed = dataclasses.replace(placed, stops=slot.room_made)
+            slot.placed, slot.target, slot.room_made = placed, (), ()
+        return Start(slot.spec.name, placed)
+
+    def _start_if_it_fits(self, slot: _Slot, now: float, *, preload: bool) -> Start | None:
+        """Start `slot` if it fits beside what holds memory now, stopping nothing; else None."""
+        if slot.spec.placement is None:
+            return (
+                self._start(slot, now, preload=preload) if self._fits(slot.footprint, self.used()) else None
+            )
+        plan = self._plan(slot, making_room=False)
+        if plan is None or not plan.now:
+            return None
+        slot.footprint = plan.footprint
+        return self._start(slot, now, preload=preload, placed=plan.placed)
+
+    # ------------------------------------------------------------------------------------------ placement
+
+    def where(self, profile: str) -> _Plan | None:
+        """The dry run: where a start of `profile` would go now and what it would stop (None: it
+        cannot be held at all beside the pinned models). Decides nothing."""
+        return self._plan(self._slots[profile])
+
+    def _plan(self, slot: _Slot, *, making_room: bool = True) -> _Plan | None:
+        """The placement rule, whole. A fixed profile goes where its command line says. A placeable
+        one goes, in this order of preference: on one GPU where it fits beside what runs (the one it
+        fills best); else on the one GPU where making room stops the least, as `choose_victims`
+        orders what makes way (the worst model stopped decides, then how many); else split over the
+        fewest GPUs, in proportion to the room on each, when no single GPU can hold it; else, where
+        the profile allows it, partly in RAM. None when nothing can hold it beside pinned models.
+        With `making_room` false, only what fits now is considered (a preload stops nothing)."""
+        placement = slot.spec.placement
+        if placement is None:
+            option = self._option(slot, dict(slot.footprint), None)
+            return option if option is not None and (making_room or option.now) else None
+        placement = dataclasses.replace(placement, need=slot.need)
+        base = dict(slot.spec.footprint)
+        used = self.used()
+        pinned = self._pinned_usage(exclude=slot)
+        free = room(placement.gpus, used, self._budget)
+        capacity = room(placement.gpus, pinned, self._budget)
+        tiers: list[list[tuple[dict[str, int], Placed]]] = [
+            [({**base, **on_one(placement, gpu)}, Placed((gpu,), need=slot.need)) for gpu in placement.gpus]
+        ]
+        if placement.split:
+            split_tier = []
+            for space in (free, capacity):
+                split = split_over(placement, space)
+                if split is not None:
+                    amounts, shares = split
+                    split_tier.append(({**base, **amounts}, Placed(tuple(amounts), shares, need=slot.need)))
+            tiers.append(split_tier)
+        if placement.ram:
+            ram_tier = []
+            for space in (free, capacity):
+                part = partly_in_ram(placement, space)
+                if part is not None:
+                    gpu, on_gpu = part
+                    rest = slot.need - on_gpu
+                    footprint = {**base, gpu: on_gpu, "ram": base.get("ram", 0) + rest}
+                    ram_tier.append((footprint, Placed((gpu,), ram=rest, need=slot.need)))
+            if not ram_tier:  # no GPU has any room: all of it in RAM
+                footprint = {**base, "ram": base.get("ram", 0) + slot.need}
+                ram_tier.append((footprint, Placed((), ram=slot.need, need=slot.need)))
+            tiers.append(ram_tier)
+        for tier in tiers:
+            options = [
+                option
+                for footprint, placed in tier
+                if (option := self._option(slot, footprint, placed)) is not None
+                and (making_room or option.now)
+            ]
+            if options:
+                return min(options, key=lambda option: self._cost(slot, option, free))
+        return None
+
+    def _option(self, slot: _Slot, footprint: dict[str, int], placed: Placed | None) -> _Plan | None:
+        """One way to start `slot`: at once, once what is stopping is gone, or after stopping the
+        models `choose_victims` picks; None if pinned models leave it no room there."""
+        if self._fits(footprint, self.used()):
+            return _Plan(footprint, placed, [], now=True)
+        if not self._fits(footprint, self._pinned_usage(exclude=slot)):
+            return None
+        projected = self._projected()
+        if self._fits(footprint, projected):
+            return _Plan(footprint, placed, [], now=False)
+        victims = choose_victims(self._others(slot), footprint, projected, self._budget, drain_busy=True)
+        left = dict(projected)
+        for victim in victims:
+            _subtract(left, victim)
+        return _Plan(footprint, placed, victims, now=False, enough=self._fits(footprint, left))
+
+    @staticmethod
+    def _cost(slot: _Slot, option: _Plan, free: Mapping[str, int]) -> tuple[object, ...]:
+        """How much an option stops: nothing at all first (the one that leaves least room unused on
+        its GPUs, so big holes stay for big models); then the GPUs it already waits on; then the
+        option whose most valued victim ranks lowest in the eviction order, then fewer victims."""
+        gpus = option.placed.gpus if option.placed is not None else ()
+        if option.now:
+            leftover = sum(free.get(gpu, 0) - option.footprint.get(gpu, 0) for gpu in gpus)
+            return (0, leftover)
+        worst = max((_eviction_key(victim) for victim in option.victims), default=None)
+        return (
+            1,
+            gpus != slot.target,
+            not option.enough,
+            worst is not None,
+            worst or (),
+            len(option.victims),
+        )
 
     def _preload(self, now: float) -> list[Decision]:
         """Warm standby: start `standby` profiles into memory that nobody is waiting for."""
@@ -726,9 +893,9 @@ class Scheduler:
                 slot.spec.standby
                 and slot.state is State.COLD
                 and not slot.preload_held
-                and self._fits(slot.footprint, self.used())
+                and (start := self._start_if_it_fits(slot, now, preload=True)) is not None
             ):
-                decisions.append(self._start(slot, now, preload=True))
+                decisions.append(start)
         return decisions
 
     def _too_large(self, slot: _Slot) -> str:
@@ -738,8 +905,17 @@ class Scheduler:
             for other in self._slots.values()
             if other is not slot and other.state in (State.STARTING, State.READY, State.STOPPING)
         ]
+        need = describe(slot.footprint)
+        placement = slot.spec.placement
+        if placement is not None:  # placed: what it needs on GPUs, whole or split over its own
+            need = f"{size_text(slot.need)} on {', '.join(placement.gpus) or 'no GPU'}" + (
+                "" if placement.split else " (placement: {split: false}: on one of them)"
+            )
+            off_gpus = {device: amount for device, amount in slot.spec.footprint.items() if amount}
+            if describe(off_gpus) != "nothing":
+                need += f" and {describe(off_gpus)}"
         return (
-            f"model {slot.spec.name!r} needs {describe(slot.footprint)}: more than the budget "
+            f"model {slot.spec.name!r} needs {need}: more than the budget "
             f"({describe(self._budget)}) leaves beside pinned models; resident now: "
             f"{'; '.join(resident) or 'none'}"
         )
@@ -779,6 +955,8 @@ class Scheduler:
         for victim in choose_victims(
             self._others(wanted), wanted.footprint, projected, self._budget, drain_busy=True
         ):
+            if wanted.spec.placement is not None and victim.spec.name not in wanted.room_made:
+                wanted.room_made += (victim.spec.name,)
             if victim.state is State.STARTING:
                 decisions.append(self._stop(victim, f"preload gave way to {wanted.spec.name!r}"))
                 continue
@@ -851,15 +1029,7 @@ def choose_victims(
             or (slot.state is State.READY and (drain_busy or not slot.in_flight))
         )
     ]
-    evictable.sort(
-        key=lambda slot: (
-            slot.state is not State.STARTING,
-            bool(slot.in_flight),
-            slot.draining_since is None,
-            slot.spec.priority,
-            slot.last_used,
-        )
-    )
+    evictable.sort(key=_eviction_key)
     left = dict(projected)
     victims: list[_Slot] = []
     for slot in evictable:
@@ -873,9 +1043,20 @@ def choose_victims(
     return victims
 
 
+def _eviction_key(slot: _Slot) -> tuple[bool, bool, bool, int, float]:
+    """The eviction order: the lower, the sooner a model makes way (see `choose_victims`)."""
+    return (
+        slot.state is not State.STARTING,
+        bool(slot.in_flight),
+        slot.draining_since is None,
+        slot.spec.priority,
+        slot.last_used,
+    )
+
+
 def _new_slot(spec: ProfileSpec) -> _Slot:
     """The state of a profile the scheduler has just been told of: cold, or failed if it cannot run."""
-    slot = _Slot(spec, dict(spec.footprint))
+    slot = _Slot(spec, dict(spec.footprint), need=spec.placement.need if spec.placement else 0)
     if spec.cannot_run:
         slot.state, slot.last_error = State.FAILED, spec.cannot_run
     return slot
