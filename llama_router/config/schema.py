@@ -26,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from llama_router.config.placement import PlacementOptions, PlacementSetting, fixed_by, options
 from llama_router.core.devices import LEASED_PREFIX
 
 # Flags the router owns on every upstream's command line; a profile may not set them in `args`.
@@ -94,6 +95,12 @@ class MemoryConfig(_Strict):
     gpu_headroom: int = Field(default=512, ge=0, description="MiB kept free on each detected GPU")
     ram_headroom: int = Field(default=2048, ge=0, description="MiB of detected RAM kept free")
     nvml: bool = Field(default=True, description="read NVIDIA GPUs through NVML")
+    exclude: list[str] = Field(
+        default_factory=list, description="GPUs ('gpu1', ...) the router places no model on"
+    )
+    keep_free: dict[str, int] = Field(
+        default_factory=dict, description="MiB kept free of models on a GPU ('gpu0': 4096), beyond headroom"
+    )
     rpc: dict[str, int] = Field(
         default_factory=dict,
         description="MiB each llama.cpp rpc-server worker ('host:port') may hold; a profile's `rpc:` "
@@ -110,6 +117,24 @@ class MemoryConfig(_Strict):
             if mib < 0:
                 raise ValueError(f"{worker}: must be >= 0 MiB")
         return rpc
+
+    @field_validator("exclude")
+    @classmethod
+    def _excluded_gpus(cls, exclude: list[str]) -> list[str]:
+        for gpu in exclude:
+            if not re.fullmatch(r"gpu\d+", gpu):
+                raise ValueError(f"unknown GPU {gpu!r}; use 'gpu0', 'gpu1', ...")
+        return exclude
+
+    @field_validator("keep_free")
+    @classmethod
+    def _kept_free(cls, keep_free: dict[str, int]) -> dict[str, int]:
+        for gpu, mib in keep_free.items():
+            if not re.fullmatch(r"gpu\d+", gpu):
+                raise ValueError(f"unknown GPU {gpu!r}; use 'gpu0', 'gpu1', ...")
+            if mib < 0:
+                raise ValueError(f"{gpu}: must be >= 0 MiB")
+        return keep_free
 
     @field_validator("gpus")
     @classmethod
@@ -364,6 +389,18 @@ class Profile(_Strict):
     min_context: int | None = Field(
         default=None, gt=0, description="tokens per request its clients need (default: server.min_context)"
     )
+    placement: PlacementSetting | None = Field(
+        default=None,
+        description="which GPUs it runs on, chosen at each start: 'auto' (the default where args and env "
+        "fix no device), a list of GPUs it may go on, or {gpus, split, ram}",
+    )
+
+    @field_validator("placement")
+    @classmethod
+    def _placement_gpus(cls, placement: PlacementSetting | None) -> PlacementSetting | None:
+        if isinstance(placement, list):
+            PlacementOptions(gpus=tuple(placement))  # the same check as the mapping's
+        return placement
 
     @field_validator("footprint")
     @classmethod
@@ -585,6 +622,8 @@ class ResolvedProfile(BaseModel):
     removable: bool = False  # created by POST /models: DELETE /models may remove it
     rpc: tuple[str, ...] = ()  # llama.cpp rpc-server workers ("host:port") it is split across
     origin: Origin = "profile"
+    placement: PlacementOptions | None = None  # None: its args or env fix its devices
+    fixed_by: str | None = None  # what fixes them (a flag or variable), for `check`
 
     @property
     def user_alias(self) -> str | None:
@@ -915,6 +954,11 @@ def _resolve(
         )
         problems.append(f"profiles.{name}.binary: no executable found for {where}")
         binary = Path(profile.binary or "llama-server")
+    fixed = fixed_by(profile.args, profile.env) or ("rpc" if profile.rpc else None)
+    if fixed and profile.placement is not None:
+        raise ConfigError(
+            f"{source}: profiles.{name}.placement: its devices are fixed by {fixed}; remove one or the other"
+        )
     resolved = ResolvedProfile(
         name=name,
         model_path=model_path,
@@ -943,6 +987,8 @@ def _resolve(
         removable=origin == "api",
         origin=origin,
         rpc=tuple(profile.rpc),
+        placement=None if fixed else options(profile.placement),
+        fixed_by=fixed,
     )
     return resolved, problems
 

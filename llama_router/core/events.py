@@ -41,6 +41,14 @@ class Loading(Event):
 
     kind: ClassVar[str] = "loading"
     model: str
+    placement: dict[str, object] | None = None  # where the router placed it and why
+
+    def json(self) -> dict[str, Any]:
+        """Sent with `placement` only where the router placed the model."""
+        data = super().json()
+        if self.placement is None:
+            del data["placement"]
+        return data
 
 
 @dataclass(frozen=True)

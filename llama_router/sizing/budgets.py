@@ -7,11 +7,15 @@ without starting anything.
 
 from __future__ import annotations
 
+import dataclasses
+
 from llama_router.config.schema import ResolvedProfile, RouterConfig
 from llama_router.config.state import state_dir
 from llama_router.core.devices import device_name, worker_of
+from llama_router.core.placement import Placement
 from llama_router.sizing.footprint import FootprintStore, Sources, estimate
 from llama_router.sizing.memory import MIB, Device, detect_devices, rpc_devices
+from llama_router.sizing.placement import off_gpus, placement_of
 
 
 class Sizing:
@@ -28,6 +32,7 @@ class Sizing:
             use_nvml=memory.nvml,
             rpc_mib=memory.rpc,
         )
+        self.devices = _kept_free(self.devices, memory.keep_free)
         self.footprints = FootprintStore(state_dir(config) / "footprints.json")
 
     def reconfigure(self, config: RouterConfig) -> None:
@@ -44,6 +49,13 @@ class Sizing:
 
     def initial_footprint(self, profile: ResolvedProfile) -> dict[str, int]:
         return self.with_claims(profile, self.footprint_and_source(profile)[0])
+
+    def placed_footprint(self, profile: ResolvedProfile) -> tuple[dict[str, int], Placement | None]:
+        """What the scheduler is told of a profile: its footprint, and for one the router places,
+        the footprint without its GPU part and the placement data (what it needs on one GPU)."""
+        footprint = self.initial_footprint(profile)
+        placement = placement_of(profile, footprint, self.devices, self.config.server.memory.exclude)
+        return (footprint, None) if placement is None else (off_gpus(footprint), placement)
 
     def footprint_and_source(self, profile: ResolvedProfile) -> tuple[dict[str, int], str]:
         """A configured footprint, else one learned on an earlier load, else the GGUF estimate."""
@@ -79,6 +91,16 @@ class Sizing:
         for worker in profile.rpc:
             claimed[device_name(worker)] = max(claimed.get(device_name(worker), 0), 1)
         return claimed
+
+
+def _kept_free(devices: list[Device], keep_free: dict[str, int]) -> list[Device]:
+    """The devices with `server.memory.keep_free` taken off their budgets."""
+    return [
+        dataclasses.replace(device, budget=max(0, device.budget - keep_free[device.name] * MIB))
+        if device.name in keep_free
+        else device
+        for device in devices
+    ]
 
 
 def _with_rpc_budgets(devices: list[Device], config: RouterConfig) -> list[Device]:

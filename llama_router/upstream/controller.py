@@ -42,6 +42,7 @@ from llama_router.core.events import (
     Unhealthy,
     context_event,
 )
+from llama_router.core.placement import Placed
 from llama_router.core.scheduler import (
     Decision,
     Dispatch,
@@ -58,6 +59,7 @@ from llama_router.core.scheduler import (
 from llama_router.sizing.budgets import Sizing
 from llama_router.sizing.buffer_log import BufferTally
 from llama_router.sizing.memory import MIB, nvml_usage_by_pid, page_in
+from llama_router.sizing.placement import launch_settings
 from llama_router.upstream.child_protocol import LoadProgress
 from llama_router.upstream.context_cache import ContextKeeper
 from llama_router.upstream.downloads import PendingModel
@@ -200,10 +202,12 @@ class Controller:
         self.slots = SlotReader(self._read_slots, self.now)
 
     def _spec(self, profile: ResolvedProfile) -> ProfileSpec:
+        footprint, placement = self.sizing.placed_footprint(profile)
         return ProfileSpec(
             profile.name,
-            self.sizing.initial_footprint(profile),
+            footprint,
             profile.load_timeout,
+            placement=placement,
             pinned=profile.pinned,
             priority=profile.priority,
             standby=profile.standby,
@@ -234,7 +238,7 @@ class Controller:
         specs = []
         for profile in config.profiles.values():
             spec = self._spec(profile)
-            if profile.name in summary["kept"] and profile.footprint_mib is None:
+            if profile.name in summary["kept"] and profile.footprint_mib is None and spec.placement is None:
                 # Same process, same use: keep what was learned from it.
                 spec = dataclasses.replace(spec, footprint=self.view(profile.name).footprint)
             specs.append(spec)
@@ -403,7 +407,7 @@ class Controller:
                 if waiter is not None and not waiter.done():
                     waiter.set_exception(refusal(decision))
             elif isinstance(decision, Start):
-                self._spawn(self._start(decision.profile, self._launch(decision.profile)))
+                self._spawn(self._start(decision.profile, self._launch(decision.profile, decision.placed)))
             elif isinstance(decision, Stop):
                 # The process stopped is the one running when the stop is decided, not a later one;
                 # told now, so that no `stopped` (a spawn that never happened) is reported before.
@@ -507,13 +511,15 @@ class Controller:
             )
         )
 
-    def _launch(self, name: str) -> Upstream | None:
+    def _launch(self, name: str, placed: Placed | None = None) -> Upstream | None:
         """The upstream a `Start` decided, registered (and its load told) at once: a `Stop` decided
-        before its process exists finds it there and marks it, and the spawn carries the stop out."""
+        before its process exists finds it there and marks it, and the spawn carries the stop out.
+        A placed model sees only its GPUs (and a split gets its `--tensor-split`)."""
         profile = self.config.profiles.get(name)
         if profile is None:  # a reload removed it between the decision and now
             return None
         server = self.config.server
+        env, args = launch_settings(placed, profile, self.sizing.devices) if placed else ({}, [])
         upstream = Upstream(
             profile,
             log_lines=server.log_lines,
@@ -521,13 +527,19 @@ class Controller:
             owner_tag=self.owner_tag,
             on_output=self._record_output,
             on_progress=self._record_progress,
-            extra_args=self.contexts.extra_args(profile),
+            extra_args=[*self.contexts.extra_args(profile), *args],
+            extra_env=env,
             socket_dir=self._socket_dir,
         )
         self.upstreams[name] = upstream
-        self._tallies[name] = BufferTally.of(profile, self.sizing.devices)
-        self.events.emit(Loading(name))
-        self.logs[name].append(f"[llama-router] starting: {' '.join(profile.shown_command())}")
+        self._tallies[name] = BufferTally(
+            self.sizing.devices, [*profile.args, *args], {**profile.env, **env}, f"llama-server for {name!r}"
+        )
+        self.events.emit(Loading(name, placed.describe() if placed else None))
+        shown = " ".join([*(f"{key}={value}" for key, value in env.items()), *profile.shown_command(), *args])
+        self.logs[name].append(f"[llama-router] starting: {shown}")
+        if placed is not None:
+            log.info("placing %s: %s", name, placed.why)
         return upstream
 
     def _not_started(self, upstream: Upstream, reason: str) -> None:
@@ -719,6 +731,7 @@ class Controller:
                     "standby": view.standby,
                     "footprint": {k: v for k, v in view.footprint.items() if k != "slots"},
                     "footprint_why": self.sizing.footprint_why(self.config.profiles.get(view.name)),
+                    "placement": view.placed.describe() if view.placed else None,
                 }
             )
         return rows

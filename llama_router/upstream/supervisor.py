@@ -236,10 +236,12 @@ class Upstream:
         on_progress: Callable[[str, LoadProgress], None] | None = None,
         extra_args: list[str] | None = None,
         socket_dir: Path | None = None,
+        extra_env: dict[str, str] | None = None,
     ) -> None:
         self.profile = profile
         self.served_name = profile.served_name  # read by every request's lease: worked out once
         self.extra_args = extra_args or []
+        self.extra_env = extra_env or {}  # where it was placed: the GPUs it may see
         self.host = host
         self.port = 0
         self.socket_dir = socket_dir  # a private directory for its Unix socket; None: TCP only
@@ -334,7 +336,7 @@ class Upstream:
             if self._own_session is not None:
                 await self._own_session.close()
             raise StoppedBeforeSpawn(self.profile.name)
-        env = {**os.environ, **self.profile.env}
+        env = {**os.environ, **self.profile.env, **self.extra_env}
         if self.owner_tag:
             env[OWNER_ENV] = self.owner_tag
         self.reports_load = await reports_its_load(self.profile)
