@@ -10,7 +10,7 @@ import os
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -245,9 +245,23 @@ def describe_limits(server: ServerConfig) -> str:
     )
 
 
+def describe_placement(answer: Mapping[str, Any]) -> str:
+    """A dry run's answer in one line, for `check` (on an idle machine)."""
+    if answer.get("fixed_by"):
+        return f"where its profile says ({answer['fixed_by']})"
+    if not answer.get("fits"):
+        return f"nowhere: {answer.get('why')}"
+    placement = answer.get("placement")
+    if isinstance(placement, dict):
+        return f"by the router at each start; on an idle machine: {placement['why']}"
+    return "where llama-server puts it (no choice of GPU here, or no GPU part known before its first load)"
+
+
 def _check(args: argparse.Namespace) -> int:
     from llama_router.core.devices import describe
+    from llama_router.core.scheduler import Rules, Scheduler
     from llama_router.sizing.budgets import Sizing
+    from llama_router.sizing.placement import dry_run
 
     config, findings = _load_found(args)
     sizing = Sizing(config)
@@ -267,12 +281,16 @@ def _check(args: argparse.Namespace) -> int:
         print(f"  {line}")
     for line in describe_found(config, findings):
         print(f"  {line}")
+    idle = Scheduler(
+        [sizing.spec(profile) for profile in config.profiles.values()], sizing.budget(), Rules(0.0)
+    )
     for name, profile in config.profiles.items():
         print(f"- {name}" + (f" (aliases: {', '.join(profile.aliases)})" if profile.aliases else ""))
         footprint, source = sizing.footprint_and_source(profile)
         for label, value in [
             *describe_profile(config, name),
             ("memory", f"{describe(footprint)} ({source})"),
+            ("placed", describe_placement(dry_run(idle.where(name), profile))),
         ]:
             print(f"    {label + ':':<9}{value}")
     return 0

@@ -40,6 +40,13 @@ Behaviour / fault flags:
                            compute, rs (``--buffer model:CUDA0:8000`` prints
                            ``load_tensors:        CUDA0 model buffer size =  8000.00 MiB``); repeatable
 ``--replay FILE``          print the lines of a llama.cpp log (``#`` lines left out) while loading
+``--gpu-mib N``            the model takes N MiB of GPU memory, spread over the GPUs of the fake
+                           NVML machine (``$FAKE_NVML``) that this process sees as llama.cpp would:
+                           ``CUDA_VISIBLE_DEVICES`` (else ``HIP_VISIBLE_DEVICES``) chooses and
+                           numbers them, in PCI bus order only under ``CUDA_DEVICE_ORDER=PCI_BUS_ID``
+                           (else fastest first, as the machine says), shared as ``--tensor-split``
+                           says (evenly without it); one ``CUDA<k> model buffer`` line each, and the
+                           same bytes registered with the fake NVML on the machine's GPUs
 ``--nvml-mib GPU=MIB``     tell the fake NVML (tests/fake_nvml, ``$FAKE_NVML``) that this process
                            uses MIB on that GPU, as the driver would report it; repeatable
 ``--drop-kept-alive``      a request that is not its connection's first is counted, then its
@@ -157,7 +164,7 @@ FINGERPRINT = "fake_upstream"
 # llama-server short options we understand; mapped to long ones before parsing
 # so that argparse never treats other short llama-server flags (-mg, -md, -ctk,
 # -hf, ...) as "-m g", "-c tk", "-h f".
-SHORT_ALIASES = {"-m": "--model", "-c": "--ctx-size", "-np": "--parallel"}
+SHORT_ALIASES = {"-m": "--model", "-c": "--ctx-size", "-np": "--parallel", "-ts": "--tensor-split"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -191,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--buffer", action="append", default=[], metavar="KIND:NAME:MIB")
     p.add_argument("--replay", default=None, metavar="FILE")
     p.add_argument("--nvml-mib", action="append", default=[], metavar="GPU=MIB")
+    p.add_argument("--gpu-mib", type=float, default=None, metavar="N")
+    p.add_argument("--tensor-split", default=None, metavar="A,B,...")
     p.add_argument("--drop-kept-alive", action="store_true")
     p.add_argument("--accepts-unix-socket", action="store_true")
     p.add_argument("--slots", action="store_true")
@@ -792,6 +801,46 @@ def buffer_line(spec: str) -> str:
     return BUFFER_FORMATS[kind].format(name=name, mib=float(mib))
 
 
+def seen_gpus() -> list[int]:
+    """The fake NVML machine's GPUs (their NVML indices) this process sees, in the order it numbers
+    them: CUDA's default order is fastest first (the machine's `fastest_first`, else NVML's), PCI
+    bus order (NVML's) under CUDA_DEVICE_ORDER=PCI_BUS_ID; the visible-devices variable then picks
+    and orders among them, an index past the end hiding the rest."""
+    with open(os.path.join(os.environ["FAKE_NVML"], "machine.json")) as machine_file:
+        machine = json.load(machine_file)
+    order = list(range(len(machine.get("gpus", []))))
+    if os.environ.get("CUDA_DEVICE_ORDER") != "PCI_BUS_ID":
+        order = list(machine.get("fastest_first") or order)
+    chosen = os.environ.get("CUDA_VISIBLE_DEVICES", os.environ.get("HIP_VISIBLE_DEVICES"))
+    if chosen is None:
+        return order
+    seen: list[int] = []
+    for part in chosen.split(","):
+        if not part.strip().isdigit() or int(part) >= len(order):
+            break
+        seen.append(order[int(part)])
+    return seen
+
+
+def place_gpu_buffers(gpu_mib: float, tensor_split: str | None) -> None:
+    """Log the model's GPU buffers as llama.cpp would where it sees its GPUs, and tell the NVML."""
+    gpus = seen_gpus()
+    if not gpus:
+        log(f"load_tensors: {'CPU_Mapped':>12} model buffer size = {gpu_mib:8.2f} MiB")
+        return
+    shares = [float(x) for x in tensor_split.split(",")] if tensor_split else [1.0] * len(gpus)
+    shares = (shares + [0.0] * len(gpus))[: len(gpus)]
+    total = sum(shares) or 1.0
+    used: dict[str, float] = {}
+    for ordinal, (gpu, share) in enumerate(zip(gpus, shares, strict=True)):
+        if share <= 0:
+            continue
+        mib = gpu_mib * share / total
+        log(buffer_line(f"model:CUDA{ordinal}:{mib:.2f}"))
+        used[str(gpu)] = mib
+    register_gpu_use([f"{gpu}={mib}" for gpu, mib in used.items()])
+
+
 def register_gpu_use(specs: list[str]) -> None:
     """What this process uses per GPU, where the fake NVML reads it as the driver's figure."""
     used = dict(spec.split("=") for spec in specs)
@@ -833,6 +882,8 @@ async def serve(args: argparse.Namespace) -> None:
                     log(line.rstrip("\n"))
     if args.nvml_mib:
         register_gpu_use(args.nvml_mib)
+    if args.gpu_mib is not None:
+        place_gpu_buffers(args.gpu_mib, args.tensor_split)
     child = args.child_protocol if "LLAMA_SERVER_ROUTER_PORT" in os.environ else None
     if child == "llama":
         for step in range(4):

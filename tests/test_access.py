@@ -42,6 +42,7 @@ CALLS: list[tuple[str, str, Any, Access]] = [
     ("GET", "/lora-adapters?model=nope", None, Access.INFERENCE),
     ("GET", "/metrics", None, Access.INFERENCE),
     ("GET", "/running", None, Access.INFERENCE),
+    ("GET", "/placement?model=m", None, Access.INFERENCE),
     ("GET", "/events", None, Access.INFERENCE),
     ("GET", "/models/sse", None, Access.INFERENCE),
     ("GET", "/logs/m", None, Access.INFERENCE),

@@ -222,7 +222,7 @@ class ProfileView:
 
 
 @dataclass
-class _Plan:
+class Plan:
     """Where a start would go now and what would make way for it (the dry run shows the same)."""
 
     footprint: dict[str, int]
@@ -230,6 +230,11 @@ class _Plan:
     victims: list[_Slot]
     now: bool  # it fits beside what holds memory now: start at once
     enough: bool = True  # the victims free enough (busy loads cannot be stopped: it may wait longer)
+
+    @property
+    def stops(self) -> list[str]:
+        """The models it would stop, in the order they go."""
+        return [victim.spec.name for victim in self.victims]
 
 
 @dataclass(frozen=True)
@@ -792,12 +797,12 @@ class Scheduler:
 
     # ------------------------------------------------------------------------------------------ placement
 
-    def where(self, profile: str) -> _Plan | None:
+    def where(self, profile: str) -> Plan | None:
         """The dry run: where a start of `profile` would go now and what it would stop (None: it
         cannot be held at all beside the pinned models). Decides nothing."""
         return self._plan(self._slots[profile])
 
-    def _plan(self, slot: _Slot, *, making_room: bool = True) -> _Plan | None:
+    def _plan(self, slot: _Slot, *, making_room: bool = True) -> Plan | None:
         """The placement rule, whole. A fixed profile goes where its command line says. A placeable
         one goes, in this order of preference: on one GPU where it fits beside what runs (the one it
         fills best); else on the one GPU where making room stops the least, as `choose_victims`
@@ -850,24 +855,24 @@ class Scheduler:
                 return min(options, key=lambda option: self._cost(slot, option, free))
         return None
 
-    def _option(self, slot: _Slot, footprint: dict[str, int], placed: Placed | None) -> _Plan | None:
+    def _option(self, slot: _Slot, footprint: dict[str, int], placed: Placed | None) -> Plan | None:
         """One way to start `slot`: at once, once what is stopping is gone, or after stopping the
         models `choose_victims` picks; None if pinned models leave it no room there."""
         if self._fits(footprint, self.used()):
-            return _Plan(footprint, placed, [], now=True)
+            return Plan(footprint, placed, [], now=True)
         if not self._fits(footprint, self._pinned_usage(exclude=slot)):
             return None
         projected = self._projected()
         if self._fits(footprint, projected):
-            return _Plan(footprint, placed, [], now=False)
+            return Plan(footprint, placed, [], now=False)
         victims = choose_victims(self._others(slot), footprint, projected, self._budget, drain_busy=True)
         left = dict(projected)
         for victim in victims:
             _subtract(left, victim)
-        return _Plan(footprint, placed, victims, now=False, enough=self._fits(footprint, left))
+        return Plan(footprint, placed, victims, now=False, enough=self._fits(footprint, left))
 
     @staticmethod
-    def _cost(slot: _Slot, option: _Plan, free: Mapping[str, int]) -> tuple[object, ...]:
+    def _cost(slot: _Slot, option: Plan, free: Mapping[str, int]) -> tuple[object, ...]:
         """How much an option stops: nothing at all first (the one that leaves least room unused on
         its GPUs, so big holes stay for big models); then the GPUs it already waits on; then the
         option whose most valued victim ranks lowest in the eviction order, then fewer victims."""

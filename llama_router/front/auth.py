@@ -94,6 +94,7 @@ ACCESS: tuple[Rule, ...] = (
     Rule("GET", "/lora-adapters", Access.INFERENCE, "`?model=`: that model's read-only page"),
     Rule("GET", "/metrics", Access.INFERENCE, "the router's metrics (`?model=`: that model's)"),
     Rule("GET", "/running", Access.INFERENCE, "what runs"),
+    Rule("GET", "/placement", Access.INFERENCE, "`?model=`: where it would go now, what it would stop"),
     Rule("GET", "/events", Access.INFERENCE, "lifecycle events (SSE)"),
     Rule("GET", "/models/sse", Access.INFERENCE, "router mode's events (SSE)"),
     Rule("GET", "/logs/{model}", Access.INFERENCE, "a model's output"),

@@ -250,6 +250,7 @@ class Api:
         router.add_post("/models/load", self.load)
         router.add_post("/models/unload", self.unload)
         router.add_get("/running", self.running)
+        router.add_get("/placement", self.placement)
         router.add_post("/unload", self.unload_all)  # POST only: a page's link or image cannot unload
         router.add_route("*", "/upstream", self.upstream)
         router.add_route("*", "/upstream/{tail:.*}", self.upstream)
@@ -412,6 +413,14 @@ class Api:
                 "peers": self.controller.peers.describe(),
             }
         )
+
+    async def placement(self, request: web.Request) -> web.Response:
+        """`/placement?model=<name>`: where that model would go if it started now, and what it would
+        stop to make room. A dry run: nothing starts or stops."""
+        model = request.query.get("model")
+        if not model:
+            raise RouterError(400, "give the model to place: /placement?model=<name>", code="missing_model")
+        return web.json_response(self.controller.where(self.proxy.profile_for(model)))
 
     # ------------------------------------------------------------------------------------------ control
 

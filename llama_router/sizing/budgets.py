@@ -13,6 +13,7 @@ from llama_router.config.schema import ResolvedProfile, RouterConfig
 from llama_router.config.state import state_dir
 from llama_router.core.devices import device_name, worker_of
 from llama_router.core.placement import Placement
+from llama_router.core.scheduler import ProfileSpec
 from llama_router.sizing.footprint import FootprintStore, Sources, estimate
 from llama_router.sizing.memory import MIB, Device, detect_devices, rpc_devices
 from llama_router.sizing.placement import off_gpus, placement_of
@@ -49,6 +50,21 @@ class Sizing:
 
     def initial_footprint(self, profile: ResolvedProfile) -> dict[str, int]:
         return self.with_claims(profile, self.footprint_and_source(profile)[0])
+
+    def spec(self, profile: ResolvedProfile) -> ProfileSpec:
+        """What the scheduler needs to know of a profile."""
+        footprint, placement = self.placed_footprint(profile)
+        return ProfileSpec(
+            profile.name,
+            footprint,
+            profile.load_timeout,
+            placement=placement,
+            pinned=profile.pinned,
+            priority=profile.priority,
+            standby=profile.standby,
+            ttl=profile.ttl,
+            cannot_run=profile.problem,
+        )
 
     def placed_footprint(self, profile: ResolvedProfile) -> tuple[dict[str, int], Placement | None]:
         """What the scheduler is told of a profile: its footprint, and for one the router places,

@@ -11,11 +11,13 @@ machine's GPUs (see `BufferTally`, which reads the buffers through the same vari
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 
 from llama_router.config.schema import ResolvedProfile
 from llama_router.core.placement import Placed, Placement
+from llama_router.core.scheduler import Plan
 from llama_router.sizing.footprint import GPU_MARGIN
 from llama_router.sizing.gguf import GGUFError, read_header
 from llama_router.sizing.memory import Device, is_gpu
@@ -84,3 +86,29 @@ def _block_count(profile: ResolvedProfile) -> int:
         log.warning("%s: cannot read its layer count for a partial offload: %s", profile.name, exc)
         return 0
     return int(header.arch_value("block_count", 0) or 0)
+
+
+def dry_run(plan: Plan | None, profile: ResolvedProfile) -> dict[str, object]:
+    """The answer to "where would this model go now, and what would it stop" (`GET /placement`,
+    `llama-router check`), from the scheduler's plan; decides nothing."""
+    answer: dict[str, object] = {
+        "model": profile.name,
+        "placed_by": "router" if profile.placement else "profile",
+    }
+    if profile.fixed_by:
+        answer["fixed_by"] = profile.fixed_by
+    if plan is None:
+        answer["fits"] = False
+        answer["why"] = "it cannot be held beside the pinned models"
+        return answer
+    stops = plan.stops
+    answer["fits"] = True
+    answer["now"] = plan.now
+    answer["devices"] = sorted(
+        device for device, amount in plan.footprint.items() if amount and device != "slots"
+    )
+    answer["footprint"] = {device: amount for device, amount in plan.footprint.items() if device != "slots"}
+    answer["would_stop"] = stops
+    if plan.placed is not None:
+        answer["placement"] = dataclasses.replace(plan.placed, stops=tuple(stops)).describe()
+    return answer

@@ -59,7 +59,7 @@ from llama_router.core.scheduler import (
 from llama_router.sizing.budgets import Sizing
 from llama_router.sizing.buffer_log import BufferTally
 from llama_router.sizing.memory import MIB, nvml_usage_by_pid, page_in
-from llama_router.sizing.placement import launch_settings
+from llama_router.sizing.placement import dry_run, launch_settings
 from llama_router.upstream.child_protocol import LoadProgress
 from llama_router.upstream.context_cache import ContextKeeper
 from llama_router.upstream.downloads import PendingModel
@@ -202,18 +202,7 @@ class Controller:
         self.slots = SlotReader(self._read_slots, self.now)
 
     def _spec(self, profile: ResolvedProfile) -> ProfileSpec:
-        footprint, placement = self.sizing.placed_footprint(profile)
-        return ProfileSpec(
-            profile.name,
-            footprint,
-            profile.load_timeout,
-            placement=placement,
-            pinned=profile.pinned,
-            priority=profile.priority,
-            standby=profile.standby,
-            ttl=profile.ttl,
-            cannot_run=profile.problem,
-        )
+        return self.sizing.spec(profile)
 
     async def reload(self, config: RouterConfig) -> dict[str, list[str]]:
         """Adopt a new config. Profiles whose process would run the same command keep running and
@@ -735,6 +724,10 @@ class Controller:
                 }
             )
         return rows
+
+    def where(self, name: str) -> dict[str, object]:
+        """The dry run: where a start of this profile would go now and what it would stop."""
+        return dry_run(self.scheduler.where(name), self.config.profiles[name])
 
     def budgets(self) -> dict[str, dict[str, Any]]:
         """Each device's budget and what resident models use of it, in bytes, and where the

@@ -4,8 +4,9 @@ The router reads NVIDIA GPUs through `import pynvml`; a test puts this directory
 process's PYTHONPATH (or this module into `sys.modules` for an in-process router) and describes the
 machine in `$FAKE_NVML/machine.json`:
 
-    {"gpus": [{"name": "NVIDIA GeForce RTX 4090", "total_mib": 24564, "used_mib": 400}],
-     "error": null}
+    {"gpus": [{"name": "NVIDIA GeForce RTX 4090", "total_mib": 24564, "used_mib": 400,
+               "pci_bus_id": "00000000:17:00.0"}],
+     "error": null, "fastest_first": null}
 
 `error` makes `nvmlInit` fail as a machine without a driver does: "library_not_found" (no NVIDIA
 driver installed) or "driver_not_loaded". What each process uses on each GPU, as the driver reports
@@ -144,9 +145,27 @@ def nvmlDeviceGetComputeRunningProcesses(handle: int) -> list[SimpleNamespace]:
     return found
 
 
-def write_machine(root: Path, gpus_mib: list[int], *, error: str | None = None) -> Path:
-    """Describe a machine for this module: one GPU of each size (MiB), or an NVML that fails."""
+def nvmlDeviceGetPciInfo(handle: int) -> SimpleNamespace:
+    """The GPU's PCI address; NVML lists GPUs in this (bus) order."""
+    return SimpleNamespace(busId=str(_gpus()[handle].get("pci_bus_id", f"00000000:{handle + 1:02X}:00.0")))
+
+
+def write_machine(
+    root: Path, gpus_mib: list[int], *, error: str | None = None, fastest_first: list[int] | None = None
+) -> Path:
+    """Describe a machine for this module: one GPU of each size (MiB) on its own PCI bus, in bus
+    order, or an NVML that fails. `fastest_first`: the order CUDA numbers them in by default (NVML
+    indices), which is not bus order on a machine with mixed GPUs."""
     (root / "processes").mkdir(parents=True, exist_ok=True)
-    gpus = [{"name": "NVIDIA GeForce RTX 4090", "total_mib": mib, "used_mib": 300} for mib in gpus_mib]
-    (root / "machine.json").write_text(json.dumps({"gpus": gpus, "error": error}))
+    gpus = [
+        {
+            "name": "NVIDIA GeForce RTX 4090",
+            "total_mib": mib,
+            "used_mib": 300,
+            "pci_bus_id": f"00000000:{0x17 + 0x20 * index:02X}:00.0",
+        }
+        for index, mib in enumerate(gpus_mib)
+    ]
+    machine = {"gpus": gpus, "error": error, "fastest_first": fastest_first}
+    (root / "machine.json").write_text(json.dumps(machine))
     return root
