@@ -574,11 +574,17 @@ class Scheduler:
         slot.restart_after_stop = True
         return self._stop_process(slot, now, force=False)
 
-    def footprint_measured(self, profile: str, footprint: Resources, now: float) -> list[Decision]:
+    def footprint_measured(
+        self, profile: str, footprint: Resources, now: float, *, placeable: ProfileSpec | None = None
+    ) -> list[Decision]:
         """The real use of a loaded model is known: replace the estimate, and if the budget is now
-        exceeded, stop idle models until it holds again (busy ones are not drained for this)."""
+        exceeded, stop idle models until it holds again (busy ones are not drained for this).
+        `placeable`: its spec now that its GPU part is known, for a model the router may place but
+        could not before (nothing told what it needs on a GPU); its next start is placed."""
         slot = self._slots[profile]
         slot.footprint = dict(footprint)
+        if placeable is not None and placeable.placement is not None and slot.spec.placement is None:
+            slot.spec, slot.need = placeable, placeable.placement.need
         placement = slot.spec.placement
         if placement is not None and slot.placed is not None:
             need = travelling_need(footprint, slot.placed, placement.split_extra)

@@ -293,6 +293,8 @@ class Api:
         entry["status"] = self._status(view)
         # Bytes per device it uses (learned once loaded) or is expected to use (configured or estimated).
         entry["memory"] = {device: amount for device, amount in view.footprint.items() if device != "slots"}
+        if view.placed is not None:  # where the router placed it at its last start, and why
+            entry["placement"] = view.placed.describe()
         return entry
 
     def models_payload(self) -> dict[str, Any]:

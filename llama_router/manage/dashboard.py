@@ -315,6 +315,7 @@ class Dashboard:
                     "source": model["footprint_source"],
                     "status": model["status"],
                     "progress": model["progress"],
+                    "placement": model["placement"],  # where the router placed it and why, or None
                 }
                 for model in models
                 if model["state"] in _RUNNING and model["footprint"].get(name)

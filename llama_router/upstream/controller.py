@@ -496,7 +496,10 @@ class Controller:
         self.events.emit(FootprintLearned(name, measured))
         self._apply(
             self.scheduler.footprint_measured(
-                name, self.sizing.with_claims(upstream.profile, measured), self.now()
+                name,
+                self.sizing.with_claims(upstream.profile, measured),
+                self.now(),
+                placeable=self.sizing.spec(upstream.profile),
             )
         )
 

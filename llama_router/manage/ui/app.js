@@ -437,6 +437,7 @@ function renderDevices() {
         h("td", {}, statusBadge(item.status), " ", progressBar(item.model, item.progress)),
         h("td", { class: "num" }, bytes(item.bytes)),
         h("td", {}, h("span", { class: `badge source-${item.source}` }, item.source)),
+        h("td", { class: "placement" }, item.placement ? item.placement.why : ""),
       ),
     );
     const free = Math.max(0, device.budget - device.used);
@@ -811,6 +812,7 @@ function mark(svg, at, y, color, label, title) {
 
 function describeEvent(event) {
   switch (event.event) {
+    case "loading": return event.placement ? `placed: ${event.placement.why}` : "";
     case "ready": return `loaded in ${seconds(event.load_seconds)}`;
     case "stopping": return event.reason;
     case "failed": case "unhealthy": return (event.reason || "").split("\n")[0];
