@@ -122,7 +122,7 @@ TIMINGS_SECONDS=$(since "$started")
 
 # ------------------------------------------------------------------------------------------ 4. footprints
 started=$(now)
-log "footprints estimated, learned and seen by nvidia-smi; NVML budgets; bare stop + start, up to 60 s"
+log "footprints estimated, learned and seen by nvidia-smi; both placed at once; NVML budgets; bare stop + start, up to 60 s"
 export BIN UPSTREAM_ARGS ROUNDS WORK
 timeout 60 "$PY" - "$WORK/models/gpu-a.gguf" "$WORK/models/gpu-b.gguf" > "$WORK/footprints.json" <<'EOF_PY' \
     || die "the footprint step failed or ran over 60 s (router log: $WORK/footprints/router.log)"
@@ -158,6 +158,15 @@ def smi_mib():
         capture_output=True, text=True, check=True,
     ).stdout
     return {int(pid): float(used) for pid, used in (line.split(",") for line in out.splitlines() if line.strip())}
+
+
+def env_of(pid):
+    """A process's environment (the visible-devices variable the router gave it)."""
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
 
 
 def estimates():
@@ -216,6 +225,22 @@ async def main():
                 }
                 async with session.post(router.url + "/models/unload", json={"model": name}) as response:
                     await response.read()
+            # Placement: both models at once on the GPU(s), where the router put them and why, and
+            # what the driver saw of each process there.
+            for name in profiles:
+                await chat(session, router.url, name)
+            async with session.get(router.url + "/running") as response:
+                both = await response.json()
+            seen = smi_mib()
+            result["placement"] = {
+                row["model"]: {
+                    "placement": row.get("placement"),
+                    "footprint_mib": in_mib(row["footprint"]),
+                    "nvidia_smi_mib": seen.get(row["pid"]),
+                    "cuda_visible_devices": env_of(row["pid"]).get("CUDA_VISIBLE_DEVICES"),
+                }
+                for row in both["running"]
+            }
             result["budgets_mib"] = {
                 device: {key: round(value / MIB, 1) if isinstance(value, int) else value for key, value in entry.items()}
                 for device, entry in running["budgets"].items()
@@ -267,6 +292,7 @@ result = {
     "bare_llama_server_swap": footprints["bare_llama_server_swap"],
     "loaded_model_overhead": real.get("overhead"),
     "footprints": footprints["models"],
+    "placement": footprints.get("placement"),
     "budgets": footprints["budgets_mib"],
     "memory_notes": footprints["memory_notes"],
     "timings_seconds": float(env["TIMINGS_SECONDS"]),
