@@ -219,6 +219,8 @@ def test_the_dry_run_says_where_and_what_it_would_stop_and_decides_nothing() -> 
     assert plan.placed.gpus == d.s.view("a").placed.gpus  # type: ignore[union-attr]
     assert [victim.spec.name for victim in plan.victims] == ["a"]
     assert d.s.view("a").state is State.READY and d.s.view("new").state is State.COLD
+    running = d.s.where("b")
+    assert running is not None and running.now and running.placed == d.s.view("b").placed, "where it is"
 
 
 def test_a_preload_is_placed_only_where_it_fits_and_stops_nothing() -> None:

@@ -177,10 +177,15 @@ async def test_the_dry_run_says_where_a_model_would_go_and_what_it_would_stop(
     async with router.session.get("/placement", params={"model": "c"}) as response:
         assert response.status == 200
         answer = await response.json()
-    assert answer["placed_by"] == "router" and answer["now"] is False
+    assert answer["placed_by"] == "router" and answer["now"] is False and answer["state"] == "cold"
     assert answer["would_stop"] == ["a"] and answer["placement"]["gpus"] == ["gpu0"]
     assert "by stopping 'a'" in answer["placement"]["why"]
     assert {row["model"] for row in (await running(router))["running"]} == {"a", "b"}, "it decided nothing"
+    async with router.session.get("/placement", params={"model": "a"}) as response:
+        answer = await response.json()
+    assert (
+        answer["state"] == "ready" and answer["would_stop"] == [] and answer["placement"]["gpus"] == ["gpu0"]
+    )
     async with router.session.get("/placement", params={"model": "f"}) as response:
         answer = await response.json()
     assert answer["placed_by"] == "profile" and answer["fixed_by"] == "env CUDA_VISIBLE_DEVICES"

@@ -805,8 +805,12 @@ class Scheduler:
 
     def where(self, profile: str) -> Plan | None:
         """The dry run: where a start of `profile` would go now and what it would stop (None: it
-        cannot be held at all beside the pinned models). Decides nothing."""
-        return self._plan(self._slots[profile])
+        cannot be held at all beside the pinned models); for a model loading or loaded, where it is.
+        Decides nothing."""
+        slot = self._slots[profile]
+        if slot.state in (State.STARTING, State.READY):
+            return Plan(dict(slot.footprint), slot.placed, [], now=True)
+        return self._plan(slot)
 
     def _plan(self, slot: _Slot, *, making_room: bool = True) -> Plan | None:
         """The placement rule, whole. A fixed profile goes where its command line says. A placeable

@@ -730,7 +730,8 @@ class Controller:
 
     def where(self, name: str) -> dict[str, object]:
         """The dry run: where a start of this profile would go now and what it would stop."""
-        return dry_run(self.scheduler.where(name), self.config.profiles[name])
+        answer = dry_run(self.scheduler.where(name), self.config.profiles[name])
+        return {**answer, "state": self.scheduler.view(name).state.value}
 
     def budgets(self) -> dict[str, dict[str, Any]]:
         """Each device's budget and what resident models use of it, in bytes, and where the
