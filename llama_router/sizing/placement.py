@@ -109,6 +109,7 @@ def dry_run(plan: Plan | None, profile: ResolvedProfile) -> dict[str, object]:
     )
     answer["footprint"] = {device: amount for device, amount in plan.footprint.items() if device != "slots"}
     answer["would_stop"] = stops
-    if plan.placed is not None:
-        answer["placement"] = dataclasses.replace(plan.placed, stops=tuple(stops)).describe()
+    if plan.placed is not None:  # a loaded model's is where it went, with what was stopped for it then
+        placed = dataclasses.replace(plan.placed, stops=tuple(stops)) if stops else plan.placed
+        answer["placement"] = placed.describe()
     return answer
