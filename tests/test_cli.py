@@ -67,6 +67,41 @@ def test_check_prints_binary_model_and_command(
     assert "--chunks 3" in out and "--port <auto>" in out and f"--model {dummy_model}" in out
 
 
+def test_check_says_where_each_profile_would_be_placed_on_an_idle_machine(
+    tmp_path: Path, dummy_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "profiles.yaml"
+    profiles = {
+        "a_big": fake_profile(dummy_model, footprint={"gpu0": 30000}),
+        "b_small": fake_profile(dummy_model, footprint={"gpu0": 8000}, placement={"split": False}),
+        "c_by_hand": fake_profile(dummy_model, env={"CUDA_VISIBLE_DEVICES": "1"}),
+        "d_too_big": fake_profile(dummy_model, footprint={"gpu0": 30000}, placement={"split": False}),
+    }
+    memory = {"gpus": [24000, 24000], "ram": 64000}
+    path.write_text(yaml.safe_dump({"server": {"memory": memory}, "profiles": profiles}))
+    assert main(["check", "-c", str(path)]) == 0
+    placed = [
+        line.strip() for line in capsys.readouterr().out.splitlines() if line.strip().startswith("placed:")
+    ]
+    assert placed[0].startswith(
+        "placed:  by the router at each start; on an idle machine: split over gpu0, gpu1"
+    )
+    assert placed[1] == "placed:  by the router at each start; on an idle machine: fits on gpu0"
+    assert placed[2] == "placed:  where its profile says (env CUDA_VISIBLE_DEVICES)"
+    assert placed[3].startswith("placed:  nowhere:")
+
+
+def test_a_placement_on_a_profile_that_fixes_its_devices_is_a_config_error(
+    tmp_path: Path, dummy_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "profiles.yaml"
+    profile = fake_profile(dummy_model, "--device", "CUDA1", placement="auto")
+    path.write_text(yaml.safe_dump({"profiles": {"a": profile}}))
+    assert main(["check", "-c", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: profiles.a.placement: its devices are fixed by --device" in err
+
+
 def test_check_reports_config_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "profiles.yaml"
     path.write_text(yaml.safe_dump({"profiles": {"a": {"model": "missing.gguf", "load_timeout": 0}}}))
