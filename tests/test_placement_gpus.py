@@ -15,6 +15,8 @@ from typing import Any
 import psutil
 import pytest
 
+from llama_router.sizing.memory import MIB
+
 from . import fake_nvml
 from .conftest import RouterFactory, RunningRouter, assert_openai_error, fake_profile, wait_until
 
@@ -92,6 +94,15 @@ async def test_on_two_gpus_each_model_goes_where_it_fits_and_the_driver_sees_it_
     budgets = (await running(router))["budgets"]
     assert all(budgets[gpu]["used"] <= budgets[gpu]["budget"] for gpu in ("gpu0", "gpu1"))
     assert not [event for event in events if event["event"] == "stopping"], "nothing was stopped"
+    async with router.session.get("/v1/models") as response:
+        listed = {entry["id"]: entry for entry in (await response.json())["data"]}
+    assert listed["b"]["placement"]["gpus"] == ["gpu1"] and listed["b"]["memory"] == {"gpu1": 16000 * MIB}
+    async with router.session.get("/overview") as response:
+        devices = {device["name"]: device for device in (await response.json())["devices"]}
+    (on_gpu1,) = [entry for entry in devices["gpu1"]["models"] if entry["model"] == "b"]
+    assert on_gpu1["placement"]["why"] == "fits on gpu1", "the Devices panel says why it is there"
+    loading = {event["model"]: event["placement"]["why"] for event in events if event["event"] == "loading"}
+    assert loading["a"] == "fits on gpu0" and loading["b"] == "fits on gpu1", "the timeline says it too"
 
 
 async def test_a_model_no_gpu_can_hold_is_split_with_a_tensor_split_in_proportion_to_the_room(
