@@ -22,17 +22,6 @@ ROOT = Path(__file__).resolve().parent.parent
 REPO = "acme/tiny-GGUF"
 
 
-@pytest.fixture
-def hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty Hugging Face cache that this test owns, in offline mode."""
-    cache = tmp_path / "hf" / "hub"
-    cache.mkdir(parents=True)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return cache
-
-
 def write_profiles(tmp_path: Path, profiles: dict[str, Any], name: str = "profiles.yaml") -> Path:
     path = tmp_path / name
     server = {"port": 0}

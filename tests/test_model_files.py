@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 from llama_router.config.schema import CREATED_BY_ROUTER, RouterConfig, load_config
@@ -17,17 +16,6 @@ from tests.conftest import RouterFactory
 from tests.fake_hub import gguf_bytes, make_cache
 
 REPO = "acme/tiny-GGUF"
-
-
-@pytest.fixture
-def hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty Hugging Face cache that this test owns, in offline mode."""
-    cache = tmp_path / "hf" / "hub"
-    cache.mkdir(parents=True)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return cache
 
 
 def config_of(tmp_path: Path, profiles: dict[str, Any]) -> RouterConfig:
