@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from llama_router.sizing.footprint import compute_buffer, flash_attention, log_message
+from llama_router.sizing.buffer_log import log_message
+from llama_router.sizing.footprint import compute_buffer, flash_attention
 from llama_router.sizing.gguf import GGUFHeader
 from llama_router.sizing.memory import MIB
 

@@ -94,6 +94,12 @@ class MemoryConfig(_Strict):
     gpu_headroom: int = Field(default=512, ge=0, description="MiB kept free on each detected GPU")
     ram_headroom: int = Field(default=2048, ge=0, description="MiB of detected RAM kept free")
     nvml: bool = Field(default=True, description="read NVIDIA GPUs through NVML")
+    release_wait: float = Field(
+        default=10.0,
+        ge=0,
+        description="seconds a model waits, before it starts on a GPU, for the driver to report free the "
+        "memory of models that exited there (0: no wait)",
+    )
     rpc: dict[str, int] = Field(
         default_factory=dict,
         description="MiB each llama.cpp rpc-server worker ('host:port') may hold; a profile's `rpc:` "

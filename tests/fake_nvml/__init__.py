@@ -12,13 +12,23 @@ from llama_router.sizing import memory
 from . import pynvml
 
 
-def install(monkeypatch: pytest.MonkeyPatch, root: Path, *gpus_mib: int, error: str | None = None) -> Path:
+def install(
+    monkeypatch: pytest.MonkeyPatch,
+    root: Path,
+    *gpus_mib: int,
+    error: str | None = None,
+    release_delay: float = 0.0,
+) -> Path:
     """Make the routers this test runs in-process see these NVIDIA GPUs (sizes in MiB), or an NVML
-    that fails with `error`, on a Linux machine without AMD cards whatever this one has; the fake
-    upstreams they start inherit `$FAKE_NVML` to report their own use."""
+    that fails with `error`, on a Linux machine without AMD cards whatever this one has (a driver
+    `release_delay` seconds slow to free an exited process's memory); the fake upstreams they start
+    inherit `$FAKE_NVML` to report their own use."""
     monkeypatch.setitem(sys.modules, "pynvml", pynvml)
     monkeypatch.setattr(memory, "THIS_MACHINE", memory.Host(platform="linux", sysfs=root / "no-sysfs"))
     for variable in ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES"):
         monkeypatch.delenv(variable, raising=False)
-    monkeypatch.setenv("FAKE_NVML", str(pynvml.write_machine(root / "nvml", list(gpus_mib), error=error)))
+    monkeypatch.setenv(
+        "FAKE_NVML",
+        str(pynvml.write_machine(root / "nvml", list(gpus_mib), error=error, release_delay=release_delay)),
+    )
     return root / "no-sysfs"
