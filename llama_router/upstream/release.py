@@ -101,8 +101,8 @@ class MemoryRelease:
             await asyncio.sleep(POLL)
         if waited >= SLOW:
             log.warning(
-                "%s: the driver took %.1fs to report the memory of stopped processes free", label, waited
+                "%s: the driver took %.1fs to report the memory of exited processes free", label, waited
             )
         else:
-            log.debug("%s: the driver reported the stopped processes' memory free after %.2fs", label, waited)
+            log.debug("%s: the driver reported the exited processes' memory free after %.2fs", label, waited)
         return waited
