@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 
-from llama_router.sizing.footprint import describe
+from llama_router.core.devices import describe
 from llama_router.sizing.memory import Device, driver_usage, is_gpu
 
 log = logging.getLogger("llama_router.release")
