@@ -48,7 +48,17 @@ Behaviour / fault flags:
                            says (evenly without it); one ``CUDA<k> model buffer`` line each, and the
                            same bytes registered with the fake NVML on the machine's GPUs
 ``--nvml-mib GPU=MIB``     tell the fake NVML (tests/fake_nvml, ``$FAKE_NVML``) that this process
-                           uses MIB on that GPU, as the driver would report it; repeatable
+                           uses MIB on that GPU, as the driver would report it; repeatable. With
+                           ``--layers`` that is what all its layers take, and llama-server's
+                           ``--fit`` rule (on unless ``--fit off``) is applied first to the free
+                           memory the fake NVML reports: where that less ``--fit-target`` (MiB per
+                           GPU, default 1024) cannot hold it, an unset ``-c`` is shrunk, else, with
+                           ``-ngl`` unset, layers move off the GPUs (``offloaded K/L layers``), else
+                           it warns and loads as asked
+``--alloc-delay S``        with ``--nvml-mib``: seconds before the GPU memory is taken (CUDA's start)
+``--layers L``             the model's layers (the output layer counted): log ``offloaded K/L layers``
+``--oom-if-short``         with ``--nvml-mib``: a GPU whose free memory cannot hold what this load
+                           takes there fails the load with CUDA's out-of-memory error
 ``--drop-kept-alive``      a request that is not its connection's first is counted, then its
                            connection is closed unanswered (a server closing a kept-alive
                            connection just as a request arrives on it)
@@ -164,7 +174,16 @@ FINGERPRINT = "fake_upstream"
 # llama-server short options we understand; mapped to long ones before parsing
 # so that argparse never treats other short llama-server flags (-mg, -md, -ctk,
 # -hf, ...) as "-m g", "-c tk", "-h f".
-SHORT_ALIASES = {"-m": "--model", "-c": "--ctx-size", "-np": "--parallel", "-ts": "--tensor-split"}
+DEFAULT_CTX = 4096  # llama-server's context when -c is unset, as far as this fake is concerned
+SHORT_ALIASES = {
+    "-m": "--model",
+    "-c": "--ctx-size",
+    "-np": "--parallel",
+    "-fitt": "--fit-target",
+    "-fit": "--fit",
+    "-ngl": "--n-gpu-layers",
+    "-ts": "--tensor-split",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,7 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="", help="model path (-m); only its stem is used")
     p.add_argument("--host", default="127.0.0.1", help=host_help("--accepts-unix-socket" in sys.argv))
     p.add_argument("--port", type=int, default=8080, help="0 picks a free port")
-    p.add_argument("--ctx-size", type=int, default=4096, help="-c; reported by /props")
+    p.add_argument("--ctx-size", type=int, default=None, help="-c; reported by /props (default 4096)")
+    p.add_argument("--fit", default="on", help="llama-server's --fit, applied with --nvml-mib")
+    p.add_argument("--fit-target", default="1024", help="MiB kept free per GPU by --fit")
+    p.add_argument("--n-gpu-layers", "--gpu-layers", default=None, help="-ngl; fixes the layers")
+    p.add_argument("--layers", type=int, default=None, metavar="L")
+    p.add_argument("--alloc-delay", type=float, default=0.0, metavar="S")
+    p.add_argument("--oom-if-short", action="store_true")
     p.add_argument("--parallel", type=int, default=1, help="-np; reported by /props; slots with --slots")
     p.add_argument("--name", default=None, help="upstream name (default: model stem)")
     p.add_argument("--load-delay", type=float, default=0.0, metavar="S")
@@ -596,7 +621,7 @@ class FakeUpstream:
                 "model_path": self.args.model,
                 "total_slots": self.args.parallel,
                 "default_generation_settings": {
-                    "n_ctx": self.args.ctx_size,
+                    "n_ctx": self.args.ctx_size or DEFAULT_CTX,
                     "params": {"temperature": 0.8, "n_predict": -1},
                 },
                 "modalities": {"vision": False, "audio": False},
@@ -622,7 +647,7 @@ class FakeUpstream:
                         "object": "model",
                         "created": int(time.time()),
                         "owned_by": "llamacpp",
-                        "meta": {"n_ctx_train": self.args.ctx_size},
+                        "meta": {"n_ctx_train": self.args.ctx_size or DEFAULT_CTX},
                     }
                 ],
             }
@@ -838,15 +863,57 @@ def place_gpu_buffers(gpu_mib: float, tensor_split: str | None) -> None:
         mib = gpu_mib * share / total
         log(buffer_line(f"model:CUDA{ordinal}:{mib:.2f}"))
         used[str(gpu)] = mib
-    register_gpu_use([f"{gpu}={mib}" for gpu, mib in used.items()])
+    register_gpu_use(used)
 
 
-def register_gpu_use(specs: list[str]) -> None:
+def register_gpu_use(used: dict[str, float]) -> None:
     """What this process uses per GPU, where the fake NVML reads it as the driver's figure."""
-    used = dict(spec.split("=") for spec in specs)
     path = os.path.join(os.environ["FAKE_NVML"], "processes", f"{os.getpid()}.json")
     with open(path, "w") as out:
-        json.dump({gpu: float(mib) for gpu, mib in used.items()}, out)
+        json.dump(used, out)
+
+
+def free_mib(gpu: str) -> float:
+    """What the fake NVML reports free on a GPU, as llama.cpp's --fit reads it at start."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from fake_nvml import pynvml
+
+    pynvml.nvmlInit()
+    try:
+        return float(pynvml.nvmlDeviceGetMemoryInfo(int(gpu)).free) / (1024 * 1024)
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def fit(args: argparse.Namespace, need: dict[str, float]) -> dict[str, float]:
+    """llama-server's --fit (common/fit.cpp) on the fake NVML's free memory: nothing changes while
+    every GPU keeps its target free; else an unset context shrinks, else (``-ngl`` unset) layers leave
+    the GPUs, else it warns and loads as asked. Returns what the load takes per GPU."""
+    layers = args.layers or 1
+    targets = [float(mib) for mib in args.fit_target.replace("/", ",").split(",")]
+    free = {gpu: free_mib(gpu) for gpu in need}
+    target = {gpu: targets[int(gpu)] if int(gpu) < len(targets) else targets[0] for gpu in need}
+    for gpu in need:
+        log(f"fake_upstream: fit: GPU {gpu} free {free[gpu]:.0f} MiB, target {target[gpu]:.0f} MiB")
+    short = {gpu: need[gpu] - (free[gpu] - target[gpu]) for gpu in need}
+    if args.fit in ("off", "0", "false") or all(value <= 0 for value in short.values()):
+        log(f"load_tensors: offloaded {layers}/{layers} layers to GPU")
+        return need
+    log("llama_params_fit_impl: cannot meet free memory target of 1024 MiB, need to reduce device memory")
+    if args.ctx_size is None:
+        args.ctx_size = 1024
+        log(f"llama_params_fit_impl: context size reduced from {DEFAULT_CTX} to {args.ctx_size}")
+        log(f"load_tensors: offloaded {layers}/{layers} layers to GPU")
+        return need
+    if args.n_gpu_layers is not None:
+        why = f"n_gpu_layers already set by user to {args.n_gpu_layers}, abort"
+        log(f"common_fit_params: failed to fit params to free device memory: {why}")
+        log(f"load_tensors: offloaded {layers}/{layers} layers to GPU")
+        return need
+    share = min(max(0.0, 1 - short[gpu] / need[gpu]) for gpu in need if need[gpu] > 0)
+    kept = int(layers * share)
+    log(f"load_tensors: offloaded {kept}/{layers} layers to GPU")
+    return {gpu: mib * kept / layers for gpu, mib in need.items()}
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -881,7 +948,14 @@ async def serve(args: argparse.Namespace) -> None:
                 if not line.startswith("#"):
                     log(line.rstrip("\n"))
     if args.nvml_mib:
-        register_gpu_use(args.nvml_mib)
+        await asyncio.sleep(args.alloc_delay)
+        need = {gpu: float(mib) for gpu, mib in (spec.split("=") for spec in args.nvml_mib)}
+        taken = fit(args, need) if args.layers is not None else need
+        if args.oom_if_short and any(free_mib(gpu) < mib for gpu, mib in taken.items()):
+            log("ggml_backend_cuda_buffer_type_alloc_buffer: cudaMalloc failed: out of memory")
+            log("llama_model_load: error loading model: unable to allocate CUDA0 buffer")
+            os._exit(EXIT_LOAD_FAILED)
+        register_gpu_use(taken)
     if args.gpu_mib is not None:
         place_gpu_buffers(args.gpu_mib, args.tensor_split)
     child = args.child_protocol if "LLAMA_SERVER_ROUTER_PORT" in os.environ else None

@@ -22,7 +22,9 @@ from llama_router.config.addresses import parse_worker
 from llama_router.config.schema import ConfigError, load_config
 from llama_router.core.events import Event, Loading, Stopped
 from llama_router.sizing.buffer_log import BufferTally
-from llama_router.sizing.footprint import GPU_MARGIN, RAM_MARGIN, estimate
+from llama_router.sizing.context_window import total_context
+from llama_router.sizing.footprint import GPU_MARGIN, RAM_MARGIN, compute_buffer, estimate
+from llama_router.sizing.gguf import read_header
 from llama_router.sizing.memory import MIB, Device, rpc_devices
 from tests.conftest import ROOT, RouterFactory, assert_openai_error, wait_until
 from tests.router_process import accepts_connections, free_port
@@ -116,12 +118,17 @@ def test_the_estimate_puts_the_offloaded_layers_on_the_workers(
     # On a machine without GPUs, every layer stays in RAM unless workers take them: equal shares.
     first, second = f"rpc:{WORKER}", "rpc:127.0.0.1:50053"
     assert set(split) == {"ram", first, second}
-    assert split[first] == split[second] > GPU_MARGIN
+    header, args = read_header(tiny_models[0]), config.profiles["split"].args
+    context = total_context(args, {}, header.arch_value("context_length"))
+    assert context is not None
+    # Each worker holds half the layers and a compute buffer; the last one the output layer too.
+    layers = compute_buffer(header, args, {}, context, output=False)
+    last = compute_buffer(header, args, {}, context, output=True)
+    assert split[first] - layers == split[second] - last > GPU_MARGIN
     assert split["ram"] < alone["ram"]
     assert set(alone) == {"ram"}
-    assert (
-        split[first] + split[second] - 2 * GPU_MARGIN + split["ram"] - RAM_MARGIN <= alone["ram"] - RAM_MARGIN
-    )
+    placed = split[first] - layers + split[second] - last - 2 * GPU_MARGIN + split["ram"] - RAM_MARGIN
+    assert placed <= alone["ram"] - RAM_MARGIN - last
 
 
 def test_a_workers_buffers_are_learned_on_its_device() -> None:

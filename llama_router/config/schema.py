@@ -101,6 +101,12 @@ class MemoryConfig(_Strict):
     keep_free: dict[str, int] = Field(
         default_factory=dict, description="MiB kept free of models on a GPU ('gpu0': 4096), beyond headroom"
     )
+    release_wait: float = Field(
+        default=10.0,
+        ge=0,
+        description="seconds a model waits, before it starts on a GPU, for the driver to report free the "
+        "memory of models that exited there (0: no wait)",
+    )
     rpc: dict[str, int] = Field(
         default_factory=dict,
         description="MiB each llama.cpp rpc-server worker ('host:port') may hold; a profile's `rpc:` "

@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 from llama_router.config.schema import ResolvedProfile
 from llama_router.core.devices import describe, device_name
-from llama_router.sizing.context_window import flag_value
+from llama_router.sizing.context_window import fits, flag_value
 from llama_router.sizing.footprint import (
     GPU_MARGIN,
     RAM_MARGIN,
@@ -76,6 +76,13 @@ _SLOTS = re.compile(r"\binitializing slots\b")
 # llama-server's `main: model loaded`, once the model, its projector and its draft model are loaded:
 # every buffer line comes before it.
 _LOADED = re.compile(r"\bmodel loaded\b")
+# `load_tensors: offloaded 20/33 layers to GPU` (src/llama-model.cpp): how many layers a load put on
+# the GPUs, the output layer counted as one.
+_OFFLOADED = re.compile(r"\boffloaded (\d+)/(\d+) layers to GPU")
+# `--fit` found the free memory short of what the arguments ask (common/fit.cpp, logged at -lv 4:
+# `cannot meet free memory target of N MiB` on one GPU, `... targets on all devices` on several):
+# what it changes next, the context or the layers, is for this moment's neighbours only.
+_FIT_SHORT = re.compile(r"\bcannot meet free memory targets?\b")
 # Buffer types that are not one GPU's: `<backend>_Split` holds the row-split weights of all GPUs
 # (spread as `--tensor-split` shares them); `Meta(...)` is the device `-sm tensor` makes of its GPUs
 # (named `Meta()` by builds that lose the names, `Meta` before); `CPU`, `CPU_Mapped`, `CPU_REPACK`,
@@ -187,6 +194,9 @@ class BufferTally:
         listed = [self.visible[k] for k in named if k is not None and k < len(self.visible)]
         self.group = listed or [gpu for gpu, share in self.shares.items() if share > 0]
         self.label = label
+        self.args, self.env = list(args), dict(env or {})
+        self.offloaded: tuple[int, int] | None = None  # (layers on GPUs, layers) of the main model
+        self.fit_short = False  # --fit said the free memory was short of what the arguments ask
         self._loads: list[_Load] = []
         self._clip_device: str | None = None
         self._clip_counted = False
@@ -225,6 +235,10 @@ class BufferTally:
             self._clip_device = backend + "0" if backend in _INDEXLESS_BACKENDS else backend
         elif _LOADED.search(text):
             self.loaded = True
+        elif (match := _OFFLOADED.search(text)) and self.offloaded is None:
+            self.offloaded = (int(match[1]), int(match[2]))
+        elif _FIT_SHORT.search(text):
+            self.fit_short = True
         elif (match := _CLIP_SIZE.search(text)) and self._clip_device is not None:
             if not self._clip_counted:  # each modality logs the size of the whole file again
                 self._clip_counted = True
@@ -313,6 +327,19 @@ class BufferTally:
                     continue
                 counted.append(part)
         return counted + list(mapped.values())
+
+    def shrunk(self) -> bool:
+        """Whether `--fit`, finding the free memory short, put fewer layers on the GPUs than the
+        arguments ask for (all of them unless `-ngl` says a number): the buffers of such a load say
+        what the model took beside those neighbours, not what it takes (sizing/fit.py)."""
+        if not self.fit_short or self.offloaded is None or not self.visible or not fits(self.args, self.env):
+            return False
+        if flag_value(self.args, "--device", "-dev") == "none":
+            return False
+        placed, layers = self.offloaded
+        asked = flag_value(self.args, "-ngl", "--gpu-layers", "--n-gpu-layers")
+        wanted = layers if asked is None or not asked.lstrip("-").isdigit() or int(asked) < 0 else int(asked)
+        return placed < min(wanted, layers)
 
     def logged(self) -> dict[str, int]:
         """Bytes per device of the real loads so far, as logged."""

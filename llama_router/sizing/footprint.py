@@ -2,7 +2,8 @@
 
 Before a first load the estimate is weights placed per `--n-gpu-layers` and the tensor overrides
 (`--cpu-moe`, `--n-cpu-moe`, `--override-tensor`), plus the KV cache for the context at the cache
-types (sliding-window layers sized as llama.cpp sizes them), plus a compute margin. Once
+types (sliding-window layers sized as llama.cpp sizes them), plus the compute buffer llama.cpp will
+reserve (see `compute_buffer`), plus a margin for what no buffer line shows (the CUDA context). Once
 llama-server has loaded, the buffer sizes it logs replace the estimate and are kept across router
 restarts in a small JSON state file, keyed by what changes the figure (binary, model file identity,
 arguments).
@@ -42,7 +43,12 @@ CACHE_TYPE_BYTES = {
     "iq4_nl": 18 / 32,
 }
 RAM_MARGIN = 64 * MIB  # process, threads, tokenizer, HTTP server
-GPU_MARGIN = 384 * MIB  # CUDA context and compute buffers not known before a load
+GPU_MARGIN = 384 * MIB  # CUDA context, cuBLAS workspace: what llama.cpp logs no buffer for
+# Head sizes (key, value) llama.cpp's flash-attention kernels take on every GPU backend (CUDA's
+# fattn.cu cases, Metal's and Vulkan's kernels); `-fa auto` turns it off for any other.
+FLASH_ATTN_HEADS = {(size, size) for size in (40, 64, 72, 80, 96, 112, 128, 256)} | {(576, 512)}
+FA_FLAGS = ("-fa", "--flash-attn")
+FA_ENV = "LLAMA_ARG_FLASH_ATTN"
 
 # Buffer names of llama.cpp's backends, one place for the estimate's `-ot` targets and the load log:
 # `<backend><k>` is the k-th GPU the process sees and `<backend><k>_Split` that GPU's rows of
@@ -214,14 +220,103 @@ def _estimate_from_header(
     gpu_kv = sum(layer_kv[first_gpu_layer:])
     ram_kv = sum(layer_kv[:first_gpu_layer])
 
-    footprint = {"ram": placed["ram"] + ram_kv + RAM_MARGIN}
     shares = layer_shares(args, offload) if offloaded > 0 else {}
-    for device in offload:
-        share = shares.get(device, 0.0)
-        if share > 0 or device in placed:
-            layers = int((placed["layers"] + gpu_kv) * share)
-            footprint[device] = layers + placed.get(device, 0) + GPU_MARGIN
+    holders = [device for device in offload if shares.get(device, 0.0) > 0 or device in placed]
+    # The output layer (and so the logits) sits with the last offload device that has layers.
+    output_device = holders[-1] if holders and offloaded > n_layer else "ram"
+    footprint = {"ram": placed["ram"] + ram_kv + RAM_MARGIN}
+    if not holders:  # nothing offloaded: the CPU backend reserves the compute buffer in RAM
+        footprint["ram"] += compute_buffer(header, args, env, n_ctx, output=True)
+    for device in holders:
+        layers = int((placed["layers"] + gpu_kv) * shares.get(device, 0.0))
+        compute = compute_buffer(header, args, env, n_ctx, output=device == output_device)
+        footprint[device] = layers + placed.get(device, 0) + compute + GPU_MARGIN
     return footprint
+
+
+def flash_attention(header: GGUFHeader, args: Sequence[str], env: Mapping[str, str]) -> bool:
+    """Whether llama.cpp will run this model with flash attention.
+
+    `-fa on|off` says so; `auto` (the default) is resolved when the context is made
+    (`llama_context::resolve_fused_ops`, src/llama-context.cpp): a probe graph is reserved and flash
+    attention stays on only if every layer's FLASH_ATTN_EXT op lands on that layer's device, which
+    the GPU backends refuse for head sizes they have no kernel for. The router cannot run the probe,
+    so `auto` is on exactly for the head sizes in `FLASH_ATTN_HEADS`. Before 2025 `-fa` took no
+    value and meant on.
+    """
+    value = flag_value(args, *FA_FLAGS)
+    if value is None and any(arg in FA_FLAGS for arg in args):
+        value = "on"
+    value = (env.get(FA_ENV, "auto") if value is None else value).strip().lower()
+    if value in ("off", "false", "0", "disabled"):
+        return False
+    if value in ("on", "true", "1", "enabled") or value.startswith("-"):  # `-fa -c ...`: the old switch
+        return True
+    n_embd = int(header.arch_value("embedding_length", 0) or 0)
+    n_head = _int_or_list_max(header.arch_value("attention.head_count"), 1) or 1
+    key_len = int(header.arch_value("attention.key_length", n_embd // n_head) or 0)
+    value_len = int(header.arch_value("attention.value_length", n_embd // n_head) or 0)
+    return (key_len, value_len) in FLASH_ATTN_HEADS
+
+
+def _n_vocab(header: GGUFHeader) -> int:
+    """Rows of the output (logits) matrix: `<arch>.vocab_size`, else the output tensor's shape, else
+    the tokenizer's token count."""
+    size = header.arch_value("vocab_size")
+    if isinstance(size, int) and size > 0:
+        return size
+    for tensor in header.tensors:
+        if tensor.name in ("output.weight", "token_embd.weight") and len(tensor.shape) >= 2:
+            return int(tensor.shape[1])
+    tokens = header.metadata.get("tokenizer.ggml.tokens")
+    return len(tokens) if isinstance(tokens, list) else 0
+
+
+def compute_buffer(
+    header: GGUFHeader, args: Sequence[str], env: Mapping[str, str], n_ctx: int, *, output: bool
+) -> int:
+    """Bytes of the compute buffer llama.cpp reserves on a device that holds layers (`output`: and
+    the output layer), as `llama_context::sched_reserve` (src/llama-context.cpp) sizes it.
+
+    It reserves the worst-case graph: one ubatch of `min(n_ctx, --ubatch-size)` tokens against a
+    full KV cache, and ggml-alloc keeps one buffer as large as the most that graph has alive at once
+    (every activation f32). The attention mask, n_kv x n_ubatch (f16 with flash attention, else f32),
+    is a graph input that every layer reads, so it stays for the whole graph; beside it, the largest
+    of three moments:
+
+    - attention: without flash attention the scores `K*Q` are materialised, n_kv x n_ubatch x n_head
+      floats (softmax reuses them in place), beside four n_embd-wide rows per token (residual, norm,
+      Q, attention output); flash attention keeps only those rows;
+    - the feed-forward: gate and up (n_ff each) and two n_embd-wide rows per token;
+    - the output, on its device only: the logits (n_vocab per token) beside n_ff + 4 n_embd per
+      token that ggml-alloc has not been able to reuse below them.
+
+    n_kv is one stream's cells: the whole cache when it is unified, a slot's share when each slot has
+    its own. Checked against real logs (docs/design.md, "The compute buffer"); MLA attention and
+    pipeline parallelism's extra copies are not modelled.
+    """
+    n_ub = min(
+        int_setting(args, env, 512, "LLAMA_ARG_UBATCH", "-ub", "--ubatch-size"),
+        int_setting(args, env, 2048, "LLAMA_ARG_BATCH", "-b", "--batch-size"),
+        max(n_ctx, 1),
+    )
+    layout = slots(args, env)
+    n_kv = n_ctx if layout.unified else max(n_ctx // layout.count, 1)
+    n_embd = int(header.arch_value("embedding_length", 0) or 0)
+    n_head = _int_or_list_max(header.arch_value("attention.head_count"), 1) or 1
+    key_len = int(header.arch_value("attention.key_length", n_embd // n_head) or 0)
+    rows = 4 * max(n_embd, n_head * key_len) * n_ub * 4
+    n_ff = _int_or_list_max(header.arch_value("feed_forward_length"), 0)
+    expert_ff = int(header.arch_value("expert_feed_forward_length", 0) or 0)
+    experts_used = int(header.arch_value("expert_used_count", 0) or 0)
+    n_ff = max(n_ff, expert_ff * experts_used)
+    if flash_attention(header, args, env):
+        mask, attention = n_kv * n_ub * 2, rows
+    else:
+        mask, attention = n_kv * n_ub * 4, n_kv * n_ub * n_head * 4 + rows
+    feed_forward = (2 * n_ff + 2 * n_embd) * n_ub * 4
+    logits = (_n_vocab(header) + n_ff + 4 * n_embd) * n_ub * 4 if output else 0
+    return mask + max(attention, feed_forward, logits)
 
 
 def _kv_cells(

@@ -22,7 +22,7 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -296,6 +296,73 @@ def nvml_usage_by_pid() -> dict[int, dict[str, int]]:
                     used = getattr(process, "usedGpuMemory", None)
                     if used:
                         usage.setdefault(int(process.pid), {})[f"gpu{index}"] = int(used)
+    return usage
+
+
+def amd_usage_by_pid(
+    pids: Collection[int], sysfs: Path, proc: Path = Path("/proc")
+) -> dict[int, dict[str, int]]:
+    """VRAM each of these processes holds on each AMD GPU, from the amdgpu driver's per-client
+    figures in `/proc/<pid>/fdinfo/<fd>` (`drm-driver: amdgpu`, `drm-pdev: <PCI address>`,
+    `drm-client-id`, `drm-memory-vram: <n> KiB`; the kernel's drm-usage-stats format). A client
+    opened through several file descriptors is counted once; a process that is gone holds nothing."""
+    cards = {address: f"gpu{index}" for index, address in enumerate(_amd_pci_addresses(sysfs))}
+    usage: dict[int, dict[str, int]] = {}
+    for pid in pids:
+        try:
+            entries = list((proc / str(pid) / "fdinfo").iterdir())
+        except OSError:
+            continue
+        seen: set[tuple[str, str]] = set()
+        for entry in entries:
+            try:
+                fields = dict(
+                    (key.strip(), value.strip())
+                    for key, _, value in (line.partition(":") for line in entry.read_text().splitlines())
+                )
+            except OSError:
+                continue
+            device = cards.get(fields.get("drm-pdev", ""))
+            client = (fields.get("drm-pdev", ""), fields.get("drm-client-id", entry.name))
+            vram = fields.get("drm-memory-vram", "").split()
+            if fields.get("drm-driver") != "amdgpu" or device is None or client in seen or not vram:
+                continue
+            seen.add(client)
+            amount = int(vram[0]) * _FDINFO_UNITS.get(vram[1] if len(vram) > 1 else "", 1)
+            if amount:
+                usage.setdefault(pid, {})[device] = usage.get(pid, {}).get(device, 0) + amount
+    return usage
+
+
+_FDINFO_UNITS = {"": 1, "KiB": 1024, "MiB": MIB, "GiB": GIB}
+
+
+def _amd_pci_addresses(sysfs: Path) -> list[str]:
+    """The PCI address of each amdgpu card, in the order `_amd_gpus` numbers them."""
+    drm = sysfs / "class" / "drm"
+    try:
+        cards = sorted(
+            (entry for entry in drm.iterdir() if _CARD.fullmatch(entry.name)),
+            key=lambda entry: int(entry.name[4:]),
+        )
+    except OSError:
+        return []
+    return [
+        (card / "device").resolve().name
+        for card in cards
+        if (card / "device" / "mem_info_vram_total").exists()
+    ]
+
+
+def driver_usage(
+    pids: Collection[int], devices: Sequence[Device], host: Host | None = None
+) -> dict[int, dict[str, int]]:
+    """GPU memory each of these processes holds, per device, as the driver reports it: NVML for
+    NVIDIA GPUs, the amdgpu driver's fdinfo figures for AMD ones; nothing where neither can say."""
+    usage = {pid: used for pid, used in nvml_usage_by_pid().items() if pid in pids}
+    if any(device.source == "sysfs" for device in devices):
+        for pid, used in amd_usage_by_pid(pids, (host or THIS_MACHINE).sysfs).items():
+            usage.setdefault(pid, {}).update(used)
     return usage
 
 

@@ -58,13 +58,15 @@ from llama_router.core.scheduler import (
 )
 from llama_router.sizing.budgets import Sizing
 from llama_router.sizing.buffer_log import BufferTally
-from llama_router.sizing.memory import MIB, nvml_usage_by_pid, page_in
+from llama_router.sizing.fit import Claim, fit_args
+from llama_router.sizing.memory import MIB, is_gpu, nvml_usage_by_pid, page_in
 from llama_router.sizing.placement import dry_run, launch_settings
 from llama_router.upstream.child_protocol import LoadProgress
 from llama_router.upstream.context_cache import ContextKeeper
 from llama_router.upstream.downloads import PendingModel
 from llama_router.upstream.logs import LogBuffers
 from llama_router.upstream.peers import Peers
+from llama_router.upstream.release import MemoryRelease
 from llama_router.upstream.rpc import probe_all, unanswered
 from llama_router.upstream.slots import SlotReader, Work, slot_work
 from llama_router.upstream.supervisor import LoadError, StoppedBeforeSpawn, Upstream
@@ -200,6 +202,7 @@ class Controller:
         self._session: aiohttp.ClientSession | None = None
         self._socket_dir: Path | None = None  # upstreams' Unix sockets, private to the router
         self.slots = SlotReader(self._read_slots, self.now)
+        self.driver_memory = MemoryRelease(self.sizing.devices, server.memory.release_wait)
 
     def _spec(self, profile: ResolvedProfile) -> ProfileSpec:
         return self.sizing.spec(profile)
@@ -483,6 +486,16 @@ class Controller:
         del self._tallies[name]
         if upstream.profile.footprint_mib is not None:
             return
+        if tally.shrunk():
+            placed, layers = tally.offloaded or (0, 0)
+            log.warning(
+                "%s: --fit put %d of %d layers on the GPUs for lack of free memory; this load's "
+                "buffers are not learned as its footprint",
+                name,
+                placed,
+                layers,
+            )
+            return
         measured, sources = tally.measured()
         by_driver = nvml_usage_by_pid().get(upstream.pid or -1, {})
         by_driver = {device: used for device, used in by_driver.items() if device in self.sizing.budget()}
@@ -512,6 +525,8 @@ class Controller:
             return None
         server = self.config.server
         env, args = launch_settings(placed, profile, self.sizing.devices) if placed else ({}, [])
+        # --fit reads the GPUs this process will see: a placed one's (footprints stay keyed by the profile)
+        seen = profile.model_copy(update={"env": {**profile.env, **env}}) if env else profile
         upstream = Upstream(
             profile,
             log_lines=server.log_lines,
@@ -519,7 +534,7 @@ class Controller:
             owner_tag=self.owner_tag,
             on_output=self._record_output,
             on_progress=self._record_progress,
-            extra_args=[*self.contexts.extra_args(profile), *args],
+            extra_args=[*self.contexts.extra_args(profile), *args, *self._fit_args(seen)],
             extra_env=env,
             socket_dir=self._socket_dir,
         )
@@ -533,6 +548,27 @@ class Controller:
         if placed is not None:
             log.info("placing %s: %s", name, placed.why)
         return upstream
+
+    def _fit_args(self, profile: ResolvedProfile) -> list[str]:
+        """An explicit context and the `--fit-target` that keeps free what the other resident models
+        were promised and have not taken (sizing/fit.py)."""
+        others = [
+            view
+            for view in self.views()
+            if view.name != profile.name and view.state in (State.STARTING, State.READY)
+        ]
+        by_driver = nvml_usage_by_pid() if others else {}
+        claims = []
+        for view in others:
+            upstream = self.upstreams.get(view.name)
+            held = by_driver.get(upstream.pid) if upstream is not None and upstream.pid else None
+            claims.append(Claim(view.footprint, held, loaded=view.state is State.READY))
+        headroom = self.config.server.memory.gpu_headroom * MIB
+        return fit_args(profile, self.sizing.devices, headroom, claims)
+
+    def _gpus(self, name: str) -> list[str]:
+        """The GPUs a profile's footprint takes memory on."""
+        return [device for device, amount in self.view(name).footprint.items() if is_gpu(device) and amount]
 
     def _not_started(self, upstream: Upstream, reason: str) -> None:
         """The upstream never got a process (a stop came first, or the spawn failed): let go of it
@@ -560,6 +596,7 @@ class Controller:
             log.warning("%s", reason)
             self._not_started(upstream, reason)
             return
+        await self.driver_memory.settled(self._gpus(name), name)
         try:
             await upstream.spawn()
         except StoppedBeforeSpawn:
@@ -596,6 +633,7 @@ class Controller:
         if self.upstreams.get(name) is upstream:
             del self.upstreams[name]
         self.slots.forget(upstream)
+        self.driver_memory.exited(upstream.pid, self._gpus(name))
         out_of_memory = state is State.STARTING and any(OUT_OF_MEMORY.search(line) for line in upstream.log)
         if state is State.STOPPING:
             log.info("%s stopped", name)

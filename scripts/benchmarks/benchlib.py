@@ -90,7 +90,11 @@ async def running_router(
         server.setdefault("upstream_sockets", False)
     config_path.write_text(yaml.safe_dump({"server": server, "profiles": profiles}))
     command = [sys.executable, "-m", package, "--log-level", log_level, "serve", "-c", str(config_path)]
-    environment = {**os.environ, "PYTHONPATH": str(tree)}
+    # The tree first; what the caller put on the path after it (gpu-check's dry run: the fake NVML).
+    environment = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")])),
+    }
     with contextlib.ExitStack() as files:
         log = files.enter_context(log_file.open("ab")) if log_file is not None else None
         process = subprocess.Popen(command, cwd=tree, env=environment, stdout=log, stderr=log)

@@ -11,10 +11,15 @@
 #    the same llama-server spawned by hand and polled every 1 ms until /health answers, then small
 #    chats to the loaded model at concurrency 1 and 32, through the router and straight to it;
 # 4. loads each model through the router and reports, per model, the footprint estimated from the
-#    GGUF header, the one learned from llama-server's buffer lines (and NVML's per-process figure) as
-#    /running shows it, and nvidia-smi's memory for that process; the NVML budgets and their source
-#    as /running shows them; and the bare llama-server's stop of one model + start of the other (to
-#    healthy, to a first answer), the baseline of the router's swap in step 3.
+#    GGUF header (its compute allowance apart), the one learned from llama-server's buffer lines as
+#    /running shows it, the driver's per-process figure (NVML, as the router reads it) and
+#    nvidia-smi's for that process, and the differences: learned - driver, estimate - learned (MiB and
+#    %); the NVML budgets and their source as /running shows them; and the bare llama-server's stop of
+#    one model + start of the other (to healthy, to a first answer), the baseline of the router's swap
+#    in step 3.
+#
+# The result is one JSON object, on stdout and in $OUT (default WORKDIR/gpu-check.json), with the same
+# keys on every run, so that a later change can diff its run against this one.
 #
 # Bounded to 9 minutes (build 330 s, models 60 s, timings 90 s, footprints 60 s) on a 16-core
 # machine. Environment:
@@ -25,8 +30,11 @@
 #   FULL_BUILD=1        also compile the FlashAttention kernels (slower build; skipped by default:
 #                       they change nothing about start and swap times, and the models run -fa off)
 #   ROUNDS=3            cold starts per figure (swaps: twice as many)
-#   DRY_RUN=1           test this script without a GPU: a stand-in nvidia-smi (no GPU process), the
-#                       CPU llama-server found as the router finds it, small models
+#   OUT=path            where the JSON goes besides stdout (default WORKDIR/gpu-check.json)
+#   DRY_RUN=1           test this script without a GPU (tests/test_gpu_check.py does, in `make test`):
+#                       the fake NVML of tests/fake_nvml (one 80 GB GPU, no process on it) in place of
+#                       the driver, a stand-in nvidia-smi, the CPU llama-server found as the router
+#                       finds it, small models
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -54,6 +62,12 @@ case "$1" in *=name) echo "dry run (no GPU)" ;; *=compute_cap) echo 9.0 ;; --que
 STANDIN
     chmod +x "$WORK/dry-run-bin/nvidia-smi"
     export PATH="$WORK/dry-run-bin:$PATH"
+    # The router reads the fake NVML's GPU (`import pynvml` finds tests/fake_nvml first).
+    export FAKE_NVML="$WORK/fake-nvml"
+    mkdir -p "$FAKE_NVML/processes"
+    echo '{"gpus": [{"name": "dry run (fake NVML)", "total_mib": 81559, "used_mib": 0}], "error": null}' \
+        > "$FAKE_NVML/machine.json"
+    export PYTHONPATH="$ROOT/tests/fake_nvml${PYTHONPATH:+:$PYTHONPATH}"
     LLAMA_SERVER=${LLAMA_SERVER:-$(command -v llama-server || echo "$(dirname "$PY")/llama-server")}
     N_EMBD=256 N_LAYER=2 N_FF=512
 fi
@@ -135,6 +149,10 @@ import yaml
 sys.path.insert(0, os.getcwd())
 from llama_router.config.schema import load_config
 from llama_router.sizing.budgets import Sizing
+from llama_router.sizing.context_window import total_context
+from llama_router.sizing.footprint import compute_buffer
+from llama_router.sizing.gguf import read_header
+from llama_router.sizing.memory import nvml_usage_by_pid
 from scripts.benchmarks.benchlib import chat, free_port, ms, running_router, wait_healthy
 
 MIB = 1024 * 1024
@@ -170,12 +188,35 @@ def env_of(pid):
 
 
 def estimates():
-    """What the router estimates from the GGUF headers, before it has learned anything."""
+    """What the router estimates from the GGUF headers, before it has learned anything, and the
+    compute buffer it allows for on the GPU holding the output layer."""
     path = folder / "estimate.yaml"
     path.write_text(yaml.safe_dump({"server": {"state_dir": str(folder / "none")}, "profiles": profiles}))
     config = load_config(path)
     sizing = Sizing(config)
-    return {name: in_mib(sizing.footprint_and_source(config.profiles[name])[0]) for name in profiles}
+    result = {}
+    for name in profiles:
+        profile = config.profiles[name]
+        header = read_header(profile.model_path)
+        context = total_context(profile.args, profile.env, header.arch_value("context_length"))
+        compute = compute_buffer(header, profile.args, profile.env, context or 0, output=True)
+        result[name] = (in_mib(sizing.footprint_and_source(profile)[0]), round(compute / MIB, 1))
+    return result
+
+
+def compare(estimated, learned, driver):
+    """Per device: learned - driver and estimate - learned, in MiB and % of the second figure."""
+    rows = {}
+    for device in sorted(set(estimated) | set(learned) | set(driver)):
+        row = {}
+        for key, a, b in (("learned_minus_driver", learned, driver), ("estimate_minus_learned", estimated, learned)):
+            if device in a and device in b:
+                diff = round(a[device] - b[device], 1)
+                row[key] = {"mib": diff, "percent": round(100 * diff / b[device], 1) if b[device] else None}
+            else:
+                row[key] = None
+        rows[device] = row
+    return rows
 
 
 async def bare_stop_start(session, rounds):
@@ -218,10 +259,15 @@ async def main():
                     running = await response.json()
                 row = next(row for row in running["running"] if row["model"] == name)
                 seen = smi_mib().get(row["pid"])
+                driver = in_mib(nvml_usage_by_pid().get(row["pid"], {}))
+                learned = in_mib(row["footprint"])
                 result["models"][name] = {
-                    "estimated_mib": estimated[name],
-                    "learned_mib": in_mib(row["footprint"]),
+                    "estimated_mib": estimated[name][0],
+                    "estimated_compute_mib": estimated[name][1],
+                    "learned_mib": learned,
+                    "driver_mib": driver,
                     "nvidia_smi_mib": seen,
+                    "compare": compare(estimated[name][0], learned, driver),
                 }
                 async with session.post(router.url + "/models/unload", json={"model": name}) as response:
                     await response.read()
@@ -256,6 +302,7 @@ FOOTPRINT_SECONDS=$(since "$started")
 
 export GPU_NAME COMPUTE_CAP DRIVER GPU_MIB BIN BUILD_SOURCE BUILD_SECONDS MODELS_SECONDS TIMINGS_SECONDS
 export N_EMBD N_LAYER N_FF FOOTPRINT_SECONDS
+export OUT=${OUT:-$WORK/gpu-check.json} DRY_RUN
 "$PY" - "$WORK/bench.json" "$WORK/footprints.json" <<'EOF'
 import json, os, sys
 
@@ -265,6 +312,7 @@ footprints = json.load(open(sys.argv[2]))
 real = bench["real"]
 models = real["models"]
 result = {
+    "dry_run": env.get("DRY_RUN") == "1",
     "gpu": {
         "name": env["GPU_NAME"],
         "compute_capability": env["COMPUTE_CAP"],
@@ -298,6 +346,8 @@ result = {
     "timings_seconds": float(env["TIMINGS_SECONDS"]),
     "footprint_seconds": float(env["FOOTPRINT_SECONDS"]),
 }
-print(json.dumps(result, indent=2))
+text = json.dumps(result, indent=2, sort_keys=True)
+open(env["OUT"], "w").write(text + "\n")
+print(text)
 EOF
-log "done"
+log "done: $OUT"

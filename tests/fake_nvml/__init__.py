@@ -18,10 +18,12 @@ def install(
     *gpus_mib: int,
     error: str | None = None,
     fastest_first: list[int] | None = None,
+    release_delay: float = 0.0,
 ) -> Path:
     """Make the routers this test runs in-process see these NVIDIA GPUs (sizes in MiB), or an NVML
-    that fails with `error`, on a Linux machine without AMD cards whatever this one has; the fake
-    upstreams they start inherit `$FAKE_NVML` to report their own use."""
+    that fails with `error`, on a Linux machine without AMD cards whatever this one has (a driver
+    `release_delay` seconds slow to free an exited process's memory); the fake upstreams they start
+    inherit `$FAKE_NVML` to report their own use."""
     monkeypatch.setitem(sys.modules, "pynvml", pynvml)
     monkeypatch.setattr(memory, "THIS_MACHINE", memory.Host(platform="linux", sysfs=root / "no-sysfs"))
     for variable in (
@@ -31,6 +33,8 @@ def install(
         "CUDA_DEVICE_ORDER",
     ):
         monkeypatch.delenv(variable, raising=False)
-    machine = pynvml.write_machine(root / "nvml", list(gpus_mib), error=error, fastest_first=fastest_first)
+    machine = pynvml.write_machine(
+        root / "nvml", list(gpus_mib), error=error, fastest_first=fastest_first, release_delay=release_delay
+    )
     monkeypatch.setenv("FAKE_NVML", str(machine))
     return root / "no-sysfs"

@@ -11,14 +11,17 @@ machine in `$FAKE_NVML/machine.json`:
 `error` makes `nvmlInit` fail as a machine without a driver does: "library_not_found" (no NVIDIA
 driver installed) or "driver_not_loaded". What each process uses on each GPU, as the driver reports
 it per process, is in `$FAKE_NVML/processes/<pid>.json` ({"<gpu index>": MiB}); the fake upstream
-writes its own with `--nvml-mib`. Only the calls the router makes are here, with nvidia-ml-py's
-names, shapes and error classes.
+writes its own with `--nvml-mib`. A GPU's used memory is its `used_mib` plus what the processes on it
+use. `"release_delay_s": S` makes a slow driver: a process that has exited is still listed, its
+memory still used, for S seconds after it was first seen gone. Only the calls the router makes are
+here, with nvidia-ml-py's names, shapes and error classes.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -126,21 +129,23 @@ def nvmlDeviceGetMemoryInfo(handle: int) -> SimpleNamespace:
     gpu = _gpus()[handle]
     total = int(gpu["total_mib"]) * MIB
     used = int(gpu.get("used_mib", 0)) * MIB
+    used += sum(process.usedGpuMemory for process in nvmlDeviceGetComputeRunningProcesses(handle))
     return SimpleNamespace(total=total, used=used, free=total - used)
 
 
 def nvmlDeviceGetComputeRunningProcesses(handle: int) -> list[SimpleNamespace]:
-    """The live processes with memory on this GPU, from `$FAKE_NVML/processes/<pid>.json`."""
+    """The processes with memory on this GPU, from `$FAKE_NVML/processes/<pid>.json`: the live ones,
+    and on a slow driver those gone for less than `release_delay_s`."""
     _gpus()
+    delay = float(_machine().get("release_delay_s") or 0)
     found = []
     for path in sorted((_root() / "processes").glob("*.json")):
         pid = int(path.stem)
         try:
-            os.kill(pid, 0)
             used = json.loads(path.read_text()).get(str(handle))
         except (OSError, ValueError):
             continue
-        if used:
+        if used and (_alive(pid) or _releasing(path, delay)):
             found.append(SimpleNamespace(pid=pid, usedGpuMemory=int(float(used) * MIB)))
     return found
 
@@ -150,12 +155,40 @@ def nvmlDeviceGetPciInfo(handle: int) -> SimpleNamespace:
     return SimpleNamespace(busId=str(_gpus()[handle].get("pci_bus_id", f"00000000:{handle + 1:02X}:00.0")))
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+
+
+def _releasing(path: Path, delay: float) -> bool:
+    """Whether the driver still holds the memory of this exited process: for `delay` seconds after
+    it was first seen gone (noted beside its file, for every reader to agree)."""
+    if delay <= 0:
+        return False
+    gone = path.with_suffix(".gone")
+    try:
+        since = float(gone.read_text())
+    except (OSError, ValueError):
+        since = time.time()
+        gone.write_text(repr(since))
+    return time.time() - since < delay
+
+
 def write_machine(
-    root: Path, gpus_mib: list[int], *, error: str | None = None, fastest_first: list[int] | None = None
+    root: Path,
+    gpus_mib: list[int],
+    *,
+    error: str | None = None,
+    fastest_first: list[int] | None = None,
+    release_delay: float = 0.0,
 ) -> Path:
     """Describe a machine for this module: one GPU of each size (MiB) on its own PCI bus, in bus
     order, or an NVML that fails. `fastest_first`: the order CUDA numbers them in by default (NVML
-    indices), which is not bus order on a machine with mixed GPUs."""
+    indices), which is not bus order on a machine with mixed GPUs; a `release_delay` (seconds) makes
+    its driver slow to release an exited process's memory."""
     (root / "processes").mkdir(parents=True, exist_ok=True)
     gpus = [
         {
@@ -166,6 +199,6 @@ def write_machine(
         }
         for index, mib in enumerate(gpus_mib)
     ]
-    machine = {"gpus": gpus, "error": error, "fastest_first": fastest_first}
+    machine = {"gpus": gpus, "error": error, "fastest_first": fastest_first, "release_delay_s": release_delay}
     (root / "machine.json").write_text(json.dumps(machine))
     return root
