@@ -121,6 +121,65 @@ def test_an_idle_model_makes_way_before_a_busy_one_which_is_never_cut() -> None:
     assert d.s.view("busy").in_flight == 1 and not d.s.view("busy").draining
 
 
+def test_making_room_stops_the_fewest_models_though_they_were_used_more_recently() -> None:
+    d = machine({"s1": 10 * GB, "s2": 10 * GB, "big": 20 * GB, "new": 20 * GB})
+    assert load(d, "s1").gpus == load(d, "s2").gpus == ("gpu0",)
+    d.now = 5.0
+    assert load(d, "big").gpus == ("gpu1",)  # the most recently used
+    d.now = 6.0
+    # gpu0 would stop two models used longer ago, gpu1 one: one model to load again, not two.
+    _, decisions = d.arrive("new")
+    assert decisions == [Stop("big", "making room for 'new'")]
+    (start,) = started(d.exited("big"))
+    assert start.placed is not None and start.placed.gpus == ("gpu1",) and start.placed.stops == ("big",)
+    assert {view.name for view in d.s.views() if view.state is State.READY} == {"s1", "s2"}
+
+
+def test_of_gpus_that_stop_as_many_models_the_one_stopping_fewer_bytes_makes_way() -> None:
+    d = machine({"large": 18 * GB, "medium": 14 * GB, "new": 12 * GB})
+    assert load(d, "large").gpus == ("gpu0",)
+    d.now = 5.0
+    assert load(d, "medium").gpus == ("gpu1",)  # the most recently used, yet the smaller reload
+    d.now = 6.0
+    _, decisions = d.arrive("new")
+    assert decisions == [Stop("medium", "making room for 'new'")]
+
+
+def test_a_gpu_where_only_idle_models_stop_wins_over_draining_a_busy_one() -> None:
+    d = machine({"s1": 10 * GB, "s2": 10 * GB, "busy": 20 * GB, "new": 20 * GB})
+    load(d, "s1")
+    load(d, "s2")
+    d.now = 5.0
+    d.arrive("busy")
+    d.ready("busy")
+    d.now = 6.0
+    _, decisions = d.arrive("new")  # two idle models stop rather than one in use is drained
+    assert decisions == [Stop("s1", "making room for 'new'"), Stop("s2", "making room for 'new'")]
+    assert not d.s.view("busy").draining
+
+
+def test_a_model_kept_after_all_is_not_named_among_those_stopped_for_a_placement() -> None:
+    d = machine({"a": 10 * GB, "b": 10 * GB, "pin": 20 * GB, "new": 14 * GB}, pinned=("pin",))
+    pinned_on = load(d, "pin").gpus  # the other GPU is where the room is made
+    a_request, _ = d.arrive("a")
+    d.ready("a")
+    d.now = 1.0
+    b_request, _ = d.arrive("b")
+    d.ready("b")
+    (gpu,) = d.s.view("a").placed.gpus  # type: ignore[union-attr]
+    assert d.s.view("b").placed.gpus == (gpu,) and (gpu,) != pinned_on  # type: ignore[union-attr]
+    d.now = 2.0
+    d.arrive("new")  # both busy: 'a', used longer ago, is chosen and drains
+    assert d.s.view("a").draining
+    decisions = d.finish(b_request)  # 'b' is idle now: it goes at once, and 'a' serves on
+    assert decisions == [Stop("b", "making room for 'new'")]
+    assert not d.s.view("a").draining and d.s.view("a").state is State.READY
+    (start,) = started(d.exited("b"))
+    assert start.placed is not None and start.placed.stops == ("b",)
+    assert start.placed.why == f"made room on {gpu} by stopping 'b'"
+    d.finish(a_request)
+
+
 def test_a_pinned_model_is_never_stopped_for_a_placement() -> None:
     d = machine({"pin": 20 * GB, "other": 20 * GB, "new": 20 * GB}, pinned=("pin",))
     load(d, "pin")
