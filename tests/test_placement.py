@@ -4,9 +4,12 @@ calls, like the other rules (tests/test_scheduler.py holds the random-sequence i
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 import pytest
+import yaml
 
+from llama_router.config.schema import load_config
 from llama_router.core.placement import Placed, Placement, split_over, travelling_need
 from llama_router.core.scheduler import (
     Decision,
@@ -19,6 +22,9 @@ from llama_router.core.scheduler import (
     State,
     Stop,
 )
+from llama_router.sizing import memory
+from llama_router.sizing.budgets import Sizing
+from llama_router.sizing.memory import MIB, Host
 from tests.test_scheduler import Driver
 
 GB = 1000
@@ -257,6 +263,28 @@ def test_the_need_learned_on_a_split_counts_its_extra_per_gpu_once() -> None:
     placed = Placed(("gpu0", "gpu1"), (10, 20), need=30)
     assert travelling_need({"gpu0": 11_000, "gpu1": 20_500, "ram": 5}, placed, 500) == 31_000
     assert travelling_need({"gpu0": 9_000, "ram": 5}, Placed(("gpu0",), ram=3_000), 500) is None
+
+
+def test_a_footprint_measured_partly_in_ram_does_not_shrink_the_need_learned_for_next_time(
+    tmp_path: Path, tiny_models: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(memory, "THIS_MACHINE", Host(platform="linux", sysfs=tmp_path / "none"))
+    path = tmp_path / "profiles.yaml"
+    server = {"state_dir": str(tmp_path / "state"), "memory": {"gpus": [24000, 24000], "nvml": False}}
+    profile = {"model": str(tiny_models[0]), "placement": {"ram": True}}
+    path.write_text(yaml.safe_dump({"server": server, "profiles": {"m": profile}}))
+    sizing = Sizing(load_config(path))
+    m = sizing.config.profiles["m"]
+    whole = {"gpu0": 30_000 * MIB, "ram": 2_000 * MIB}
+    assert sizing.learn(m, whole, {}, Placed(("gpu0",), need=30_000 * MIB))
+    assert sizing.spec(m).placement.need == 30_000 * MIB  # type: ignore[union-attr]
+    # Next time it was partly in RAM: its GPU held 20 GB, the rest went to RAM. That is not what
+    # it needs on a GPU: the next placement still looks for 30 GB.
+    partly = {"gpu1": 20_000 * MIB, "ram": 12_000 * MIB}
+    kept = sizing.learn(m, partly, {}, Placed(("gpu1",), ram=10_000 * MIB, need=30_000 * MIB))
+    assert sizing.spec(m).placement.need == 30_000 * MIB  # type: ignore[union-attr]
+    assert not kept
+    assert Sizing(load_config(path)).spec(m).placement.need == 30_000 * MIB  # type: ignore[union-attr]
 
 
 def test_split_over_takes_the_fewest_gpus_with_room() -> None:

@@ -505,7 +505,8 @@ class Controller:
             sources |= {device: [{"line": why, "bytes": used}] for device, used in by_driver.items()}
         if not measured:
             return
-        self.sizing.footprints.put(upstream.profile, measured, sources)
+        if not self.sizing.learn(upstream.profile, measured, sources, self.scheduler.view(name).placed):
+            log.info("%s: partly in RAM: this load's GPU part is not kept as what it needs", name)
         self.events.emit(FootprintLearned(name, measured))
         self._apply(
             self.scheduler.footprint_measured(
