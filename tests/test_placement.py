@@ -4,9 +4,12 @@ calls, like the other rules (tests/test_scheduler.py holds the random-sequence i
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 import pytest
+import yaml
 
+from llama_router.config.schema import load_config
 from llama_router.core.placement import Placed, Placement, split_over, travelling_need
 from llama_router.core.scheduler import (
     Decision,
@@ -19,6 +22,9 @@ from llama_router.core.scheduler import (
     State,
     Stop,
 )
+from llama_router.sizing import memory
+from llama_router.sizing.budgets import Sizing
+from llama_router.sizing.memory import MIB, Host
 from tests.test_scheduler import Driver
 
 GB = 1000
@@ -121,6 +127,65 @@ def test_an_idle_model_makes_way_before_a_busy_one_which_is_never_cut() -> None:
     assert d.s.view("busy").in_flight == 1 and not d.s.view("busy").draining
 
 
+def test_making_room_stops_the_fewest_models_though_they_were_used_more_recently() -> None:
+    d = machine({"s1": 10 * GB, "s2": 10 * GB, "big": 20 * GB, "new": 20 * GB})
+    assert load(d, "s1").gpus == load(d, "s2").gpus == ("gpu0",)
+    d.now = 5.0
+    assert load(d, "big").gpus == ("gpu1",)  # the most recently used
+    d.now = 6.0
+    # gpu0 would stop two models used longer ago, gpu1 one: one model to load again, not two.
+    _, decisions = d.arrive("new")
+    assert decisions == [Stop("big", "making room for 'new'")]
+    (start,) = started(d.exited("big"))
+    assert start.placed is not None and start.placed.gpus == ("gpu1",) and start.placed.stops == ("big",)
+    assert {view.name for view in d.s.views() if view.state is State.READY} == {"s1", "s2"}
+
+
+def test_of_gpus_that_stop_as_many_models_the_one_stopping_fewer_bytes_makes_way() -> None:
+    d = machine({"large": 18 * GB, "medium": 14 * GB, "new": 12 * GB})
+    assert load(d, "large").gpus == ("gpu0",)
+    d.now = 5.0
+    assert load(d, "medium").gpus == ("gpu1",)  # the most recently used, yet the smaller reload
+    d.now = 6.0
+    _, decisions = d.arrive("new")
+    assert decisions == [Stop("medium", "making room for 'new'")]
+
+
+def test_a_gpu_where_only_idle_models_stop_wins_over_draining_a_busy_one() -> None:
+    d = machine({"s1": 10 * GB, "s2": 10 * GB, "busy": 20 * GB, "new": 20 * GB})
+    load(d, "s1")
+    load(d, "s2")
+    d.now = 5.0
+    d.arrive("busy")
+    d.ready("busy")
+    d.now = 6.0
+    _, decisions = d.arrive("new")  # two idle models stop rather than one in use is drained
+    assert decisions == [Stop("s1", "making room for 'new'"), Stop("s2", "making room for 'new'")]
+    assert not d.s.view("busy").draining
+
+
+def test_a_model_kept_after_all_is_not_named_among_those_stopped_for_a_placement() -> None:
+    d = machine({"a": 10 * GB, "b": 10 * GB, "pin": 20 * GB, "new": 14 * GB}, pinned=("pin",))
+    pinned_on = load(d, "pin").gpus  # the other GPU is where the room is made
+    a_request, _ = d.arrive("a")
+    d.ready("a")
+    d.now = 1.0
+    b_request, _ = d.arrive("b")
+    d.ready("b")
+    (gpu,) = d.s.view("a").placed.gpus  # type: ignore[union-attr]
+    assert d.s.view("b").placed.gpus == (gpu,) and (gpu,) != pinned_on  # type: ignore[union-attr]
+    d.now = 2.0
+    d.arrive("new")  # both busy: 'a', used longer ago, is chosen and drains
+    assert d.s.view("a").draining
+    decisions = d.finish(b_request)  # 'b' is idle now: it goes at once, and 'a' serves on
+    assert decisions == [Stop("b", "making room for 'new'")]
+    assert not d.s.view("a").draining and d.s.view("a").state is State.READY
+    (start,) = started(d.exited("b"))
+    assert start.placed is not None and start.placed.stops == ("b",)
+    assert start.placed.why == f"made room on {gpu} by stopping 'b'"
+    d.finish(a_request)
+
+
 def test_a_pinned_model_is_never_stopped_for_a_placement() -> None:
     d = machine({"pin": 20 * GB, "other": 20 * GB, "new": 20 * GB}, pinned=("pin",))
     load(d, "pin")
@@ -198,6 +263,28 @@ def test_the_need_learned_on_a_split_counts_its_extra_per_gpu_once() -> None:
     placed = Placed(("gpu0", "gpu1"), (10, 20), need=30)
     assert travelling_need({"gpu0": 11_000, "gpu1": 20_500, "ram": 5}, placed, 500) == 31_000
     assert travelling_need({"gpu0": 9_000, "ram": 5}, Placed(("gpu0",), ram=3_000), 500) is None
+
+
+def test_a_footprint_measured_partly_in_ram_does_not_shrink_the_need_learned_for_next_time(
+    tmp_path: Path, tiny_models: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(memory, "THIS_MACHINE", Host(platform="linux", sysfs=tmp_path / "none"))
+    path = tmp_path / "profiles.yaml"
+    server = {"state_dir": str(tmp_path / "state"), "memory": {"gpus": [24000, 24000], "nvml": False}}
+    profile = {"model": str(tiny_models[0]), "placement": {"ram": True}}
+    path.write_text(yaml.safe_dump({"server": server, "profiles": {"m": profile}}))
+    sizing = Sizing(load_config(path))
+    m = sizing.config.profiles["m"]
+    whole = {"gpu0": 30_000 * MIB, "ram": 2_000 * MIB}
+    assert sizing.learn(m, whole, {}, Placed(("gpu0",), need=30_000 * MIB))
+    assert sizing.spec(m).placement.need == 30_000 * MIB  # type: ignore[union-attr]
+    # Next time it was partly in RAM: its GPU held 20 GB, the rest went to RAM. That is not what
+    # it needs on a GPU: the next placement still looks for 30 GB.
+    partly = {"gpu1": 20_000 * MIB, "ram": 12_000 * MIB}
+    kept = sizing.learn(m, partly, {}, Placed(("gpu1",), ram=10_000 * MIB, need=30_000 * MIB))
+    assert sizing.spec(m).placement.need == 30_000 * MIB  # type: ignore[union-attr]
+    assert not kept
+    assert Sizing(load_config(path)).spec(m).placement.need == 30_000 * MIB  # type: ignore[union-attr]
 
 
 def test_split_over_takes_the_fewest_gpus_with_room() -> None:

@@ -145,6 +145,34 @@ async def test_on_four_gpus_the_fifth_model_makes_room_on_the_gpu_used_least_rec
     assert loading[-1]["placement"]["why"] == (await placements(router))["m4"]["why"]
 
 
+async def test_a_profile_pinned_by_cuda_visible_devices_numbers_the_gpus_as_nvml_does(
+    start_router: RouterFactory, dummy_model: Path, nvidia: MachineFactory
+) -> None:
+    nvidia(GPU_MIB, GPU_MIB, fastest_first=[1, 0])  # CUDA's own order is not the bus order here
+    router = await start_router(
+        {
+            "pinned": fake_profile(dummy_model, "--gpu-mib", "6000", env={"CUDA_VISIBLE_DEVICES": "1"}),
+            "own_order": fake_profile(
+                dummy_model,
+                "--gpu-mib",
+                "5000",
+                env={"CUDA_VISIBLE_DEVICES": "1", "CUDA_DEVICE_ORDER": "FASTEST_FIRST"},
+            ),
+        }
+    )
+    await chat_ok(router, "pinned")
+    await chat_ok(router, "own_order")
+    # "1" means gpu1, as nvidia-smi shows it, and the router counts its memory there.
+    assert environment(router, "pinned")["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    assert driver_use(router, "pinned") == {"1": 6000.0}
+    view = router.controller.view
+    await wait_until(lambda: view("pinned").footprint.get("gpu1", 0) > 0, what="its footprint learned")
+    assert view("pinned").footprint.get("gpu0", 0) == 0
+    # A profile that sets an order keeps it: under fastest first, its "1" is the machine's gpu0.
+    assert environment(router, "own_order")["CUDA_DEVICE_ORDER"] == "FASTEST_FIRST"
+    assert driver_use(router, "own_order") == {"0": 5000.0}
+
+
 async def test_a_footprint_learned_spread_over_two_gpus_places_the_model_whole_on_one(
     start_router: RouterFactory, dummy_model: Path, nvidia: MachineFactory
 ) -> None:

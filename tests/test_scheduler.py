@@ -646,17 +646,36 @@ def test_a_preload_gives_way_at_once_to_real_demand() -> None:
 
 
 def test_preloads_never_take_memory_someone_is_waiting_for() -> None:
-    _s, d = memory_scheduler({"a": 50, "b": 60, "warm": 30}, budget=100, standby={"warm"})
+    s, d = memory_scheduler({"a": 50, "b": 80, "warm": 30}, budget=100, standby={"warm"})
     busy, decisions = d.arrive("a")
     assert decisions == [Start("a"), Start("warm")]
     d.ready("a")
     d.ready("warm")
-    _, decisions = d.arrive("b")  # needs 60: the idle standby goes, busy 'a' drains
+    _, decisions = d.arrive("b")  # needs 80: the idle standby goes, busy 'a' drains
     assert decisions == [Stop("warm", "making room for 'b'")]
     assert d.exited("warm") == []  # 'b' still waits for 'a': no preload takes the room meanwhile
     assert d.finish(busy) == [Stop("a", "drained for a swap")]
-    # Once 'b' has its memory, what is left over goes to the standby again.
-    assert d.exited("a") == [Start("b"), Start("warm")]
+    assert d.exited("a") == [Start("b")]
+    assert resident(s) == {"b"}
+
+
+def test_a_smaller_idle_model_is_not_stopped_when_a_larger_victim_already_makes_room() -> None:
+    s, d = memory_scheduler({"small": 30, "large": 50, "new": 60}, budget=100)
+    load(d, "small")
+    d.now = 1.0
+    busy, _ = d.arrive("large")
+    d.ready("large")
+    d.now = 2.0
+    # 'small' comes first in the eviction order, yet 'large' must go whatever happens, and its
+    # room alone is enough (30 + 60 fits): 'small' stays and keeps serving.
+    _, decisions = d.arrive("new")
+    assert decisions == []
+    assert d.s.view("large").draining and d.s.view("small").state is State.READY
+    assert d.finish(busy) == [Stop("large", "drained for a swap")]
+    assert d.exited("large") == [Start("new")]
+    assert resident(s) == {"small", "new"}
+    request, decisions = d.arrive("small")
+    assert decisions == [Dispatch(request, "small")]
 
 
 def test_ttl_unloads_an_idle_model_but_never_a_busy_one() -> None:

@@ -111,11 +111,18 @@ def room(gpus: Sequence[str], used: Mapping[str, int], budget: Mapping[str, int]
     return {gpu: max(0, budget.get(gpu, 0) - used.get(gpu, 0)) for gpu in gpus}
 
 
+def learns_need(placed: Placed | None) -> bool:
+    """Whether what a load on `placed` was measured to use says what the model needs on GPUs: not
+    after a partial offload, whose GPU part is only what fitted then, so the need it had is kept
+    (in the scheduler and in the footprint learned for its next start)."""
+    return placed is None or not placed.ram
+
+
 def travelling_need(measured: Mapping[str, int], placed: Placed, split_extra: int) -> int | None:
     """What a model measured on its placement needs on one GPU: the bytes on its GPUs, less what
-    each further GPU of a split holds twice. None after a partial offload (the GPU part is not the
-    whole model), so the figure it had is kept."""
-    if placed.ram:
+    each further GPU of a split holds twice. None where the load does not say (`learns_need`), so
+    the figure it had is kept."""
+    if not learns_need(placed):
         return None
     on_gpus = sum(measured.get(gpu, 0) for gpu in placed.gpus)
     if not on_gpus:

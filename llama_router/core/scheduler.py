@@ -190,7 +190,7 @@ class _Slot:
     need: int = 0  # a placeable profile's bytes on one GPU, learned or estimated: what travels
     placed: Placed | None = None  # where its last start put it (a placeable profile)
     target: tuple[str, ...] = ()  # the GPUs it waits for room on: kept while the room is made
-    room_made: tuple[str, ...] = ()  # the models stopped for it since it began waiting
+    room_made: tuple[str, ...] = ()  # the models chosen to make way for it since it began waiting
 
     @property
     def holds_resources(self) -> bool:
@@ -785,7 +785,14 @@ class Scheduler:
         slot.starts += 1
         slot.load_deadline = now + slot.spec.load_timeout
         if placed is not None:
-            placed = dataclasses.replace(placed, stops=slot.room_made)
+            # Of the models once chosen to make way, those that went: one kept after all (a later
+            # choice needed it no more) was not stopped for this model.
+            stopped = tuple(
+                name
+                for name in slot.room_made
+                if name in self._slots and self._slots[name].state not in (State.STARTING, State.READY)
+            )
+            placed = dataclasses.replace(placed, stops=stopped)
             slot.placed, slot.target, slot.room_made = placed, (), ()
         return Start(slot.spec.name, placed)
 
@@ -884,20 +891,28 @@ class Scheduler:
     @staticmethod
     def _cost(slot: _Slot, option: Plan, free: Mapping[str, int]) -> tuple[object, ...]:
         """How much an option stops: nothing at all first (the one that leaves least room unused on
-        its GPUs, so big holes stay for big models); then the GPUs it already waits on; then the
-        option whose most valued victim ranks lowest in the eviction order, then fewer victims."""
+        its GPUs, so big holes stay for big models); then the GPUs it already waits on; then, of
+        the victims `choose_victims` picks on each, the option that stops the least: no busy model
+        (nor one draining) where another stops only idle ones or preloads, then the fewest models,
+        then the fewest bytes, then the one whose most valued victim ranks lowest in the eviction
+        order. Fewest models before recency: which of two models was used last says little about
+        which is asked for next, while each model stopped is one more to load again
+        (scripts/benchmarks/bench_placement.py measures it)."""
         gpus = option.placed.gpus if option.placed is not None else ()
         if option.now:
             leftover = sum(free.get(gpu, 0) - option.footprint.get(gpu, 0) for gpu in gpus)
             return (0, leftover)
         worst = max((_eviction_key(victim) for victim in option.victims), default=None)
+        stopped = sum(victim.footprint.get(gpu, 0) for victim in option.victims for gpu in gpus)
         return (
             1,
             gpus != slot.target,
             not option.enough,
             worst is not None,
-            worst or (),
+            worst[:_KIND] if worst is not None else (),
             len(option.victims),
+            stopped,
+            worst or (),
         )
 
     def _preload(self, now: float) -> list[Decision]:
@@ -1034,7 +1049,10 @@ def choose_victims(
     first), then, where `drain_busy`, busy ones (those already draining first, so choices stay
     stable), which the caller drains rather than cuts. Pinned models are never chosen, nor one that
     frees nothing on a device where `need` is short. `projected` is what is held once the models
-    already stopping are gone; the choice ends as soon as `need` fits beside what is left."""
+    already stopping are gone; the choice ends as soon as `need` fits beside what is left. Then a
+    victim that a later (more valued) one made unnecessary is spared: the chosen are tried from the
+    most valued down, and each without which `need` still fits stays, so no more models stop than
+    the room needs (a small idle model is not stopped for room a large one's stop already made)."""
     evictable = [
         slot
         for slot in candidates
@@ -1055,7 +1073,20 @@ def choose_victims(
             continue
         _subtract(left, slot)
         victims.append(slot)
+    if not fits(need, left, budget):
+        return victims  # not enough even with all of them: the caller waits for busy loads
+    for slot in reversed(victims[:-1]):  # the last one chosen made it fit: it is needed
+        _add(left, slot)
+        if fits(need, left, budget):
+            victims.remove(slot)
+        else:
+            _subtract(left, slot)
     return victims
+
+
+# How many leading fields of `_eviction_key` say what kind of model it is (a preload, idle, draining
+# or busy), before its priority and recency rank it among its kind.
+_KIND = 3
 
 
 def _eviction_key(slot: _Slot) -> tuple[bool, bool, bool, int, float]:
@@ -1103,3 +1134,8 @@ def fits(footprint: Resources, used: Mapping[str, int], budget: Mapping[str, int
 def _subtract(projected: dict[str, int], slot: _Slot) -> None:
     for device, amount in slot.footprint.items():
         projected[device] = projected.get(device, 0) - amount
+
+
+def _add(projected: dict[str, int], slot: _Slot) -> None:
+    for device, amount in slot.footprint.items():
+        projected[device] = projected.get(device, 0) + amount

@@ -12,7 +12,7 @@ import dataclasses
 from llama_router.config.schema import ResolvedProfile, RouterConfig
 from llama_router.config.state import state_dir
 from llama_router.core.devices import device_name, worker_of
-from llama_router.core.placement import Placement
+from llama_router.core.placement import Placed, Placement, learns_need
 from llama_router.core.scheduler import ProfileSpec
 from llama_router.sizing.footprint import FootprintStore, Sources, estimate
 from llama_router.sizing.memory import MIB, Device, detect_devices, rpc_devices
@@ -89,6 +89,17 @@ class Sizing:
         if learned is not None and set(learned) <= {device.name for device in self.devices}:
             return learned
         return None
+
+    def learn(
+        self, profile: ResolvedProfile, measured: dict[str, int], sources: Sources, placed: Placed | None
+    ) -> bool:
+        """Keep what a load was measured to use as the profile's footprint for its next start;
+        not after a partial offload to RAM, whose GPU part is only what fitted then (the need it
+        had stays, so its next placement looks for as much room again). Whether it was kept."""
+        if not learns_need(placed):
+            return False
+        self.footprints.put(profile, measured, sources)
+        return True
 
     def footprint_why(self, profile: ResolvedProfile | None) -> Sources:
         """Per device, the log lines behind a learned footprint (none for a configured or estimated

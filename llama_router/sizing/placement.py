@@ -60,6 +60,18 @@ def visible_variable(devices: Sequence[Device]) -> str:
     return "HIP_VISIBLE_DEVICES" if sources == {"sysfs"} else "CUDA_VISIBLE_DEVICES"
 
 
+# CUDA numbers GPUs fastest first unless told to number them in PCI bus order, NVML's and the router's.
+_PCI_ORDER = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+
+
+def device_order(env: Mapping[str, str]) -> dict[str, str]:
+    """What a profile that fixes its GPUs by `CUDA_VISIBLE_DEVICES` is started with besides its
+    own environment: PCI bus order, so its numbers name the GPUs `nvidia-smi` (NVML) and the
+    router number so, and the buffers it logs are counted on the right ones; nothing where its
+    environment sets an order itself."""
+    return dict(_PCI_ORDER) if "CUDA_VISIBLE_DEVICES" in env and "CUDA_DEVICE_ORDER" not in env else {}
+
+
 def launch_settings(
     placed: Placed, profile: ResolvedProfile, devices: Sequence[Device]
 ) -> tuple[dict[str, str], list[str]]:
@@ -67,7 +79,7 @@ def launch_settings(
     variable = visible_variable(devices)
     env = {variable: ",".join(str(gpu_index(gpu)) for gpu in placed.gpus) if placed.gpus else "-1"}
     if variable == "CUDA_VISIBLE_DEVICES":
-        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+        env.update(_PCI_ORDER)  # the router's indices: whatever order the profile's environment says
     args: list[str] = []
     if len(placed.gpus) > 1:
         args += ["--tensor-split", ",".join(str(share) for share in placed.shares)]

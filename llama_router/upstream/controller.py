@@ -60,7 +60,7 @@ from llama_router.sizing.budgets import Sizing
 from llama_router.sizing.buffer_log import BufferTally
 from llama_router.sizing.fit import Claim, fit_args
 from llama_router.sizing.memory import MIB, is_gpu, nvml_usage_by_pid, page_in
-from llama_router.sizing.placement import dry_run, launch_settings
+from llama_router.sizing.placement import device_order, dry_run, launch_settings
 from llama_router.upstream.child_protocol import LoadProgress
 from llama_router.upstream.context_cache import ContextKeeper
 from llama_router.upstream.downloads import PendingModel
@@ -505,7 +505,8 @@ class Controller:
             sources |= {device: [{"line": why, "bytes": used}] for device, used in by_driver.items()}
         if not measured:
             return
-        self.sizing.footprints.put(upstream.profile, measured, sources)
+        if not self.sizing.learn(upstream.profile, measured, sources, self.scheduler.view(name).placed):
+            log.info("%s: partly in RAM: this load's GPU part is not kept as what it needs", name)
         self.events.emit(FootprintLearned(name, measured))
         self._apply(
             self.scheduler.footprint_measured(
@@ -519,12 +520,17 @@ class Controller:
     def _launch(self, name: str, placed: Placed | None = None) -> Upstream | None:
         """The upstream a `Start` decided, registered (and its load told) at once: a `Stop` decided
         before its process exists finds it there and marks it, and the spawn carries the stop out.
-        A placed model sees only its GPUs (and a split gets its `--tensor-split`)."""
+        A placed model sees only its GPUs (and a split gets its `--tensor-split`); one whose profile
+        fixes them by `CUDA_VISIBLE_DEVICES` numbers them in NVML's order."""
         profile = self.config.profiles.get(name)
         if profile is None:  # a reload removed it between the decision and now
             return None
         server = self.config.server
-        env, args = launch_settings(placed, profile, self.sizing.devices) if placed else ({}, [])
+        env, args = (
+            launch_settings(placed, profile, self.sizing.devices)
+            if placed
+            else (device_order(profile.env), [])
+        )
         # --fit reads the GPUs this process will see: a placed one's (footprints stay keyed by the profile)
         seen = profile.model_copy(update={"env": {**profile.env, **env}}) if env else profile
         upstream = Upstream(

@@ -241,7 +241,7 @@ class Upstream:
         self.profile = profile
         self.served_name = profile.served_name  # read by every request's lease: worked out once
         self.extra_args = extra_args or []
-        self.extra_env = extra_env or {}  # where it was placed: the GPUs it may see
+        self.extra_env = extra_env or {}  # what the router adds: the GPUs a placed model may see, their order
         self.host = host
         self.port = 0
         self.socket_dir = socket_dir  # a private directory for its Unix socket; None: TCP only

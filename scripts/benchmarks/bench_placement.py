@@ -178,8 +178,13 @@ def main() -> None:
             }
         for way in ("gpu0", "round_robin"):
             auto = ways["auto"]
+            pairs = list(zip(ways[way]["runs"], auto["runs"], strict=True))
             ways[way]["vs_auto"] = {
                 "swaps": round(ways[way]["swaps_median"] / max(1, auto["swaps_median"]), 2),
+                # per seed: in how many runs auto stopped fewer models, as many, more
+                "auto_fewer_swaps_seeds": sum(a["swaps"] < w["swaps"] for w, a in pairs),
+                "auto_same_swaps_seeds": sum(a["swaps"] == w["swaps"] for w, a in pairs),
+                "auto_more_swaps_seeds": sum(a["swaps"] > w["swaps"] for w, a in pairs),
                 "gb_loaded": round(ways[way]["gb_loaded_median"] / max(0.1, auto["gb_loaded_median"]), 2),
                 "total_wait": round(
                     ways[way]["total_wait_s_median"] / max(0.1, auto["total_wait_s_median"]), 2
