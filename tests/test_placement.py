@@ -385,6 +385,23 @@ def test_the_gpu_a_model_waits_on_stays_chosen_while_its_victim_drains() -> None
     assert decisions == [Stop(drained, "drained for a swap")]
 
 
+def test_where_not_every_model_fits_a_drain_ends_once_its_model_is_the_more_asked_for() -> None:
+    d = machine({"x": 20 * GB, "y": 20 * GB, "new": 20 * GB})
+    d.arrive("x")
+    d.ready("x")
+    d.now = 1.0
+    asked(d, "y", 2)
+    y_request, _ = d.arrive("y")  # both busy; 'x', asked for once, drains for 'new'
+    d.arrive("new")
+    assert d.s.view("x").draining and not d.s.view("y").draining
+    d.now = 10.0
+    for _ in range(3):  # its clients come back: now 'y' is the less asked-for, and drains instead
+        d.arrive("x")
+    assert not d.s.view("x").draining and d.s.view("x").in_flight == 4
+    assert d.s.view("y").draining and d.s.view("y").in_flight == 1
+    assert d.finish(y_request) == [Stop("y", "drained for a swap")]
+
+
 def test_profiles_that_fix_their_devices_are_not_placed() -> None:
     d = machine({}, fixed={"fixed": {"gpu1": 10 * GB}})
     _, decisions = d.arrive("fixed")
