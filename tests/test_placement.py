@@ -193,6 +193,14 @@ def test_where_not_every_model_fits_at_once_the_least_asked_for_makes_way() -> N
     assert d.s.view("often").state is State.READY
 
 
+def test_where_not_every_model_fits_priority_outweighs_demand() -> None:
+    d = machine({"kept": 20 * GB, "often": 20 * GB, "new": 20 * GB}, priority={"kept": 5})
+    asked(d, "kept", 1)
+    asked(d, "often", 3)  # asked for more, but of lower priority
+    _, decisions = d.arrive("new")
+    assert decisions == [Stop("often", "making room for 'new'")]
+
+
 def test_demand_fades_so_a_change_of_habits_is_followed_within_minutes() -> None:
     d = machine({"often": 20 * GB, "once": 20 * GB, "new": 20 * GB})
     asked(d, "often", 3)

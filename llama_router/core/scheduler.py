@@ -763,9 +763,9 @@ class Scheduler:
                     decisions.append(self._start(slot, now, preload=False, placed=plan.placed))
                     continue
                 assert plan.placed is not None
-                if slot.target != plan.placed.gpus:
+                if slot.target != plan.placed.gpus:  # what chose these GPUs is what its why says
                     slot.target, slot.room_made = plan.placed.gpus, ()
-                slot.by_demand = plan.placed.by_demand
+                    slot.by_demand = plan.placed.by_demand
                 decisions.extend(self._make_room(slot, now, wanted_victims))
                 blocked = True
                 break
@@ -886,9 +886,11 @@ class Scheduler:
                 best = min(options, key=lambda option: self._cost(slot, option, free, crowded))
                 if crowded and best.placed is not None and not best.now:
                     # Say so where what the victims were asked for set this option above another.
-                    asked = self._asked(best)
+                    asked, valued = self._asked(best), self._valued(best)
                     others = [option for option in options if not option.now and option.enough == best.enough]
-                    if any(self._asked(option) > asked for option in others):
+                    if any(
+                        self._asked(option) > asked for option in others if self._valued(option) == valued
+                    ):
                         best.placed = dataclasses.replace(best.placed, by_demand=True)
                 return best
         return None
@@ -897,6 +899,13 @@ class Scheduler:
         """How much the models an option stops were asked for lately, in whole requests (so models
         asked for alike count alike, and the order of `_cost` decides between them)."""
         return round(sum(demand(victim, self._now) for victim in option.victims))
+
+    @staticmethod
+    def _valued(option: Plan) -> tuple[bool, int]:
+        """The highest `priority` among the models an option stops (stopping none comes first)."""
+        if not option.victims:
+            return (False, 0)
+        return (True, max(victim.spec.priority for victim in option.victims))
 
     def _crowded(self, gpus: tuple[str, ...]) -> bool:
         """Whether the models that may use `gpus` need more than those GPUs hold together: then some
@@ -940,7 +949,8 @@ class Scheduler:
 
         Where the GPUs cannot hold every model at once (`crowded`), some take turns whatever the
         choice, and what each stop costs is how soon its model is asked for again: the option that
-        can free enough now comes first, then the one whose victims were asked for least (their
+        can free enough now comes first, then the one whose highest `priority` victim is lowest (an
+        operator's word outweighs a count), then the one whose victims were asked for least (their
         demand in whole requests, see DEMAND_HALF_LIFE), before the GPU it waits on and the order
         above. A drain that began is given up when its model has since become the more asked-for.
         scripts/benchmarks/bench_placement.py measures both."""
@@ -958,7 +968,14 @@ class Scheduler:
             worst or (),
         )
         if crowded:
-            return (1, not option.enough, self._asked(option), gpus != slot.target, *least)
+            return (
+                1,
+                not option.enough,
+                self._valued(option),
+                self._asked(option),
+                gpus != slot.target,
+                *least,
+            )
         return (1, gpus != slot.target, not option.enough, *least)
 
     def _preload(self, now: float) -> list[Decision]:
