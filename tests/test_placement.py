@@ -152,16 +152,75 @@ def test_of_gpus_that_stop_as_many_models_the_one_stopping_fewer_bytes_makes_way
 
 
 def test_a_gpu_where_only_idle_models_stop_wins_over_draining_a_busy_one() -> None:
-    d = machine({"s1": 10 * GB, "s2": 10 * GB, "busy": 20 * GB, "new": 20 * GB})
-    load(d, "s1")
-    load(d, "s2")
+    # 45 GB for 48: every model fits at once, so demand does not decide (see the tests below).
+    d = machine({"s1": 10 * GB, "s2": 10 * GB, "busy": 10 * GB, "new": 15 * GB})
+    assert load(d, "s1").gpus == load(d, "s2").gpus == ("gpu0",)
     d.now = 5.0
     d.arrive("busy")
+    assert d.s.view("busy").placed.gpus == ("gpu1",)  # type: ignore[union-attr]
     d.ready("busy")
     d.now = 6.0
     _, decisions = d.arrive("new")  # two idle models stop rather than one in use is drained
     assert decisions == [Stop("s1", "making room for 'new'"), Stop("s2", "making room for 'new'")]
     assert not d.s.view("busy").draining
+
+
+def asked(d: Driver, name: str, times: int) -> None:
+    """`times` requests for `name`, one after the other, a second apart (it loads for the first)."""
+    for _ in range(times):
+        request, _ = d.arrive(name)
+        if d.s.view(name).state is State.STARTING:
+            d.ready(name)
+        d.finish(request)
+        d.now += 1.0
+
+
+def test_where_not_every_model_fits_at_once_the_least_asked_for_makes_way() -> None:
+    # 60 GB for 48: two of the three models take turns whatever the placement.
+    d = machine({"often": 20 * GB, "once": 20 * GB, "new": 20 * GB})
+    asked(d, "often", 3)
+    d.now = 10.0
+    asked(d, "once", 1)  # the most recently used, yet asked for once against three times
+    _, decisions = d.arrive("new")
+    assert decisions == [Stop("once", "making room for 'new'")]
+    (start,) = started(d.exited("once"))
+    assert start.placed is not None
+    gpu = start.placed.gpus[0]
+    assert start.placed.why == (
+        f"made room on {gpu} by stopping 'once': its models were asked for least lately (not every "
+        "model fits at once)"
+    )
+    assert d.s.view("often").state is State.READY
+
+
+def test_where_not_every_model_fits_priority_outweighs_demand() -> None:
+    d = machine({"kept": 20 * GB, "often": 20 * GB, "new": 20 * GB}, priority={"kept": 5})
+    asked(d, "kept", 1)
+    asked(d, "often", 3)  # asked for more, but of lower priority
+    _, decisions = d.arrive("new")
+    assert decisions == [Stop("often", "making room for 'new'")]
+
+
+def test_demand_fades_so_a_change_of_habits_is_followed_within_minutes() -> None:
+    d = machine({"often": 20 * GB, "once": 20 * GB, "new": 20 * GB})
+    asked(d, "often", 3)
+    d.now = 20 * 60.0  # twenty minutes on, those three requests count for less than one
+    asked(d, "once", 2)
+    asked(d, "often", 1)  # the most recently used, but asked for less than 'once' lately
+    _, decisions = d.arrive("new")
+    assert decisions == [Stop("often", "making room for 'new'")]
+
+
+def test_where_every_model_fits_at_once_demand_does_not_decide() -> None:
+    # 46 GB for 48: the room is made for a model that fits beside the others once they are moved
+    # around, and the least recently used goes, as before (no model need take turns).
+    d = machine({"often": 14 * GB, "once": 14 * GB, "new": 18 * GB})
+    asked(d, "often", 3)
+    d.now = 10.0
+    asked(d, "once", 1)
+    assert d.s.view("often").placed.gpus != d.s.view("once").placed.gpus  # type: ignore[union-attr]
+    _, decisions = d.arrive("new")
+    assert decisions == [Stop("often", "making room for 'new'")]
 
 
 def test_a_model_kept_after_all_is_not_named_among_those_stopped_for_a_placement() -> None:
@@ -332,6 +391,23 @@ def test_the_gpu_a_model_waits_on_stays_chosen_while_its_victim_drains() -> None
     assert not d.s.view(other).draining and d.s.view(other).state is State.READY
     decisions = d.finish(x_request if drained == "x" else y_request)
     assert decisions == [Stop(drained, "drained for a swap")]
+
+
+def test_where_not_every_model_fits_a_drain_ends_once_its_model_is_the_more_asked_for() -> None:
+    d = machine({"x": 20 * GB, "y": 20 * GB, "new": 20 * GB})
+    d.arrive("x")
+    d.ready("x")
+    d.now = 1.0
+    asked(d, "y", 2)
+    y_request, _ = d.arrive("y")  # both busy; 'x', asked for once, drains for 'new'
+    d.arrive("new")
+    assert d.s.view("x").draining and not d.s.view("y").draining
+    d.now = 10.0
+    for _ in range(3):  # its clients come back: now 'y' is the less asked-for, and drains instead
+        d.arrive("x")
+    assert not d.s.view("x").draining and d.s.view("x").in_flight == 4
+    assert d.s.view("y").draining and d.s.view("y").in_flight == 1
+    assert d.finish(y_request) == [Stop("y", "drained for a swap")]
 
 
 def test_profiles_that_fix_their_devices_are_not_placed() -> None:

@@ -35,6 +35,7 @@ class Placed:
     ram: int = 0  # bytes of its GPU need kept in RAM instead (partial offload)
     need: int = 0  # bytes it needs on GPUs when whole on one (the figure that travels)
     stops: tuple[str, ...] = ()  # the models stopped to make room for it
+    by_demand: bool = False  # not every model fits at once: these GPUs' victims were asked for least
 
     @property
     def how(self) -> str:
@@ -59,6 +60,8 @@ class Placed:
         if self.stops:
             stopped = ", ".join(repr(name) for name in self.stops)
             text += f" by stopping {stopped}" if not text.startswith("fits") else f" (stopped {stopped})"
+            if self.by_demand:
+                text += ": its models were asked for least lately (not every model fits at once)"
         return text
 
     def describe(self) -> dict[str, object]:

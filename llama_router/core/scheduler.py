@@ -42,6 +42,11 @@ Resources = Mapping[str, int]
 GRACE_GAPS = 4.0
 GRACE_MIN = 0.05
 
+# A model's demand: its requests, each counting one when it comes and half as much every
+# DEMAND_HALF_LIFE seconds after, so which models are asked for most follows a change of habits
+# within minutes. Where not every model fits on the GPUs at once, placement stops the least asked-for.
+DEMAND_HALF_LIFE = 300.0
+
 
 class State(enum.StrEnum):
     COLD = "cold"
@@ -191,6 +196,9 @@ class _Slot:
     placed: Placed | None = None  # where its last start put it (a placeable profile)
     target: tuple[str, ...] = ()  # the GPUs it waits for room on: kept while the room is made
     room_made: tuple[str, ...] = ()  # the models chosen to make way for it since it began waiting
+    by_demand: bool = False  # its GPUs were chosen for what their victims were asked for (`_asked`)
+    demand: float = 0.0  # its requests, fading (see DEMAND_HALF_LIFE), as of `demand_at`
+    demand_at: float = 0.0
 
     @property
     def holds_resources(self) -> bool:
@@ -359,6 +367,8 @@ class Scheduler:
         slot = self._slots[profile]
         if slot.spec.cannot_run:
             return [Fail(request_id, FailReason.MODEL_LOAD_FAILED, slot.spec.cannot_run)]
+        self._now = max(self._now, now)  # the dry run (`where`) weighs demand as of the last event
+        slot.demand, slot.demand_at = demand(slot, now) + 1.0, now
         limit = self.rules.max_waiting
         if limit is not None and not slot.accepting and (waiting := self.queue_depth) >= limit:
             message = (
@@ -753,8 +763,9 @@ class Scheduler:
                     decisions.append(self._start(slot, now, preload=False, placed=plan.placed))
                     continue
                 assert plan.placed is not None
-                if slot.target != plan.placed.gpus:
+                if slot.target != plan.placed.gpus:  # what chose these GPUs is what its why says
                     slot.target, slot.room_made = plan.placed.gpus, ()
+                    slot.by_demand = plan.placed.by_demand
                 decisions.extend(self._make_room(slot, now, wanted_victims))
                 blocked = True
                 break
@@ -792,8 +803,8 @@ class Scheduler:
                 for name in slot.room_made
                 if name in self._slots and self._slots[name].state not in (State.STARTING, State.READY)
             )
-            placed = dataclasses.replace(placed, stops=stopped)
-            slot.placed, slot.target, slot.room_made = placed, (), ()
+            placed = dataclasses.replace(placed, stops=stopped, by_demand=slot.by_demand and bool(stopped))
+            slot.placed, slot.target, slot.room_made, slot.by_demand = placed, (), (), False
         return Start(slot.spec.name, placed)
 
     def _start_if_it_fits(self, slot: _Slot, now: float, *, preload: bool) -> Start | None:
@@ -823,15 +834,18 @@ class Scheduler:
         """The placement rule, whole. A fixed profile goes where its command line says. A placeable
         one goes, in this order of preference: on one GPU where it fits beside what runs (the one it
         fills best); else on the one GPU where making room stops the least, as `choose_victims`
-        orders what makes way (the worst model stopped decides, then how many); else split over the
-        fewest GPUs, in proportion to the room on each, when no single GPU can hold it; else, where
-        the profile allows it, partly in RAM. None when nothing can hold it beside pinned models.
-        With `making_room` false, only what fits now is considered (a preload stops nothing)."""
+        orders what makes way (the worst model stopped decides, then how many; where not every
+        model fits at once, how much the models stopped were asked for lately decides first: see
+        `_cost`); else split over the fewest GPUs, in proportion to the room on each, when no single
+        GPU can hold it; else, where the profile allows it, partly in RAM. None when nothing can
+        hold it beside pinned models. With `making_room` false, only what fits now is considered
+        (a preload stops nothing)."""
         placement = slot.spec.placement
         if placement is None:
             option = self._option(slot, dict(slot.footprint), None)
             return option if option is not None and (making_room or option.now) else None
         placement = dataclasses.replace(placement, need=slot.need)
+        crowded = self._crowded(placement.gpus)
         base = dict(slot.spec.footprint)
         used = self.used()
         pinned = self._pinned_usage(exclude=slot)
@@ -869,8 +883,44 @@ class Scheduler:
                 and (making_room or option.now)
             ]
             if options:
-                return min(options, key=lambda option: self._cost(slot, option, free))
+                best = min(options, key=lambda option: self._cost(slot, option, free, crowded))
+                if crowded and best.placed is not None and not best.now:
+                    # Say so where what the victims were asked for set this option above another.
+                    asked, valued = self._asked(best), self._valued(best)
+                    others = [option for option in options if not option.now and option.enough == best.enough]
+                    if any(
+                        self._asked(option) > asked for option in others if self._valued(option) == valued
+                    ):
+                        best.placed = dataclasses.replace(best.placed, by_demand=True)
+                return best
         return None
+
+    def _asked(self, option: Plan) -> int:
+        """How much the models an option stops were asked for lately, in whole requests (so models
+        asked for alike count alike, and the order of `_cost` decides between them)."""
+        return round(sum(demand(victim, self._now) for victim in option.victims))
+
+    @staticmethod
+    def _valued(option: Plan) -> tuple[bool, int]:
+        """The highest `priority` among the models an option stops (stopping none comes first)."""
+        if not option.victims:
+            return (False, 0)
+        return (True, max(victim.spec.priority for victim in option.victims))
+
+    def _crowded(self, gpus: tuple[str, ...]) -> bool:
+        """Whether the models that may use `gpus` need more than those GPUs hold together: then some
+        must take turns whatever the placement, and which ones do is what counts."""
+        on = set(gpus)
+        need = 0
+        for slot in self._slots.values():
+            if slot.removed or slot.spec.cannot_run:
+                continue
+            placement = slot.spec.placement
+            if placement is not None:
+                need += slot.need if on.intersection(placement.gpus) else 0
+            else:
+                need += sum(amount for device, amount in slot.footprint.items() if device in on)
+        return need > sum(self._budget.get(gpu, 0) for gpu in gpus)
 
     def _option(self, slot: _Slot, footprint: dict[str, int], placed: Placed | None) -> Plan | None:
         """One way to start `slot`: at once, once what is stopping is gone, or after stopping the
@@ -888,32 +938,45 @@ class Scheduler:
             _subtract(left, victim)
         return Plan(footprint, placed, victims, now=False, enough=self._fits(footprint, left))
 
-    @staticmethod
-    def _cost(slot: _Slot, option: Plan, free: Mapping[str, int]) -> tuple[object, ...]:
+    def _cost(self, slot: _Slot, option: Plan, free: Mapping[str, int], crowded: bool) -> tuple[object, ...]:
         """How much an option stops: nothing at all first (the one that leaves least room unused on
         its GPUs, so big holes stay for big models); then the GPUs it already waits on; then, of
         the victims `choose_victims` picks on each, the option that stops the least: no busy model
         (nor one draining) where another stops only idle ones or preloads, then the fewest models,
         then the fewest bytes, then the one whose most valued victim ranks lowest in the eviction
         order. Fewest models before recency: which of two models was used last says little about
-        which is asked for next, while each model stopped is one more to load again
-        (scripts/benchmarks/bench_placement.py measures it)."""
+        which is asked for next, while each model stopped is one more to load again.
+
+        Where the GPUs cannot hold every model at once (`crowded`), some take turns whatever the
+        choice, and what each stop costs is how soon its model is asked for again: the option that
+        can free enough now comes first, then the one whose highest `priority` victim is lowest (an
+        operator's word outweighs a count), then the one whose victims were asked for least (their
+        demand in whole requests, see DEMAND_HALF_LIFE), before the GPU it waits on and the order
+        above. A drain that began is given up when its model has since become the more asked-for.
+        scripts/benchmarks/bench_placement.py measures both."""
         gpus = option.placed.gpus if option.placed is not None else ()
         if option.now:
             leftover = sum(free.get(gpu, 0) - option.footprint.get(gpu, 0) for gpu in gpus)
             return (0, leftover)
         worst = max((_eviction_key(victim) for victim in option.victims), default=None)
         stopped = sum(victim.footprint.get(gpu, 0) for victim in option.victims for gpu in gpus)
-        return (
-            1,
-            gpus != slot.target,
-            not option.enough,
+        least = (
             worst is not None,
             worst[:_KIND] if worst is not None else (),
             len(option.victims),
             stopped,
             worst or (),
         )
+        if crowded:
+            return (
+                1,
+                not option.enough,
+                self._valued(option),
+                self._asked(option),
+                gpus != slot.target,
+                *least,
+            )
+        return (1, gpus != slot.target, not option.enough, *least)
 
     def _preload(self, now: float) -> list[Decision]:
         """Warm standby: start `standby` profiles into memory that nobody is waiting for."""
@@ -1098,6 +1161,14 @@ def _eviction_key(slot: _Slot) -> tuple[bool, bool, bool, int, float]:
         slot.spec.priority,
         slot.last_used,
     )
+
+
+def demand(slot: _Slot, now: float) -> float:
+    """How much `slot` was asked for lately, as of `now`: its requests, each halved every
+    DEMAND_HALF_LIFE seconds since it came."""
+    if not slot.demand:
+        return 0.0
+    return slot.demand * 0.5 ** (max(0.0, now - slot.demand_at) / DEMAND_HALF_LIFE)
 
 
 def _new_slot(spec: ProfileSpec) -> _Slot:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llama_router.core.placement import Placement
-from llama_router.core.scheduler import Dispatch, Fail, ProfileSpec, Rules, Scheduler, Start, Stop
+from llama_router.core.scheduler import Dispatch, Fail, ProfileSpec, Rules, Scheduler, Start, State, Stop
 
 MIB = 1024 * 1024
 GB = 1000 * MIB
@@ -151,6 +151,16 @@ def simulate(
         "failed": failed,
         "simulated_s": round(end, 1),
         **({"placements": placements} if placements else {}),
+        # what `/running` shows as each loaded model's `placement` once the last request ended
+        **({"running_at_end": running_at_end(s)} if way == "auto" else {}),
+    }
+
+
+def running_at_end(s: Scheduler) -> dict[str, Any]:
+    return {
+        view.name: view.placed.describe()
+        for view in s.views()
+        if view.state is State.READY and view.placed is not None
     }
 
 
