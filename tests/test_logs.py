@@ -167,3 +167,21 @@ def test_the_text_lines_time_made_once_a_second_reads_as_the_standard_formatters
         record = logging.LogRecord("llama_router.access", logging.INFO, "", 0, "GET %s", ("/health",), None)
         record.created, record.msecs = created, int((created - int(created)) * 1000)
         assert ours.format(record) == standard.format(record)
+
+
+def test_a_line_with_a_traceback_or_a_percent_sign_reads_as_the_standard_formatters() -> None:
+    """The text format written out reads as logging's own, for a message with arguments, one with
+    a `%` and none (a client's path, as the access line has it), and one carrying a traceback."""
+    ours, standard = TextFormatter(), logging.Formatter(TEXT_FORMAT)
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        failure = sys.exc_info()
+    records = [
+        logging.LogRecord("llama_router", logging.WARNING, "", 0, "model %s: %d%%", ("a", 5), None),
+        logging.LogRecord("llama_router.access", logging.INFO, "", 0, "GET /100%25 model=-", (), None),
+        logging.LogRecord("llama_router", logging.ERROR, "", 0, "unhandled error on %s", ("GET /",), failure),
+    ]
+    for record in records:
+        assert ours.format(record) == standard.format(record)
+    assert "Traceback" in ours.format(records[2]) and "ValueError: boom" in ours.format(records[2])

@@ -83,14 +83,9 @@ def log_request(record: RequestRecord, request: web.Request) -> None:
         "bytes": record.sent,
         "client": request.remote,
     }
-    log.log(
-        level,
-        "%s %s model=%s status=%s duration_ms=%.1f bytes=%d",
-        record.method,
-        path,
-        model or "-",
-        status,
-        duration_ms,
-        record.sent,
-        extra={"fields": fields},
+    # Written whole: a message without arguments is not formatted again by each handler.
+    message = (
+        f"{record.method} {path} model={model or '-'} status={status} "
+        f"duration_ms={duration_ms:.1f} bytes={record.sent}"
     )
+    log.log(level, message, extra={"fields": fields})

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import csv
 import io
+import itertools
 import logging
 import sqlite3
 import time
@@ -67,7 +68,13 @@ _SCHEMA = (
     + ", ".join(f"{name} {_SQL_TYPES.get(name, '')}".strip() for name in COLUMNS)
     + ")"
 )
-_INSERT = f"INSERT INTO activity ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+_ROW = f"({', '.join('?' * len(COLUMNS))})"
+# Rows are written `_BATCH` to a statement: SQLite's module lets go of the GIL for each statement it
+# steps, so one row per statement (`executemany`) hands the GIL to and from the event loop's thread
+# once per row, and binding many rows to one statement costs a fifth less besides.
+_BATCH = 64
+_INSERT = f"INSERT INTO activity ({', '.join(COLUMNS)}) VALUES {_ROW}"
+_INSERT_BATCH = f"INSERT INTO activity ({', '.join(COLUMNS)}) VALUES {', '.join([_ROW] * _BATCH)}"
 
 
 def row_for(record: RequestRecord, *, client: str | None, key: str | None) -> ActivityRow:
@@ -265,7 +272,12 @@ class ActivityStore:
             return None
         try:
             with self._db:
-                self._db.executemany(_INSERT, rows)
+                whole = len(rows) - len(rows) % _BATCH
+                for start in range(0, whole, _BATCH):
+                    self._db.execute(
+                        _INSERT_BATCH, list(itertools.chain.from_iterable(rows[start : start + _BATCH]))
+                    )
+                self._db.executemany(_INSERT, rows[whole:])
                 last = self._db.execute("SELECT max(id) FROM activity").fetchone()[0]
                 self._db.execute("DELETE FROM activity WHERE id <= ?", (last - self.max_rows,))
         except sqlite3.Error as exc:
