@@ -9,7 +9,7 @@ machine hits every tree alike):
 
 - cpu: concurrency-32 closed-loop load on one router for `--seconds`; the router process's CPU time
   (utime + stime from /proc/<pid>/stat) over the round divided by the requests it served: µs per
-  request, and requests/s;
+  request, and requests/s; also its event-loop thread's alone (the rest is its helper threads');
 - c1: concurrency-1 load on the direct upstream and each router (scripts/benchmarks/loadgen.py alternates
   them): the median latency the router adds.
 
@@ -42,10 +42,17 @@ from scripts.benchmarks.benchlib import chat, running_router  # noqa: E402
 TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of process `pid` so far, in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def cpu_seconds(pid: int, task: int | None = None) -> float:
+    """utime + stime of process `pid` so far (or of its thread `task`), in seconds."""
+    where = f"/proc/{pid}/stat" if task is None else f"/proc/{pid}/task/{task}/stat"
+    fields = Path(where).read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICKS  # fields 14 and 15 of stat(5)
+
+
+def main_thread_seconds(pid: int) -> float:
+    """The CPU time of the router's event-loop thread (the process's first): the rest of the
+    process's is its helper threads' (the activity log's SQLite writes, file reads)."""
+    return cpu_seconds(pid, pid)
 
 
 @contextlib.asynccontextmanager
@@ -79,6 +86,7 @@ def spread(values: list[float]) -> dict[str, Any]:
 async def run(trees: dict[str, Path], args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="bench-cpu-"))
     cpu: dict[str, list[float]] = {name: [] for name in trees}
+    loop_cpu: dict[str, list[float]] = {name: [] for name in trees}
     rps: dict[str, list[float]] = {name: [] for name in trees}
     added: dict[str, list[float]] = {name: [] for name in trees}
     async with aiohttp.ClientSession() as session, contextlib.AsyncExitStack() as stack:
@@ -93,7 +101,7 @@ async def run(trees: dict[str, Path], args: argparse.Namespace) -> dict[str, Any
             order = names[round_ % len(names) :] + names[: round_ % len(names)]
             for name in order:
                 url, pid = routers[name]
-                before = cpu_seconds(pid)
+                before, loop_before = cpu_seconds(pid), main_thread_seconds(pid)
                 data = await run_loadgen(
                     "load",
                     {name: port_of(url)},
@@ -104,8 +112,10 @@ async def run(trees: dict[str, Path], args: argparse.Namespace) -> dict[str, Any
                     warmup=0,
                 )
                 used = cpu_seconds(pid) - before
+                on_loop = main_thread_seconds(pid) - loop_before
                 served = data[name]["rounds"][0]["requests"]
                 cpu[name].append(used / served * 1e6)
+                loop_cpu[name].append(on_loop / served * 1e6)
                 rps[name].append(data[name]["requests_per_s"])
             # Concurrency 1: the direct upstream of the first tree and every router, alternating.
             direct_port, _ = await upstream_of(session, routers[names[0]][0], "a")
@@ -121,6 +131,7 @@ async def run(trees: dict[str, Path], args: argparse.Namespace) -> dict[str, Any
         "seconds": args.seconds,
         "trees": {name: str(tree) for name, tree in trees.items()},
         "cpu_us_per_request_c32": {name: spread(values) for name, values in cpu.items()},
+        "event_loop_thread_us_per_request_c32": {name: spread(values) for name, values in loop_cpu.items()},
         "requests_per_s_c32": {name: spread(values) for name, values in rps.items()},
         "added_median_ms_c1": {name: spread(values) for name, values in added.items()},
     }
