@@ -185,3 +185,24 @@ def test_a_line_with_a_traceback_or_a_percent_sign_reads_as_the_standard_formatt
     for record in records:
         assert ours.format(record) == standard.format(record)
     assert "Traceback" in ours.format(records[2]) and "ValueError: boom" in ours.format(records[2])
+
+
+def test_an_access_record_reads_as_any_record_to_any_formatter(caplog: pytest.LogCaptureFixture) -> None:
+    """The access line's record, made without `Logger.log`, has what a record made by it has: a
+    formatter naming the caller's file and line (pytest's own) and the JSON one both read it."""
+    from llama_router.front.access_log import AccessRecord
+
+    standard = logging.LogRecord(
+        "llama_router.access", logging.INFO, "", 0, "GET / model=- status=200", (), None
+    )
+    ours = AccessRecord(logging.INFO, "GET / model=- status=200", {"status": 200})
+    assert set(vars(standard)) | {"fields"} == set(vars(ours))
+    pytest_style = logging.Formatter("%(levelname)-8s %(name)s:%(filename)s:%(lineno)d %(message)s")
+    assert pytest_style.format(ours) == pytest_style.format(standard)
+    entry = json.loads(JsonFormatter().format(ours))
+    assert (entry["level"], entry["logger"], entry["status"]) == ("info", "llama_router.access", 200)
+    with caplog.at_level(logging.INFO, logger="llama_router.access"):
+        logging.getLogger("llama_router.access").handle(ours)
+    assert [(r.getMessage(), vars(r)["fields"]) for r in caplog.records] == [
+        ("GET / model=- status=200", {"status": 200})
+    ]
