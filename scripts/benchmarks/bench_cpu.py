@@ -13,6 +13,11 @@ machine hits every tree alike):
 - c1: concurrency-1 load on the direct upstream and each router (scripts/benchmarks/loadgen.py alternates
   them): the median latency the router adds.
 
+The same rounds measure a reference (unless `--no-floor`): scripts/benchmarks/aiohttp_floor.py, aiohttp's
+server and the router's upstream pool relaying to the first tree's upstream with nothing else, as
+`aiohttp_floor`: what a router built on these parts cannot go below. What a tree costs above it is
+the tree's own per-request work.
+
 Prints one JSON object: per tree the median, min and max over the rounds, and every round's figure.
 Linux only (it reads /proc). Loopback only, bounded in time.
 """
@@ -38,7 +43,9 @@ sys.path.insert(0, str(ROOT))
 
 from scripts.benchmarks.bench import SMALL_CHAT, fast_profiles, port_of, run_loadgen, upstream_of  # noqa: E402
 from scripts.benchmarks.benchlib import chat, running_router  # noqa: E402
+from scripts.benchmarks.reference_proxies import aiohttp_floor_in_front  # noqa: E402
 
+FLOOR = "aiohttp_floor"
 TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -85,31 +92,29 @@ def spread(values: list[float]) -> dict[str, Any]:
 
 async def run(trees: dict[str, Path], args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="bench-cpu-"))
-    cpu: dict[str, list[float]] = {name: [] for name in trees}
-    loop_cpu: dict[str, list[float]] = {name: [] for name in trees}
-    rps: dict[str, list[float]] = {name: [] for name in trees}
-    added: dict[str, list[float]] = {name: [] for name in trees}
     async with aiohttp.ClientSession() as session, contextlib.AsyncExitStack() as stack:
-        routers: dict[str, tuple[str, int]] = {}
+        # What is measured: each tree's router and, where asked, the aiohttp floor; (port, pid) each.
+        measured: dict[str, tuple[int, int]] = {}
         for name, tree in trees.items():
-            routers[name] = await stack.enter_async_context(
-                tree_router(session, tree, workdir, args.log_level)
-            )
-            await chat(session, routers[name][0], "a")
-        names = list(trees)
+            url, pid = await stack.enter_async_context(tree_router(session, tree, workdir, args.log_level))
+            await chat(session, url, "a")
+            measured[name] = (port_of(url), pid)
+        first = next(iter(trees))
+        direct_port, _ = await upstream_of(session, f"http://127.0.0.1:{measured[first][0]}", "a")
+        if args.floor:
+            measured[FLOOR] = await stack.enter_async_context(aiohttp_floor_in_front(direct_port))
+        cpu: dict[str, list[float]] = {name: [] for name in measured}
+        loop_cpu: dict[str, list[float]] = {name: [] for name in measured}
+        rps: dict[str, list[float]] = {name: [] for name in measured}
+        added: dict[str, list[float]] = {name: [] for name in measured}
+        names = list(measured)
         for round_ in range(args.rounds):
             order = names[round_ % len(names) :] + names[: round_ % len(names)]
             for name in order:
-                url, pid = routers[name]
+                port, pid = measured[name]
                 before, loop_before = cpu_seconds(pid), main_thread_seconds(pid)
                 data = await run_loadgen(
-                    "load",
-                    {name: port_of(url)},
-                    SMALL_CHAT,
-                    concurrency=32,
-                    rounds=1,
-                    seconds=args.seconds,
-                    warmup=0,
+                    "load", {name: port}, SMALL_CHAT, concurrency=32, rounds=1, seconds=args.seconds, warmup=0
                 )
                 used = cpu_seconds(pid) - before
                 on_loop = main_thread_seconds(pid) - loop_before
@@ -117,9 +122,8 @@ async def run(trees: dict[str, Path], args: argparse.Namespace) -> dict[str, Any
                 cpu[name].append(used / served * 1e6)
                 loop_cpu[name].append(on_loop / served * 1e6)
                 rps[name].append(data[name]["requests_per_s"])
-            # Concurrency 1: the direct upstream of the first tree and every router, alternating.
-            direct_port, _ = await upstream_of(session, routers[names[0]][0], "a")
-            targets = {"direct": direct_port, **{name: port_of(routers[name][0]) for name in order}}
+            # Concurrency 1: the direct upstream of the first tree and each of them, alternating.
+            targets = {"direct": direct_port, **{name: measured[name][0] for name in order}}
             data = await run_loadgen(
                 "load", targets, SMALL_CHAT, concurrency=1, rounds=1, seconds=args.c1_seconds, warmup=0.2
             )
@@ -130,6 +134,7 @@ async def run(trees: dict[str, Path], args: argparse.Namespace) -> dict[str, Any
         "rounds": args.rounds,
         "seconds": args.seconds,
         "trees": {name: str(tree) for name, tree in trees.items()},
+        "references": {FLOOR: "scripts/benchmarks/aiohttp_floor.py"} if args.floor else {},
         "cpu_us_per_request_c32": {name: spread(values) for name, values in cpu.items()},
         "event_loop_thread_us_per_request_c32": {name: spread(values) for name, values in loop_cpu.items()},
         "requests_per_s_c32": {name: spread(values) for name, values in rps.items()},
@@ -152,6 +157,13 @@ def main() -> int:
         "--c1-seconds", type=float, default=2.0, help="seconds of concurrency-1 load per target"
     )
     parser.add_argument("--log-level", default="INFO", help="the routers' --log-level (default INFO)")
+    parser.add_argument(
+        "--no-floor",
+        dest="floor",
+        action="store_false",
+        help="skip the reference: scripts/benchmarks/aiohttp_floor.py, aiohttp and the router's upstream "
+        "pool relaying with nothing else (what the router costs above it is its own)",
+    )
     args = parser.parse_args()
     trees = dict(item.split("=", 1) for item in args.tree) if args.tree else {"here": str(ROOT)}
     result = asyncio.run(run({name: Path(path).resolve() for name, path in trees.items()}, args))
