@@ -69,7 +69,7 @@ def log_request(record: RequestRecord, request: web.Request) -> None:
         level = logging.DEBUG if path in QUIET_PATHS else logging.INFO
     if not log.isEnabledFor(level):
         return
-    duration_ms = (time.perf_counter() - record.started) * 1000
+    duration_ms = record.duration() * 1000
     # A model named in the path or the query, by endpoints that did not record one.
     model = record.model or request.query.get("model") or request.match_info.get("model")
     if model is not None and model is not record.model:

@@ -83,8 +83,7 @@ def row_for(record: RequestRecord, *, client: str | None, key: str | None) -> Ac
     Token counts come from the answer's `usage`, else llama-server's `timings`; speeds from the
     timings. Time to first token is measured for streamed answers (arrival to the first chunk from
     the upstream); for whole answers it is the wait for the model plus the upstream's prompt time."""
-    now = time.perf_counter()
-    duration = now - record.started
+    duration = record.duration()
     timings, usage = record.timings, record.usage
     prompt = usage[0] if usage else (timings.cache_n + timings.prompt_n if timings else None)
     generated = usage[1] if usage else (timings.predicted_n if timings else None)
@@ -94,7 +93,7 @@ def row_for(record: RequestRecord, *, client: str | None, key: str | None) -> Ac
     elif timings is not None:
         ttft = (record.waited or 0.0) + timings.prompt_ms / 1000
     return ActivityRow(
-        time=round(time.time() - duration, 3),
+        time=round(record.arrival_time(), 3),
         model=record.model or record.profile or "",
         served_by=record.served_by,
         path=record.path,
@@ -123,9 +122,9 @@ def management_row(
 ) -> ActivityRow:
     """The activity row of a management call that has just ended: when, what, on which model, the
     outcome (status and error code), the key's label and the client's address."""
-    duration = time.perf_counter() - record.started
+    duration = record.duration()
     return ActivityRow(
-        time=round(time.time() - duration, 3),
+        time=round(record.arrival_time(), 3),
         model=record.model or "",
         served_by=None,
         path=record.path,
