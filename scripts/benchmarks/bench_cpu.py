@@ -18,6 +18,9 @@ server and the router's upstream pool relaying to the first tree's upstream with
 `aiohttp_floor`: what a router built on these parts cannot go below. What a tree costs above it is
 the tree's own per-request work.
 
+With `--pin`, the measured processes run on the last CPU and everything else on the others, which
+steadies the figures where the machine has few cores.
+
 Prints one JSON object: per tree the median, min and max over the rounds, and every round's figure.
 Linux only (it reads /proc). Loopback only, bounded in time.
 """
@@ -37,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import psutil
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -81,6 +85,23 @@ async def tree_router(
         yield router.url, router.process.pid
 
 
+def pin_apart(measured: list[int]) -> None:
+    """The measured processes (every thread) on the last CPU; this process, the load generators it
+    starts and the upstreams on the others. Sharing a core with the client and the upstream, a
+    router's CPU per request varies by a third from round to round with what runs beside it."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return
+    own, rest = {cpus[-1]}, set(cpus[:-1])
+    os.sched_setaffinity(0, rest)
+    for pid in measured:
+        for child in psutil.Process(pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                child.cpu_affinity(sorted(rest))
+        for task in os.listdir(f"/proc/{pid}/task"):
+            os.sched_setaffinity(int(task), own)
+
+
 def spread(values: list[float]) -> dict[str, Any]:
     return {
         "median": round(statistics.median(values), 3),
@@ -103,6 +124,8 @@ async def run(trees: dict[str, Path], args: argparse.Namespace) -> dict[str, Any
         direct_port, _ = await upstream_of(session, f"http://127.0.0.1:{measured[first][0]}", "a")
         if args.floor:
             measured[FLOOR] = await stack.enter_async_context(aiohttp_floor_in_front(direct_port))
+        if args.pin:
+            pin_apart([pid for _, pid in measured.values()])
         cpu: dict[str, list[float]] = {name: [] for name in measured}
         loop_cpu: dict[str, list[float]] = {name: [] for name in measured}
         rps: dict[str, list[float]] = {name: [] for name in measured}
@@ -132,6 +155,7 @@ async def run(trees: dict[str, Path], args: argparse.Namespace) -> dict[str, Any
     return {
         "log_level": args.log_level,
         "rounds": args.rounds,
+        "pinned": args.pin,
         "seconds": args.seconds,
         "trees": {name: str(tree) for name, tree in trees.items()},
         "references": {FLOOR: "scripts/benchmarks/aiohttp_floor.py"} if args.floor else {},
@@ -157,6 +181,11 @@ def main() -> int:
         "--c1-seconds", type=float, default=2.0, help="seconds of concurrency-1 load per target"
     )
     parser.add_argument("--log-level", default="INFO", help="the routers' --log-level (default INFO)")
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="the measured routers on the last CPU, load generators and upstreams on the others",
+    )
     parser.add_argument(
         "--no-floor",
         dest="floor",
