@@ -103,7 +103,7 @@ def each_request(
         record = RequestRecord(request.method, printable(request.path), time.perf_counter())
         request[RECORD] = record
         in_flight.begin()
-        board.request_started(request)
+        board.request_started(request, record)
         response: web.StreamResponse | None = None
         try:
             try:

@@ -189,20 +189,28 @@ def test_a_line_with_a_traceback_or_a_percent_sign_reads_as_the_standard_formatt
 
 def test_an_access_record_reads_as_any_record_to_any_formatter(caplog: pytest.LogCaptureFixture) -> None:
     """The access line's record, made without `Logger.log`, has what a record made by it has: a
-    formatter naming the caller's file and line (pytest's own) and the JSON one both read it."""
+    formatter naming the caller's file and line (pytest's own) and the JSON one both read it, and
+    the JSON object carries its fields and nothing of how they are kept."""
     from llama_router.front.access_log import AccessRecord
+    from llama_router.relay.request_rules import RequestRecord
 
-    standard = logging.LogRecord(
-        "llama_router.access", logging.INFO, "", 0, "GET / model=- status=200", (), None
-    )
-    ours = AccessRecord(logging.INFO, "GET / model=- status=200", {"status": 200})
-    assert set(vars(standard)) | {"fields"} == set(vars(ours))
+    request = RequestRecord("GET", "/", 0.0, status=200, sent=12, ended=0.0015)
+    ours = AccessRecord(logging.INFO, request, None, "10.0.0.1")
+    message = "GET / model=- status=200 duration_ms=1.5 bytes=12"
+    standard = logging.LogRecord("llama_router.access", logging.INFO, "", 0, message, (), None)
+    assert set(vars(standard)) == set(vars(ours))
     pytest_style = logging.Formatter("%(levelname)-8s %(name)s:%(filename)s:%(lineno)d %(message)s")
     assert pytest_style.format(ours) == pytest_style.format(standard)
     entry = json.loads(JsonFormatter().format(ours))
-    assert (entry["level"], entry["logger"], entry["status"]) == ("info", "llama_router.access", 200)
+    fields = {"method": "GET", "path": "/", "model": None, "status": 200, "duration_ms": 1.5, "bytes": 12}
+    assert entry == {
+        "time": entry["time"],
+        "level": "info",
+        "logger": "llama_router.access",
+        "message": message,
+        **fields,
+        "client": "10.0.0.1",
+    }
     with caplog.at_level(logging.INFO, logger="llama_router.access"):
         logging.getLogger("llama_router.access").handle(ours)
-    assert [(r.getMessage(), vars(r)["fields"]) for r in caplog.records] == [
-        ("GET / model=- status=200", {"status": 200})
-    ]
+    assert [(r.getMessage(), r.fields["client"]) for r in caplog.records] == [(message, "10.0.0.1")]  # type: ignore[attr-defined]

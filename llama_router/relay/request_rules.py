@@ -520,6 +520,7 @@ class RequestRecord:
     sent: int = 0  # bytes written to the client, head included
     long_lived: bool = False  # an endless stream (events, log follow): a shutdown does not wait for it
     ended: float | None = None  # time.perf_counter() when its last byte was out (or its client left)
+    live_id: int = 0  # its number on the requests board (the dashboard lists and cancels by it)
 
     def arrival_time(self) -> float:
         """When it arrived, in seconds since the epoch (`started` is on a clock of its own)."""
