@@ -326,11 +326,11 @@ class Scheduler:
                 times.append(slot.draining_since + self.rules.drain_timeout)
             if slot.wanted_since is not None and slot.draining_since is None and slot.state is State.READY:
                 times.append(self._release_at(slot))
-            times.extend(self._requests[rid].deadline for rid in slot.waiting)
-            if slot.waiting and slot.retry_at is not None and slot.state is State.FAILED:
-                times.append(slot.retry_at)
-            expiry = self._ttl_expiry(slot)
-            if expiry is not None:
+            if slot.waiting:
+                times.extend(self._requests[rid].deadline for rid in slot.waiting)
+                if slot.retry_at is not None and slot.state is State.FAILED:
+                    times.append(slot.retry_at)
+            if not slot.in_flight and (expiry := self._ttl_expiry(slot)) is not None:
                 times.append(expiry)
         return min(times) if times else None
 
@@ -432,7 +432,10 @@ class Scheduler:
     def _nobody_waits(self) -> bool:
         """Whether no request waits and no model is held or drained for one: `_place` has nothing to
         decide until a process event (which frees or takes memory) or a new request."""
-        return not any(slot.waiting or slot.wanted_since is not None for slot in self._slots.values())
+        for slot in self._slots.values():  # noqa: SIM110 (no generator: it runs as every request ends)
+            if slot.waiting or slot.wanted_since is not None:
+                return False
+        return True
 
     def process_ready(self, profile: str, now: float) -> list[Decision]:
         """The upstream of `profile` answers `/health`; hand it its queue."""
