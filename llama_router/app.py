@@ -22,7 +22,7 @@ from llama_router.config.schema import ConfigError, RouterConfig
 from llama_router.config.state import prepare_state_dir, state_dir
 from llama_router.config.tls import server_context
 from llama_router.core.errors import RouterError, printable
-from llama_router.front.access_log import IN_FLIGHT, InFlight
+from llama_router.front.access_log import IN_FLIGHT, InFlight, log_request
 from llama_router.front.auth import KeyRing, Keys, key_accepted, key_check, resolve_keys, warn_if_open
 from llama_router.front.browser_guard import browser_check, own_host
 from llama_router.front.client_limits import (
@@ -171,7 +171,7 @@ def build_app(config: RouterConfig) -> web.Application:
         lambda: controller.config.server.body_timeout,
         body_budget,
     )
-    ends = RequestEnds(metrics, board)
+    ends = RequestEnds((metrics.request_ended, board.request_ended, log_request))
     middlewares: list[Any] = [each_request(in_flight, board, ends, checks, with_body)]
     app = web.Application(middlewares=middlewares, client_max_size=int(config.server.max_body_mb * MIB))
 

@@ -10,6 +10,7 @@ import logging
 import re
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -214,3 +215,42 @@ def test_an_access_record_reads_as_any_record_to_any_formatter(caplog: pytest.Lo
     with caplog.at_level(logging.INFO, logger="llama_router.access"):
         logging.getLogger("llama_router.access").handle(ours)
     assert [(r.getMessage(), r.fields["client"]) for r in caplog.records] == [(message, "10.0.0.1")]  # type: ignore[attr-defined]
+
+
+async def test_requests_ended_in_one_turn_are_recorded_together_just_after_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Metrics, activity row and access line of the requests that ended in one turn of the event loop
+    are done in one pass after it, in the order they ended; one failing bookkeeping costs neither the
+    other kinds nor the other requests theirs, and says so in the log."""
+    from aiohttp.test_utils import make_mocked_request
+
+    from llama_router.manage.request_ends import RequestEnds
+    from llama_router.relay.request_rules import RequestRecord
+
+    seen: list[tuple[str, str]] = []
+
+    def metrics(request: Any, record: RequestRecord) -> None:
+        seen.append(("metrics", record.path))
+
+    def activity(request: Any, record: RequestRecord) -> None:
+        if record.path == "/b":
+            raise RuntimeError("disk full")
+        seen.append(("activity", record.path))
+
+    def access(request: Any, record: RequestRecord) -> None:
+        seen.append(("access", record.path))
+
+    ends = RequestEnds((metrics, activity, access))
+    records = [RequestRecord("POST", path, time.perf_counter()) for path in ("/a", "/b", "/c")]
+    for record in records:
+        ends.add(make_mocked_request("POST", record.path), record)
+    assert seen == [], "nothing is done while the turn that ended them runs"
+    await asyncio.sleep(0)
+    assert seen == [
+        ("metrics", "/a"), ("activity", "/a"), ("access", "/a"),
+        ("metrics", "/b"), ("access", "/b"),
+        ("metrics", "/c"), ("activity", "/c"), ("access", "/c"),
+    ]  # fmt: skip
+    assert all(record.ended is not None and record.duration() >= 0 for record in records)
+    assert "could not record the end of POST /b" in caplog.text and "disk full" in caplog.text

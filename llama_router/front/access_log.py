@@ -59,7 +59,7 @@ def mark_long_lived(request: web.Request) -> None:
         request.app[IN_FLIGHT].end()
 
 
-def log_request(record: RequestRecord, request: web.Request) -> None:
+def log_request(request: web.Request, record: RequestRecord) -> None:
     """The access line of a request that has ended; nothing is built for a line the level drops."""
     status = record.status
     path = record.path
