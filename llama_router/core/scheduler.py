@@ -367,7 +367,8 @@ class Scheduler:
         slot = self._slots[profile]
         if slot.spec.cannot_run:
             return [Fail(request_id, FailReason.MODEL_LOAD_FAILED, slot.spec.cannot_run)]
-        self._now = max(self._now, now)  # the dry run (`where`) weighs demand as of the last event
+        if now > self._now:
+            self._now = now  # the dry run (`where`) weighs demand as of the last event
         slot.demand, slot.demand_at = demand(slot, now) + 1.0, now
         limit = self.rules.max_waiting
         if limit is not None and not slot.accepting and (waiting := self.queue_depth) >= limit:
