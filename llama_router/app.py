@@ -43,6 +43,7 @@ from llama_router.manage.dashboard import Dashboard
 from llama_router.manage.metrics import CONTENT_TYPE_LATEST as METRICS_CONTENT_TYPE
 from llama_router.manage.metrics import Metrics
 from llama_router.manage.reload import RELOADER, ConfigReloader, reload_status, watching
+from llama_router.manage.request_ends import RequestEnds
 from llama_router.manage.sdnotify import Notifier
 from llama_router.relay.proxy import RECORD, Proxy
 from llama_router.relay.request_rules import CLIENT_CLOSED, MODEL_GET_PATHS, MODEL_POST_PATHS, RequestRecord
@@ -81,8 +82,8 @@ def _error_response(request: web.Request, exc: Exception) -> web.StreamResponse:
 
 def each_request(
     in_flight: InFlight,
-    metrics: Metrics,
     board: RequestBoard,
+    ends: RequestEnds,
     checks: Sequence[Check],
     with_body: Middleware,
 ) -> Middleware:
@@ -91,9 +92,10 @@ def each_request(
     It counts the request in flight, applies `checks` in order (the browser guard, CORS preflights,
     keys: the first answer ends the request there), has `with_body` read the body within its limits
     and call the handler, turns failures into OpenAI-shaped answers, sends an answer the handler
-    returned unsent, and when the request ends (however it ends) counts it in the metrics and the
-    activity log (requests for a model) and writes its access line. One middleware rather than one
-    per rule: each layer of aiohttp's chain costs every request a coroutine and two calls."""
+    returned unsent, and when the request ends (however it ends) hands it to `ends`, which counts it
+    in the metrics and the activity log (requests for a model) and writes its access line. One
+    middleware rather than one per rule: each layer of aiohttp's chain costs every request a
+    coroutine and two calls."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -101,7 +103,7 @@ def each_request(
         record = RequestRecord(request.method, printable(request.path), time.perf_counter())
         request[RECORD] = record
         in_flight.begin()
-        board.request_started(request)
+        board.request_started(request, record)
         response: web.StreamResponse | None = None
         try:
             try:
@@ -140,10 +142,7 @@ def each_request(
                 record.sent = response.body_length
             if record.model is not None:
                 record.model = printable(record.model)
-            if record.for_model:
-                metrics.request_done(record)
-            board.request_ended(request, record)
-            log_request(record, request)
+            ends.add(request, record)
 
     return middleware
 
@@ -172,7 +171,8 @@ def build_app(config: RouterConfig) -> web.Application:
         lambda: controller.config.server.body_timeout,
         body_budget,
     )
-    middlewares: list[Any] = [each_request(in_flight, metrics, board, checks, with_body)]
+    ends = RequestEnds((metrics.request_ended, board.request_ended, log_request))
+    middlewares: list[Any] = [each_request(in_flight, board, ends, checks, with_body)]
     app = web.Application(middlewares=middlewares, client_max_size=int(config.server.max_body_mb * MIB))
 
     def strip_auth_while_keys_are_set(keys: Keys) -> None:
@@ -202,6 +202,7 @@ def build_app(config: RouterConfig) -> web.Application:
         current = controller.config
         stop = max(p.stop_timeout for p in current.profiles.values())
         await controller.close(grace=current.server.context_save_timeout + stop + 1)
+        ends.flush()
         metrics.close()
         await dashboard.close()
         board.close()

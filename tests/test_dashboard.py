@@ -122,6 +122,30 @@ async def test_activity_is_bounded_filtered_exported_and_kept_in_its_file(tmp_pa
     await again.close()
 
 
+async def test_a_busy_flush_writes_every_row_in_order_whatever_its_size(tmp_path: Path) -> None:
+    """Under load one flush carries hundreds of rows, written many to a statement: none is lost,
+    doubled or mixed with its neighbour, whether the count fills whole statements or not."""
+    store = ActivityStore(tmp_path / "activity.sqlite3")
+    await store.open()
+    written: list[int] = []
+    store.on_written = lambda first, rows: written.extend(range(first, first + len(rows)))
+    sizes = (1, 64, 130, 7)  # a lone row, one whole statement, two and a remainder, a remainder
+    for size in sizes:
+        for index in range(size):
+            store.add(row(f"m{size}", prompt_tokens=index, client=None if index % 2 else "10.0.0.1"))
+        await store.flush()
+    total = sum(sizes)
+    assert written == list(range(1, total + 1))
+    rows = list(reversed(await store.query(limit=total)))
+    assert [(entry["model"], entry["prompt_tokens"]) for entry in rows] == [
+        (f"m{size}", index) for size in sizes for index in range(size)
+    ]
+    assert [entry["client"] for entry in rows] == [
+        None if index % 2 else "10.0.0.1" for size in sizes for index in range(size)
+    ]
+    await store.close()
+
+
 async def test_a_log_from_before_the_audit_columns_gains_them_and_keeps_its_rows(tmp_path: Path) -> None:
     path = tmp_path / "activity.sqlite3"
     old_columns = [name for name in ActivityRow._fields if name not in ("action", "detail")]

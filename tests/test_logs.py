@@ -10,6 +10,7 @@ import logging
 import re
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -167,3 +168,89 @@ def test_the_text_lines_time_made_once_a_second_reads_as_the_standard_formatters
         record = logging.LogRecord("llama_router.access", logging.INFO, "", 0, "GET %s", ("/health",), None)
         record.created, record.msecs = created, int((created - int(created)) * 1000)
         assert ours.format(record) == standard.format(record)
+
+
+def test_a_line_with_a_traceback_or_a_percent_sign_reads_as_the_standard_formatters() -> None:
+    """The text format written out reads as logging's own, for a message with arguments, one with
+    a `%` and none (a client's path, as the access line has it), and one carrying a traceback."""
+    ours, standard = TextFormatter(), logging.Formatter(TEXT_FORMAT)
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        failure = sys.exc_info()
+    records = [
+        logging.LogRecord("llama_router", logging.WARNING, "", 0, "model %s: %d%%", ("a", 5), None),
+        logging.LogRecord("llama_router.access", logging.INFO, "", 0, "GET /100%25 model=-", (), None),
+        logging.LogRecord("llama_router", logging.ERROR, "", 0, "unhandled error on %s", ("GET /",), failure),
+    ]
+    for record in records:
+        assert ours.format(record) == standard.format(record)
+    assert "Traceback" in ours.format(records[2]) and "ValueError: boom" in ours.format(records[2])
+
+
+def test_an_access_record_reads_as_any_record_to_any_formatter(caplog: pytest.LogCaptureFixture) -> None:
+    """The access line's record, made without `Logger.log`, has what a record made by it has: a
+    formatter naming the caller's file and line (pytest's own) and the JSON one both read it, and
+    the JSON object carries its fields and nothing of how they are kept."""
+    from llama_router.front.access_log import AccessRecord
+    from llama_router.relay.request_rules import RequestRecord
+
+    request = RequestRecord("GET", "/", 0.0, status=200, sent=12, ended=0.0015)
+    ours = AccessRecord(logging.INFO, request, None, "10.0.0.1")
+    message = "GET / model=- status=200 duration_ms=1.5 bytes=12"
+    standard = logging.LogRecord("llama_router.access", logging.INFO, "", 0, message, (), None)
+    assert set(vars(standard)) == set(vars(ours))
+    pytest_style = logging.Formatter("%(levelname)-8s %(name)s:%(filename)s:%(lineno)d %(message)s")
+    assert pytest_style.format(ours) == pytest_style.format(standard)
+    entry = json.loads(JsonFormatter().format(ours))
+    fields = {"method": "GET", "path": "/", "model": None, "status": 200, "duration_ms": 1.5, "bytes": 12}
+    assert entry == {
+        "time": entry["time"],
+        "level": "info",
+        "logger": "llama_router.access",
+        "message": message,
+        **fields,
+        "client": "10.0.0.1",
+    }
+    with caplog.at_level(logging.INFO, logger="llama_router.access"):
+        logging.getLogger("llama_router.access").handle(ours)
+    assert [(r.getMessage(), r.fields["client"]) for r in caplog.records] == [(message, "10.0.0.1")]  # type: ignore[attr-defined]
+
+
+async def test_requests_ended_in_one_turn_are_recorded_together_just_after_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Metrics, activity row and access line of the requests that ended in one turn of the event loop
+    are done in one pass after it, in the order they ended; one failing bookkeeping costs neither the
+    other kinds nor the other requests theirs, and says so in the log."""
+    from aiohttp.test_utils import make_mocked_request
+
+    from llama_router.manage.request_ends import RequestEnds
+    from llama_router.relay.request_rules import RequestRecord
+
+    seen: list[tuple[str, str]] = []
+
+    def metrics(request: Any, record: RequestRecord) -> None:
+        seen.append(("metrics", record.path))
+
+    def activity(request: Any, record: RequestRecord) -> None:
+        if record.path == "/b":
+            raise RuntimeError("disk full")
+        seen.append(("activity", record.path))
+
+    def access(request: Any, record: RequestRecord) -> None:
+        seen.append(("access", record.path))
+
+    ends = RequestEnds((metrics, activity, access))
+    records = [RequestRecord("POST", path, time.perf_counter()) for path in ("/a", "/b", "/c")]
+    for record in records:
+        ends.add(make_mocked_request("POST", record.path), record)
+    assert seen == [], "nothing is done while the turn that ended them runs"
+    await asyncio.sleep(0)
+    assert seen == [
+        ("metrics", "/a"), ("activity", "/a"), ("access", "/a"),
+        ("metrics", "/b"), ("access", "/b"),
+        ("metrics", "/c"), ("activity", "/c"), ("access", "/c"),
+    ]  # fmt: skip
+    assert all(record.ended is not None and record.duration() >= 0 for record in records)
+    assert "could not record the end of POST /b" in caplog.text and "disk full" in caplog.text

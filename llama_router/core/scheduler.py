@@ -326,11 +326,11 @@ class Scheduler:
                 times.append(slot.draining_since + self.rules.drain_timeout)
             if slot.wanted_since is not None and slot.draining_since is None and slot.state is State.READY:
                 times.append(self._release_at(slot))
-            times.extend(self._requests[rid].deadline for rid in slot.waiting)
-            if slot.waiting and slot.retry_at is not None and slot.state is State.FAILED:
-                times.append(slot.retry_at)
-            expiry = self._ttl_expiry(slot)
-            if expiry is not None:
+            if slot.waiting:
+                times.extend(self._requests[rid].deadline for rid in slot.waiting)
+                if slot.retry_at is not None and slot.state is State.FAILED:
+                    times.append(slot.retry_at)
+            if not slot.in_flight and (expiry := self._ttl_expiry(slot)) is not None:
                 times.append(expiry)
         return min(times) if times else None
 
@@ -367,7 +367,8 @@ class Scheduler:
         slot = self._slots[profile]
         if slot.spec.cannot_run:
             return [Fail(request_id, FailReason.MODEL_LOAD_FAILED, slot.spec.cannot_run)]
-        self._now = max(self._now, now)  # the dry run (`where`) weighs demand as of the last event
+        if now > self._now:
+            self._now = now  # the dry run (`where`) weighs demand as of the last event
         slot.demand, slot.demand_at = demand(slot, now) + 1.0, now
         limit = self.rules.max_waiting
         if limit is not None and not slot.accepting and (waiting := self.queue_depth) >= limit:
@@ -432,7 +433,10 @@ class Scheduler:
     def _nobody_waits(self) -> bool:
         """Whether no request waits and no model is held or drained for one: `_place` has nothing to
         decide until a process event (which frees or takes memory) or a new request."""
-        return not any(slot.waiting or slot.wanted_since is not None for slot in self._slots.values())
+        for slot in self._slots.values():  # noqa: SIM110 (no generator: it runs as every request ends)
+            if slot.waiting or slot.wanted_since is not None:
+                return False
+        return True
 
     def process_ready(self, profile: str, now: float) -> list[Decision]:
         """The upstream of `profile` answers `/health`; hand it its queue."""

@@ -211,14 +211,20 @@ def warn_if_open(keys: Keys, host: str) -> None:
         )
 
 
+def request_access(request: web.Request) -> Access:
+    """`access_of` for `request`; its query string is parsed only for a path whose rows ask about one."""
+    method, path = request.method, request.path
+    return access_of(method, path, request.query if (method, path) in _QUERIED else ())
+
+
 def is_open(request: web.Request) -> bool:
     """Whether `request` is answered without a key."""
-    return access_of(request.method, request.path, request.query) is Access.OPEN
+    return request_access(request) is Access.OPEN
 
 
 def is_admin_request(request: web.Request) -> bool:
     """Whether `request` changes what runs (it needs an admin key where keys are configured)."""
-    return access_of(request.method, request.path, request.query) is Access.ADMIN
+    return request_access(request) is Access.ADMIN
 
 
 def is_admin(ring: KeyRing, request: web.Request) -> bool:
@@ -267,7 +273,7 @@ def key_check(ring: KeyRing) -> Callable[[web.Request], web.StreamResponse | Non
     def check_key(request: web.Request) -> web.StreamResponse | None:
         if not ring.enabled:
             return None
-        access = access_of(request.method, request.path, request.query)
+        access = request_access(request)
         if access is Access.OPEN:
             return None
         keys = ring.keys

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import csv
 import io
+import itertools
 import logging
 import sqlite3
 import time
@@ -67,7 +68,13 @@ _SCHEMA = (
     + ", ".join(f"{name} {_SQL_TYPES.get(name, '')}".strip() for name in COLUMNS)
     + ")"
 )
-_INSERT = f"INSERT INTO activity ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+_ROW = f"({', '.join('?' * len(COLUMNS))})"
+# Rows are written `_BATCH` to a statement: SQLite's module lets go of the GIL for each statement it
+# steps, so one row per statement (`executemany`) hands the GIL to and from the event loop's thread
+# once per row, and binding many rows to one statement costs a fifth less besides.
+_BATCH = 64
+_INSERT = f"INSERT INTO activity ({', '.join(COLUMNS)}) VALUES {_ROW}"
+_INSERT_BATCH = f"INSERT INTO activity ({', '.join(COLUMNS)}) VALUES {', '.join([_ROW] * _BATCH)}"
 
 
 def row_for(record: RequestRecord, *, client: str | None, key: str | None) -> ActivityRow:
@@ -76,8 +83,7 @@ def row_for(record: RequestRecord, *, client: str | None, key: str | None) -> Ac
     Token counts come from the answer's `usage`, else llama-server's `timings`; speeds from the
     timings. Time to first token is measured for streamed answers (arrival to the first chunk from
     the upstream); for whole answers it is the wait for the model plus the upstream's prompt time."""
-    now = time.perf_counter()
-    duration = now - record.started
+    duration = record.duration()
     timings, usage = record.timings, record.usage
     prompt = usage[0] if usage else (timings.cache_n + timings.prompt_n if timings else None)
     generated = usage[1] if usage else (timings.predicted_n if timings else None)
@@ -87,7 +93,7 @@ def row_for(record: RequestRecord, *, client: str | None, key: str | None) -> Ac
     elif timings is not None:
         ttft = (record.waited or 0.0) + timings.prompt_ms / 1000
     return ActivityRow(
-        time=round(time.time() - duration, 3),
+        time=round(record.arrival_time(), 3),
         model=record.model or record.profile or "",
         served_by=record.served_by,
         path=record.path,
@@ -116,9 +122,9 @@ def management_row(
 ) -> ActivityRow:
     """The activity row of a management call that has just ended: when, what, on which model, the
     outcome (status and error code), the key's label and the client's address."""
-    duration = time.perf_counter() - record.started
+    duration = record.duration()
     return ActivityRow(
-        time=round(time.time() - duration, 3),
+        time=round(record.arrival_time(), 3),
         model=record.model or "",
         served_by=None,
         path=record.path,
@@ -265,7 +271,12 @@ class ActivityStore:
             return None
         try:
             with self._db:
-                self._db.executemany(_INSERT, rows)
+                whole = len(rows) - len(rows) % _BATCH
+                for start in range(0, whole, _BATCH):
+                    self._db.execute(
+                        _INSERT_BATCH, list(itertools.chain.from_iterable(rows[start : start + _BATCH]))
+                    )
+                self._db.executemany(_INSERT, rows[whole:])
                 last = self._db.execute("SELECT max(id) FROM activity").fetchone()[0]
                 self._db.execute("DELETE FROM activity WHERE id <= ?", (last - self.max_rows,))
         except sqlite3.Error as exc:

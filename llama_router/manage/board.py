@@ -26,7 +26,6 @@ from llama_router.relay.request_rules import RequestRecord
 REQUESTS_INTERVAL = 0.5  # seconds between two `requests` events while requests come and go
 EVENT_ROWS = 50  # activity rows carried by one `requests` event; a page fetches more if it wants them
 LISTED_REQUESTS = 200  # requests listed at most (the counts are always whole)
-_LIVE_ID: web.RequestKey[int] = web.RequestKey("llama_router.live_id", int)
 
 
 def key_labels(keys: Keys) -> dict[bytes, str]:
@@ -68,16 +67,15 @@ class RequestBoard:
         if self._live and not isinstance(event, (RequestsChanged, DownloadProgress)):
             self._changed()  # waiting requests may have been dispatched
 
-    def request_started(self, request: web.Request) -> None:
+    def request_started(self, request: web.Request, record: RequestRecord) -> None:
         """Called for every request as it arrives (by the outermost middleware)."""
-        live_id = next(self._ids)
-        request[_LIVE_ID] = live_id
+        live_id = record.live_id = next(self._ids)
         self._live[live_id] = request
         self._changed()
 
     def request_ended(self, request: web.Request, record: RequestRecord) -> None:
         """Called for every request once its last byte is out (or its client left)."""
-        self._live.pop(request.get(_LIVE_ID, 0), None)
+        self._live.pop(record.live_id, None)
         if record.for_model:
             self.activity.add(row_for(record, client=request.remote, key=self._key_label(request)))
             self._changed()

@@ -55,6 +55,12 @@ class TextFormatter(logging.Formatter):
         self._second = -1
         self._clock = ""
 
+    def format(self, record: logging.LogRecord) -> str:
+        if record.exc_info or record.exc_text or record.stack_info:
+            return super().format(record)
+        # `TEXT_FORMAT` written out: the standard `format` looks up each field by name in the record.
+        return f"{self.formatTime(record)} {record.levelname} {record.name}: {record.getMessage()}"
+
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         second = int(record.created)
         if second != self._second:

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import psutil
+from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -268,8 +269,10 @@ class Metrics:
 
     # ------------------------------------------------------------------------------------------ feeds
 
-    def request_done(self, record: RequestRecord) -> None:
+    def request_ended(self, request: web.Request, record: RequestRecord) -> None:
         """Count a request for a model as it ends: its status, error, wait and tokens."""
+        if not record.for_model:
+            return
         figures = self._figures
         model = record.profile or UNKNOWN_MODEL
         figures.requests[model, record.status] += 1

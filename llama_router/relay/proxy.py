@@ -170,7 +170,7 @@ class Proxy:
         record.profile = profile
         if record.model is None:
             record.model = profile
-        started = asyncio.get_running_loop().time()
+        started = self.controller.now()
         client = _client_of(request)
         # When it reached the router, on the controller's clock: it keeps its place before requests
         # for other models that the scheduler hears of first.
@@ -221,12 +221,11 @@ class Proxy:
             self._waited(request, started)
             raise
 
-    @staticmethod
-    def _waited(request: web.Request, started: float) -> None:
+    def _waited(self, request: web.Request, started: float) -> None:
         """Record how long the request waited for its model (the first wait only)."""
         record = request[RECORD]
         if record.waited is None:
-            record.waited = asyncio.get_running_loop().time() - started
+            record.waited = self.controller.now() - started
 
     # ------------------------------------------------------------------------------------------ relay
 
@@ -444,13 +443,12 @@ class Proxy:
         started: float,
     ) -> T:
         """Await `task`, writing `message(seconds waited)` every `loading_interval` seconds meanwhile."""
-        loop = asyncio.get_running_loop()
         try:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=self.loading_interval)
                 if done:
                     return task.result()
-                await response.write(message(loop.time() - started))
+                await response.write(message(self.controller.now() - started))
         except BaseException:
             if not task.done():
                 task.cancel()
@@ -473,7 +471,6 @@ class Proxy:
         failures become error events."""
         response = web.StreamResponse(status=200, headers=SSE_HEADERS)
         lease: Lease | None = None
-        loop = asyncio.get_running_loop()
         try:
             await response.prepare(request)
             await response.write(feedback.begin())
@@ -492,7 +489,7 @@ class Proxy:
                     self._waited(request, started)
                     return await self._fail_stream(request, response, exc.body(), exc.code)
                 self._waited(request, started)
-                if ready := feedback.ready(loop.time() - started):
+                if ready := feedback.ready(self.controller.now() - started):
                     await response.write(ready)
                 try:
                     await self._relay_started(
@@ -528,7 +525,7 @@ class Proxy:
         except BaseException:
             _drop_opening(opening)
             raise
-        started = asyncio.get_running_loop().time()
+        started = self.controller.now()
         await self._relay_started(request, response, lease, None, None, name, feedback, started, opening)
         return response
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import enum
 import json
 import re
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -518,3 +519,13 @@ class RequestRecord:
     first_byte: float | None = None  # time.perf_counter() when a streamed answer's first chunk came
     sent: int = 0  # bytes written to the client, head included
     long_lived: bool = False  # an endless stream (events, log follow): a shutdown does not wait for it
+    ended: float | None = None  # time.perf_counter() when its last byte was out (or its client left)
+    live_id: int = 0  # its number on the requests board (the dashboard lists and cancels by it)
+
+    def arrival_time(self) -> float:
+        """When it arrived, in seconds since the epoch (`started` is on a clock of its own)."""
+        return time.time() - (time.perf_counter() - self.started)
+
+    def duration(self) -> float:
+        """Seconds from its arrival to its end (to now, while it lasts)."""
+        return (self.ended if self.ended is not None else time.perf_counter()) - self.started

@@ -23,6 +23,7 @@ from pathlib import Path
 from scripts.benchmarks.benchlib import free_port
 
 FORWARDER = Path(__file__).resolve().parent / "bare_forwarder.py"
+AIOHTTP_FLOOR = Path(__file__).resolve().parent / "aiohttp_floor.py"
 
 _NGINX_CONFIG = """\
 worker_processes auto;
@@ -80,13 +81,13 @@ async def _wait_listening(port: int, process: asyncio.subprocess.Process, timeou
 
 
 @contextlib.asynccontextmanager
-async def _running(command: list[str], port: int) -> AsyncIterator[int]:
+async def _running(command: list[str], port: int) -> AsyncIterator[asyncio.subprocess.Process]:
     process = await asyncio.create_subprocess_exec(
         *command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
         await _wait_listening(port, process)
-        yield port
+        yield process
     finally:
         if process.returncode is None:
             process.terminate()
@@ -104,13 +105,21 @@ async def nginx_in_front(binary: str, upstream_port: int, folder: Path) -> Async
     port = free_port()
     config = folder / "nginx.conf"
     config.write_text(_NGINX_CONFIG.format(folder=folder, upstream=upstream_port, port=port))
-    async with _running([binary, "-c", str(config), "-p", str(folder)], port) as listening:
-        yield listening
+    async with _running([binary, "-c", str(config), "-p", str(folder)], port):
+        yield port
 
 
 @contextlib.asynccontextmanager
 async def forwarder_in_front(upstream_port: int) -> AsyncIterator[int]:
     """scripts/benchmarks/bare_forwarder.py relaying to `upstream_port`; yields the port it listens on."""
     port = free_port()
-    async with _running([sys.executable, str(FORWARDER), str(port), str(upstream_port)], port) as listening:
-        yield listening
+    async with _running([sys.executable, str(FORWARDER), str(port), str(upstream_port)], port):
+        yield port
+
+
+@contextlib.asynccontextmanager
+async def aiohttp_floor_in_front(upstream_port: int) -> AsyncIterator[tuple[int, int]]:
+    """scripts/benchmarks/aiohttp_floor.py relaying to `upstream_port`; yields its port and pid."""
+    port = free_port()
+    async with _running([sys.executable, str(AIOHTTP_FLOOR), str(port), str(upstream_port)], port) as process:
+        yield port, process.pid
