@@ -187,8 +187,7 @@ def test_where_not_every_model_fits_at_once_the_least_asked_for_makes_way() -> N
     assert start.placed is not None
     gpu = start.placed.gpus[0]
     assert start.placed.why == (
-        f"made room on {gpu} by stopping 'once': its models were asked for least lately (not every "
-        "model fits at once)"
+        f"made room on {gpu} by stopping 'once', the least asked-for lately (not every model fits at once)"
     )
     assert d.s.view("often").state is State.READY
 
@@ -408,6 +407,32 @@ def test_where_not_every_model_fits_a_drain_ends_once_its_model_is_the_more_aske
     assert not d.s.view("x").draining and d.s.view("x").in_flight == 4
     assert d.s.view("y").draining and d.s.view("y").in_flight == 1
     assert d.finish(y_request) == [Stop("y", "drained for a swap")]
+
+
+def test_where_not_every_model_fits_what_already_stopped_for_a_model_counts_against_leaving() -> None:
+    # 60 GB for 48. 'new' waits on the GPU of 'idle' (stopped at once) and 'busy' (draining); then
+    # 'late', loaded meanwhile on the other GPU and asked for less than 'busy', falls idle. Leaving
+    # for its GPU would stop 'late' and have stopped 'idle' for nothing, asked for more together
+    # than 'busy': 'new' stays.
+    d = machine({"busy": 12 * GB, "idle": 8 * GB, "late": 20 * GB, "new": 20 * GB})
+    asked(d, "busy", 3)
+    busy_request, _ = d.arrive("busy")
+    asked(d, "idle", 4)
+    gpu = d.s.view("busy").placed.gpus  # type: ignore[union-attr]
+    assert d.s.view("idle").placed.gpus == gpu  # type: ignore[union-attr]
+    late_request, decisions = d.arrive("late")
+    (start,) = started(decisions)
+    assert start.placed is not None and start.placed.gpus != gpu
+    _, decisions = d.arrive("new")
+    assert decisions == [Stop("idle", "making room for 'new'")] and d.s.view("busy").draining
+    d.exited("idle")
+    d.ready("late")
+    assert not [decision for decision in d.finish(late_request) if isinstance(decision, Stop)]
+    assert d.s.view("late").state is State.READY and d.s.view("busy").draining
+    assert d.finish(busy_request) == [Stop("busy", "drained for a swap")]
+    (start,) = started(d.exited("busy"))
+    assert start.placed is not None and start.placed.gpus == gpu
+    assert start.placed.stops == ("idle", "busy")
 
 
 def test_profiles_that_fix_their_devices_are_not_placed() -> None:

@@ -61,7 +61,7 @@ class Placed:
             stopped = ", ".join(repr(name) for name in self.stops)
             text += f" by stopping {stopped}" if not text.startswith("fits") else f" (stopped {stopped})"
             if self.by_demand:
-                text += ": its models were asked for least lately (not every model fits at once)"
+                text += ", the least asked-for lately (not every model fits at once)"
         return text
 
     def describe(self) -> dict[str, object]:

@@ -890,19 +890,30 @@ class Scheduler:
                 best = min(options, key=lambda option: self._cost(slot, option, free, crowded))
                 if crowded and best.placed is not None and not best.now:
                     # Say so where what the victims were asked for set this option above another.
-                    asked, valued = self._asked(best), self._valued(best)
+                    asked, valued = self._asked(slot, best), self._valued(best)
                     others = [option for option in options if not option.now and option.enough == best.enough]
                     if any(
-                        self._asked(option) > asked for option in others if self._valued(option) == valued
+                        self._asked(slot, option) > asked
+                        for option in others
+                        if self._valued(option) == valued
                     ):
                         best.placed = dataclasses.replace(best.placed, by_demand=True)
                 return best
         return None
 
-    def _asked(self, option: Plan) -> int:
+    def _asked(self, slot: _Slot, option: Plan) -> int:
         """How much the models an option stops were asked for lately, in whole requests (so models
-        asked for alike count alike, and the order of `_cost` decides between them)."""
-        return round(sum(demand(victim, self._now) for victim in option.victims))
+        asked for alike count alike, and the order of `_cost` decides between them). An option off
+        the GPUs `slot` waits on counts too the models already stopped for it there: they would have
+        stopped for nothing, and load again."""
+        victims = list(option.victims)
+        if slot.target and (option.placed is None or option.placed.gpus != slot.target):
+            victims += [
+                self._slots[name]
+                for name in slot.room_made
+                if name in self._slots and self._slots[name].state in (State.STOPPING, State.COLD)
+            ]
+        return round(sum(demand(victim, self._now) for victim in victims))
 
     @staticmethod
     def _valued(option: Plan) -> tuple[bool, int]:
@@ -956,7 +967,8 @@ class Scheduler:
         can free enough now comes first, then the one whose highest `priority` victim is lowest (an
         operator's word outweighs a count), then the one whose victims were asked for least (their
         demand in whole requests, see DEMAND_HALF_LIFE), before the GPU it waits on and the order
-        above. A drain that began is given up when its model has since become the more asked-for.
+        above. A drain that began is given up when its model has since become the more asked-for,
+        counting as stopped for nothing what already stopped on the GPUs it waited on.
         scripts/benchmarks/bench_placement.py measures both."""
         gpus = option.placed.gpus if option.placed is not None else ()
         if option.now:
@@ -976,7 +988,7 @@ class Scheduler:
                 1,
                 not option.enough,
                 self._valued(option),
-                self._asked(option),
+                self._asked(slot, option),
                 gpus != slot.target,
                 *least,
             )
