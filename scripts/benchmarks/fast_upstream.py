@@ -12,7 +12,8 @@ speaks just enough llama-server for the router's hot paths:
 - anything else: 404.
 
 It takes the router's command line (`--alias NAME -lv 4 --host H --port P --model PATH`); unknown
-flags are accepted and ignored. Nothing heavier than asyncio is imported, so its own start is quick
+flags are accepted and ignored, and `--help` answers at once, as llama-server's does (the router
+asks it when it first starts a binary). Nothing heavier than asyncio is imported, so its own start is quick
 and close to what the router can at best add to. SIGTERM ends it at once (the default action).
 """
 
@@ -215,6 +216,11 @@ async def serve(options: Options) -> None:
 
 
 def main() -> None:
+    if "--help" in sys.argv[1:]:
+        # The router reads a binary's `--help` when it first starts it, to learn what it can do
+        # (Unix sockets, load progress): like llama-server, say it and exit, having neither.
+        print("fast_upstream: a llama-server stand-in for benchmarks (TCP only, no load progress)")
+        return
     options = Options(sys.argv[1:])
     try:
         import uvloop
