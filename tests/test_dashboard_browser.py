@@ -468,6 +468,11 @@ async def test_activity_timeline_and_logs_filter_by_model_and_show_who_managed_w
     assert set(await each(page, "#timeline-table tbody tr", "e.dataset.model")) == {"demo-a"}
     calls = await each(page, "#timeline-table tr.manage", "[e.dataset.action, e.children[4].textContent]")
     assert [action for action, _ in calls] == ["unload", "load"], "newest first"
+    # A `requests` event may carry rows the page's own read returned just before: shown once only.
+    held = await page.evaluate("state.activity.length")
+    await page.evaluate("addActivity(state.audit.concat(state.activity), 0)")
+    assert len(await each(page, "#timeline-table tr.manage", "e.dataset.action")) == 2
+    assert await page.evaluate("state.activity.length") == held
     assert all("admin-2" in text and "127.0.0.1" in text for _, text in calls), calls
     assert all("ops-key" not in text for _, text in calls)
     assert await each(page, "#timeline-strip g.audit", "e.dataset.action") == ["load", "unload"]

@@ -914,8 +914,14 @@ async function loadAudit() {
   else state.stale.add("timeline");
 }
 
+// Rows not held yet: an event may carry a row that a read made just before it already returned.
+function unheld(rows, held) {
+  const ids = new Set(held.map((row) => row.id));
+  return rows.filter((row) => !ids.has(row.id));
+}
+
 function addActivity(rows, dropped) {
-  const audit = rows.filter((row) => row.action);
+  const audit = unheld(rows.filter((row) => row.action), state.audit);
   if (audit.length) {
     state.audit = state.audit.concat(audit).slice(-500);
     if (state.panel === "timeline") renderTimeline();
@@ -926,7 +932,7 @@ function addActivity(rows, dropped) {
     return;
   }
   const filter = activityFilter();
-  const fresh = rows.filter((row) => passes(row, filter)).reverse();
+  const fresh = unheld(rows.filter((row) => passes(row, filter)), state.activity).reverse();
   if (!fresh.length) return;
   state.activity = fresh.concat(state.activity).slice(0, ACTIVITY_KEPT);
   if (state.panel !== "activity") {
