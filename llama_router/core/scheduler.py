@@ -802,11 +802,7 @@ class Scheduler:
         if placed is not None:
             # Of the models once chosen to make way, those that went: one kept after all (a later
             # choice needed it no more) was not stopped for this model.
-            stopped = tuple(
-                name
-                for name in slot.room_made
-                if name in self._slots and self._slots[name].state not in (State.STARTING, State.READY)
-            )
+            stopped = tuple(other.spec.name for other in self._stopped_for(slot))
             placed = dataclasses.replace(placed, stops=stopped, by_demand=slot.by_demand and bool(stopped))
             slot.placed, slot.target, slot.room_made, slot.by_demand = placed, (), (), False
         return Start(slot.spec.name, placed)
@@ -908,12 +904,17 @@ class Scheduler:
         stopped for nothing, and load again."""
         victims = list(option.victims)
         if slot.target and (option.placed is None or option.placed.gpus != slot.target):
-            victims += [
-                self._slots[name]
-                for name in slot.room_made
-                if name in self._slots and self._slots[name].state in (State.STOPPING, State.COLD)
-            ]
+            victims += self._stopped_for(slot)
         return round(sum(demand(victim, self._now) for victim in victims))
+
+    def _stopped_for(self, slot: _Slot) -> list[_Slot]:
+        """The models chosen to make way for `slot` that have stopped or are stopping (not those
+        kept after all, nor one that has since started again)."""
+        return [
+            self._slots[name]
+            for name in slot.room_made
+            if name in self._slots and self._slots[name].state not in (State.STARTING, State.READY)
+        ]
 
     @staticmethod
     def _valued(option: Plan) -> tuple[bool, int]:

@@ -73,8 +73,9 @@ _ROW = f"({', '.join('?' * len(COLUMNS))})"
 # steps, so one row per statement (`executemany`) hands the GIL to and from the event loop's thread
 # once per row, and binding many rows to one statement costs a fifth less besides.
 _BATCH = 64
-_INSERT = f"INSERT INTO activity ({', '.join(COLUMNS)}) VALUES {_ROW}"
-_INSERT_BATCH = f"INSERT INTO activity ({', '.join(COLUMNS)}) VALUES {', '.join([_ROW] * _BATCH)}"
+_INTO = f"INSERT INTO activity ({', '.join(COLUMNS)}) VALUES "
+_INSERT = _INTO + _ROW
+_INSERT_BATCH = _INTO + ", ".join([_ROW] * _BATCH)
 
 
 def row_for(record: RequestRecord, *, client: str | None, key: str | None) -> ActivityRow:

@@ -456,15 +456,14 @@ class Answer:
     async def read(self, timeout: float | None = None) -> bytes:
         """The whole body, decoded; `timeout` bounds each wait for more of it."""
         if self._done and self._error is None:  # all of it came with the head: nothing to wait for
-            pieces = self._pieces
-            data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-            pieces.clear()
+            parts = list(self._pieces)
+            self._pieces.clear()
             self.buffered = 0
             self._conn.consumed(0)
-            return decode_chunked(data) if self.chunked and data else data
-        parts = []
-        while (piece := await self.next_piece(timeout)) is not None:
-            parts.append(piece)
+        else:
+            parts = []
+            while (piece := await self.next_piece(timeout)) is not None:
+                parts.append(piece)
         data = parts[0] if len(parts) == 1 else b"".join(parts)
         return decode_chunked(data) if self.chunked and data else data
 
