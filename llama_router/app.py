@@ -29,8 +29,9 @@ from llama_router.front.client_limits import (
     LINGER,
     MIB,
     BodyBudget,
+    BodyHold,
+    BodyLimits,
     CappedSite,
-    body_limits,
     connection_cap,
     raise_fd_limit,
 )
@@ -59,6 +60,7 @@ METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 KEYS: web.AppKey[KeyRing] = web.AppKey("keys", KeyRing)
 DASHBOARD: web.AppKey[Dashboard] = web.AppKey("dashboard", Dashboard)
 BODY_BUDGET: web.AppKey[BodyBudget] = web.AppKey("body_budget", BodyBudget)
+ENDS: web.AppKey[RequestEnds] = web.AppKey("request_ends", RequestEnds)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
@@ -85,17 +87,18 @@ def each_request(
     board: RequestBoard,
     ends: RequestEnds,
     checks: Sequence[Check],
-    with_body: Middleware,
+    bodies: BodyLimits,
 ) -> Middleware:
     """The router's one middleware: every request's record, from its arrival to its last byte.
 
     It counts the request in flight, applies `checks` in order (the browser guard, CORS preflights,
-    keys: the first answer ends the request there), has `with_body` read the body within its limits
-    and call the handler, turns failures into OpenAI-shaped answers, sends an answer the handler
-    returned unsent, and when the request ends (however it ends) hands it to `ends`, which counts it
-    in the metrics and the activity log (requests for a model) and writes its access line. One
-    middleware rather than one per rule: each layer of aiohttp's chain costs every request a
-    coroutine and two calls."""
+    keys: the first answer ends the request there), has `bodies` take the body within its limits
+    (waiting only for one that did not come whole with its head), calls the handler, turns failures
+    into OpenAI-shaped answers, sends an answer the handler returned unsent, and when the request
+    ends (however it ends) hands it to `ends`, which counts it in the metrics and the activity log
+    (requests for a model) and writes its access line. One middleware rather than one per rule, and
+    no coroutine of its own for a body in hand: each layer of aiohttp's chain, and each coroutine,
+    costs every request its calls."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -105,6 +108,7 @@ def each_request(
         in_flight.begin()
         board.request_started(request, record)
         response: web.StreamResponse | None = None
+        body: BodyHold | None = None
         try:
             try:
                 for check in checks:
@@ -112,7 +116,10 @@ def each_request(
                     if response is not None:
                         break
                 else:
-                    response = await with_body(request, handler)
+                    body = bodies.hold(request)
+                    if body is not None and not body.whole:
+                        await body.read_rest()
+                    response = await handler(request)
             except RouterError as exc:
                 record.error = exc.code
                 response = _error_response(request, exc)
@@ -136,6 +143,8 @@ def each_request(
             record.status = CLIENT_CLOSED
             raise
         finally:
+            if body is not None:
+                body.give_back()
             if not record.long_lived:
                 in_flight.end()
             if response is not None and response.prepared:
@@ -166,13 +175,13 @@ def build_app(config: RouterConfig) -> web.Application:
         preflight_check(lambda: controller.config.server.cors_origins),
         key_check(key_ring),
     )
-    with_body = body_limits(
+    bodies = BodyLimits(
         lambda: int(controller.config.server.max_body_mb * MIB),
         lambda: controller.config.server.body_timeout,
         body_budget,
     )
     ends = RequestEnds((metrics.request_ended, board.request_ended, log_request))
-    middlewares: list[Any] = [each_request(in_flight, board, ends, checks, with_body)]
+    middlewares: list[Any] = [each_request(in_flight, board, ends, checks, bodies)]
     app = web.Application(middlewares=middlewares, client_max_size=int(config.server.max_body_mb * MIB))
 
     def strip_auth_while_keys_are_set(keys: Keys) -> None:
@@ -187,6 +196,7 @@ def build_app(config: RouterConfig) -> web.Application:
     app[IN_FLIGHT] = in_flight
     app[DASHBOARD] = dashboard
     app[BODY_BUDGET] = body_budget
+    app[ENDS] = ends
 
     async def on_startup(_: web.Application) -> None:
         await activity.open()
@@ -197,12 +207,12 @@ def build_app(config: RouterConfig) -> web.Application:
         await api.close_streams()
 
     async def on_cleanup(_: web.Application) -> None:
+        ends.flush()  # the requests drained (or cancelled) are recorded before their upstreams stop
         await api.close()
         # The config of now (a reload may have changed it): saving prompt caches, then stopping.
         current = controller.config
         stop = max(p.stop_timeout for p in current.profiles.values())
         await controller.close(grace=current.server.context_save_timeout + stop + 1)
-        ends.flush()
         metrics.close()
         await dashboard.close()
         board.close()
@@ -230,6 +240,7 @@ def build_app(config: RouterConfig) -> web.Application:
         """The router's metrics; with `?model=`, that model's own (llama-server's `--metrics`)."""
         if request.query.get("model"):
             return await api.model_read(request)
+        ends.flush()  # the requests that ended just now count
         return web.Response(body=metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
     app.router.add_get("/health", health)

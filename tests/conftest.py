@@ -20,7 +20,7 @@ import psutil
 import pytest
 import yaml
 
-from llama_router.app import RouterServer
+from llama_router.app import ENDS, RouterServer
 from llama_router.config.schema import RouterConfig, _find_binary, load_config
 from llama_router.upstream.controller import Controller
 from tests.make_tiny_models import make_model
@@ -125,6 +125,11 @@ class RunningRouter:
     @property
     def controller(self) -> Controller:
         return self.server.controller
+
+    def recorded(self) -> None:
+        """Do now the bookkeeping of the requests that have ended (metrics, activity row, access
+        line), which the router does within `request_ends.END_BATCH` seconds."""
+        self.server.app[ENDS].flush()
 
     async def chat(self, model: str, **body: Any) -> tuple[int, Any]:
         payload = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, **body}

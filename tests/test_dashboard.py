@@ -490,6 +490,32 @@ async def test_waiting_requests_are_listed_on_the_events_feed_and_cancel_ends_th
         plain.close()
 
 
+async def test_a_request_that_has_ended_is_neither_listed_nor_cancellable_before_its_bookkeeping(
+    tmp_path: Path,
+) -> None:
+    """A request's row and its leaving the board come a moment after its end (RequestEnds gathers
+    ends); meanwhile the board neither lists it as running nor lets a cancel reach its connection."""
+    from aiohttp.test_utils import make_mocked_request
+
+    from llama_router.core.events import EventBus
+    from llama_router.front.auth import KeyRing
+    from llama_router.manage.board import RequestBoard
+    from llama_router.relay.proxy import RECORD
+    from llama_router.relay.request_rules import RequestRecord
+
+    board = RequestBoard(ActivityStore(tmp_path / "activity.sqlite3"), KeyRing(Keys()), EventBus())
+    request = make_mocked_request("POST", CHAT)
+    record = request[RECORD] = RequestRecord("POST", CHAT, time.perf_counter())
+    board.request_started(request, record)
+    record.for_model, record.profile, record.model, record.waited = True, "m", "m", 0.0
+    assert [entry["id"] for entry in board.requests_now()] == [record.live_id]
+    assert board.find(record.live_id) is request
+    record.ended = time.perf_counter()
+    assert board.requests_now() == []
+    assert board.find(record.live_id) is None
+    board.close()
+
+
 async def test_cancel_needs_an_admin_key_where_admin_keys_are_set(
     start_router: RouterFactory, dummy_model: Path
 ) -> None:

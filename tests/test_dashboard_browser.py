@@ -541,6 +541,7 @@ async def test_a_cross_origin_post_is_refused(
         for path, body in attacks.items():
             kind = await page.evaluate(no_cors_post(router.url + path, body) + ".then(r => r.type)")
             assert kind == "opaque", "the request went out"
+        router.recorded()
         access = [record.fields for record in caplog.records if record.name == "llama_router.access"]  # type: ignore[attr-defined]
         refused = [fields for fields in access if fields["path"] in attacks]
         assert [(entry["path"], entry["status"]) for entry in refused] == [("/models/load", 403), (CHAT, 403)]

@@ -169,66 +169,85 @@ class BodyBudget:
         self.held = max(0, self.held - size)
 
 
-class _Hold:
-    """What one request holds of the budget."""
+class BodyLimits:
+    """What reads a request's body, if it has one, before the handler does (the router's one
+    middleware asks it, rather than aiohttp's chain): 413 for a `Content-Length` over `max_bytes()`
+    (nothing read) or a body that grows past it, 503 for one the `budget` has no room for (nothing
+    read, when it has a length), 408 for one not whole within `timeout()` seconds. Handlers then get
+    the body from `request.read()` at once; its bytes count against the budget until the request
+    ends (`BodyHold.give_back`)."""
 
-    def __init__(self, budget: BodyBudget, request: web.Request) -> None:
+    def __init__(
+        self, max_bytes: Callable[[], int], timeout: Callable[[], float], budget: BodyBudget
+    ) -> None:
+        self.max_bytes = max_bytes
+        self.timeout = timeout
         self.budget = budget
+
+    def hold(self, request: web.Request) -> BodyHold | None:
+        """The room taken for `request`'s body, read already where it all came with the head (the
+        usual small request: nothing to wait for, no coroutine); None where there is no body to
+        read. Raises the 413 or 503 at once."""
+        if not request.body_exists or request._read_bytes is not None:
+            return None
+        limit = self.max_bytes()
+        length = request.content_length
+        if length is not None and length > limit:
+            raise _too_large(request, limit)
+        hold = BodyHold(self, request, limit)
+        if length is not None:
+            hold.take(length)
+            content = request.content
+            if content.is_eof():
+                # aiohttp ends a body with a length exactly there, and the length was checked.
+                request._read_bytes = content.read_nowait()
+        return hold
+
+
+class BodyHold:
+    """What one request holds of the budget, and the reading of its body."""
+
+    __slots__ = ("limit", "limits", "request", "size")
+
+    def __init__(self, limits: BodyLimits, request: web.Request, limit: int) -> None:
+        self.limits = limits
         self.request = request
+        self.limit = limit
         self.size = 0
 
+    @property
+    def whole(self) -> bool:
+        """Whether the whole body is in hand."""
+        return self.request._read_bytes is not None
+
+    async def read_rest(self) -> None:
+        """Wait for the rest of the body, within the limits."""
+        self.request._read_bytes = await _read(self.request, self.limit, self.limits.timeout(), self)
+
     def take(self, size: int) -> None:
-        if not self.budget.take(size):
+        budget = self.limits.budget
+        if not budget.take(size):
             _close_after_answer(self.request)
             raise RouterError(
                 503,
                 "the router holds as many request bodies as it may at once "
-                f"({self.budget.limit() / MIB:g} MiB, server.max_body_total_mb); try again shortly",
+                f"({budget.limit() / MIB:g} MiB, server.max_body_total_mb); try again shortly",
                 code="bodies_over_capacity",
                 retry_after=1,
             )
         self.size += size
 
-
-def body_limits(
-    max_bytes: Callable[[], int], timeout: Callable[[], float], budget: BodyBudget
-) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
-    """What reads a request's body, if it has one, before the handler does (the router's one
-    middleware calls it with the handler, rather than aiohttp's chain): 413 for a `Content-Length`
-    over `max_bytes()` (nothing read) or a body that grows past it, 503 for one the `budget` has no
-    room for (nothing read, when it has a length), 408 for one not whole within `timeout()` seconds.
-    Handlers then get the body from `request.read()` at once; its bytes count against the budget
-    until the handler returns."""
-
-    async def read_body(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not request.body_exists or request._read_bytes is not None:
-            return await handler(request)
-        limit = max_bytes()
-        length = request.content_length
-        if length is not None and length > limit:
-            raise _too_large(request, limit)
-        hold = _Hold(budget, request)
-        try:
-            if length is not None:
-                hold.take(length)
-            request._read_bytes = await _read(request, limit, timeout(), hold)
-            return await handler(request)
-        finally:
-            budget.give_back(hold.size)
-
-    return read_body
+    def give_back(self) -> None:
+        self.limits.budget.give_back(self.size)
+        self.size = 0
 
 
-async def _read(request: web.Request, limit: int, timeout: float, hold: _Hold) -> bytes:
+async def _read(request: web.Request, limit: int, timeout: float, hold: BodyHold) -> bytes:
     """The whole body, within `timeout` seconds in all. A large body with a length is read into one
     buffer of that size (a bytearray, which every reader takes as bytes): one copy of it, not chunks
     plus their join. A body without a length takes its room in the budget as it arrives."""
     content = request.content
     length = request.content_length
-    if content.is_eof() and length is not None:
-        # The whole body came with its head (the usual small request): nothing to wait for. aiohttp
-        # ends a body with a length exactly there, and the length was checked against the limit.
-        return content.read_nowait()
     whole = bytearray(length) if length is not None and length > PREALLOCATE_FROM else None
     parts: list[bytes] = []
     size = 0

@@ -60,8 +60,10 @@ class RequestBoard:
             self._timer = None
 
     def find(self, live_id: int) -> web.Request | None:
-        """The live request with this id, if any."""
-        return self._live.get(live_id)
+        """The live request with this id, if any (one that has ended is no longer live, though its
+        bookkeeping, which takes it off the board, may follow a moment later)."""
+        request = self._live.get(live_id)
+        return request if request is not None and request[RECORD].ended is None else None
 
     def _on_event(self, event: Event) -> None:
         if self._live and not isinstance(event, (RequestsChanged, DownloadProgress)):
@@ -144,7 +146,7 @@ class RequestBoard:
         listed = []
         for live_id, request in self._live.items():
             record = request[RECORD]
-            if not record.for_model or record.profile is None:
+            if not record.for_model or record.profile is None or record.ended is not None:
                 continue
             entry: dict[str, Any] = {
                 "id": live_id,

@@ -195,7 +195,8 @@ class Proxy:
             try:
                 if download is not None:
                     await download.arrived()
-                lease = await self.controller.acquire(profile, client=client, arrived=arrived)
+                taken = self.controller.take(profile, client=client, arrived=arrived)
+                lease = taken if isinstance(taken, Lease) else await taken
             except RouterError:
                 self._waited(request, started)
                 raise

@@ -291,6 +291,21 @@ class Controller:
 
     # ------------------------------------------------------------------------------------------ requests
 
+    def take(
+        self,
+        profile: str,
+        *,
+        fallback: bool = True,
+        client: Hashable | None = None,
+        arrived: float | None = None,
+    ) -> Lease | Awaitable[Lease]:
+        """`acquire` without a coroutine where none is needed: the lease itself when `profile`'s
+        model is ready and takes requests (the usual request, dispatched as it arrives), else what
+        to await for it. The request path takes; everything else acquires."""
+        if profile in self.config.profiles and self.scheduler.accepting(profile):
+            return self._arrive(profile, client, arrived)
+        return self._acquire(profile, fallback, client, arrived)
+
     async def acquire(
         self,
         profile: str,
@@ -306,6 +321,13 @@ class Controller:
         models) are tried in order; the lease then says which profile it was asked for. `client`
         (the client's connection) lets the scheduler see a client move on from one model to another;
         `arrived` (on `now`'s clock) is when the request reached the router, if before now."""
+        got = self.take(profile, fallback=fallback, client=client, arrived=arrived)
+        return got if isinstance(got, Lease) else await got
+
+    async def _acquire(
+        self, profile: str, fallback: bool, client: Hashable | None, arrived: float | None
+    ) -> Lease:
+        """`acquire`'s way through `profile`'s fallbacks."""
         config = self.config.profiles.get(profile)
         if config is None:
             if self.peers.target(profile) is not None:
@@ -320,7 +342,11 @@ class Controller:
             if not last and local and self.view(name).failed:
                 continue  # known broken: go straight to the fallback
             try:
-                lease = await self._acquire(name, client, arrived) if local else self._take_peer(name)
+                if local:
+                    got = self._arrive(name, client, arrived)
+                    lease = got if isinstance(got, Lease) else await got
+                else:
+                    lease = self._take_peer(name)
             except RouterError as exc:
                 if last or exc.code not in FALLBACK_CODES:
                     raise
@@ -337,7 +363,11 @@ class Controller:
             return lease
         raise AssertionError("unreachable: the last profile in the chain returns or raises")
 
-    async def _acquire(self, profile: str, client: Hashable | None, arrived: float | None) -> Lease:
+    def _arrive(
+        self, profile: str, client: Hashable | None, arrived: float | None
+    ) -> Lease | Awaitable[Lease]:
+        """Tell the scheduler of a request for the local `profile`: its lease where it is dispatched
+        at once, else what waits for the dispatch."""
         request_id = next(self._ids)
         now = self.now()
         decisions = self.scheduler.request_arrived(
@@ -356,6 +386,11 @@ class Controller:
         future: asyncio.Future[Upstream] = asyncio.get_running_loop().create_future()
         self._waiters[request_id] = future
         self._apply(decisions)
+        return self._dispatched(request_id, profile, future, now)
+
+    async def _dispatched(
+        self, request_id: int, profile: str, future: asyncio.Future[Upstream], since: float
+    ) -> Lease:
         try:
             upstream = await future
         except asyncio.CancelledError:
@@ -365,7 +400,7 @@ class Controller:
             self._apply(self.scheduler.request_finished(request_id, self.now()))
             raise
         target = LocalTarget(self, upstream, request_id)
-        return Lease(request_id, profile, target, self.now() - now, served_name=upstream.served_name)
+        return Lease(request_id, profile, target, self.now() - since, served_name=upstream.served_name)
 
     def _take_peer(self, route: str) -> Lease:
         target, model = self.peers.take(route)
