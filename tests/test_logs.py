@@ -219,6 +219,19 @@ def test_an_access_record_reads_as_any_record_to_any_formatter(caplog: pytest.Lo
     assert [(r.getMessage(), r.fields["client"]) for r in caplog.records] == [(message, "10.0.0.1")]  # type: ignore[attr-defined]
 
 
+def test_an_access_line_is_stamped_with_its_request_s_end_not_with_its_writing() -> None:
+    """Lines are written a few milliseconds after their requests end, together: each still carries
+    the time its request ended."""
+    from llama_router.front.access_log import AccessRecord
+    from llama_router.relay.request_rules import RequestRecord
+
+    now = time.perf_counter()
+    request = RequestRecord("GET", "/", now - 2.0, status=200, sent=12, ended=now - 1.5)
+    line = AccessRecord(logging.INFO, request, None, None)
+    assert time.time() - 1.6 < line.created < time.time() - 1.4
+    assert "duration_ms=500.0" in line.getMessage()
+
+
 async def test_requests_that_end_close_together_are_recorded_together_just_after(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -95,7 +95,11 @@ class AccessRecord(logging.LogRecord):
     __slots__ = ("_line",)  # what `fields` is made of: out of `vars()`, which the JSON format reports
 
     def __init__(self, level: int, record: RequestRecord, model: str | None, client: str | None) -> None:
-        created = time.time()
+        # Stamped with the request's end, not with the moment its line is written (RequestEnds
+        # gathers ended requests for a few milliseconds first).
+        created = (
+            time.time() - (time.perf_counter() - record.ended) if record.ended is not None else time.time()
+        )
         self.__dict__.update(_ALIKE)
         duration_ms = record.duration() * 1000
         # Written whole: a message without arguments is not formatted again by each handler.
