@@ -167,7 +167,7 @@ class LocalTarget:
         return await self.controller.upstream_refused(self.upstream)
 
     def release(self) -> None:
-        self.controller.request_finished(self.request_id)
+        self.controller.request_finished(self.request_id, self.upstream.profile.name)
 
 
 class Controller:
@@ -467,12 +467,20 @@ class Controller:
         if not task.cancelled() and task.exception() is not None:
             log.error("internal task failed", exc_info=task.exception())
 
-    def _arm_timer(self) -> None:
+    def _arm_timer(self, sooner: float | None = None) -> None:
+        """Have `tick` run at the scheduler's next wakeup; given `sooner` (one profile's), only
+        brought forward to it if it comes first (a timer that fires early finds nothing due and
+        re-arms for the next)."""
         if self._loop is None:
             return
-        wake = self.scheduler.next_wakeup()
+        if sooner is not None:
+            if self._timer is not None and self._timer.when() <= sooner + 0.001:
+                return
+            wake: float | None = sooner
+        else:
+            wake = self.scheduler.next_wakeup()
         if self._timer is not None:
-            if wake is not None and abs(self._timer.when() - wake) < 1e-6:
+            if wake is not None and abs(self._timer.when() - (max(wake, self._loop.time()) + 0.001)) < 1e-6:
                 return
             self._timer.cancel()
             self._timer = None
@@ -687,8 +695,15 @@ class Controller:
         self._apply(self.scheduler.process_exited(name, self.now(), reason, out_of_memory=out_of_memory))
         upstream.gone.set()
 
-    def request_finished(self, request_id: int) -> None:
-        self._apply(self.scheduler.request_finished(request_id, self.now()))
+    def request_finished(self, request_id: int, profile: str) -> None:
+        """A dispatched request for `profile` has ended."""
+        decisions = self.scheduler.request_finished(request_id, self.now())
+        if decisions:
+            self._apply(decisions)
+        elif (wake := self.scheduler.next_wakeup_of(profile)) is not None:
+            # Only `profile`'s own state changed (it may be idle now, its `ttl` running): the one
+            # time that may have come earlier, looked up without a pass over every profile.
+            self._arm_timer(wake)
 
     def upstream_unhealthy(self, upstream: Upstream, reason: str) -> None:
         """Restart an upstream that lives but does not work; its requests in flight end with an error."""

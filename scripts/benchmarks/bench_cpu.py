@@ -18,6 +18,9 @@ server and the router's upstream pool relaying to the first tree's upstream with
 `aiohttp_floor`: what a router built on these parts cannot go below. What a tree costs above it is
 the tree's own per-request work.
 
+With `--idle-profiles N`, each router's config has N more profiles that are never asked for: what a
+request costs should not grow with the number of models a router knows.
+
 With `--pin`, the measured processes run on the last CPU and everything else on the others, which
 steadies the figures where the machine has few cores.
 
@@ -68,14 +71,19 @@ def main_thread_seconds(pid: int) -> float:
 
 @contextlib.asynccontextmanager
 async def tree_router(
-    session: aiohttp.ClientSession, tree: Path, workdir: Path, log_level: str
+    session: aiohttp.ClientSession, tree: Path, workdir: Path, log_level: str, idle_profiles: int = 0
 ) -> AsyncIterator[tuple[str, int]]:
-    """The router of `tree`, started by its own command line, its log to a file; yields (url, pid)."""
+    """The router of `tree`, started by its own command line, its log to a file; yields (url, pid).
+    `idle_profiles` more profiles are configured beside `a` and `b` and never asked for (a router
+    with many models: the work per request should not grow with their number)."""
     state = workdir / f"state-{len(list(workdir.glob('state-*')))}"
+    profiles = fast_profiles(workdir)
+    for index in range(1, idle_profiles + 1):
+        profiles[f"idle-{index}"] = dict(profiles["b"])
     async with running_router(
         session,
         workdir,
-        fast_profiles(workdir),
+        profiles,
         log_level=log_level,
         log_file=state.with_suffix(".log"),
         tree=tree,
@@ -117,7 +125,9 @@ async def run(trees: dict[str, Path], args: argparse.Namespace) -> dict[str, Any
         # What is measured: each tree's router and, where asked, the aiohttp floor; (port, pid) each.
         measured: dict[str, tuple[int, int]] = {}
         for name, tree in trees.items():
-            url, pid = await stack.enter_async_context(tree_router(session, tree, workdir, args.log_level))
+            url, pid = await stack.enter_async_context(
+                tree_router(session, tree, workdir, args.log_level, args.idle_profiles)
+            )
             await chat(session, url, "a")
             measured[name] = (port_of(url), pid)
         first = next(iter(trees))
@@ -154,6 +164,7 @@ async def run(trees: dict[str, Path], args: argparse.Namespace) -> dict[str, Any
                 added[name].append(data[name]["median_ms"] - data["direct"]["median_ms"])
     return {
         "log_level": args.log_level,
+        "idle_profiles": args.idle_profiles,
         "rounds": args.rounds,
         "pinned": args.pin,
         "seconds": args.seconds,
@@ -181,6 +192,13 @@ def main() -> int:
         "--c1-seconds", type=float, default=2.0, help="seconds of concurrency-1 load per target"
     )
     parser.add_argument("--log-level", default="INFO", help="the routers' --log-level (default INFO)")
+    parser.add_argument(
+        "--idle-profiles",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N more profiles in each router's config, never asked for (default 0)",
+    )
     parser.add_argument(
         "--pin",
         action="store_true",
