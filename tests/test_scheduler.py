@@ -1036,6 +1036,26 @@ def test_another_clients_request_leaves_the_loaded_model_its_grace() -> None:
     assert wake is not None and 0 < wake - d.now <= GRACE_MIN
 
 
+def test_a_client_counts_as_moving_on_only_from_the_model_that_served_it_last() -> None:
+    """'a' served conn-1, then conn-2: conn-1 asking for another model is not 'a''s client moving on
+    ('a' keeps its grace for conn-2), while conn-2 doing so is."""
+    d = Driver(make(swap_delay=2.0))
+    first, _ = d.arrive("a", client="conn-1")
+    d.ready("a")
+    d.now += 0.05
+    d.finish(first)
+    second, _ = d.arrive("a", client="conn-2")
+    d.now += 0.05
+    d.finish(second)
+    d.now += 0.001
+    _, decisions = d.arrive("b", client="conn-1")
+    assert decisions == []
+    wake = d.s.next_wakeup()
+    assert wake is not None and 0 < wake - d.now <= GRACE_MIN
+    _, decisions = d.arrive("c", client="conn-2")
+    assert decisions == [Stop("a", "making room for 'b'")], "its last client went elsewhere"
+
+
 # ---------------------------------------------------------------------------------------------- reload
 
 
