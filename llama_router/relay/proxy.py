@@ -175,8 +175,10 @@ class Proxy:
         # When it reached the router, on the controller's clock: it keeps its place before requests
         # for other models that the scheduler hears of first.
         arrived = self.controller.now() - (time.perf_counter() - record.started)
-        waits = download is not None or not self.controller.accepting(profile)
-        if stream and self.loading_interval > 0 and waits:
+        # A stream that will wait for its model gets its head and loading comments meanwhile (the
+        # check costs a request that is not streamed nothing: `take` looks for itself).
+        waits = (download is not None or not self.controller.accepting(profile)) if stream else False
+        if waits and self.loading_interval > 0:
             feedback = self._feedback(request, profile, requested or profile)
             acquiring = asyncio.ensure_future(
                 self._acquire_in_line(profile, feedback, client, arrived, download)
