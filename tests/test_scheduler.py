@@ -1056,6 +1056,30 @@ def test_a_client_counts_as_moving_on_only_from_the_model_that_served_it_last() 
     assert decisions == [Stop("a", "making room for 'b'")], "its last client went elsewhere"
 
 
+def test_a_model_held_for_its_client_goes_at_once_when_that_client_turns_to_a_loaded_model() -> None:
+    """'b' is held for its closed-loop client while 'c' waits for its memory; that client then asks
+    for 'a', which is loaded and answers at once: 'b' stops in the same step, not when the grace it
+    was held for would have ended (no timer was set for the earlier time)."""
+    d = Driver(make(("a", "b", "c"), swap_delay=2.0, slots=2))
+    d.arrive("a", client="conn-9")  # 'a' stays busy: 'b' is the one to make way
+    d.ready("a")
+    loop, _ = d.arrive("b", client="conn-1")
+    d.ready("b")
+    for _ in range(3):  # a closed loop with 0.2 s between requests: 'b' is held a while for it
+        d.now += 0.01
+        d.finish(loop)
+        d.now += 0.2
+        loop, _ = d.arrive("b", client="conn-1")
+    d.now += 0.01
+    d.finish(loop)
+    d.now += 0.01
+    _, decisions = d.arrive("c", client="conn-2")
+    assert decisions == []
+    d.now += 0.01
+    switched, decisions = d.arrive("a", client="conn-1")
+    assert decisions == [Dispatch(switched, "a"), Stop("b", "making room for 'c'")]
+
+
 # ---------------------------------------------------------------------------------------------- reload
 
 

@@ -407,15 +407,19 @@ class Scheduler:
             slot.gap = gap if gap <= self.rules.swap_delay else None
             slot.idle_since = None
         slot.client_moved_on = False
+        released = False  # a model held for another's waiting request, whose client went elsewhere
         if client is not None:
             for name in self._served_last.get(client, ()):
                 other = self._slots.get(name)
                 if other is not None and other is not slot and not other.in_flight:
                     other.client_moved_on = True
+                    released = released or other.wanted_since is not None
         request = _Request(request_id, profile, arrived, deadline, client=client)
         self._requests[request_id] = request
         if slot.accepting or self._came_before_its_drain(slot, request):
-            return [self._dispatch(request, slot, now)]
+            dispatched = self._dispatch(request, slot, now)
+            # Such a model goes now (`_release_at`), not when the grace it was held for would end.
+            return [dispatched, *self._place(now)] if released else [dispatched]
         slot.waiting.append(request_id)
         self._attention.add(profile)
         return self._place(now)
