@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 from aiohttp import web
 
@@ -97,9 +96,7 @@ class AccessRecord(logging.LogRecord):
     def __init__(self, level: int, record: RequestRecord, model: str | None, client: str | None) -> None:
         # Stamped with the request's end, not with the moment its line is written (RequestEnds
         # gathers ended requests for a few milliseconds first).
-        created = (
-            time.time() - (time.perf_counter() - record.ended) if record.ended is not None else time.time()
-        )
+        created = record.end_time()
         self.__dict__.update(_ALIKE)
         duration_ms = record.duration() * 1000
         # Written whole: a message without arguments is not formatted again by each handler.

@@ -174,7 +174,7 @@ class Proxy:
         client = _client_of(request)
         # When it reached the router, on the controller's clock: it keeps its place before requests
         # for other models that the scheduler hears of first.
-        arrived = self.controller.now() - (time.perf_counter() - record.started)
+        arrived = started - (time.perf_counter() - record.started)
         # A stream that will wait for its model gets its head and loading comments meanwhile (the
         # check costs a request that is not streamed nothing: `take` looks for itself).
         waits = (download is not None or not self.controller.accepting(profile)) if stream else False

@@ -524,8 +524,17 @@ class RequestRecord:
 
     def arrival_time(self) -> float:
         """When it arrived, in seconds since the epoch (`started` is on a clock of its own)."""
-        return time.time() - (time.perf_counter() - self.started)
+        return _epoch(self.started)
+
+    def end_time(self) -> float:
+        """When it ended (now, while it lasts), in seconds since the epoch."""
+        return _epoch(self.ended) if self.ended is not None else time.time()
 
     def duration(self) -> float:
         """Seconds from its arrival to its end (to now, while it lasts)."""
         return (self.ended if self.ended is not None else time.perf_counter()) - self.started
+
+
+def _epoch(stamp: float) -> float:
+    """A `time.perf_counter()` reading as seconds since the epoch."""
+    return time.time() - (time.perf_counter() - stamp)

@@ -479,14 +479,15 @@ class Controller:
             wake: float | None = sooner
         else:
             wake = self.scheduler.next_wakeup()
+        # loop.time() and time.monotonic() share a clock in asyncio's default loops and uvloop.
+        at = max(wake, self._loop.time()) + 0.001 if wake is not None else None
         if self._timer is not None:
-            if wake is not None and abs(self._timer.when() - (max(wake, self._loop.time()) + 0.001)) < 1e-6:
+            if at is not None and abs(self._timer.when() - at) < 1e-6:
                 return
             self._timer.cancel()
             self._timer = None
-        if wake is not None:
-            # loop.time() and time.monotonic() share a clock in asyncio's default loops and uvloop.
-            self._timer = self._loop.call_at(max(wake, self._loop.time()) + 0.001, self._on_timer)
+        if at is not None:
+            self._timer = self._loop.call_at(at, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
